@@ -1,0 +1,5 @@
+import sys
+
+from tandem.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `tandem` command: argument parsing and terminal I/O only; the work happens in `runtime`."""

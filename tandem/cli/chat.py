@@ -1,0 +1,89 @@
+"""Terminal front ends over the runtime's LLM API: the chat loop and one-shot generate."""
+
+import argparse
+import sys
+
+from tandem.cli.main import read_text_file, sampling_kwargs
+from tandem.errors import TandemError
+from tandem.runtime.llm import LLM, Generation
+
+HELP = "commands: /clear (forget the conversation), /exit (quit)"
+
+
+def open_model(args: argparse.Namespace, path) -> LLM:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return LLM(path, dtype=args.dtype, device=args.device, max_context=args.max_context, progress=sys.stderr.isatty())
+
+
+def stats_line(g: Generation) -> str:
+    return (
+        f"[prefill {len(g.prompt_token_ids)} tok, {g.prefill_tok_s:.1f} tok/s | "
+        f"decode {len(g.token_ids)} tok, {g.decode_tok_s:.1f} tok/s | {g.finish_reason}]"
+    )
+
+
+def stream_to(out, llm: LLM, prompt, sampling: dict) -> Generation:
+    stream = llm.stream(prompt, **sampling)
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    return stream.result
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    path = args.model
+    if path is None:
+        from tandem.testing.tiny import demo_model_dir
+
+        path = demo_model_dir()
+        print(f"no model given: chatting with the built-in demo model (tiny, random weights) at {path}", file=sys.stderr)
+    sampling = sampling_kwargs(args)
+    llm = open_model(args, path)
+    llm.sampling_params(**sampling)  # reject bad sampling flags before the first prompt
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    pending = read_text_file(args.prompt_file) if args.prompt_file else None
+    interactive = sys.stdin.isatty()
+    print(f"tandem chat: {path} ({HELP})", file=sys.stderr)
+    while True:
+        if pending is not None:
+            text, pending = pending, None
+        else:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                return 0
+            if text == "/clear":
+                history.clear()
+                print("(conversation cleared)", file=sys.stderr)
+                continue
+        messages = system + history + [{"role": "user", "content": text}]
+        try:
+            result = stream_to(sys.stdout, llm, messages, sampling)
+        except TandemError as e:  # e.g. the conversation outgrew the context: keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        print(stats_line(result), flush=True)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    text = args.prompt if args.prompt is not None else read_text_file(args.prompt_file)
+    if not text.strip():
+        raise TandemError("the prompt is empty: give some text with --prompt or --prompt-file")
+    llm = open_model(args, args.model)
+    prompt = [{"role": "user", "content": text}] if args.chat else text
+    result = stream_to(sys.stdout, llm, prompt, sampling_kwargs(args))
+    print()
+    print(stats_line(result), file=sys.stderr)
+    return 0

@@ -1,0 +1,94 @@
+"""`tandem chat | generate | inspect`: parse arguments, call the runtime, print.
+
+User errors (TandemError) print one line and exit with status 2, without a traceback.
+"""
+
+import argparse
+import sys
+
+from tandem.errors import TandemError
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    p.add_argument("--device", default="cpu", help="torch device for the non-expert layers (default: cpu)")
+    p.add_argument("--max-context", type=int, default=None, help="context window in tokens (default: model's, at most 8192)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: model's generation_config, else 0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    kw = {n: getattr(args, n) for n in names}
+    kw["stop"] = tuple(args.stop) if args.stop else None
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Run Mixture-of-Experts LLMs on one machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (built-in demo model when no MODEL is given)")
+    chat.add_argument("model", nargs="?", help="HF model directory")
+    chat.add_argument("--prompt-file", help="send this file's text as the first message")
+    chat.add_argument("--system", help="system prompt")
+    add_model_options(chat)
+    add_sampling_options(chat)
+
+    gen = sub.add_parser("generate", help="generate from one prompt and exit")
+    gen.add_argument("model", help="HF model directory")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_model_options(gen)
+    add_sampling_options(gen)
+
+    ins = sub.add_parser("inspect", help="architecture, parameters, dtypes and bytes of a model (loads nothing)")
+    ins.add_argument("model", help="HF model directory")
+    return parser
+
+
+def read_text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise TandemError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise TandemError(f"prompt file {path!r} is not UTF-8 text") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            from tandem.runtime.inspect import describe, format_description
+
+            print(format_description(describe(args.model)))
+            return 0
+        from tandem.cli import chat
+
+        if args.command == "chat":
+            return chat.run_chat(args)
+        return chat.run_generate(args)
+    except TandemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

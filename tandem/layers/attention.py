@@ -1,0 +1,88 @@
+"""Attention layers. MLA (DeepSeek multi-head latent attention) caches one compressed latent and
+one shared rope key per token instead of per-head keys and values.
+
+Data path (MLA): x -> q (optionally through a low-rank q_a/q_b pair), x -> [latent | k_pe];
+rope on q_pe and k_pe; write [latent | k_pe] to the paged cache; attend per sequence.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tandem.layers.linear import Linear
+from tandem.layers.meta import ForwardMeta
+from tandem.layers.norm import RMSNorm
+from tandem.layers.rope import Rope, RopeConfig
+from tandem.ops import reference as ops
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope: RopeConfig
+    bias: bool = False
+
+    @property
+    def cache_width(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+class MLAttention(nn.Module):
+    # Decode steps (few new tokens per sequence) attend in latent space; prefill expands K/V,
+    # which costs fewer FLOPs when many queries share the context.
+    ABSORB_MAX_QUERIES = 4
+
+    def __init__(self, cfg: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * qk_dim)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = Linear(cfg.q_lora_rank, cfg.num_heads * qk_dim)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = Linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.rope = Rope(cfg.rope)
+        self.scale = qk_dim**-0.5 * cfg.rope.softmax_scale_factor()
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        n_tok, nh, dn, dr, dv = x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(n_tok, nh, dn + dr).split([dn, dr], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = self.rope(q_pe, cos, sin)  # [T, nh, dr]
+        k_pe = self.rope(k_pe, cos, sin)  # [T, dr]
+
+        cache = meta.kv[self.layer_idx]
+        cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+
+        w_kv_b = self.kv_b_proj.weight.view(nh, dn + dv, cfg.kv_lora_rank)
+        out = torch.empty(n_tok, nh, dv, dtype=x.dtype, device=x.device)
+        for s in range(meta.num_seqs):
+            a, b = meta.query_start[s], meta.query_start[s + 1]
+            ctx = cache[meta.context_slots(s)].to(x.dtype)
+            c_ctx, kpe_ctx = ctx.split([cfg.kv_lora_rank, dr], dim=-1)
+            offset = meta.context_lens[s] - (b - a)
+            if b - a <= self.ABSORB_MAX_QUERIES:
+                out[a:b] = ops.mla_attention_absorbed(
+                    q_nope[a:b], q_pe[a:b], c_ctx, kpe_ctx, w_kv_b[:, :dn], w_kv_b[:, dn:], self.scale, offset
+                )
+            else:
+                k_nope, v = self.kv_b_proj(c_ctx).view(-1, nh, dn + dv).split([dn, dv], dim=-1)
+                k = torch.cat((k_nope, kpe_ctx[:, None, :].expand(-1, nh, dr)), dim=-1)
+                qs = torch.cat((q_nope[a:b], q_pe[a:b]), dim=-1)
+                out[a:b] = ops.attention(qs, k, v, self.scale, offset)
+        return self.o_proj(out.view(n_tok, nh * dv))

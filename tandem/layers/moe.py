@@ -1,0 +1,112 @@
+"""The one Mixture-of-Experts block for every MoE architecture.
+
+Data path: router logits (fp32) -> route (top-k ids, weights) -> experts.submit(x, ids, w)
+-> shared experts meanwhile -> experts.wait(handle) -> add. `experts` is a backend bound to this
+layer when the model is placed (plain torch here; the CPU engine or GPU kernels later); models
+never subclass this block, they only fill MoEConfig.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.errors import TandemError
+from tandem.layers.linear import MLP, Linear
+from tandem.ops import reference as ops
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # 'softmax' | 'sigmoid'
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    shared_intermediate_size: int = 0  # 0: no shared experts
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert output
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise TandemError(f"unsupported MoE scoring {self.scoring!r}; supported: softmax, sigmoid")
+        if self.topk_method not in TOPK_METHODS:
+            raise TandemError(f"unsupported MoE topk_method {self.topk_method!r}; supported: {', '.join(TOPK_METHODS)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise TandemError(f"experts per token ({self.top_k}) must be in 1..{self.num_experts}")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise TandemError(
+                f"expert groups do not fit: {self.num_experts} experts, n_group={self.n_group}, topk_group={self.topk_group}"
+            )
+
+
+class Router(nn.Module):
+    KEEP_FP32 = True  # the loader keeps router weights and bias in fp32
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.correction_bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # [T, E], routing always in fp32
+        return ops.route(
+            logits,
+            top_k=c.top_k,
+            scoring=c.scoring,
+            topk_method=c.topk_method,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+            correction_bias=self.correction_bias,
+        )
+
+
+class TorchExperts(nn.Module):
+    """Routed experts computed with plain torch on the weights' device; stacked [E, ...] weights."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.intermediate_size, cfg.hidden_size
+        self.w_gate = nn.Parameter(torch.empty(e, i, h))
+        self.w_up = nn.Parameter(torch.empty(e, i, h))
+        self.w_down = nn.Parameter(torch.empty(e, h, i))
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Synchronous backend: the "handle" is the finished result.
+        return ops.moe_experts(x, ids, weights, self.w_gate, self.w_up, self.w_down)
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = TorchExperts(cfg)
+        self.shared = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
+        self.shared_gate = Linear(cfg.hidden_size, 1) if cfg.shared_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.router(x)
+        handle = self.experts.submit(x, ids, weights)
+        out = None
+        if self.shared is not None:  # overlaps the routed experts when the backend is asynchronous
+            out = self.shared(x)
+            if self.shared_gate is not None:
+                out = out * torch.sigmoid(self.shared_gate(x))
+        routed = self.experts.wait(handle)
+        return routed if out is None else routed + out

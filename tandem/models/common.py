@@ -1,0 +1,95 @@
+"""Pieces every decoder-only model file shares: config parsing helpers and the decoder skeleton."""
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tandem.errors import TandemError
+from tandem.layers.linear import Linear
+from tandem.layers.meta import ForwardMeta
+from tandem.layers.norm import RMSNorm
+
+
+def config_from_dict(cls, hf: dict, **overrides):
+    """Build a frozen config dataclass from an HF config.json dict: known keys only, rest ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in hf.items() if k in names and v is not None}
+    values.update(overrides)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING]
+    if missing:
+        raise TandemError(f"config.json lacks required field(s) {', '.join(missing)} for {cls.__name__}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise TandemError(f"config.json does not fit {cls.__name__}: {e}") from None
+
+
+def rope_scaling_items(hf: dict) -> tuple:
+    """HF configs carry rope scaling as `rope_scaling` (hub) or `rope_parameters` (transformers 5)."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return tuple(sorted((k, v) for k, v in scaling.items() if k != "rope_theta"))
+
+
+def rope_theta(hf: dict, default: float = 10000.0) -> float:
+    return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
+
+
+class Renamer:
+    """Checkpoint name -> our parameter name, from an ordered list of (regex, template) rules."""
+
+    def __init__(self, rules: list[tuple[str, str]], keep_layer: Callable[[int], bool]):
+        self.rules = [(re.compile(p), t) for p, t in rules]
+        self.keep_layer = keep_layer
+
+    def __call__(self, name: str) -> str | None:
+        for pattern, template in self.rules:
+            m = pattern.fullmatch(name)
+            if m:
+                if "layer" in m.groupdict() and not self.keep_layer(int(m["layer"])):
+                    return None
+                return template.format(**m.groupdict())
+        return None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x))."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(hidden_size, eps)
+        self.attn = attn
+        self.ffn_norm = RMSNorm(hidden_size, eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), meta, cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding -> decoder layers -> norm -> lm_head. Subclasses build `layers` and `rope`."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, eps: float, tie_embeddings: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList()
+        self.norm = RMSNorm(hidden_size, eps)
+        self.lm_head = None if tie_embeddings else Linear(hidden_size, vocab_size)
+
+    def forward(self, ids: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        """ids [T] -> fp32 logits [N, V] for the rows meta.logits_indices (all rows when None)."""
+        x = self.embed(ids)
+        cos, sin = self.layers[0].attn.rope.cos_sin(meta.positions)
+        for layer in self.layers:
+            x = layer(x, meta, cos, sin)
+        if meta.logits_indices is not None:
+            x = x[meta.logits_indices]
+        x = self.norm(x)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(x, head).float()
+
+    def cache_widths(self) -> list[int]:
+        return [layer.attn.cfg.cache_width for layer in self.layers]

@@ -1,0 +1,155 @@
+"""Plain-torch reference operators: the executable spec every faster kernel is tested against.
+
+Stateless functions only. Shapes use T = tokens of a step (all sequences flattened), H = hidden
+size, E = experts, k = experts per token.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in fp32 whatever the storage dtype, as every reference implementation does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward: down(silu(gate x) * up x); weights in nn.Linear layout [out, in]."""
+    return F.linear(silu_mul(F.linear(x, w_gate), F.linear(x, w_up)), w_down)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the last dim of x [T, ..., d] by per-token angles; cos/sin are [T, d/2].
+
+    interleaved: pairs are (x[2i], x[2i+1]) as in DeepSeek checkpoints; else (x[i], x[i+d/2]).
+    The output keeps the input layout, so cached keys and queries stay comparable.
+    """
+    shape = [cos.shape[0]] + [1] * (x.dim() - 2) + [cos.shape[-1]]
+    c, s = cos.view(shape), sin.view(shape)
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return out.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int) -> torch.Tensor:
+    """Causal attention of one sequence. q [Tq, nh, d], k [Tk, nh, d], v [Tk, nh, dv] -> [Tq, nh, dv].
+
+    Query i sits at absolute position q_offset + i and sees keys 0..q_offset + i.
+    """
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    tq, tk = q.shape[0], k.shape[0]
+    visible = torch.arange(tk, device=q.device)[None, :] <= (q_offset + torch.arange(tq, device=q.device))[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+
+
+def route(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    scoring: str,
+    topk_method: str,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick k experts per token from router logits [T, E] (fp32).
+
+    Returns ids [T, k] int32 and weights [T, k] fp32. scoring: 'softmax' or 'sigmoid'.
+    topk_method: 'greedy' (plain top-k), 'group_limited_greedy' (DeepSeek-V2: keep the topk_group
+    groups with the best single expert), 'noaux_tc' (DeepSeek-V3: groups ranked by the sum of their
+    two best bias-corrected scores; the bias only chooses, the weights come from the raw scores).
+    """
+    logits = logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    n_tokens, n_experts = scores.shape
+    if topk_method in ("group_limited_greedy", "noaux_tc") and n_group > 1:
+        grouped = choice.view(n_tokens, n_group, n_experts // n_group)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        # Masked experts must never win: -inf for sigmoid+bias (scores may be negative), 0 suffices
+        # for softmax probabilities and matches the original implementation bit for bit.
+        fill = 0.0 if topk_method == "group_limited_greedy" else float("-inf")
+        choice = choice.masked_fill(~mask.repeat_interleave(n_experts // n_group, dim=1), fill)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    return ids.to(torch.int32), weights
+
+
+def moe_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """Routed experts: out[t] = sum_j weights[t,j] * mlp_{ids[t,j]}(x[t]).
+
+    x [T, H]; ids [T, k] int32 (-1 = no expert); weights [T, k] fp32; w_gate/w_up [E, I, H]; w_down [E, H, I].
+    Tokens are grouped by expert so each expert's weights are read once per call.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1).long()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=w_gate.shape[0]).tolist()
+    start = int((flat_ids < 0).sum())  # padding (-1) sorts first
+    k = ids.shape[1]
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start : start + count]
+        start += count
+        tokens = slots // k
+        y = mlp(x[tokens], w_gate[expert], w_up[expert], w_down[expert])
+        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[slots, None].float())
+    return out.to(x.dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature correction for a context stretched by `factor`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def mla_attention_absorbed(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+    q_offset: int,
+) -> torch.Tensor:
+    """Multi-head latent attention of one sequence over its compressed cache (weight absorption).
+
+    q_nope [Tq, nh, dn], q_pe [Tq, nh, dr], latent [Tk, c], k_pe [Tk, dr], w_uk [nh, dn, c],
+    w_uv [nh, dv, c] -> [Tq, nh, dv]. The key up-projection is folded into the query and the value
+    up-projection applied after the softmax, so per-head keys/values are never materialized.
+    """
+    q_lat = torch.einsum("qhd,hdc->qhc", q_nope.float(), w_uk.float())
+    scores = torch.einsum("qhc,kc->hqk", q_lat, latent.float()) + torch.einsum("qhr,kr->hqk", q_pe.float(), k_pe.float())
+    tq, tk = q_nope.shape[0], latent.shape[0]
+    visible = torch.arange(tk, device=latent.device)[None, :] <= (q_offset + torch.arange(tq, device=latent.device))[:, None]
+    probs = (scores * scale).masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    out_lat = torch.einsum("hqk,kc->qhc", probs, latent.float())
+    return torch.einsum("qhc,hvc->qhv", out_lat, w_uv.float()).to(q_nope.dtype)

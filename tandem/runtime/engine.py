@@ -1,0 +1,131 @@
+"""The one Engine behind `tandem chat`, `tandem generate`, the Python API and the server.
+
+step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample -> Scheduler.update()
+-> per-sequence detokenization, stop checks, finish. Callers add requests and pull StepOutputs.
+"""
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tandem.errors import TandemError
+from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.runner import Runner
+from tandem.runtime.sampling import SamplingParams, make_generator, sample
+from tandem.runtime.scheduler import Scheduler, Sequence
+from tandem.runtime.tokenizer import StopStrings, Tokenizer
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    seq_id: int
+    token: int
+    text: str  # new text ready to show (may be empty while a stop string or UTF-8 char is pending)
+    finish_reason: str | None  # None while running; 'stop' (eos, stop token or string) or 'length'
+    is_prefill: bool
+
+
+class _Detok:
+    """Per-sequence streaming text state."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(stops)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        max_context: int,
+        max_batch: int = 8,
+        block_size: int = 16,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
+        num_blocks = max_batch * -(-max_context // block_size)
+        self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, dtype, device)
+        self.scheduler = Scheduler(self.cache, max_batch)
+        self.runner = Runner(model, self.cache, device)
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self._detok: dict[int, _Detok] = {}
+
+    def add_request(self, prompt: list[int], params: SamplingParams) -> int:
+        if not prompt:
+            raise TandemError("the prompt is empty: give at least one token of text")
+        if len(prompt) >= self.max_context:
+            raise TandemError(
+                f"the prompt has {len(prompt)} tokens but the context window is {self.max_context}; "
+                "shorten the prompt or raise --max-context (up to the model's max_position_embeddings)"
+            )
+        vocab = self.tokenizer.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise TandemError(f"prompt token ids must be in 0..{vocab - 1}")
+        seq = Sequence(next(self._ids), list(prompt), params, make_generator(params))
+        self._seqs[seq.seq_id] = seq
+        self._detok[seq.seq_id] = _Detok(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        self._detok.pop(seq_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch)
+        seqs = batch.seqs
+        tokens = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.tokens for s in seqs],
+            [len(s.prompt) for s in seqs],
+        )
+        self.scheduler.update(batch, tokens)
+        return [self._emit(seq, tok, batch.is_prefill) for seq, tok in zip(seqs, tokens)]
+
+    def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
+        p, detok = seq.params, self._detok[seq.seq_id]
+        reason = None
+        if not p.ignore_eos and (token in self.tokenizer.eos_ids or token in p.stop_token_ids):
+            reason = "stop"
+            text = detok.stops.feed(detok.decoder.flush())[0] + detok.stops.flush()
+        else:
+            text, hit = detok.stops.feed(detok.decoder.push(token))
+            if hit:
+                reason = "stop"
+            elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_context:
+                reason = "length"
+                text += detok.stops.feed(detok.decoder.flush())[0] + detok.stops.flush()
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.seq_id, None)
+            self._detok.pop(seq.seq_id, None)
+        return StepOutput(seq.seq_id, token, text, reason, is_prefill)
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        """Run one request to completion, yielding its outputs (other requests advance too)."""
+        seq_id = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq_id:
+                        yield out
+                        if out.finish_reason is not None:
+                            return
+        finally:
+            self.abort(seq_id)

@@ -1,0 +1,132 @@
+"""The Python API: `LLM(path).generate(...)` and `.stream(...)` over the one Engine.
+
+A prompt is raw text (tokenized with the model's BOS handling), a chat as a list of
+{"role", "content"} messages (rendered with the model's chat template), or token ids.
+"""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem.errors import TandemError
+from tandem.runtime.engine import Engine
+from tandem.runtime.loader import load_model, read_config, resolve_dtype
+from tandem.runtime.sampling import SamplingParams, load_generation_defaults
+from tandem.runtime.tokenizer import Tokenizer
+
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str | None = None
+    prefill_seconds: float = 0.0  # time to first token
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_token_ids) / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first token comes out of the prefill step
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+@dataclass
+class GenerationStream:
+    """Iterates over text pieces as they are generated; `result` is complete once exhausted."""
+
+    _pieces: Iterator[str]
+    result: Generation = field(default=None)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_context: int | None = None,
+        max_batch: int = 8,
+        progress: bool = True,
+    ):
+        self.model_dir = Path(model)
+        hf = read_config(self.model_dir)
+        self.hf_config = hf
+        self.dtype = resolve_dtype(dtype, hf)
+        limit = int(hf.get("max_position_embeddings") or 4096)
+        if max_context is not None and not 1 < max_context <= limit:
+            raise TandemError(f"--max-context {max_context} is out of range: the model supports 2..{limit} tokens")
+        self.max_context = max_context or min(limit, 8192)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.defaults = load_generation_defaults(self.model_dir)
+        self.model = load_model(self.model_dir, self.dtype, device, progress)
+        if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
+            raise TandemError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.model.embed.num_embeddings}: config.json and tokenizer.json do not belong together"
+            )
+        self.engine = Engine(
+            self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch, device=device, dtype=self.dtype
+        )
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The model's generation_config defaults, overridden by the given (non-None) fields."""
+        values = dict(self.defaults)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return SamplingParams(**values)
+        except TypeError as e:
+            raise TandemError(f"unknown sampling option: {e}") from None
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise TandemError("the prompt is empty: give some text")
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
+        if all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise TandemError("a prompt is a string, a list of chat messages (dicts) or a list of token ids")
+
+    def stream(self, prompt: Prompt, **sampling) -> GenerationStream:
+        ids = self.encode(prompt)
+        params = self.sampling_params(**sampling)
+        stream = GenerationStream(iter(()))
+        stream._pieces = self._run(ids, params, stream)
+        return stream
+
+    def generate(self, prompt: Prompt, **sampling) -> Generation:
+        stream = self.stream(prompt, **sampling)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def _run(self, ids: list[int], params: SamplingParams, stream: GenerationStream) -> Iterator[str]:
+        result = Generation("", [], ids)
+        stream.result = result
+        start = time.perf_counter()
+        first = None
+        with torch.inference_mode():
+            for out in self.engine.stream(ids, params):
+                if first is None:
+                    first = time.perf_counter()
+                    result.prefill_seconds = first - start
+                result.token_ids.append(out.token)
+                result.text += out.text
+                result.decode_seconds = time.perf_counter() - first
+                result.finish_reason = out.finish_reason
+                if out.text:
+                    yield out.text

@@ -1,0 +1,226 @@
+"""Choosing the next token: sampling parameters, the model's defaults, and the sampler.
+
+`sample(logits [B, V], params, generators, histories)` -> B token ids. Each row is processed in
+the order transformers applies its logits processors, so results can be checked against it:
+
+    repetition penalty (prompt + generated) -> presence / frequency penalty (generated only)
+    -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial (per-request generator)
+
+temperature 0 means greedy: argmax of the penalized logits. Each request samples with its own
+`torch.Generator` (see `make_generator`), so a seeded request gives the same tokens whatever
+else shares its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tandem.errors import TandemError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops. Defaults: greedy, 256 new tokens."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; HF/CTRL style, over prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI style, over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI style, over generated tokens
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept a single stop string or lists (as JSON requests carry them); store tuples.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        for name in ("stop", "stop_token_ids"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                 f"max_new_tokens={self.max_new_tokens!r} is invalid: use an integer >= 1.")
+        _require(_is_real(self.temperature) and self.temperature >= 0,
+                 f"temperature={self.temperature!r} is out of range: use a number >= 0 (0 = greedy).")
+        _require(_is_int(self.top_k) and self.top_k >= 0,
+                 f"top_k={self.top_k!r} is out of range: use an integer >= 0 (0 = off).")
+        _require(_is_real(self.top_p) and 0 < self.top_p <= 1,
+                 f"top_p={self.top_p!r} is out of range: use a number in (0, 1] (1 = off).")
+        _require(_is_real(self.min_p) and 0 <= self.min_p <= 1,
+                 f"min_p={self.min_p!r} is out of range: use a number in [0, 1] (0 = off).")
+        _require(_is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+                 f"repetition_penalty={self.repetition_penalty!r} is out of range: use a number > 0 (1 = off).")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_real(value) and -2 <= value <= 2,
+                     f"{name}={value!r} is out of range: use a number in [-2, 2] (0 = off).")
+        _require(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+                 f"seed={self.seed!r} is invalid: use an integer in [0, 2**63) or leave it unset.")
+        _require(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+                 f"stop={self.stop!r} is invalid: use a list of non-empty strings.")
+        _require(isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                 f"stop_token_ids={self.stop_token_ids!r} is invalid: use a list of token ids >= 0.")
+        _require(isinstance(self.ignore_eos, bool), f"ignore_eos={self.ignore_eos!r} is invalid: use true or false.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """SamplingParams fields recommended by the model's generation_config.json ({} if absent).
+
+    Reads temperature, top_p, top_k and repetition_penalty. An explicit `do_sample: false`
+    means greedy (temperature 0). When do_sample is absent we still take the temperature,
+    unlike transformers (whose do_sample defaults to false): the file states what the
+    authors recommend, and that is what users of a chat engine expect.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TandemError(f"cannot parse {path} ({e}): re-download it or delete it to use tandem's defaults.") from e
+    if not isinstance(config, dict):
+        raise TandemError(f"{path} is not a JSON object: re-download it or delete it to use tandem's defaults.")
+
+    defaults: dict[str, Any] = {}
+    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)):
+        value = config.get(name)
+        if _is_real(value):
+            defaults[name] = kind(value)
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    try:
+        SamplingParams(**defaults)
+    except TandemError as e:
+        raise TandemError(f"{path}: {e}") from None
+    return defaults
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The request's own random generator, seeded from params.seed; None (global RNG) if unseeded.
+
+    Create it once per request and pass it to every `sample` call, so the stream continues.
+    """
+    if params.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    histories: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int] | None = None,
+) -> list[int]:
+    """Pick one token per row of `logits` [B, V].
+
+    histories[i]: request i's prompt + generated token ids. The repetition penalty looks at all
+    of them; presence and frequency penalties only at the generated ones, `histories[i][prompt_lens[i]:]`
+    (the whole history when prompt_lens is None). generators[i] must live on logits' device.
+    """
+    batch, vocab = logits.shape
+    if not len(params) == len(generators) == len(histories) == batch:
+        raise ValueError(f"sample: {batch} logits rows but {len(params)} params, {len(generators)} generators, "
+                         f"{len(histories)} histories")
+    if prompt_lens is not None and len(prompt_lens) != batch:
+        raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
+
+    logits = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
+    rows = []
+    for i, p in enumerate(params):
+        row = logits[i]
+        if p.repetition_penalty != 1.0 and histories[i]:
+            row = _repetition_penalty(row, histories[i], p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and histories[i]:
+            generated = histories[i][prompt_lens[i]:] if prompt_lens is not None else histories[i]
+            row = _presence_frequency_penalty(row, generated, p.presence_penalty, p.frequency_penalty)
+        rows.append(row)
+    logits = torch.stack(rows)  # [B, V]
+
+    chosen = logits.argmax(dim=-1)  # [B]; right for greedy rows, overwritten for sampled ones
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        sub = [params[i] for i in sampled]
+        temps = torch.tensor([p.temperature for p in sub], device=logits.device)
+        scores = _filter(logits[sampled] / temps[:, None], sub)  # [S, V]
+        probs = scores.softmax(dim=-1)
+        for j, i in enumerate(sampled):
+            chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    return chosen.tolist()
+
+
+def _repetition_penalty(row: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    # CTRL / transformers: each seen token once; positive logits shrink, negative ones grow.
+    ids = torch.tensor(history, device=row.device).unique()
+    seen = row[ids]
+    row = row.clone()
+    row[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return row
+
+
+def _presence_frequency_penalty(row: torch.Tensor, generated: Sequence[int], presence: float,
+                                frequency: float) -> torch.Tensor:
+    if not generated:
+        return row
+    counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=row.shape[0])  # [V]
+    return row - frequency * counts - presence * (counts > 0)
+
+
+def _filter(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """top-k, then top-p, then min-p on temperature-scaled scores [S, V]; removed entries become -inf."""
+    vocab = scores.shape[-1]
+    device = scores.device
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        kth = scores.topk(max(top_k), dim=-1).values  # [S, max_k], descending
+        index = torch.tensor(top_k, device=device)[:, None] - 1
+        # Ties with the k-th value are kept, as in transformers.
+        scores = scores.masked_fill(scores < kth.gather(1, index), -math.inf)
+
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        ascending, order = scores.sort(dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        # Drop the low tail whose total mass stays within 1 - top_p; never the most likely token.
+        drop = (cumulative <= 1 - top_p) & (top_p < 1.0)
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        probs = scores.softmax(dim=-1)
+        # min_p <= 1, so the most likely token always survives.
+        drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(drop, -math.inf)
+    return scores
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise TandemError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+

@@ -1,0 +1,3 @@
+"""Helpers that build tiny random models of real architectures (HF directories, later GGUF) for
+tests, docs, benchmarks and the built-in demo model. Never used on the inference path.
+"""

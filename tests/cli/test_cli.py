@@ -1,0 +1,135 @@
+"""The `tandem` command: chat, generate, inspect, and one-line errors for user mistakes."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tandem.cli.main import main
+from tandem.testing.tiny import write_tiny
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("m"), "deepseek_v2", seed=4)
+
+
+def run(argv, monkeypatch=None, stdin: str = ""):
+    if monkeypatch is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return main([str(a) for a in argv])
+
+
+def test_chat_without_model_runs_the_demo_in_a_fresh_process(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tandem", "chat", "--max-new-tokens", "5"],
+        input="hello\n/clear\nsecond question\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = [line for line in proc.stdout.splitlines() if line.startswith("[prefill")]
+    assert len(stats) == 2 and all("decode 5 tok" in s and "tok/s" in s for s in stats)
+    assert "demo model" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "tandem" / "demo-random-v1" / "model.safetensors").exists()
+
+
+def test_chat_keeps_history_and_clear_forgets_it(model, monkeypatch, capsys):
+    assert run(["chat", model, "--max-new-tokens", "3", "--temperature", "0"], monkeypatch, "hi\nhi\n/clear\nhi\n") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[prefill")]
+    sizes = [int(line.split()[1]) for line in lines]
+    assert len(sizes) == 3 and sizes[1] > sizes[0] and sizes[2] == sizes[0]
+
+
+def test_chat_prompt_file_is_the_first_message(model, monkeypatch, capsys, tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("a question from a file")
+    assert run(["chat", model, "--prompt-file", f, "--max-new-tokens", "2"], monkeypatch, "") == 0
+    assert capsys.readouterr().out.count("[prefill") == 1
+
+
+def test_generate_prints_the_greedy_text(model, monkeypatch, capsys):
+    from tandem.runtime.llm import LLM
+
+    expected = LLM(model, progress=False).generate("def f(x):", max_new_tokens=6, temperature=0, ignore_eos=False).text
+    assert run(["generate", model, "--prompt", "def f(x):", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert "decode" in captured.err
+
+
+def test_inspect_reports_parameters(model, capsys):
+    assert run(["inspect", model]) == 0
+    out = capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(model / "model.safetensors", "pt") as f:
+        total = sum(f.get_slice(n).get_shape().__len__() and torch.Size(f.get_slice(n).get_shape()).numel() for n in f.keys())
+    assert "DeepseekV2ForCausalLM" in out and f"{total:,} total" in out
+    assert "3 (1 dense, 2 MoE)" in out and "8 (top-3)" in out
+
+
+def broken_model(kind: str, src, tmp_path):
+    import shutil
+
+    dst = tmp_path / kind
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if kind == "unknown_arch":
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    elif kind == "mismatch":
+        cfg["moe_intermediate_size"] += 8
+    elif kind == "no_weights":
+        (dst / "model.safetensors").unlink()
+    elif kind == "truncated":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif kind == "bad_json":
+        (dst / "config.json").write_text("{not json")
+        return dst
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("unknown_arch", "unsupported model architecture"),
+        ("mismatch", "config/weights mismatch"),
+        ("no_weights", "safetensors"),
+        ("truncated", "truncated"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
+def test_broken_models_fail_with_one_clear_line(kind, message, model, tmp_path, capsys):
+    path = broken_model(kind, model, tmp_path)
+    assert run(["generate", path, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "/nonexistent/model", "--prompt", "hi"], "does not exist"),
+        (["generate", "{model}", "--prompt", ""], "prompt is empty"),
+        (["generate", "{model}", "--prompt", "word " * 200, "--max-context", "32"], "context window is 32"),
+        (["generate", "{model}", "--prompt-file", "/nonexistent.txt"], "cannot read prompt file"),
+        (["generate", "{model}", "--prompt", "hi", "--temperature", "-2"], "temperature"),
+        (["generate", "{model}", "--prompt", "hi", "--max-context", "999999"], "out of range"),
+        (["inspect", "/nonexistent/model"], "does not exist"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message, model, capsys):
+    assert run([a.format(model=model) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

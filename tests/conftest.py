@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.runner import Runner
+from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.scheduler import Batch, Sequence
+
+
+class Stepper:
+    """Drives a model through prefill and one-token decode steps on its own paged cache."""
+
+    def __init__(self, model, max_tokens: int = 256, block_size: int = 8, dtype=torch.float32):
+        cache = PagedKVCache(model.cache_widths(), -(-max_tokens // block_size) * 2, block_size, dtype, "cpu")
+        self.runner = Runner(model, cache, "cpu")
+        self.cache = cache
+        self.seq = Sequence(0, [], SamplingParams())
+
+    def feed(self, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
+        """Feed tokens after what is cached; fp32 logits [len(tokens), V] (or [1, V])."""
+        seq = self.seq
+        self.cache.grow(seq.block_table, seq.num_cached + len(tokens))
+        logits = self.runner.run(Batch([seq], [tokens], is_prefill=seq.num_cached == 0), all_logits=all_logits)
+        seq.num_cached += len(tokens)
+        return logits
+
+
+@pytest.fixture
+def stepper():
+    return Stepper
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def margin_steps(ours: torch.Tensor, ref: torch.Tensor, bound: float) -> tuple[int, list[int]]:
+    """Margin rule: compare argmax only where ref's top1 - top2 > 10 x bound x max|ref|.
+
+    Returns (number of steps compared, steps where the argmax differs)."""
+    top = ref.float().topk(2, dim=-1).values
+    margin = top[:, 0] - top[:, 1]
+    scale = ref.float().abs().amax(dim=-1)
+    checked = margin > 10 * bound * scale
+    bad = (ours.argmax(-1) != ref.argmax(-1)) & checked
+    return int(checked.sum()), bad.nonzero().flatten().tolist()

@@ -1,0 +1,113 @@
+"""The Python API and the Engine on a tiny model: generation, streaming, stops, batching, errors."""
+
+import pytest
+import torch
+
+from tandem.errors import TandemError
+from tandem.runtime.llm import LLM
+from tandem.testing.tiny import write_tiny
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = write_tiny(tmp_path_factory.mktemp("v3"), "deepseek_v3", seed=2)
+    return LLM(path, dtype="float32", progress=False, max_context=256)
+
+
+def test_generate_returns_text_and_ids(llm):
+    out = llm.generate("The quick brown fox", max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids)
+    assert out.prompt_token_ids == llm.tokenizer.encode("The quick brown fox")
+    assert out.prefill_tok_s > 0 and out.decode_tok_s > 0
+
+
+def test_greedy_equals_argmax_of_full_recompute(llm):
+    out = llm.generate("hello world", max_new_tokens=6, temperature=0, ignore_eos=True)
+    ids = out.prompt_token_ids + out.token_ids
+    from tests.conftest import Stepper
+
+    logits = Stepper(llm.model).feed(ids)
+    n = len(out.prompt_token_ids)
+    assert logits[n - 1 : -1].argmax(-1).tolist() == out.token_ids
+
+
+def test_stream_concatenates_to_generate(llm):
+    stream = llm.stream("abc def", max_new_tokens=10, temperature=0, ignore_eos=True)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.text == llm.generate("abc def", max_new_tokens=10, temperature=0, ignore_eos=True).text
+
+
+def test_seed_makes_sampling_deterministic(llm):
+    a = llm.generate("x", max_new_tokens=10, temperature=1.0, seed=5, ignore_eos=True)
+    b = llm.generate("x", max_new_tokens=10, temperature=1.0, seed=5, ignore_eos=True)
+    c = llm.generate("x", max_new_tokens=10, temperature=1.0, seed=6, ignore_eos=True)
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_stop_string_cuts_the_text(llm):
+    full = llm.generate("once", max_new_tokens=16, temperature=0, ignore_eos=True)
+    stop = full.text[5:8]
+    assert stop and stop not in full.text[:5]
+    cut = llm.generate("once", max_new_tokens=16, temperature=0, ignore_eos=True, stop=(stop,))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+
+
+def test_eos_stops_generation(llm):
+    out = llm.generate("hi", max_new_tokens=8, temperature=0, ignore_eos=True)
+    first = out.token_ids[2]
+    stopped = llm.generate("hi", max_new_tokens=8, temperature=0, stop_token_ids=(first,))
+    assert stopped.token_ids == out.token_ids[:3] and stopped.finish_reason == "stop"
+
+
+def test_chat_messages_use_the_template(llm):
+    msgs = [{"role": "user", "content": "hello"}]
+    out = llm.generate(msgs, max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert out.prompt_token_ids == llm.tokenizer.encode_chat(msgs)
+
+
+def test_batched_requests_match_alone(llm):
+    prompts = [llm.tokenizer.encode(p) for p in ("one two three", "a", "the model says")]
+    params = llm.sampling_params(max_new_tokens=8, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.seq_id].append(out.token)
+    assert [got[i] for i in ids] == alone
+    assert engine.cache.free_blocks == engine.cache.num_blocks  # every block came back
+
+
+def test_context_limit_ends_generation_with_length(llm):
+    prompt = list(range(3, 3 + 250))
+    out = llm.generate(prompt, max_new_tokens=50, temperature=0, ignore_eos=True)
+    assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == 256
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, message",
+    [
+        ("", {}, "empty"),
+        ([], {}, "empty"),
+        (list(range(300)), {}, "context window is 256"),
+        ([1, 99999], {}, "token ids must be in"),
+        ("hi", {"temperature": -1}, "temperature"),
+        ("hi", {"top_p": 0}, "top_p"),
+        ("hi", {"bogus": 1}, "unknown sampling option"),
+    ],
+)
+def test_bad_requests_raise_clear_errors(llm, prompt, kwargs, message):
+    with pytest.raises(TandemError, match=message):
+        llm.generate(prompt, **kwargs)
+    assert not llm.engine.has_work()
+
+
+def test_bf16_runs(tmp_path):
+    path = write_tiny(tmp_path, "deepseek_v2_lite", seed=1, dtype=torch.bfloat16)
+    llm = LLM(path, progress=False)
+    assert llm.dtype == torch.bfloat16
+    assert llm.model.layers[0].ffn.router.weight.dtype == torch.float32  # routers stay fp32
+    assert len(llm.generate("hi", max_new_tokens=4, ignore_eos=True, temperature=0).token_ids) == 4
