@@ -1,0 +1,83 @@
+// The CPU expert engine: routed-expert MoE for one layer at a time, run on per-NUMA-node pools.
+//
+//   submit: copy x/ids/w into staging, group tokens by expert, launch every node's pool
+//   node n: phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
+//           phase 2  tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
+//           (several nodes) all workers: out = sum of node partials, in node order
+//   wait:   blocks until the job's last worker marks it complete
+//
+// One job runs at a time; a second submit waits for the running job to finish (not for its wait).
+// Results do not depend on the thread count: every sum has a fixed order.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "tensor.h"
+#include "threadpool.h"
+#include "weights.h"
+
+namespace tandem {
+
+class MoeEngine {
+ public:
+  // node_cpus[n]: cpu ids of NUMA node n (real or injected); threads_per_node[n] workers there.
+  MoeEngine(const std::vector<std::vector<int>>& node_cpus, const std::vector<int>& threads_per_node, int spin_us,
+            const KernelTable& kernels);
+  ~MoeEngine();
+  MoeEngine(const MoeEngine&) = delete;
+  MoeEngine& operator=(const MoeEngine&) = delete;
+
+  int add_layer(const WeightSource& gate, const WeightSource& up, const WeightSource& down);
+
+  // x [T, H] float32/bfloat16, ids [T, k] int32 (-1: no expert), w [T, k] float32,
+  // out [T, H] float32/bfloat16 (written by the job; keep it alive until wait returns).
+  // Returns a ticket for wait(). Throws DTypeError / std::invalid_argument on bad input.
+  uint64_t submit(int layer, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
+  void wait(uint64_t ticket);
+  uint64_t completed() const { return completed_.load(std::memory_order_acquire); }
+
+  const KernelTable& kernels() const { return kt_; }
+  int n_nodes() const { return int(pools_.size()); }
+  std::vector<int> threads_per_node() const;
+  bool pinned() const;
+  int n_layers() const;
+  const Layer& layer(int i) const;
+
+ private:
+  struct NodeTask;
+  struct NodeState;
+  struct Job;
+
+  void check_inputs(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
+                    const TensorView& out) const;
+  void wait_idle();
+  void stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
+  void run_node(int node, int worker);
+  void gate_up_task(int node, int task, float* scratch);
+  void down_task(int node, int task, float* scratch);
+  void reduce_rows(int t);
+  void finish_job();
+
+  const KernelTable& kt_;
+  std::vector<std::vector<int>> node_cpus_;
+  std::vector<std::unique_ptr<Layer>> layers_;  // unique_ptr: a running job keeps a stable Layer*
+  std::unique_ptr<Job> job_;
+  std::unique_ptr<NodeState[]> nodes_;
+  std::vector<NodeTask> node_tasks_;
+
+  std::mutex submit_mu_;  // serializes submit/add_layer (staging and pools are per engine)
+  std::mutex mu_;         // guards launched_, pairs with cv_
+  std::condition_variable cv_;
+  uint64_t launched_ = 0;
+  std::atomic<uint64_t> completed_{0};
+
+  std::vector<std::unique_ptr<ThreadPool>> pools_;  // last: workers stop before the state they use
+};
+
+}  // namespace tandem

@@ -1,0 +1,277 @@
+"""The CPU expert engine: routed experts kept in CPU RAM and computed by the C++ extension.
+
+This is the only module that imports `tandem._C`, lazily on first use. Data path of one layer:
+
+    engine = create_engine()                              # at load: pools per NUMA node
+    layer = add_layer(engine, "Q4_K", gate, up, down)     # at load: repack / quantize once
+    h = submit(engine, layer, x, ids, w)                  # returns at once; the pools compute
+    ...                                                   # the GPU overlaps (shared experts)
+    out = wait(engine, h)                                 # [T, H]
+
+out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j]; ids == -1 is
+skipped. The Engine object is owned by the runtime; these functions take it as an argument.
+Weight formats (see csrc/quant/): BF16, INT8 (per-row symmetric), INT4 (symmetric, groups of 64
+along K) are quantized at load from float32/bfloat16 tensors [E, I, H] / [E, H, I]; the GGUF
+formats Q8_0, Q5_0, Q4_K, Q5_K, Q6_K take the file's raw blocks as uint8 [E, rows, row_bytes].
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _ext():
+    # By name: a static `from tandem import _C` reads to import-linter as importing the tandem
+    # package (and so everything its __init__ imports); the extension itself imports nothing.
+    return importlib.import_module("tandem._C")
+
+
+def formats() -> dict[str, dict]:
+    """Format name -> {block_elems, block_bytes, row_header, online} as the C++ side declares it."""
+    return _ext().formats()
+
+
+def block_sizes() -> dict[str, tuple[int, int]]:
+    """Format name -> (weights per block, bytes per block), the C++ block structs' sizes."""
+    return _ext().block_sizes()
+
+
+def isa_info() -> dict[str, list[str]]:
+    """ISA levels this CPU supports and those this build has kernels for (TANDEM_ISA overrides)."""
+    return _ext().isa_info()
+
+
+class Engine:
+    """Owns one C++ engine: a thread pool per NUMA node, the layers' weights, staging buffers."""
+
+    def __init__(self, native, nodes: list[list[int]]):
+        self._native = native
+        self.nodes = nodes
+        self._lock = threading.Lock()
+        # Outputs of submitted jobs that may still be written: kept alive until their job is done.
+        self._pending: dict[int, torch.Tensor] = {}
+
+    @property
+    def threads_per_node(self) -> list[int]:
+        return list(self._native.threads_per_node)
+
+    @property
+    def n_threads(self) -> int:
+        return sum(self.threads_per_node)
+
+    @property
+    def isa(self) -> str:
+        return self._native.isa
+
+    @property
+    def pinned(self) -> bool:
+        return self._native.pinned
+
+    def layer_info(self, layer: int) -> dict:
+        """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""
+        return self._native.layer_info(layer)
+
+    def __repr__(self) -> str:
+        return f"Engine(isa={self.isa}, threads_per_node={self.threads_per_node}, layers={self._native.n_layers})"
+
+
+@dataclass(frozen=True, eq=False)
+class Handle:
+    """A submitted job; pass it to wait()."""
+
+    engine: Engine
+    ticket: int
+    out: torch.Tensor
+
+
+def create_engine(
+    n_threads: int | None = None, numa_nodes: list[list[int]] | None = None, *, spin_us: int = 1000
+) -> Engine:
+    """Start the engine's worker threads, pinned to cores.
+
+    n_threads: total workers, split over NUMA nodes in proportion to their cores (default: the
+    cores this process may run on). numa_nodes: cpu ids per node, to inject a topology (tests run
+    the multi-node path on one node this way); default: the machine's nodes from sysfs.
+    spin_us: how long idle workers spin before sleeping (latency of the next submit vs. cpu time
+    taken from other threads, e.g. the one driving the GPU).
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    nodes = _default_nodes(allowed) if numa_nodes is None else _check_nodes(numa_nodes, allowed)
+    if n_threads is None:
+        n_threads = sum(len(n) for n in nodes)
+    if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < len(nodes):
+        raise ValueError(f"n_threads must be an int >= the number of NUMA nodes ({len(nodes)}); got {n_threads!r}")
+    if not isinstance(spin_us, int) or spin_us < 0:
+        raise ValueError(f"spin_us must be an int >= 0; got {spin_us!r}")
+    threads = _split_threads(n_threads, [len(n) for n in nodes])
+    return Engine(_ext().Engine(nodes, threads, spin_us), nodes)
+
+
+def add_layer(
+    engine: Engine, fmt: str | Sequence[str], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> int:
+    """Load one layer's routed experts; returns its id for submit().
+
+    fmt: one format for all three projections, or (gate, up, down) formats, e.g. a Q4_K_M file's
+    ("Q4_K", "Q4_K", "Q6_K"). gate/up are [E, I, H] and down [E, H, I] float32/bfloat16 for
+    BF16/INT8/INT4; raw GGUF blocks are uint8 [E, rows, row_bytes] (torch or numpy).
+    """
+    fmts = _formats_of(fmt)
+    known = formats()
+    args = []
+    for name, f, t in zip(("gate", "up", "down"), fmts, (gate, up, down)):
+        args += [f, _weight(t, name, f, known[f]["online"])]
+    return engine._native.add_layer(*args)
+
+
+def submit(
+    engine: Engine,
+    layer: int,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    w: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> Handle:
+    """Start one layer's experts on the engine's pools and return at once.
+
+    x [T, H] float32/bfloat16, ids [T, k] int32 (-1 = no expert), w [T, k] float32, all on the CPU.
+    They are copied into the engine's staging buffers, so the caller may reuse them at once.
+    The result is out_dtype (default x.dtype), written into `out` when given.
+    """
+    _check_tensor(x, "x", _FLOATS, 2)
+    _check_tensor(ids, "ids", (torch.int32,), 2, hint="use ids.to(torch.int32)")
+    _check_tensor(w, "w", (torch.float32,), 2, hint="use w.float()")
+    if out is None:
+        out_dtype = x.dtype if out_dtype is None else out_dtype
+        if out_dtype not in _FLOATS:
+            raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16; got {out_dtype}")
+        out = torch.empty(x.shape, dtype=out_dtype)
+    else:
+        _check_tensor(out, "out", _FLOATS, 2)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    ticket = engine._native.submit(layer, x.contiguous(), ids.contiguous(), w.contiguous(), out)
+    with engine._lock:
+        done = engine._native.completed()
+        for t in [t for t in engine._pending if t <= done]:
+            del engine._pending[t]
+        engine._pending[ticket] = out
+    return Handle(engine, ticket, out)
+
+
+def wait(engine: Engine, handle: Handle) -> torch.Tensor:
+    """Block (without the GIL) until the job is done; returns its output [T, H]."""
+    if handle.engine is not engine:
+        raise ValueError("this handle was returned by another engine's submit()")
+    engine._native.wait(handle.ticket)
+    with engine._lock:
+        engine._pending.pop(handle.ticket, None)
+    return handle.out
+
+
+def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:
+    fmts = (fmt,) * 3 if isinstance(fmt, str) else tuple(fmt)
+    known = formats()
+    if len(fmts) != 3 or not all(isinstance(f, str) for f in fmts):
+        raise ValueError(f"fmt must be a format name or a (gate, up, down) tuple of names; got {fmt!r}")
+    for f in fmts:
+        if f not in known:
+            raise ValueError(f"unknown weight format {f!r}; known formats: {', '.join(known)}")
+    return fmts
+
+
+def _weight(t, name: str, fmt: str, online: bool) -> torch.Tensor:
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array; got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU (the engine copies it into its own memory); got {t.device}")
+    if online and t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: format {fmt} is quantized at load from float32 or bfloat16 weights; got {t.dtype}")
+    if not online and t.dtype != torch.uint8:
+        raise TypeError(
+            f"{name}: format {fmt} takes the file's raw blocks as uint8 [E, rows, row_bytes]; got {t.dtype}"
+        )
+    return t.contiguous()
+
+
+def _check_tensor(t, name: str, dtypes: tuple, ndim: int, hint: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}; got {t.dtype}" + (f" ({hint})" if hint else ""))
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {list(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor; got {t.device}")
+
+
+def _parse_cpulist(text: str) -> list[int]:
+    cpus = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus += range(int(lo), int(hi) + 1)
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
+def _default_nodes(allowed: list[int]) -> list[list[int]]:
+    """The machine's NUMA nodes (sysfs), restricted to the cpus this process may use."""
+    nodes, seen = [], set()
+    paths = glob.glob("/sys/devices/system/node/node[0-9]*/cpulist")
+    for path in sorted(paths, key=lambda p: int(p.split("/node")[-1].split("/")[0])):
+        with open(path) as f:
+            cpus = [c for c in _parse_cpulist(f.read()) if c in allowed]
+        if cpus:
+            nodes.append(cpus)
+            seen.update(cpus)
+    rest = [c for c in allowed if c not in seen]
+    if not nodes:
+        return [allowed]
+    nodes[0] += rest  # cpus sysfs does not place (unusual): keep them usable
+    return nodes
+
+
+def _check_nodes(numa_nodes, allowed: list[int]) -> list[list[int]]:
+    if not isinstance(numa_nodes, (list, tuple)) or not numa_nodes:
+        raise ValueError("numa_nodes must be a non-empty list of cpu-id lists, one per node")
+    seen: set[int] = set()
+    nodes = []
+    for i, node in enumerate(numa_nodes):
+        cpus = list(node) if isinstance(node, (list, tuple)) else None
+        if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
+            raise ValueError(f"numa_nodes[{i}] must be a non-empty list of cpu ids; got {node!r}")
+        for c in cpus:
+            if c in seen:
+                raise ValueError(f"numa_nodes: cpu {c} appears in more than one node")
+            if c not in allowed:
+                raise ValueError(f"numa_nodes: cpu {c} is not available to this process (allowed: {allowed})")
+            seen.add(c)
+        nodes.append(cpus)
+    return nodes
+
+
+def _split_threads(n: int, sizes: list[int]) -> list[int]:
+    """n threads over nodes in proportion to their cpu counts, at least one each."""
+    shares = [1] * len(sizes)
+    for _ in range(n - len(sizes)):
+        i = max(range(len(sizes)), key=lambda j: (sizes[j] / shares[j], -j))
+        shares[i] += 1
+    return shares

@@ -1,0 +1,263 @@
+"""The CPU expert engine's machinery: NUMA slices (through an injected topology), submit/wait from
+several threads, bad input, ISA selection, lazy import of the extension."""
+
+import os
+import importlib
+import sys
+import threading
+
+import pytest
+import torch
+
+from tandem.ops import cpu
+from tests.ops.moe_cases import (
+    TOL_F32,
+    assert_matches,
+    dense_weights,
+    dequant_ref,
+    gguf_blocks,
+    reference,
+    routing,
+    tokens,
+)
+
+CPUS = sorted(os.sched_getaffinity(0))
+# Two fake nodes: one cpu each where the machine has two (CI), else both on the only cpu.
+FAKE_NODES = [[CPUS[0]], [CPUS[1]]] if len(CPUS) > 1 else None
+
+
+def _two_node_engine():
+    if FAKE_NODES is None:
+        pytest.skip("needs two cpus to inject a two-node topology")
+    return cpu.create_engine(n_threads=2, numa_nodes=FAKE_NODES)
+
+
+def _layer_sources(fmts, E, I, H, seed=0):
+    """Weights for add_layer and the dequantized weights the engine should compute with."""
+    if fmts[0] in ("BF16", "INT8", "INT4"):
+        dense = dense_weights(E, I, H, seed=seed)
+        return dense, tuple(dequant_ref(f, t) for f, t in zip(fmts, dense))
+    shapes = ((E, I, H), (E, I, H), (E, H, I))
+    pairs = [gguf_blocks(f, *s, seed=seed + i) for i, (f, s) in enumerate(zip(fmts, shapes))]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+@pytest.mark.parametrize(
+    "fmts,E,I,H",
+    [
+        (("BF16",) * 3, 5, 96, 72),
+        (("INT8",) * 3, 5, 96, 72),  # one row scale spans both nodes' columns of down
+        (("INT4",) * 3, 4, 192, 128),  # 3 groups of 64: an uneven split
+        (("Q4_K", "Q4_K", "Q6_K"), 4, 512, 256),
+        (("Q4_K", "Q4_K", "Q6_K"), 4, 256, 256),  # one down block: one node gets an empty slice
+    ],
+)
+def test_fake_two_nodes_equal_one_node(fmts, E, I, H):
+    src, held = _layer_sources(fmts, E, I, H)
+    one = cpu.create_engine(n_threads=2, numa_nodes=[CPUS])
+    two = _two_node_engine()
+    l1, l2 = cpu.add_layer(one, fmts, *src), cpu.add_layer(two, fmts, *src)
+    info1, info2 = one.layer_info(l1), two.layer_info(l2)
+    assert info1["slices"] == [(0, I)]
+    slices = info2["slices"]
+    assert len(slices) == 2 and slices[0][0] == 0 and slices[0][1] == slices[1][0] and slices[1][1] == I
+    # Each node holds only its slice (INT8 repeats down's 4-byte row scale on both nodes).
+    assert info2["bytes"] - info1["bytes"] == (E * H * 4 if fmts[2] == "INT8" else 0)
+    x = tokens(17, H)
+    ids, w = routing(17, E, 3, kind="padded")
+    out1 = cpu.wait(one, cpu.submit(one, l1, x, ids, w))
+    out2 = cpu.wait(two, cpu.submit(two, l2, x, ids, w))
+    assert_matches(out2, out1, 1e-5, "2 nodes vs 1")
+    assert_matches(out2, reference(x, ids, w, *held), TOL_F32)
+    out2_bf16 = cpu.wait(two, cpu.submit(two, l2, x.bfloat16(), ids, w))
+    assert_matches(out2_bf16.float(), reference(x.bfloat16(), ids, w, *held), 8e-3)
+
+
+def test_threads_split_over_nodes():
+    assert cpu._split_threads(16, [8, 8]) == [8, 8]
+    assert cpu._split_threads(6, [4, 2]) == [4, 2]
+    assert cpu._split_threads(2, [7, 1]) == [1, 1]
+    e = cpu.create_engine(n_threads=3, numa_nodes=[CPUS[:1], CPUS[1:2] or CPUS[:1]] if len(CPUS) > 1 else [CPUS])
+    assert e.n_threads == 3
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return cpu.create_engine(n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def bf16_layer(engine):
+    dense = dense_weights(6, 64, 96, seed=3)
+    return cpu.add_layer(engine, "BF16", *dense), tuple(dequant_ref("BF16", t) for t in dense)
+
+
+def test_submit_and_wait_from_several_threads(engine, bf16_layer):
+    layer, held = bf16_layer
+    cases = []
+    for i in range(8):
+        x = tokens(1 + 7 * i, 96, seed=i)
+        ids, w = routing(x.shape[0], 6, 1 + i % 4, seed=i)
+        cases.append((x, ids, w, reference(x, ids, w, *held)))
+    errors = []
+
+    def worker(j):
+        try:
+            for rep in range(6):
+                x, ids, w, ref = cases[(j + rep) % len(cases)]
+                assert_matches(cpu.wait(engine, cpu.submit(engine, layer, x, ids, w)), ref, TOL_F32)
+        except Exception as exc:  # surfaced below: pytest does not see other threads' failures
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_several_submits_before_waiting(engine, bf16_layer):
+    """A second submit waits for the first job (not for its wait): no deadlock, no overwrite."""
+    layer, held = bf16_layer
+    cases = [(tokens(9 + i, 96, seed=i), *routing(9 + i, 6, 2, seed=i)) for i in range(3)]
+    handles = [cpu.submit(engine, layer, *c) for c in cases]
+    for h, (x, ids, w) in reversed(list(zip(handles, cases))):
+        assert_matches(cpu.wait(engine, h), reference(x, ids, w, *held), TOL_F32)
+    assert cpu.wait(engine, handles[0]) is handles[0].out  # waiting twice is harmless
+
+
+def test_submit_returns_at_once_and_wait_releases_the_gil():
+    e = cpu.create_engine(n_threads=1, numa_nodes=[CPUS[:1]])
+    layer = cpu.add_layer(e, "BF16", *dense_weights(4, 256, 512))
+    x = tokens(256, 512)
+    ids, w = routing(256, 4, 4)
+    h = cpu.submit(e, layer, x, ids, w)  # ~0.1 s of work for one generic thread
+    assert e._native.completed() < h.ticket
+    waiting = threading.Event()
+
+    def waiter():
+        waiting.set()
+        cpu.wait(e, h)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    waiting.wait()
+    progress = 0  # this thread runs while the other one waits, so wait released the GIL
+    while e._native.completed() < h.ticket:
+        progress += 1
+    t.join()
+    assert progress > 100
+
+
+# --- bad input: a Python exception with a clear message, never a crash ---
+
+
+def test_bad_submit_inputs(engine, bf16_layer):
+    layer, _ = bf16_layer
+    x = tokens(4, 96)
+    ids, w = routing(4, 6, 2)
+    with pytest.raises(TypeError, match="x must be"):
+        cpu.submit(engine, layer, x.half(), ids, w)
+    with pytest.raises(TypeError, match="int32"):
+        cpu.submit(engine, layer, x, ids.long(), w)
+    with pytest.raises(TypeError, match="w must be"):
+        cpu.submit(engine, layer, x, ids, w.double())
+    with pytest.raises(ValueError, match="H = 96"):
+        cpu.submit(engine, layer, tokens(4, 95), ids, w)
+    with pytest.raises(ValueError, match="ids must be"):
+        cpu.submit(engine, layer, x, ids[:3], w)
+    with pytest.raises(ValueError, match="w must have the shape"):
+        cpu.submit(engine, layer, x, ids, w[:, :1])
+    with pytest.raises(ValueError, match="3-D|2-D"):
+        cpu.submit(engine, layer, x[None], ids, w)
+    for bad in (6, -2, 1 << 30):
+        bad_ids = ids.clone()
+        bad_ids[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"ids\[2, 1\] = {bad} is out of range"):
+            cpu.submit(engine, layer, x, bad_ids, w)
+    with pytest.raises(ValueError, match="layer 99 does not exist"):
+        cpu.submit(engine, 99, x, ids, w)
+    with pytest.raises(TypeError, match="out_dtype"):
+        cpu.submit(engine, layer, x, ids, w, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="another engine"):
+        cpu.wait(cpu.create_engine(n_threads=1), cpu.submit(engine, layer, x, ids, w))
+    # The engine still works after all that.
+    cpu.wait(engine, cpu.submit(engine, layer, x, ids, w))
+
+
+def test_extension_checks_its_own_inputs(engine, bf16_layer):
+    """Callers that bypass tandem.ops.cpu still get exceptions, not crashes."""
+    layer, _ = bf16_layer
+    native = engine._native
+    x = tokens(4, 96)
+    ids, w = routing(4, 6, 2)
+    out = torch.empty(4, 96)
+    with pytest.raises(TypeError, match="ids must be int32"):
+        native.submit(layer, x, ids.long(), w, out)
+    with pytest.raises(TypeError, match="out must be"):
+        native.submit(layer, x, ids, w, out.half())
+    with pytest.raises(ValueError, match="out must have the shape"):
+        native.submit(layer, x, ids, w, torch.empty(4, 95))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.submit(layer, torch.randn(96, 4).t(), ids, w, out)
+    with pytest.raises(ValueError, match="unknown ticket"):
+        native.wait(10**9)
+
+
+def test_bad_layers(engine):
+    gate, up, down = dense_weights(4, 128, 100)
+    with pytest.raises(ValueError, match="unknown weight format 'Q4_0'"):
+        cpu.add_layer(engine, "Q4_0", gate, up, down)
+    with pytest.raises(ValueError, match=r"\(gate, up, down\)"):
+        cpu.add_layer(engine, ("BF16", "BF16"), gate, up, down)
+    with pytest.raises(ValueError, match="K = 100 is not a multiple of INT4's block of 64"):
+        cpu.add_layer(engine, "INT4", gate, up, down)
+    with pytest.raises(ValueError, match="down is"):
+        cpu.add_layer(engine, "BF16", gate, up, down.transpose(1, 2))
+    with pytest.raises(ValueError, match="up is"):
+        cpu.add_layer(engine, "BF16", gate, up[:, :64], down)
+    with pytest.raises(TypeError, match="Q4_K takes the file's raw blocks as uint8"):
+        cpu.add_layer(engine, "Q4_K", gate, up, down)
+    with pytest.raises(TypeError, match="INT8 is quantized at load from float32 or bfloat16"):
+        cpu.add_layer(engine, "INT8", gate.to(torch.uint8), up, down)
+    raw, _ = gguf_blocks("Q4_K", 4, 128, 256)
+    draw, _ = gguf_blocks("Q4_K", 4, 256, 128 * 2)
+    with pytest.raises(ValueError, match="not a whole number of Q4_K blocks"):
+        cpu.add_layer(engine, "Q4_K", raw[..., :-1].contiguous(), raw, draw)
+    with pytest.raises(ValueError, match="3-D"):
+        cpu.add_layer(engine, "BF16", gate[0], up, down)
+
+
+def test_bad_topology():
+    with pytest.raises(ValueError, match="not available"):
+        cpu.create_engine(numa_nodes=[[max(CPUS) + 1000]])
+    with pytest.raises(ValueError, match="more than one node"):
+        cpu.create_engine(numa_nodes=[[CPUS[0]], [CPUS[0]]])
+    with pytest.raises(ValueError, match="non-empty"):
+        cpu.create_engine(numa_nodes=[[]])
+    with pytest.raises(ValueError, match="n_threads"):
+        cpu.create_engine(n_threads=0)
+
+
+def test_isa_override(monkeypatch):
+    assert "generic" in cpu.isa_info()["built"]
+    monkeypatch.setenv("TANDEM_ISA", "generic")
+    assert cpu.create_engine(n_threads=1).isa == "generic"
+    monkeypatch.setenv("TANDEM_ISA", "amx")
+    with pytest.raises(ValueError, match="TANDEM_ISA=amx: "):
+        cpu.create_engine(n_threads=1)
+    monkeypatch.setenv("TANDEM_ISA", "sse9")
+    with pytest.raises(ValueError, match="TANDEM_ISA=sse9 is unknown"):
+        cpu.create_engine(n_threads=1)
+
+
+def test_importing_does_not_load_the_extension(monkeypatch):
+    # Import a fresh copy of the module with the extension unloaded; monkeypatch restores both.
+    import tandem.ops
+
+    for name in ("tandem._C", "tandem.ops.cpu"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(tandem.ops, "cpu", None, raising=False)
+    fresh = importlib.import_module("tandem.ops.cpu")
+    assert fresh is not cpu and "tandem._C" not in sys.modules, "tandem.ops.cpu imported tandem._C at import time"
