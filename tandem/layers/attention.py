@@ -1,8 +1,11 @@
 """Attention layers. MLA (DeepSeek multi-head latent attention) caches one compressed latent and
-one shared rope key per token instead of per-head keys and values.
+one shared rope key per token instead of per-head keys and values. GQA (grouped-query attention:
+Qwen-MoE, Mixtral) caches per-KV-head keys and values, [K | V] in one cache row.
 
 Data path (MLA): x -> q (optionally through a low-rank q_a/q_b pair), x -> [latent | k_pe];
 rope on q_pe and k_pe; write [latent | k_pe] to the paged cache; attend per sequence.
+Data path (GQA): x -> q, k, v (optional bias) -> optional per-head q/k RMSNorm -> rope on q, k;
+write [k | v] to the paged cache; attend per sequence (optionally within a sliding window).
 """
 
 from dataclasses import dataclass
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tandem.errors import TandemError
 from tandem.layers.linear import Linear
 from tandem.layers.meta import ForwardMeta
 from tandem.layers.norm import RMSNorm
@@ -86,3 +90,71 @@ class MLAttention(nn.Module):
                 qs = torch.cat((q_nope[a:b], q_pe[a:b]), dim=-1)
                 out[a:b] = ops.attention(qs, k, v, self.scale, offset)
         return self.o_proj(out.view(n_tok, nh * dv))
+
+
+@dataclass(frozen=True)
+class GQAConfig:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # independent of hidden_size / num_heads (Qwen3)
+    rope: RopeConfig
+    qkv_bias: bool = False  # Qwen2-MoE
+    o_bias: bool = False  # Qwen3's attention_bias puts a bias on o_proj too
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of each q and k head, before rope
+    sliding_window: int | None = None  # a query sees itself and the window - 1 tokens before it
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_heads < 1 or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise TandemError(
+                f"attention heads ({self.num_heads}) must be a positive multiple of key/value heads ({self.num_kv_heads})"
+            )
+        if self.rope.dim != self.head_dim:
+            raise TandemError(f"rope dim {self.rope.dim} must equal head_dim {self.head_dim} (partial rotary is not supported)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise TandemError(f"sliding_window must be at least 1, got {self.sliding_window}")
+
+    @property
+    def cache_width(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: GQAConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(h, nh * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, nkv * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, nkv * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(nh * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps)
+            self.k_norm = RMSNorm(d, cfg.norm_eps)
+        self.rope = Rope(cfg.rope)
+        self.scale = d**-0.5
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        n_tok, nh, nkv, d, window = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window
+        q = self.q_proj(x).view(n_tok, nh, d)
+        k = self.k_proj(x).view(n_tok, nkv, d)
+        v = self.v_proj(x).view(n_tok, nkv, d)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+
+        cache = meta.kv[self.layer_idx]
+        cache[meta.slot_mapping] = torch.cat((k.reshape(n_tok, -1), v.reshape(n_tok, -1)), dim=-1).to(cache.dtype)
+
+        out = torch.empty(n_tok, nh, d, dtype=x.dtype, device=x.device)
+        for s in range(meta.num_seqs):
+            a, b = meta.query_start[s], meta.query_start[s + 1]
+            offset = meta.context_lens[s] - (b - a)  # absolute position of the first new token
+            # With a window, keys older than the first query's window are never read.
+            first = 0 if window is None else max(0, offset - window + 1)
+            ctx = cache[meta.context_slots(s)[first:]].to(x.dtype)
+            k_ctx, v_ctx = ctx.view(-1, 2, nkv, d).unbind(1)
+            out[a:b] = ops.attention(q[a:b], k_ctx, v_ctx, self.scale, offset - first, window)
+        return self.o_proj(out.view(n_tok, nh * d))

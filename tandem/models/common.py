@@ -1,8 +1,11 @@
-"""Pieces every decoder-only model file shares: config parsing helpers and the decoder skeleton."""
+"""Pieces every decoder-only model file shares: config parsing helpers, the decoder skeleton,
+the checkpoint names Llama-style decoders have in common, and what the runtime reads of a config.
+"""
 
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,6 +38,37 @@ def rope_scaling_items(hf: dict) -> tuple:
 
 def rope_theta(hf: dict, default: float = 10000.0) -> float:
     return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
+
+
+class ModelConfig(Protocol):
+    """What the runtime (e.g. `tandem inspect`) reads of any model's config, fields or properties."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+
+    def is_moe_layer(self, i: int) -> bool: ...
+
+
+LAYER = r"model\.layers\.(?P<layer>\d+)\."
+
+
+def decoder_rules() -> list[tuple[str, str]]:
+    """HF hub names shared by Llama-style decoders (embeddings, norms, q/k/v/o and q/k norms)."""
+    return [
+        (r"model\.embed_tokens\.weight", "embed.weight"),
+        (r"model\.norm\.weight", "norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (LAYER + r"input_layernorm\.weight", "layers.{layer}.attn_norm.weight"),
+        (LAYER + r"post_attention_layernorm\.weight", "layers.{layer}.ffn_norm.weight"),
+        (LAYER + r"self_attn\.(?P<p>[qkvo]_proj)\.(?P<t>weight|bias)", "layers.{layer}.attn.{p}.{t}"),
+        (LAYER + r"self_attn\.(?P<p>[qk]_norm)\.weight", "layers.{layer}.attn.{p}.weight"),
+    ]
 
 
 class Renamer:

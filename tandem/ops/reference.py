@@ -44,17 +44,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return out.to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int) -> torch.Tensor:
-    """Causal attention of one sequence. q [Tq, nh, d], k [Tk, nh, d], v [Tk, nh, dv] -> [Tq, nh, dv].
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention of one sequence. q [Tq, nh, d], k [Tk, nkv, d], v [Tk, nkv, dv] -> [Tq, nh, dv].
 
-    Query i sits at absolute position q_offset + i and sees keys 0..q_offset + i.
+    Query i sits at absolute position p = q_offset + i and sees keys max(0, p - window + 1)..p (all
+    keys up to p when window is None). Grouped-query attention: nh is a multiple of nkv and query
+    head h reads key/value head h // (nh // nkv), as HF's repeat_kv lays them out.
     """
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-    tq, tk = q.shape[0], k.shape[0]
-    visible = torch.arange(tk, device=q.device)[None, :] <= (q_offset + torch.arange(tq, device=q.device))[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+    tq, nh, tk, nkv = q.shape[0], q.shape[1], k.shape[0], k.shape[1]
+    qg = q.float().view(tq, nkv, nh // nkv, q.shape[-1])
+    scores = torch.einsum("qkgd,tkd->kgqt", qg, k.float()) * scale  # [nkv, g, Tq, Tk]
+    pos = q_offset + torch.arange(tq, device=q.device)[:, None]
+    key = torch.arange(tk, device=q.device)[None, :]
+    visible = key <= pos
+    if window is not None:
+        visible &= key > pos - window
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    out = torch.einsum("kgqt,tkd->qkgd", probs, v.float())
+    return out.reshape(tq, nh, v.shape[-1]).to(q.dtype)
 
 
 def route(

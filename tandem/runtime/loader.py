@@ -1,20 +1,39 @@
-"""Model directory -> a built model with its weights, streamed tensor by tensor.
+"""Model path -> config, tokenizer, and a built model with its weights, streamed tensor by tensor.
+
+A model is an HF directory (config.json, tokenizer files, *.safetensors) or a GGUF model (a .gguf
+file, any part of a split one, or a folder holding one model's parts) whose metadata carries the
+config and the tokenizer. `config_dir` (--config-dir) takes config.json and the tokenizer from an
+HF directory instead, while the weights still come from the GGUF.
 
 The model is built on the meta device (no memory, no init), given real storage once, and filled
-from the checkpoint one tensor at a time, so a model is never held twice.
+from the checkpoint one tensor at a time, so a model is never held twice. GGUF routed experts that
+are quantized stay in the file's blocks (`bind_block_experts`); everything else is dequantized to
+the model dtype as it streams.
 """
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tandem.errors import TandemError
-from tandem.models.registry import build_model
+from tandem.models.gguf_meta import f32_decimal
+from tandem.models.registry import gguf_model_class, model_class
+from tandem.runtime.experts import bind_block_experts
+from tandem.runtime.sampling import load_generation_defaults
+from tandem.runtime.tokenizer import Tokenizer
+from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
 from tandem.weights.checkpoint import Checkpoint
+from tandem.weights.derived import DerivedCheckpoint
+from tandem.weights.gguf import GGUFCheckpoint
 from tandem.weights.loader import load_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# general.sampling.* (newer llama.cpp converters) -> SamplingParams fields
+GGUF_SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -22,7 +41,7 @@ def read_config(model_dir: str | Path) -> dict:
     if not path.exists():
         raise TandemError(f"model path {str(path)!r} does not exist")
     if not path.is_dir():
-        raise TandemError(f"model path {str(path)!r} is not a directory; give an HF model directory")
+        raise TandemError(f"model path {str(path)!r} is not a directory; give an HF model directory or a .gguf file")
     cfg = path / "config.json"
     if not cfg.is_file():
         raise TandemError(f"{cfg} is missing: an HF model directory needs config.json beside its weights")
@@ -30,6 +49,79 @@ def read_config(model_dir: str | Path) -> dict:
         return json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TandemError(f"{cfg} is not valid JSON ({e})") from None
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a folder with .gguf files and no safetensors weights."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return path.is_dir() and any(path.glob("*.gguf")) and not any(path.glob("*.safetensors"))
+
+
+@dataclass
+class ModelFiles:
+    """Where a model's config, tokenizer and weights come from. Close it (or use `with`) when loaded."""
+
+    path: Path
+    hf: dict | None  # config.json of the HF model or of --config-dir; None: from GGUF metadata
+    hf_dir: Path | None  # the folder holding config.json and the tokenizer files
+    gguf: GGUFCheckpoint | None
+
+    def model_class(self):
+        return model_class(self.hf) if self.hf is not None else gguf_model_class(self.gguf.metadata)
+
+    def config(self):
+        cls = self.model_class()
+        if self.hf is not None:
+            return cls.config_class.from_hf(self.hf)
+        if not hasattr(cls.config_class, "from_gguf"):
+            raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
+        return cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
+
+    def tokenizer(self) -> Tokenizer:
+        if self.hf_dir is not None:
+            return Tokenizer.from_dir(self.hf_dir)
+        return tokenizer_from_gguf(self.gguf.metadata, str(self.path))
+
+    def generation_defaults(self) -> dict:
+        if self.hf_dir is not None:
+            return load_generation_defaults(self.hf_dir)
+        meta = self.gguf.metadata
+        return {
+            field: f32_decimal(value) if isinstance(value, float) else value
+            for key, field in GGUF_SAMPLING.items()
+            if (value := meta.get(f"general.sampling.{key}")) is not None
+        }
+
+    @property
+    def stored_dtype(self) -> str | None:
+        """'float32' when the weights are stored in float32, else what config.json says (or None)."""
+        if self.gguf is not None:
+            return "float32" if self.gguf.metadata.get("general.file_type") == 0 else None  # 0: ALL_F32
+        return self.hf.get("torch_dtype") or self.hf.get("dtype")
+
+    def close(self) -> None:
+        if self.gguf is not None:
+            self.gguf.close()
+
+    def __enter__(self) -> "ModelFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_model_files(model: str | Path, config_dir: str | Path | None = None) -> ModelFiles:
+    """Find a model's files and read their headers (config, GGUF metadata); loads no weights."""
+    path = Path(model)
+    if not is_gguf(path):
+        if config_dir is not None:
+            raise TandemError(f"--config-dir is for GGUF models, but {path} is not a .gguf file or a folder of them")
+        return ModelFiles(path, read_config(path), path, None)
+    hf = read_config(config_dir) if config_dir is not None else None
+    if config_dir is not None and not (Path(config_dir) / "tokenizer.json").is_file():
+        raise TandemError(f"--config-dir {config_dir} has no tokenizer.json: give the model's HF folder")
+    return ModelFiles(path, hf, Path(config_dir) if config_dir is not None else None, GGUFCheckpoint.open(path))
 
 
 def resolve_dtype(name: str, hf_config: dict) -> torch.dtype:
@@ -42,16 +134,39 @@ def resolve_dtype(name: str, hf_config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device="cpu", progress: bool = True) -> torch.nn.Module:
-    hf = read_config(model_dir)
-    with torch.device("meta"):
-        model = build_model(hf)
-    model = model.to(dtype)
-    for module in model.modules():
-        # Routers stay fp32: top-k choices must not flip because of bf16 rounding.
-        if getattr(module, "KEEP_FP32", False):
-            module.float()
-    model = model.to_empty(device=device)
-    with Checkpoint.open(model_dir) as ckpt:
-        load_state(ckpt, dict(model.named_parameters()), model.renamer(), ignore=model.ignore, progress=progress)
-    return model.eval()
+def load_model(
+    model: "str | Path | ModelFiles",
+    dtype: torch.dtype,
+    device="cpu",
+    progress: bool = True,
+    config_dir: str | Path | None = None,
+) -> torch.nn.Module:
+    """Build the model at `model` (a path or opened ModelFiles) and fill it with its weights."""
+    files = model if isinstance(model, ModelFiles) else open_model_files(model, config_dir)
+    try:
+        cls, cfg = files.model_class(), files.config()
+        with torch.device("meta"):
+            net = cls(cfg)
+        if files.gguf is None:
+            ckpt, rename, ignore = Checkpoint.open(files.path), net.renamer(), net.ignore
+        else:
+            if not hasattr(net, "gguf_renamer"):
+                raise TandemError(f"{cls.__name__} cannot load GGUF weights yet; use its HF safetensors")
+            ckpt, rename = files.gguf, net.gguf_renamer()
+            derived = net.gguf_derived({n: ckpt.shape(n) for n in ckpt.names()}) if hasattr(net, "gguf_derived") else {}
+            ckpt = DerivedCheckpoint(ckpt, derived) if derived else ckpt
+            # Quantized routed experts stay in the file's blocks; the loader skips their tensors.
+            kept = bind_block_experts(net, ckpt, rename)
+            ignore = tuple(getattr(net, "gguf_ignore", ())) + tuple(re.escape(n) for n in kept)
+        net = net.to(dtype)
+        for module in net.modules():
+            # Routers stay fp32: top-k choices must not flip because of bf16 rounding.
+            if getattr(module, "KEEP_FP32", False):
+                module.float()
+        net = net.to_empty(device=device)
+        with ckpt:
+            load_state(ckpt, dict(net.named_parameters()), rename, ignore=ignore, progress=progress)
+    finally:
+        if files is not model:
+            files.close()
+    return net.eval()

@@ -9,6 +9,7 @@ DeepSeek-V3 checkpoint so both `tandem.runtime.tokenizer.Tokenizer.from_dir` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from tandem.errors import TandemError
@@ -92,12 +93,13 @@ Größe, Straße, schön, über, Mädchen, Fußball. ¿Dónde está la bibliotec
 _MIN_EXTRA = 4  # User, Assistant, <think>, </think> are added after training
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> None:
     """Write tokenizer.json, tokenizer_config.json and generation_config.json into `out_dir`.
 
     The total vocabulary (with special tokens) is exactly `vocab_size`, because models size
     their embedding by it: if the corpus runs out of merges, reserved placeholder tokens fill
-    the gap, as DeepSeek-V3 itself does.
+    the gap, as DeepSeek-V3 itself does. `corpus` (lines of text) replaces the built-in training
+    text, e.g. for the demo model's tokenizer.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -116,7 +118,7 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(_CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
 
     missing = vocab_size - _MIN_EXTRA - tok.get_vocab_size(with_added_tokens=True)
     tok.add_special_tokens([f"<｜place▁holder▁no▁{i}｜>" for i in range(missing)])

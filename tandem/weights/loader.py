@@ -126,7 +126,9 @@ def _plan(
             "is the download complete, and does config.json belong to these weights?"
         )
     if problems:
-        raise TandemError(f"cannot load weights from {checkpoint.model_dir}:\n  " + "\n  ".join(problems))
+        # One problem stays on one line (the CLI's error format); several get a line each.
+        sep = "\n  " if len(problems) > 1 else " "
+        raise TandemError(f"cannot load weights from {checkpoint.model_dir}:{sep}" + "\n  ".join(problems))
     return copies
 
 

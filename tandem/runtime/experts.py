@@ -1,0 +1,109 @@
+"""Experts backends bound at load: quantized GGUF blocks (BlockExperts) and the C++ CPU engine.
+
+A pass over a model built on the meta device, before it gets storage: each `TorchExperts` whose
+three merged expert tensors (ffn_{gate,up,down}_exps, [E, ...]) are in the checkpoint with the
+expected shapes, at least one of them quantized, is replaced by a `BlockExperts` over the file's
+raw blocks, so no float copy of those experts is ever allocated. Float-stored experts keep
+`TorchExperts` and load like every other weight. Anything that does not fit is left for the
+weight loader, which reports it with the other mapping problems.
+
+Then `place_experts_on_cpu` moves every layer's routed experts into the C++ engine (the default
+backend), leaving plain torch only where asked (`experts="torch"`).
+"""
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from tandem.errors import TandemError
+from tandem.layers.block_experts import BlockExperts, Blocks
+from tandem.layers.moe import TorchExperts
+from tandem.weights.gguf import torch_dequantizer
+
+log = logging.getLogger(__name__)
+
+# "layers.3.ffn.experts.w_gate" -> module "layers.3.ffn.experts", projection "gate"
+_EXPERT_PARAM = re.compile(r"(?P<module>.+)\.w_(?P<proj>gate|up|down)")
+
+
+def bind_block_experts(model: nn.Module, checkpoint: Any, rename: Callable[[str], str | None]) -> list[str]:
+    """Swap in BlockExperts where the experts are quantized; returns the checkpoint names now served raw."""
+    modules = dict(model.named_modules())
+    found: dict[str, dict[str, str]] = {}  # experts module -> projection -> checkpoint name
+    for name in checkpoint.names():
+        m = _EXPERT_PARAM.fullmatch(rename(name) or "")
+        if m and isinstance(modules.get(m["module"]), TorchExperts):
+            found.setdefault(m["module"], {})[m["proj"]] = name
+    kept = []
+    for path, sources in found.items():
+        experts = modules[path]
+        fits = len(sources) == 3 and all(
+            checkpoint.shape(n) == tuple(getattr(experts, f"w_{p}").shape) for p, n in sources.items()
+        )
+        if not fits or not any(checkpoint.is_quantized(n) for n in sources.values()):
+            continue
+        blocks = {
+            p: Blocks(checkpoint.raw(n), checkpoint.qtype(n), torch_dequantizer(checkpoint.qtype(n)))
+            for p, n in sources.items()
+        }
+        parent, attr = path.rsplit(".", 1)
+        setattr(modules[parent], attr, BlockExperts(modules[parent].cfg, **blocks))
+        kept += sources.values()
+    return kept
+
+
+FLOAT_FORMATS = ("bf16", "int8", "int4")  # what float-stored experts become in the CPU engine
+# Idle engine workers spin this long before sleeping: short, because on a CPU-only run the same
+# cores compute attention between two expert calls.
+SPIN_US = 100
+
+
+def create_cpu_engine(threads: int | None = None) -> Any:
+    """The runtime's CPU expert engine (worker threads pinned to this process's cores)."""
+    from tandem.ops import cpu
+
+    if threads is not None and threads < 1:
+        raise TandemError(f"--cpu-threads must be >= 1, got {threads}")
+    try:
+        return cpu.create_engine(threads, spin_us=SPIN_US)
+    except ValueError as e:
+        raise TandemError(f"cannot start the CPU expert engine: {e}") from None  # what float-stored experts become in the CPU engine
+
+
+def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf16") -> int:
+    """Move every MoE layer's routed experts into the CPU engine; returns how many layers moved.
+
+    Float experts (TorchExperts) are repacked to `float_format` (BF16, or INT8 / INT4 quantized
+    online); quantized GGUF experts (BlockExperts) go in as the file's blocks. Each layer's torch
+    copy is dropped as soon as the engine holds it, so peak memory grows by one layer at most.
+    """
+    from tandem.layers.cpu_experts import CpuExperts
+    from tandem.ops import cpu
+
+    if float_format not in FLOAT_FORMATS:
+        raise TandemError(f"unknown experts format {float_format!r}; choose one of {', '.join(FLOAT_FORMATS)}")
+    supported = cpu.formats()
+    moved = 0
+    for name, module in list(model.named_modules()):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, TorchExperts):
+            fmts = (float_format.upper(),) * 3
+            tensors = (experts.w_gate.data, experts.w_up.data, experts.w_down.data)
+        elif isinstance(experts, BlockExperts):
+            fmts = tuple(b.format for b in (experts.gate, experts.up, experts.down))
+            if not all(f in supported for f in fmts):
+                log.warning("%s: CPU engine has no kernel for %s; these experts stay on the slow torch path", name, fmts)
+                continue
+            tensors = (experts.gate.data, experts.up.data, experts.down.data)
+        else:
+            continue
+        try:
+            layer = cpu.add_layer(engine, fmts, *tensors)
+        except ValueError as e:  # e.g. a row length the format's blocks do not divide
+            raise TandemError(f"cannot put {name}.experts in the CPU engine as {fmts[0]}: {e}") from None
+        module.experts = CpuExperts(engine, layer, fmts)
+        moved += 1
+    return moved
