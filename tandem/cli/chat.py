@@ -15,7 +15,17 @@ def open_model(args: argparse.Namespace, path) -> LLM:
         import torch
 
         torch.set_num_threads(args.threads)
-    return LLM(path, dtype=args.dtype, device=args.device, max_context=args.max_context, progress=sys.stderr.isatty())
+    return LLM(
+        path,
+        dtype=args.dtype,
+        device=args.device,
+        max_context=args.max_context,
+        progress=sys.stderr.isatty(),
+        config_dir=args.config_dir,
+        experts=args.experts,
+        experts_format=args.experts_format,
+        cpu_threads=args.cpu_threads,
+    )
 
 
 def stats_line(g: Generation) -> str:
@@ -36,10 +46,14 @@ def stream_to(out, llm: LLM, prompt, sampling: dict) -> Generation:
 def run_chat(args: argparse.Namespace) -> int:
     path = args.model
     if path is None:
-        from tandem.testing.tiny import demo_model_dir
+        from tandem.runtime.demo import demo_model_dir
 
         path = demo_model_dir()
-        print(f"no model given: chatting with the built-in demo model (tiny, random weights) at {path}", file=sys.stderr)
+        print(
+            "no model given: chatting with the built-in demo model (a 10M-parameter DeepSeek-V3-style MoE "
+            "trained on Python's standard library; ask it what a stdlib function does)",
+            file=sys.stderr,
+        )
     sampling = sampling_kwargs(args)
     llm = open_model(args, path)
     llm.sampling_params(**sampling)  # reject bad sampling flags before the first prompt

@@ -1,4 +1,4 @@
-"""`tandem chat | generate | inspect`: parse arguments, call the runtime, print.
+"""`tandem chat | generate | inspect | serve`: parse arguments, call the runtime, print.
 
 User errors (TandemError) print one line and exit with status 2, without a traceback.
 """
@@ -9,11 +9,25 @@ import sys
 from tandem.errors import TandemError
 
 
+MODEL_HELP = "HF model directory, or a GGUF model (.gguf file, any part of a split one, or a folder of parts)"
+
+
+def add_config_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", help="for GGUF models: take config.json and the tokenizer from this HF directory")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    add_config_dir(p)
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device for the non-expert layers (default: cpu)")
     p.add_argument("--max-context", type=int, default=None, help="context window in tokens (default: model's, at most 8192)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--experts", default="cpu", choices=("cpu", "torch"),
+                   help="routed experts backend: cpu = the C++ engine (default), torch = plain torch (reference)")
+    p.add_argument("--experts-format", default="bf16", choices=("bf16", "int8", "int4"),
+                   help="what float-checkpoint experts become in the CPU engine (GGUF experts keep their blocks)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU expert engine threads (default: the cores this process may use)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -39,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (built-in demo model when no MODEL is given)")
-    chat.add_argument("model", nargs="?", help="HF model directory")
+    chat.add_argument("model", nargs="?", help=MODEL_HELP)
     chat.add_argument("--prompt-file", help="send this file's text as the first message")
     chat.add_argument("--system", help="system prompt")
     add_model_options(chat)
     add_sampling_options(chat)
 
     gen = sub.add_parser("generate", help="generate from one prompt and exit")
-    gen.add_argument("model", help="HF model directory")
+    gen.add_argument("model", help=MODEL_HELP)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text")
@@ -55,8 +69,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(gen)
 
     ins = sub.add_parser("inspect", help="architecture, parameters, dtypes and bytes of a model (loads nothing)")
-    ins.add_argument("model", help="HF model directory")
+    ins.add_argument("model", help=MODEL_HELP)
+    add_config_dir(ins)
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server with a web chat page")
+    srv.add_argument("model", nargs="?", help=MODEL_HELP + " (default: the built-in demo model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the page")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                     help="largest request body (default: 4 MiB)")
+    srv.add_argument("--model-name", help="the model name clients use (default: the model directory's name)")
+    srv.add_argument("--allow-origin", action="append", default=None,
+                     help="a web origin (http://host:port) whose pages may call the API, besides the server's own page")
+    add_model_options(srv)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tandem.cli.chat import open_model
+    from tandem.serve.app import bind, run_server
+    from tandem.serve.settings import ServeSettings
+
+    settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                             model_name=args.model_name, allowed_origins=tuple(args.allow_origin or ()))
+    sock = bind(settings)  # a busy port fails before minutes of loading
+    path = args.model
+    if path is None:
+        from tandem.runtime.demo import demo_model_dir
+
+        path = demo_model_dir()
+        print(f"no model given: serving the built-in demo model at {path}", file=sys.stderr)
+    return run_server(open_model(args, path), settings, sock)
 
 
 def read_text_file(path: str) -> str:
@@ -75,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from tandem.runtime.inspect import describe, format_description
 
-            print(format_description(describe(args.model)))
+            print(format_description(describe(args.model, args.config_dir)))
             return 0
+        if args.command == "serve":
+            return run_serve(args)
         from tandem.cli import chat
 
         if args.command == "chat":

@@ -1,0 +1,154 @@
+"""The served model: names, prompts (chat template or text), sampling parameters, one generation.
+
+Both API flavours go through here, so OpenAI and Ollama requests for the same prompt and
+settings produce the same tokens as `LLM.generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import TandemError
+from tandem.runtime.async_engine import AsyncEngine
+from tandem.runtime.engine import Engine
+from tandem.runtime.llm import LLM
+from tandem.runtime.sampling import SamplingParams
+from tandem.serve.errors import APIError
+from tandem.serve.metrics import Metrics
+from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    opens_reasoning: bool = False  # the chat template already wrote "<think>"
+
+
+@dataclass
+class Run:
+    """One generation's results so far; complete when the stream ends."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    content: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None  # 'stop' | 'length' | None (aborted)
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def prefill_seconds(self) -> float:
+        return (self.first_token or self.started) - self.started
+
+    @property
+    def decode_seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - (self.first_token or self.started)
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.completion_tokens - 1  # the first token comes out of the prefill step
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+
+
+class ServedModel:
+    def __init__(self, model: LLM | Engine, name: str | None, engine: AsyncEngine, metrics: Metrics):
+        if isinstance(model, LLM):
+            self.tokenizer, self.max_context = model.tokenizer, model.max_context
+            self._make_params = model.sampling_params
+            self.model_dir: Path | None = model.model_dir
+            self.hf_config: dict[str, Any] = dict(model.hf_config or {})  # None for a GGUF model
+        else:  # a bare Engine: no model directory, no generation_config defaults
+            self.tokenizer, self.max_context = model.tokenizer, model.max_context
+            self._make_params = _plain_params
+            self.model_dir, self.hf_config = None, {}
+        default = self.model_dir and (self.model_dir.stem if self.model_dir.suffix == ".gguf" else self.model_dir.name)
+        self.name = name or default or "tandem"
+        self.engine, self.metrics = engine, metrics
+        # Split <think> blocks only for tokenizers that know the tag: other models may print it literally.
+        self.reasoning = self.tokenizer.token_to_id(OPEN) is not None
+        self.created = int(time.time())
+
+    def check_name(self, requested: str | None) -> None:
+        """Clients must ask for this model (Ollama style ':latest' accepted); empty means this one."""
+        if requested in (None, "", self.name, f"{self.name}:latest"):
+            return
+        raise APIError(404, f"model {requested!r} is not served here; this server runs {self.name!r}",
+                       param="model", code="model_not_found")
+
+    # --- prompts ------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, Any]], **template_vars: Any) -> Prompt:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
+        return Prompt(ids, self.reasoning and prompt_opens_reasoning(text))
+
+    def text_prompt(self, prompt: str | list[int]) -> Prompt:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise TandemError("the prompt is empty: give some text")
+            return Prompt(self.tokenizer.encode(prompt))
+        return Prompt(list(prompt))
+
+    def params(self, prompt: Prompt, max_tokens: int | None, **fields: Any) -> SamplingParams:
+        """generation_config defaults, overridden by the request's non-None fields.
+
+        Without max_tokens a request may fill the context window, as OpenAI and Ollama allow.
+        """
+        if max_tokens is None:
+            max_tokens = max(1, self.max_context - len(prompt.ids))
+        return self._make_params(max_new_tokens=max_tokens, **fields)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, run: Run,
+                       split_reasoning: bool = True) -> AsyncIterator[Delta]:
+        """Yield text deltas; `run` collects totals. The first delta is empty and comes as soon as
+        the engine accepted the request (or TandemError if it refused it), so a route can still
+        answer 400 before it starts streaming. Closing the iterator early aborts the generation."""
+        splitter = ReasoningSplitter(prompt.opens_reasoning) if split_reasoning and self.reasoning else None
+        try:
+            async with self.engine.request(prompt.ids, params) as outputs:
+                yield Delta()
+                async for out in outputs:
+                    if run.first_token is None:
+                        run.first_token = time.perf_counter()
+                    run.completion_tokens += 1
+                    run.finish_reason = out.finish_reason
+                    delta = self._delta(splitter, out.text, final=out.finish_reason is not None)
+                    run.content += delta.content
+                    run.reasoning += delta.reasoning
+                    if delta.content or delta.reasoning:
+                        yield delta
+        finally:
+            run.finished = time.perf_counter()
+            if run.first_token is not None:  # rejected requests generated nothing
+                self.metrics.count_generation(run.prompt_tokens, run.completion_tokens, run.finish_reason,
+                                              run.decode_tok_s)
+
+    @staticmethod
+    def _delta(splitter: ReasoningSplitter | None, text: str, final: bool) -> Delta:
+        if splitter is None:
+            return Delta(content=text)
+        reasoning, content = splitter.feed(text)
+        if final:
+            more_reasoning, more_content = splitter.flush()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return Delta(content, reasoning)
+
+
+def _plain_params(**fields: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    except TypeError as e:
+        raise TandemError(f"unknown sampling option: {e}") from None

@@ -1,0 +1,146 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Streaming answers are server-sent events (`data: {chunk}` ... `data: [DONE]`); the first chunk
+carries the assistant role, the last one the finish reason, then (with
+`stream_options.include_usage`) one chunk with `usage` and no choices. DeepSeek-R1 style
+`<think>` text comes back as `reasoning_content`, beside `content`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tandem.errors import TandemError
+from tandem.serve.errors import error_body, internal_error
+from tandem.serve.model import Delta, Prompt, Run, ServedModel
+from tandem.serve.openai_schemas import ChatRequest, CompletionRequest
+from tandem.serve.transport import SSE_HEADERS, AbortingStream, parse_body, sse, unless_disconnected
+
+log = logging.getLogger(__name__)
+
+
+def usage(run: Run) -> dict[str, int]:
+    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": run.prompt_tokens + run.completion_tokens}
+
+
+def openai_router(model: ServedModel) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(model)]}
+
+    @router.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        model.check_name(name)
+        return _model_card(model)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatRequest)
+        body.check_supported()
+        model.check_name(body.model)
+        messages = [m.for_template() for m in body.messages]
+        prompt = model.chat_prompt(messages, **(body.chat_template_kwargs or {}))
+        return await _complete(request, model, body, prompt, body.token_limit, chat=True)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
+        body.check_supported()
+        model.check_name(body.model)
+        prompt = model.text_prompt(body.single_prompt())
+        return await _complete(request, model, body, prompt, body.max_tokens, chat=False)
+
+    return router
+
+
+async def _complete(request: Request, model: ServedModel, body: Any, prompt: Prompt, max_tokens: int | None,
+                    chat: bool):
+    params = model.params(prompt, max_tokens, **body.sampling())
+    run = Run(len(prompt.ids))
+    deltas = model.generate(prompt, params, run, split_reasoning=chat)
+    try:
+        await anext(deltas)  # the engine accepted it, or TandemError -> 400 before any streaming
+    except BaseException:
+        await deltas.aclose()
+        raise
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model.name}
+    if body.stream:
+        chunks = _chat_chunks if chat else _completion_chunks
+        events = _events(head, run, deltas, chunks, body.include_usage, model.reasoning)
+        return AbortingStream(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def drain() -> None:
+        try:
+            async for _ in deltas:
+                pass
+        finally:
+            await deltas.aclose()
+
+    await unless_disconnected(request, drain())
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": run.content}
+        if model.reasoning:
+            message["reasoning_content"] = run.reasoning or None
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}
+    else:
+        choice = {"index": 0, "text": run.content, "logprobs": None, "finish_reason": run.finish_reason}
+    return JSONResponse({**head, "choices": [choice], "usage": usage(run)})
+
+
+ChunkMaker = Callable[[dict, Delta | None, str | None], dict]
+
+
+def _chat_chunks(head: dict, delta: Delta | None, finish: str | None) -> dict:
+    if delta is None:  # the opening chunk
+        fields: dict[str, Any] = {"role": "assistant", "content": ""}
+    else:
+        fields = {}
+        if delta.reasoning:
+            fields["reasoning_content"] = delta.reasoning
+        if delta.content:
+            fields["content"] = delta.content
+    choice = {"index": 0, "delta": fields, "logprobs": None, "finish_reason": finish}
+    return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+def _completion_chunks(head: dict, delta: Delta | None, finish: str | None) -> dict:
+    text = delta.content if delta is not None else ""
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+async def _events(head: dict, run: Run, deltas: AsyncIterator[Delta], chunk: ChunkMaker, include_usage: bool,
+                  reasoning: bool) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if include_usage else {}
+    try:
+        if chunk is _chat_chunks:
+            yield sse({**chunk(head, None, None), **extra})
+        async for delta in deltas:
+            yield sse({**chunk(head, delta, None), **extra})
+        yield sse({**chunk(head, Delta(), run.finish_reason), **extra})
+        if include_usage:
+            yield sse({**chunk(head, Delta(), None), "choices": [], "usage": usage(run)})
+    except TandemError as e:  # after the status line went out, errors travel as an event
+        yield sse(error_body("/v1", 400, str(e)))
+    except Exception as e:  # noqa: BLE001 - a bug; log it, tell the client, keep serving
+        yield sse(error_body("/v1", 500, internal_error("/v1 stream", e)))
+    finally:
+        await deltas.aclose()
+    yield sse("[DONE]")
+
+
+def _model_card(model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "tandem",
+            "max_model_len": model.max_context}
+

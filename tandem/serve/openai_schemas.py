@@ -1,0 +1,130 @@
+"""Request bodies of the OpenAI API, as pydantic models.
+
+Unknown fields are allowed (clients send `user`, `metadata`, ...); fields we cannot honour
+(n > 1, logprobs, tools, images) are refused with a 400 that says so, never silently ignored.
+Range checks of sampling values live in SamplingParams, so every front end agrees.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from tandem.serve.errors import APIError
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Body):
+    type: str
+    text: StrictStr | None = None
+
+
+class ChatMessage(_Body):
+    role: Role
+    content: StrictStr | list[TextPart] | None = None
+    reasoning_content: StrictStr | None = None
+    name: StrictStr | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: string content, 'developer' read as 'system'."""
+        if isinstance(self.content, list):
+            bad = [p.type for p in self.content if p.type != "text"]
+            if bad:
+                raise APIError(400, f"message content of type {bad[0]!r} is not supported: this server takes text only",
+                               param="messages")
+            content: str | None = "".join(p.text or "" for p in self.content)
+        else:
+            content = self.content
+        message = self.model_dump(exclude_none=True)
+        message.update(role="system" if self.role == "developer" else self.role, content=content or "")
+        return message
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Sampling(_Body):
+    model: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension, as is ignore_eos
+    stop: StrictStr | list[StrictStr] | None = None
+    ignore_eos: StrictBool | None = None
+    n: PositiveInt = 1
+    logprobs: StrictBool | int | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, "n > 1 is not supported: send one request per choice", param="n")
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported yet", param="logprobs")
+
+    def sampling(self) -> dict[str, Any]:
+        top_k = None if self.top_k == -1 else self.top_k  # -1 means off in vLLM's API
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p, seed=self.seed,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    repetition_penalty=self.repetition_penalty, stop=tuple(stop) if stop else None,
+                    ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: PositiveInt | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as in vLLM
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools and self.tool_choice != "none":
+            raise APIError(400, "tool calling is not supported yet: leave out `tools`", param="tools")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[int]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+
+    def single_prompt(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt):
+            if len(self.prompt) != 1:
+                raise APIError(400, "a list of several prompts is not supported: send one request per prompt",
+                               param="prompt")
+            return self.prompt[0]
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return self.prompt

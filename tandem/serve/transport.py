@@ -1,0 +1,93 @@
+"""HTTP plumbing shared by both APIs: JSON bodies into pydantic models, streaming responses that
+stop their generation when the client goes away, and the same for non-streaming requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import anyio
+import pydantic
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tandem.serve.errors import APIError, validation_message
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+async def parse_body(request: Request, model: type[Model]) -> Model:
+    """The body as `model`. Any content type is read as JSON: `curl -d` (form encoded) must work,
+    as in Ollama's examples; cross-site browser posts are refused by the origin guard instead."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}): send a JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        message, param = validation_message(e)
+        raise APIError(400, message, param=param) from None
+
+
+class AbortingStream(StreamingResponse):
+    """A StreamingResponse that stops as soon as the client disconnects and always closes its
+    iterator, so the generation behind it is aborted even while it produces nothing to send."""
+
+    body_iterator: AsyncIterator[bytes]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch)
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the client closed the connection while we were writing
+                    pass
+                group.cancel_scope.cancel()
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+async def unless_disconnected(request: Request, work: Awaitable, poll_s: float = 0.25):
+    """Await `work`, cancelling it (which aborts its generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event carrying JSON (or the literal [DONE])."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def ndjson(data: dict) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,163 @@
+"""Bad input gets the right 4xx with an OpenAI-style body, and the server keeps serving after it."""
+
+import json
+
+import httpx
+import pytest
+
+from tests.serve.conftest import BODY_LIMIT, MAX_CONTEXT
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+
+
+def with_(**changes) -> dict:
+    return {**GOOD, **changes}
+
+
+@pytest.fixture
+def http(idle):
+    with httpx.Client(base_url=idle.url, timeout=60) as client:
+        yield client
+
+
+def assert_openai_error(r: httpx.Response, status: int, message: str, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error
+    assert isinstance(error["type"], str) and error["type"]
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("path, body, status, message, param", [
+    ("/v1/chat/completions", "{not json", 400, "not valid JSON", None),
+    ("/v1/chat/completions", "[1, 2]", 400, "must be a JSON object", None),
+    ("/v1/chat/completions", with_(messages="hello"), 400, "messages", "messages"),
+    ("/v1/chat/completions", with_(temperature="hot"), 400, "temperature", "temperature"),
+    ("/v1/chat/completions", with_(stream="yes"), 400, "stream", "stream"),
+    ("/v1/chat/completions", with_(model="gpt-4o"), 404, "not served here", "model"),
+    ("/v1/chat/completions", with_(max_tokens=-5), 400, "greater than or equal to 1", "max_tokens"),
+    ("/v1/chat/completions", with_(max_completion_tokens=0), 400, "max_completion_tokens", "max_completion_tokens"),
+    ("/v1/chat/completions", with_(messages=[{"role": "wizard", "content": "x"}]), 400, "role", "messages.0.role"),
+    ("/v1/chat/completions", with_(messages=[{"role": "tool", "content": "x"}]), 400, "Unsupported role", None),
+    ("/v1/chat/completions", with_(messages=[]), 400, "at least 1", "messages"),
+    ("/v1/chat/completions", with_(messages=[{"role": "user", "content": "word " * 600}]), 400,
+     f"context window is {MAX_CONTEXT}", None),
+    ("/v1/chat/completions", with_(top_p=0), 400, "top_p", None),
+    ("/v1/chat/completions", with_(seed=-1), 400, "seed", None),
+    ("/v1/chat/completions", with_(stop=[""]), 400, "stop", None),
+    ("/v1/chat/completions", with_(n=2), 400, "n > 1", "n"),
+    ("/v1/chat/completions", with_(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tool", "tools"),
+    ("/v1/chat/completions", with_(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+     "image_url", "messages"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "empty", None),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "several prompts", "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 10**9]}, 400, "token ids must be in", None),
+    ("/v1/completions", {"model": "tiny", "prompt": {"text": "x"}}, 400, "prompt", None),
+    ("/v1/models/gpt-4o", None, 404, "not served here", "model"),
+    ("/v1/nowhere", None, 404, "no route", None),
+])
+def test_bad_requests_get_a_4xx_and_the_server_goes_on(http, path, body, status, message, param):
+    if body is None:
+        r = http.get(path)
+    else:
+        r = http.post(path, content=body if isinstance(body, str) else json.dumps(body))
+    assert_openai_error(r, status, message, param)
+    ok = http.post("/v1/chat/completions", json=GOOD)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_too_long_prompt_in_a_stream_fails_before_streaming(http):
+    r = http.post("/v1/chat/completions", json=with_(stream=True, messages=[{"role": "user", "content": "x " * 900}]))
+    assert_openai_error(r, 400, "context window")
+
+
+def test_huge_bodies_are_refused(http):
+    big = json.dumps(with_(messages=[{"role": "user", "content": "x" * (BODY_LIMIT + 10)}]))
+    assert_openai_error(http.post("/v1/chat/completions", content=big), 413, "larger than")
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(BODY_LIMIT // 4096 + 2):
+            yield b" " * 4096
+
+    assert_openai_error(http.post("/v1/chat/completions", content=chunks()), 413, "larger than")
+    assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_foreign_hosts_and_cross_site_pages_are_refused(http, server):
+    assert_openai_error(http.get("/v1/models", headers={"host": "attacker.example:80"}), 403, "Host")
+    r = http.post("/v1/chat/completions", json=GOOD, headers={"origin": "http://attacker.example"})
+    assert_openai_error(r, 403, "web pages")
+    same_origin = server.url  # the server's own page is allowed
+    assert http.post("/v1/chat/completions", json=GOOD, headers={"origin": same_origin}).status_code == 200
+
+
+def test_unexpected_errors_are_500_json_and_the_server_survives(http, server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.app.state.model, "chat_prompt", broken)
+    assert_openai_error(http.post("/v1/chat/completions", json=GOOD), 500, "internal server error")
+    monkeypatch.undo()
+    assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_a_failing_engine_step_fails_its_requests_only(http, server):
+    engine = server.app.state.engine
+
+    def break_step(e):
+        def boom():
+            raise RuntimeError("kernel exploded")
+
+        e.step = boom
+
+    engine.call(break_step).result(timeout=10)
+    try:
+        r = http.post("/v1/chat/completions", json=with_(stream=True))
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and "internal server error" in json.loads(events[-2])["error"]["message"]
+        assert events[-1] == "[DONE]"
+    finally:
+        engine.call(lambda e: e.__dict__.pop("step")).result(timeout=10)
+    assert server.wait_idle(5)
+    assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(http, server):
+    aborted, tokens = server.metrics.finished["abort"], server.app.state.engine.tokens_generated
+    body = with_(stream=True, max_tokens=MAX_CONTEXT, ignore_eos=True)
+    events = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            events += [line] if line.startswith("data: ") else []
+            if len(events) == 3:
+                break  # leaving the block closes the connection mid-stream
+    assert len(events) == 3
+    assert server.wait_idle(20)
+    # ~MAX_CONTEXT tokens if the engine had carried on for nobody; a handful when aborted.
+    assert server.app.state.engine.tokens_generated - tokens < MAX_CONTEXT // 2
+    assert server.metrics.finished["abort"] == aborted + 1
+    busy, free, total = server.engine_state()
+    assert not busy and free == total
+    assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_disconnect_while_waiting_for_a_full_answer_aborts(server):
+    aborted, tokens = server.metrics.finished["abort"], server.app.state.engine.tokens_generated
+    body = with_(max_tokens=MAX_CONTEXT, ignore_eos=True)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.2))
+    assert server.wait_idle(20)
+    assert server.app.state.engine.tokens_generated - tokens < MAX_CONTEXT // 2
+    assert server.metrics.finished["abort"] == aborted + 1
+
+
+def test_ollama_stream_disconnect_aborts(server):
+    aborted, tokens = server.metrics.finished["abort"], server.app.state.engine.tokens_generated
+    long = [{"role": "user", "content": "Tell me a long story."}]  # greedy: no eos for 490+ tokens
+    body = {"model": "tiny", "messages": long, "options": {"num_predict": MAX_CONTEXT, "temperature": 0}}
+    with httpx.stream("POST", server.url + "/api/chat", json=body, timeout=60) as r:
+        assert json.loads(next(r.iter_lines()))["done"] is False
+    assert server.wait_idle(20)
+    assert server.app.state.engine.tokens_generated - tokens < MAX_CONTEXT // 2
+    assert server.metrics.finished["abort"] == aborted + 1
