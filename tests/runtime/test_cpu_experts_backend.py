@@ -1,0 +1,73 @@
+"""The C++ CPU engine as the MoE block's experts backend gives the torch backend's tokens.
+
+Issue 5's acceptance: models from the foundation (HF safetensors, experts repacked to BF16 /
+online INT8 / INT4) and from GGUF (Q8_0 and Q4_K_M experts consumed as blocks) generate the same
+greedy tokens with experts="cpu" as with experts="torch" under the margin rule, teacher-forced on
+the torch backend's tokens, with logits within each format's bound.
+"""
+
+import pytest
+import torch
+
+from tandem.errors import TandemError
+from tandem.layers.cpu_experts import CpuExperts
+from tandem.runtime.llm import LLM
+from tandem.testing.tiny import write_tiny
+from tandem.testing.tiny_gguf import write_tiny_gguf
+from tests.conftest import Stepper, margin_steps, rel_err
+
+STEPS = 48
+
+
+def teacher_forced(llm: LLM, tokens: list[int], n_prompt: int) -> torch.Tensor:
+    step = Stepper(llm.model, dtype=llm.dtype)
+    first = step.feed(tokens[:n_prompt], all_logits=False)
+    return torch.cat([first] + [step.feed([t]) for t in tokens[n_prompt:-1]])
+
+
+def compare(path, bound: float, **kw):
+    ref = LLM(path, experts="torch", dtype="float32", progress=False)
+    ours = LLM(path, experts="cpu", dtype="float32", progress=False, **kw)
+    assert all(isinstance(m.experts, CpuExperts) for m in ours.model.modules() if hasattr(m, "experts"))
+    prompt = ref.tokenizer.encode("def parse(text):\n    return")
+    out = ref.generate(prompt, max_new_tokens=STEPS, temperature=0, ignore_eos=True)
+    tokens = prompt + out.token_ids
+    want = teacher_forced(ref, tokens, len(prompt))
+    got = teacher_forced(ours, tokens, len(prompt))
+    assert rel_err(got, want) <= bound
+    checked, bad = margin_steps(got, want, bound)
+    assert checked >= 16 and not bad, (checked, bad)
+
+
+@pytest.mark.parametrize(
+    "variant, fmt, bound",
+    [
+        # bf16 weights (8 mantissa bits) measured 1.2e-3 / 2.2e-3 of max|logit|; per-row int8 3.8e-3
+        ("deepseek_v3", "bf16", 4e-3),
+        ("deepseek_v2_lite", "bf16", 4e-3),
+        ("deepseek_v2_lite", "int8", 8e-3),
+    ],
+)
+def test_float_checkpoint_experts(tmp_path, variant, fmt, bound):
+    compare(write_tiny(tmp_path, variant, seed=5), bound, experts_format=fmt)
+
+
+@pytest.mark.parametrize("qtype, bound", [("Q8_0", 1e-5), ("Q4_K_M", 1e-5)])
+def test_gguf_experts_as_blocks(tmp_path, qtype, bound):
+    # Both backends compute from the same blocks, so only summation order differs.
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", qtype, seed=6)
+    compare(gguf, bound)
+
+
+def test_int4_needs_rows_its_groups_divide(tmp_path):
+    path = write_tiny(tmp_path, "deepseek_v3", seed=1)  # moe_intermediate_size 32 < int4 group 64
+    with pytest.raises(TandemError, match="cannot put .* in the CPU engine as INT4"):
+        LLM(path, experts_format="int4", progress=False)
+
+
+def test_unknown_backend_and_format(tmp_path):
+    path = write_tiny(tmp_path, "deepseek_v2_lite", seed=1)
+    with pytest.raises(TandemError, match="experts backend"):
+        LLM(path, experts="gpu-magic", progress=False)
+    with pytest.raises(TandemError, match="experts format"):
+        LLM(path, experts_format="fp4", progress=False)
