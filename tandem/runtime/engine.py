@@ -14,7 +14,7 @@ from tandem.errors import TandemError
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.runner import Runner
 from tandem.runtime.sampling import SamplingParams, make_generator, sample
-from tandem.runtime.scheduler import Scheduler, Sequence
+from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
 
@@ -116,6 +116,19 @@ class Engine:
             self._seqs.pop(seq.seq_id, None)
             self._detok.pop(seq.seq_id, None)
         return StepOutput(seq.seq_id, token, text, reason, is_prefill)
+
+    def score(self, tokens: list[int]) -> torch.Tensor:
+        """fp32 logits [len(tokens), V] of one teacher-forced pass (for perplexity); runs alone."""
+        if self.has_work():
+            raise TandemError("cannot score while requests are running; wait for them to finish")
+        if not 0 < len(tokens) <= self.max_context:
+            raise TandemError(f"can score 1..{self.max_context} tokens at once, got {len(tokens)}")
+        seq = Sequence(-1, list(tokens), SamplingParams())
+        self.cache.grow(seq.block_table, len(tokens))
+        try:
+            return self.runner.run(Batch([seq], [seq.prompt], is_prefill=True), all_logits=True)
+        finally:
+            self.cache.release(seq.block_table)
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StepOutput]:
         """Run one request to completion, yielding its outputs (other requests advance too)."""
