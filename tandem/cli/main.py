@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model", help=MODEL_HELP)
     add_config_dir(ins)
     add_serve_parser(sub)
+    from tandem.cli.evaluate import add_eval_parser  # here, not at import: evaluate imports this module
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -126,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "eval":
+            from tandem.cli.evaluate import run_eval
+
+            return run_eval(args)
         from tandem.cli import chat
 
         if args.command == "chat":

@@ -28,15 +28,16 @@ from gguf import (
     RopeScalingType,
     TokenType,
 )
-from safetensors.torch import load_file
 
 from tandem.errors import TandemError
 from tandem.testing.tiny import DEEPSEEK_VARIANTS, VARIANTS, write_tiny
+from tandem.weights.checkpoint import Checkpoint
 from tandem.weights.quant import format_of, quantize
 
-QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M")
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q4_K_M")
 FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
-              "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M}
+              "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+              "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M}
 # K-quant -> the 32-element format llama-quantize falls back to for rows that 256 does not divide.
 _FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 
@@ -88,11 +89,12 @@ def write_gguf(
     writer = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     (_add_config if deepseek else _add_gqa_config)(writer, cfg, split_kv_b)
     writer.add_file_type(FILE_TYPES[qtype])
-    if qtype in ("Q8_0", "Q4_K_M"):
+    if qtype in ("Q8_0", "Q6_K", "Q4_K_M"):
         writer.add_quantization_version(2)
     _add_tokenizer(writer, hf_dir)
     n_layers = cfg["num_hidden_layers"]
-    hf = load_file(hf_dir / "model.safetensors")
+    with Checkpoint.open(hf_dir) as ckpt:  # single file or shards
+        hf = {name: ckpt.get(name) for name in ckpt.names()}
     for name, tensor in _gguf_tensors(cfg, hf, split_kv_b) if deepseek else _gqa_tensors(cfg, hf):
         if name in drop:
             continue
@@ -309,6 +311,8 @@ def _storage(name: str, shape: tuple[int, ...], qtype: str, n_layers: int) -> st
     row = shape[-1]
     if qtype == "Q8_0":
         return "Q8_0" if row % 32 == 0 else "F16"
+    if qtype == "Q6_K":
+        return "Q6_K" if row % 256 == 0 else "Q8_0" if row % 32 == 0 else "F16"
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     more_bits = ("ffn_down" in name or "attn_v" in name) and _more_bits(layer, n_layers)
     want = "Q6_K" if name == "output.weight" or more_bits else "Q4_K"
