@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "bench.h"
 #include "dispatch.h"
 #include "moe.h"
 
@@ -77,6 +78,27 @@ nb::dict isa_info() {
   return d;
 }
 
+// What the engine's kernel table does with each format (for reports and benchmarks).
+nb::dict kernel_info(const MoeEngine& eng) {
+  static const char* act_names[kActKinds] = {"F32", "BF16", "Q8_32", "Q8_K", "Q8_ROW"};
+  nb::dict d;
+  const KernelTable& kt = eng.kernels();
+  for (int i = 0; i < kFormatCount; ++i) {
+    const FormatKernels& k = kt.fmt[i];
+    nb::dict e;
+    e["row_group"] = k.row_group;
+    e["act"] = act_names[int(k.act)];
+    e["path"] = k.path;
+    if (k.big != nullptr) {
+      e["big_path"] = k.big_path;
+      e["big_act"] = act_names[int(k.big_act)];
+      e["big_min"] = k.big_min;
+    }
+    d[format_info(format_at(i)).name] = e;
+  }
+  return d;
+}
+
 nb::dict layer_info(const MoeEngine& eng, int i) {
   const Layer& L = eng.layer(i);
   nb::dict d;
@@ -85,6 +107,7 @@ nb::dict layer_info(const MoeEngine& eng, int i) {
   d["intermediate"] = L.I;
   d["formats"] = nb::make_tuple(format_info(L.fmt[0]).name, format_info(L.fmt[1]).name, format_info(L.fmt[2]).name);
   d["bytes"] = L.bytes();
+  d["row_group"] = L.nodes.empty() ? 1 : L.nodes[0].gate.row_group;
   nb::list slices;
   for (const NodeSlice& s : L.nodes) slices.append(nb::make_tuple(s.i0, s.i1));
   d["slices"] = slices;
@@ -109,27 +132,45 @@ NB_MODULE(_C, m) {
   m.def("block_sizes", &block_sizes, "Format name -> (weights per block, bytes per block).");
   m.def("formats", &formats, "Format name -> its row layout and whether it is quantized at load.");
   m.def("isa_info", &isa_info, "ISA levels this CPU supports and this build has kernels for.");
+  m.def(
+      "stream_read_bandwidth",
+      [](size_t bytes, int threads, int rounds, int streams) {
+        nb::gil_scoped_release release;
+        return stream_read_bandwidth(bytes, threads, rounds, streams);
+      },
+      "bytes"_a, "threads"_a, "rounds"_a = 5, "streams"_a = 0,
+      "GB/s of `threads` pinned threads streaming disjoint slices of a `bytes` buffer (best of rounds;\n"
+      "streams per thread: 0 = the best of 1, 2, 4).");
+  m.def(
+      "amx_peak",
+      [](bool bf16, int threads, double seconds) {
+        nb::gil_scoped_release release;
+        return amx_peak(bf16, threads, seconds);
+      },
+      "bf16"_a, "threads"_a, "seconds"_a = 0.2,
+      "TOP/s (int8) or TFLOP/s (bf16) of tile dot products on registers; raises without AMX.");
 
   nb::class_<MoeEngine>(m, "Engine")
       .def(
           "__init__",
           [](MoeEngine* self, const std::vector<std::vector<int>>& node_cpus, const std::vector<int>& threads_per_node,
-             int spin_us) {
-            const KernelTable& kt = select_kernels(std::getenv("TANDEM_ISA"));
+             int spin_us, const std::string& isa) {
+            // An explicit isa wins over TANDEM_ISA (the debugging override); both name a table.
+            const KernelTable& kt = select_kernels(isa.empty() ? std::getenv("TANDEM_ISA") : isa.c_str());
             new (self) MoeEngine(node_cpus, threads_per_node, spin_us, kt);
           },
-          "node_cpus"_a, "threads_per_node"_a, "spin_us"_a = 1000)
+          "node_cpus"_a, "threads_per_node"_a, "spin_us"_a = 1000, "isa"_a = "")
       .def(
           "add_layer",
           [](MoeEngine& e, const std::string& gate_fmt, const nb::ndarray<>& gate, const std::string& up_fmt,
-             const nb::ndarray<>& up, const std::string& down_fmt, const nb::ndarray<>& down) {
-            const WeightSource g{parse_format(gate_fmt), view(gate, "gate")};
-            const WeightSource u{parse_format(up_fmt), view(up, "up")};
-            const WeightSource d{parse_format(down_fmt), view(down, "down")};
+             const nb::ndarray<>& up, const std::string& down_fmt, const nb::ndarray<>& down, bool prequantized) {
+            const WeightSource g{parse_format(gate_fmt), view(gate, "gate"), prequantized};
+            const WeightSource u{parse_format(up_fmt), view(up, "up"), prequantized};
+            const WeightSource d{parse_format(down_fmt), view(down, "down"), prequantized};
             nb::gil_scoped_release release;
             return e.add_layer(g, u, d);
           },
-          "gate_fmt"_a, "gate"_a, "up_fmt"_a, "up"_a, "down_fmt"_a, "down"_a)
+          "gate_fmt"_a, "gate"_a, "up_fmt"_a, "up"_a, "down_fmt"_a, "down"_a, "prequantized"_a = false)
       .def(
           "submit",
           [](MoeEngine& e, int layer, const nb::ndarray<>& x, const nb::ndarray<>& ids, const nb::ndarray<>& w,
@@ -147,7 +188,10 @@ NB_MODULE(_C, m) {
           },
           "ticket"_a)
       .def("completed", &MoeEngine::completed, "The ticket of the last finished job.")
+      .def("last_phases", &MoeEngine::last_phases,
+           "ms after launch at which the last job's phases ended (prep x, gate/up, prep h, down, reduce).")
       .def("layer_info", &layer_info, "layer"_a)
+      .def("kernel_info", &kernel_info, "Format -> the kernels, row group and activation layouts this engine uses.")
       .def_prop_ro("n_layers", &MoeEngine::n_layers)
       .def_prop_ro("isa", [](const MoeEngine& e) { return std::string(e.kernels().isa); })
       .def_prop_ro("threads_per_node", &MoeEngine::threads_per_node)

@@ -19,4 +19,7 @@ struct IsaReport {
 };
 IsaReport isa_report();
 
+// Whether this build has kernels for the named ISA level and this CPU can run them.
+bool isa_usable(const char* name);
+
 }  // namespace tandem

@@ -1,6 +1,9 @@
 #include "moe.h"
 
+#include "kernels/act.h"
+
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -18,8 +21,6 @@ void grow(V& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
 }  // namespace
 
 struct MoeEngine::NodeTask final : PoolTask {
@@ -28,19 +29,44 @@ struct MoeEngine::NodeTask final : PoolTask {
   void run(int worker) override { engine->run_node(node, worker); }
 };
 
+namespace {
+
+// A 64-byte aligned buffer that only grows (activation rows are read by aligned/tile loads).
+struct GrowBuf {
+  AlignedBytes b;
+  uint8_t* grow(size_t n) {
+    if (b.size() < n) b = AlignedBytes(n);
+    return b.data();
+  }
+};
+
+// How one active expert's tokens go through one projection: which kernel, which activations.
+struct Route {
+  MatFn fn = nullptr;
+  ActKind act = ActKind::F32;
+};
+
+}  // namespace
+
 // One node's share of the running job.
 struct MoeEngine::NodeState {
-  PaddedCounter next_up, arrived, next_down;
+  PaddedCounter next_px, arrived_px, next_up, arrived_up, next_ph, arrived_ph, next_down;
   int n_workers = 0;
-  int width = 0;              // this node's slice of I
-  int blocks_per_expert = 0;  // gate/up tasks per active expert
+  int width = 0;  // this node's slice of I
+  int rb_up = 0, rb_down = 0;  // rows per gate/up and per down task
+  int blocks_per_expert = 0;   // gate/up tasks per active expert
   int n_up = 0, n_down = 0;
   float* h = nullptr;    // [n_pos, width]: silu(gate x) * up x, one row per (token, expert) pair
   float* acc = nullptr;  // [T, H]: this node's partial output (the caller's out when direct)
-  size_t kernel_scratch = 0;
+  size_t x_stride[2] = {0, 0};  // activation rows of gate's / up's x; up shares gate's when equal
+  bool up_shares = true;
+  size_t h_stride = 0;
+  size_t kernel_scratch = 0, worker_scratch = 0;
+  GrowBuf ax[2], ah;  // activation rows [n_pos (+ tile padding)] for gate, up, down
   std::vector<float> h_buf, partial;
-  std::vector<const float*> h_ptr;         // [n_pos] rows of h, the down kernel's activations
-  std::vector<std::vector<float>> scratch;  // per worker: kernel scratch, then [max_count, rows_per_task]
+  std::vector<const uint8_t*> act_gate, act_up, act_down;  // [n_pos] rows the kernels read
+  std::vector<GrowBuf> scratch;  // per worker: kernel scratch, fp32 row, then [max_count, rb] outputs
+  std::vector<std::array<int64_t, 5>> phase_ns;  // per worker: when it left each phase (last_phases)
 };
 
 // The running job and its staging buffers (reused from job to job).
@@ -52,14 +78,17 @@ struct MoeEngine::Job {
   DType out_dtype = DType::F32;
   bool direct = false;  // one node and a float32 out: accumulate straight into out
 
-  std::vector<float> x;           // [T, H] fp32 copy of the input
+  std::vector<uint8_t> x;  // [T, H] copy of the input, as given (float32 or bfloat16)
+  DType x_dtype = DType::F32;
   std::vector<int> count, start;  // [E] tokens per expert, fill cursor
   std::vector<int> active;        // experts with tokens, ascending
   std::vector<int> active_off;    // [n_active + 1] their ranges in pos_*
   std::vector<int> pos_tok;       // (token, expert) pairs grouped by expert, tokens ascending
+  std::vector<int> pos_active;    // [n_pos] index into active
   std::vector<float> pos_w;
-  std::vector<const float*> pos_x;
-  int max_count = 0;
+  std::vector<Route> gate, up, down;  // [n_active]
+  int n_pos = 0, max_count = 0;
+  bool any_big = false;
 
   int total_workers = 0;
   PaddedCounter workers_left, arrived_all, next_reduce;
@@ -76,7 +105,8 @@ MoeEngine::MoeEngine(const std::vector<std::vector<int>>& node_cpus, const std::
   for (size_t i = 0; i < n; ++i) {
     if (threads_per_node[i] < 1) throw std::invalid_argument("every NUMA node needs at least one thread");
     nodes_[i].n_workers = threads_per_node[i];
-    nodes_[i].scratch.resize(size_t(threads_per_node[i]));
+    nodes_[i].scratch = std::vector<GrowBuf>(size_t(threads_per_node[i]));
+    nodes_[i].phase_ns.assign(size_t(threads_per_node[i]), {0, 0, 0, 0, 0});
     node_tasks_[i].engine = this;
     node_tasks_[i].node = int(i);
     job_->total_workers += threads_per_node[i];
@@ -115,7 +145,7 @@ int MoeEngine::add_layer(const WeightSource& gate, const WeightSource& up, const
   wait_idle();
   std::vector<ThreadPool*> pools;
   for (auto& p : pools_) pools.push_back(p.get());
-  layers_.push_back(build_layer(gate, up, down, pools, threads_per_node()));
+  layers_.push_back(build_layer(gate, up, down, kt_, pools, threads_per_node()));
   return int(layers_.size()) - 1;
 }
 
@@ -172,6 +202,7 @@ uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& 
     cv_.notify_all();
     return ticket;
   }
+  launched_at_ = std::chrono::steady_clock::now();
   for (size_t n = 0; n < pools_.size(); ++n) pools_[n]->launch(&node_tasks_[n]);
   return ticket;
 }
@@ -182,13 +213,36 @@ void MoeEngine::wait(uint64_t ticket) {
     if (ticket == 0 || ticket > launched_)
       throw std::invalid_argument("wait: unknown ticket " + std::to_string(ticket));
   }
-  // Spin briefly first: a decode step's result often lands within microseconds.
+  // Spin briefly first: a decode step's result often lands within microseconds. Not longer: a
+  // caller spinning for long takes a core from the workers (measured: 1 ms stalls at 14-16
+  // threads on 16 cores with a 1 ms spin here).
   const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
   while (completed_.load(std::memory_order_acquire) < ticket && std::chrono::steady_clock::now() < until) {
   }
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait(lk, [&] { return completed_.load(std::memory_order_acquire) >= ticket; });
 }
+
+namespace {
+
+// Rows per task: a multiple of 64 (so of every row group) or 16, aiming at >= 8 tasks per worker
+// so that work stealing evens out the phase; prefill takes 64 so a tile kernel reuses each
+// loaded activation tile over several row groups.
+int rows_per_task(int64_t rows, int workers, bool big) {
+  if (big) return 64;
+  const int64_t per = rows / (int64_t(workers) * 8);
+  return int(std::clamp<int64_t>(per / 16 * 16, 16, 128));
+}
+
+Route route_of(const FormatKernels& f, int count) {
+  if (f.big != nullptr && count >= f.big_min) return Route{f.big, f.big_act};
+  return Route{f.matmul, f.act};
+}
+
+// Tile kernels may read up to this many rows past an expert's last activation row.
+constexpr int kTilePadRows = 32;
+
+}  // namespace
 
 void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
                       const TensorView& out) {
@@ -202,13 +256,11 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   j.direct = pools_.size() == 1 && out.dtype == DType::F32;
   const size_t TH = size_t(j.T) * size_t(j.H), TK = size_t(j.T) * size_t(j.k);
 
-  grow(j.x, TH);
-  if (x.dtype == DType::F32) {
-    if (TH) std::memcpy(j.x.data(), x.data, TH * sizeof(float));
-  } else {
-    const auto* b = static_cast<const uint16_t*>(x.data);
-    for (size_t i = 0; i < TH; ++i) j.x[i] = bf16_to_f32(b[i]);
-  }
+  // A raw copy: the caller may reuse x at once; the workers convert it (phase 0).
+  j.x_dtype = x.dtype;
+  const size_t xb = TH * (x.dtype == DType::F32 ? 4 : 2);
+  grow(j.x, xb);
+  if (xb) std::memcpy(j.x.data(), x.data, xb);
 
   // Counting sort of the (token, expert) pairs by expert.
   const auto* id = static_cast<const int32_t*>(ids.data);
@@ -219,8 +271,13 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     if (id[i] >= 0) ++j.count[size_t(id[i])];
   j.active.clear();
   j.active_off.clear();
+  j.gate.clear();
+  j.up.clear();
+  j.down.clear();
   int n_pos = 0;
   j.max_count = 0;
+  j.any_big = false;
+  const FormatKernels &fg = kernels_of(kt_, L.fmt[0]), &fu = kernels_of(kt_, L.fmt[1]), &fd = kernels_of(kt_, L.fmt[2]);
   for (int e = 0; e < L.E; ++e) {
     const int c = j.count[size_t(e)];
     if (c == 0) continue;  // experts without tokens cost nothing
@@ -229,43 +286,80 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     j.start[size_t(e)] = n_pos;
     n_pos += c;
     j.max_count = std::max(j.max_count, c);
+    j.gate.push_back(route_of(fg, c));
+    j.up.push_back(route_of(fu, c));
+    j.down.push_back(route_of(fd, c));
+    j.any_big = j.any_big || j.gate.back().fn != fg.matmul || j.down.back().fn != fd.matmul;
   }
   j.active_off.push_back(n_pos);
+  j.n_pos = n_pos;
   grow(j.pos_tok, size_t(n_pos));
   grow(j.pos_w, size_t(n_pos));
-  grow(j.pos_x, size_t(n_pos));
+  grow(j.pos_active, size_t(n_pos));
   for (size_t i = 0; i < TK; ++i) {
     if (id[i] < 0) continue;
     const int p = j.start[size_t(id[i])]++;
-    const size_t t = i / size_t(j.k);
-    j.pos_tok[size_t(p)] = int(t);
+    j.pos_tok[size_t(p)] = int(i / size_t(j.k));
     j.pos_w[size_t(p)] = wt[i];
-    j.pos_x[size_t(p)] = j.x.data() + t * size_t(j.H);
   }
+  for (size_t a = 0; a < j.active.size(); ++a)
+    for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
 
-  const int rb = kt_.rows_per_task;
   const int n_active = int(j.active.size());
+  const size_t rows_pad = size_t(n_pos) + kTilePadRows;
   for (size_t n = 0; n < pools_.size(); ++n) {
     NodeState& ns = nodes_[n];
     const NodeSlice& sl = L.nodes[n];
     ns.width = sl.i1 - sl.i0;
     grow(ns.h_buf, size_t(n_pos) * size_t(ns.width));
-    grow(ns.h_ptr, size_t(n_pos));
     ns.h = ns.h_buf.data();
-    for (int p = 0; p < n_pos; ++p) ns.h_ptr[size_t(p)] = ns.h + size_t(p) * size_t(ns.width);
     if (j.direct) {
       ns.acc = static_cast<float*>(out.data);
     } else {
       grow(ns.partial, TH);
       ns.acc = ns.partial.data();
     }
-    ns.blocks_per_expert = (ns.width + rb - 1) / rb;
+    // Activation rows: one stride per buffer, the largest layout its positions use.
+    size_t sx[2] = {0, 0}, sh = 0;
+    ns.up_shares = true;
+    for (int a = 0; a < n_active; ++a) {
+      sx[0] = std::max(sx[0], kernels_of(kt_, j.gate[size_t(a)].act).bytes(L.H));
+      sx[1] = std::max(sx[1], kernels_of(kt_, j.up[size_t(a)].act).bytes(L.H));
+      if (ns.width > 0) sh = std::max(sh, kernels_of(kt_, j.down[size_t(a)].act).bytes(ns.width));
+      ns.up_shares = ns.up_shares && j.gate[size_t(a)].act == j.up[size_t(a)].act;
+    }
+    ns.x_stride[0] = sx[0];
+    ns.x_stride[1] = ns.up_shares ? sx[0] : sx[1];
+    ns.h_stride = sh;
+    uint8_t* bx0 = ns.ax[0].grow(rows_pad * sx[0]);
+    uint8_t* bx1 = ns.up_shares ? bx0 : ns.ax[1].grow(rows_pad * sx[1]);
+    uint8_t* bh = ns.ah.grow(rows_pad * sh);
+    grow(ns.act_gate, size_t(n_pos));
+    grow(ns.act_up, size_t(n_pos));
+    grow(ns.act_down, size_t(n_pos));
+    for (int p = 0; p < n_pos; ++p) {
+      ns.act_gate[size_t(p)] = bx0 + size_t(p) * ns.x_stride[0];
+      ns.act_up[size_t(p)] = bx1 + size_t(p) * ns.x_stride[1];
+      ns.act_down[size_t(p)] = bh + size_t(p) * sh;
+    }
+    const int workers = ns.n_workers;
+    ns.rb_up = rows_per_task(int64_t(n_active) * ns.width, workers, j.any_big);
+    ns.rb_down = rows_per_task(j.H, workers, j.any_big);
+    ns.blocks_per_expert = (ns.width + ns.rb_up - 1) / ns.rb_up;
     ns.n_up = n_active * ns.blocks_per_expert;
-    ns.n_down = (j.H + rb - 1) / rb;
-    ns.kernel_scratch = kt_.scratch_floats(std::max(j.H, ns.width));
-    for (auto& s : ns.scratch) grow(s, ns.kernel_scratch + size_t(j.max_count) * size_t(rb));
+    ns.n_down = (j.H + ns.rb_down - 1) / ns.rb_down;
+    const int max_k = std::max(j.H, ns.width);
+    ns.kernel_scratch = act::round_up(kt_.scratch_bytes(max_k), 64);
+    const size_t row_f32 = act::f32_bytes(max_k);
+    const size_t outs = act::round_up(size_t(j.max_count) * size_t(std::max(ns.rb_up, ns.rb_down)) * 4, 64);
+    ns.worker_scratch = ns.kernel_scratch + row_f32 + outs;
+    for (auto& s : ns.scratch) s.grow(ns.worker_scratch);
+    ns.next_px.v.store(0, std::memory_order_relaxed);
+    ns.arrived_px.v.store(0, std::memory_order_relaxed);
     ns.next_up.v.store(0, std::memory_order_relaxed);
-    ns.arrived.v.store(0, std::memory_order_relaxed);
+    ns.arrived_up.v.store(0, std::memory_order_relaxed);
+    ns.next_ph.v.store(0, std::memory_order_relaxed);
+    ns.arrived_ph.v.store(0, std::memory_order_relaxed);
     ns.next_down.v.store(0, std::memory_order_relaxed);
   }
   j.workers_left.v.store(j.total_workers, std::memory_order_relaxed);
@@ -276,57 +370,110 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
 void MoeEngine::run_node(int node, int worker) {
   NodeState& ns = nodes_[size_t(node)];
   Job& j = *job_;
-  float* scratch = ns.scratch[size_t(worker)].data();
+  uint8_t* scratch = ns.scratch[size_t(worker)].b.data();
+  const int n_pos = ns.width > 0 ? j.n_pos : 0;
+  auto& stamp = ns.phase_ns[size_t(worker)];
+  const auto mark = [&](int phase) {
+    stamp[size_t(phase)] =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - launched_at_).count();
+  };
+  // Each phase reads what any worker of the node wrote in the one before: a barrier between.
+  for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch);
+  mark(0);
+  ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
+  spin_until(ns.arrived_px.v, ns.n_workers);
   for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) gate_up_task(node, t, scratch);
-  ns.arrived.v.fetch_add(1, std::memory_order_acq_rel);
-  spin_until(ns.arrived.v, ns.n_workers);  // down reads h rows written by any worker of the node
+  mark(1);
+  ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
+  spin_until(ns.arrived_up.v, ns.n_workers);
+  for (int t; (t = ns.next_ph.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_h_task(node, t);
+  mark(2);
+  ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
+  spin_until(ns.arrived_ph.v, ns.n_workers);
   for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
+  mark(3);
   if (pools_.size() > 1) {
     j.arrived_all.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(j.arrived_all.v, j.total_workers);
     for (int t; (t = j.next_reduce.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) reduce_rows(t);
   }
+  mark(4);
   if (j.workers_left.v.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_job();
 }
 
-void MoeEngine::gate_up_task(int node, int task, float* scratch) {
+std::vector<double> MoeEngine::last_phases() const {
+  std::vector<double> ms(5, 0.0);
+  for (size_t n = 0; n < pools_.size(); ++n)
+    for (const auto& stamp : nodes_[n].phase_ns)
+      for (size_t p = 0; p < 5; ++p) ms[p] = std::max(ms[p], double(stamp[p]) * 1e-6);
+  return ms;
+}
+
+// Position p's token -> gate's (and, if its layout differs, up's) activation row.
+void MoeEngine::prep_x_task(int node, int p, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
-  const NodeSlice& sl = j.layer->nodes[size_t(node)];
-  const int rb = kt_.rows_per_task;
-  const int a = task / ns.blocks_per_expert, r0 = (task % ns.blocks_per_expert) * rb;
-  const int nr = std::min(rb, ns.width - r0);
-  const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
-  float* up = scratch + ns.kernel_scratch;  // [cnt, nr]
-  float* h = ns.h + size_t(off) * size_t(ns.width) + size_t(r0);
-  const float* const* x = j.pos_x.data() + off;
-  const MatArgs g{sl.gate.row(e, r0), sl.gate.row_bytes, nr, j.H, x, cnt, h, size_t(ns.width), scratch};
-  kt_.matmul[int(sl.gate.fmt)](g);
-  const MatArgs u{sl.up.row(e, r0), sl.up.row_bytes, nr, j.H, x, cnt, up, size_t(nr), scratch};
-  kt_.matmul[int(sl.up.fmt)](u);
-  for (int i = 0; i < cnt; ++i) {
-    float* hr = h + size_t(i) * size_t(ns.width);
-    const float* ur = up + size_t(i) * size_t(nr);
-    for (int r = 0; r < nr; ++r) hr[r] = silu(hr[r]) * ur[r];
+  const size_t t = size_t(j.pos_tok[size_t(p)]);
+  const float* x;
+  if (j.x_dtype == DType::F32) {
+    x = reinterpret_cast<const float*>(j.x.data()) + t * size_t(j.H);
+  } else {
+    auto* f = reinterpret_cast<float*>(scratch + ns.kernel_scratch);
+    const auto* b = reinterpret_cast<const uint16_t*>(j.x.data()) + t * size_t(j.H);
+    for (int i = 0; i < j.H; ++i) f[i] = bf16_to_f32(b[i]);
+    x = f;
+  }
+  const int a = j.pos_active[size_t(p)];
+  const ActKind kg = j.gate[size_t(a)].act;
+  kernels_of(kt_, kg).prep(x, j.H, const_cast<uint8_t*>(ns.act_gate[size_t(p)]));
+  if (!ns.up_shares) {
+    const ActKind ku = j.up[size_t(a)].act;
+    kernels_of(kt_, ku).prep(x, j.H, const_cast<uint8_t*>(ns.act_up[size_t(p)]));
   }
 }
 
-void MoeEngine::down_task(int node, int task, float* scratch) {
+void MoeEngine::prep_h_task(int node, int p) {
+  const Job& j = *job_;
+  NodeState& ns = nodes_[size_t(node)];
+  const ActKind kd = j.down[size_t(j.pos_active[size_t(p)])].act;
+  kernels_of(kt_, kd).prep(ns.h + size_t(p) * size_t(ns.width), ns.width, const_cast<uint8_t*>(ns.act_down[size_t(p)]));
+}
+
+void MoeEngine::gate_up_task(int node, int task, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
   const NodeSlice& sl = j.layer->nodes[size_t(node)];
-  const int rb = kt_.rows_per_task;
+  const int rb = ns.rb_up;
+  const int a = task / ns.blocks_per_expert, r0 = (task % ns.blocks_per_expert) * rb;
+  const int nr = std::min(rb, ns.width - r0);
+  const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
+  auto* up = reinterpret_cast<float*>(scratch + ns.kernel_scratch + act::f32_bytes(std::max(j.H, ns.width)));
+  float* h = ns.h + size_t(off) * size_t(ns.width) + size_t(r0);
+  const MatArgs g{sl.gate.at(e, r0), sl.gate.group_bytes, nr, j.H, ns.act_gate.data() + off, ns.x_stride[0], cnt,
+                  h, size_t(ns.width), scratch};
+  j.gate[size_t(a)].fn(g);
+  const MatArgs u{sl.up.at(e, r0), sl.up.group_bytes, nr, j.H, ns.act_up.data() + off, ns.x_stride[1], cnt,
+                  up, size_t(nr), scratch};
+  j.up[size_t(a)].fn(u);
+  for (int i = 0; i < cnt; ++i) kt_.swiglu(h + size_t(i) * size_t(ns.width), up + size_t(i) * size_t(nr), nr);
+}
+
+void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
+  const Job& j = *job_;
+  NodeState& ns = nodes_[size_t(node)];
+  const NodeSlice& sl = j.layer->nodes[size_t(node)];
+  const int rb = ns.rb_down;
   const int h0 = task * rb, nr = std::min(rb, j.H - h0);
-  float* y = scratch + ns.kernel_scratch;  // [cnt, nr]
+  auto* y = reinterpret_cast<float*>(scratch + ns.kernel_scratch + act::f32_bytes(std::max(j.H, ns.width)));
   // This task owns columns h0..h0+nr of acc for every token: no other task writes them.
   for (int t = 0; t < j.T; ++t)
     std::memset(ns.acc + size_t(t) * size_t(j.H) + size_t(h0), 0, size_t(nr) * sizeof(float));
   if (ns.width > 0) {
     for (size_t a = 0; a < j.active.size(); ++a) {
       const int e = j.active[a], off = j.active_off[a], cnt = j.active_off[a + 1] - off;
-      const float* const* h = ns.h_ptr.data() + off;
-      const MatArgs d{sl.down.row(e, h0), sl.down.row_bytes, nr, ns.width, h, cnt, y, size_t(nr), scratch};
-      kt_.matmul[int(sl.down.fmt)](d);
+      const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
+                      cnt, y, size_t(nr), scratch};
+      j.down[a].fn(d);
       for (int i = 0; i < cnt; ++i) {
         const float wt = j.pos_w[size_t(off + i)];
         float* o = ns.acc + size_t(j.pos_tok[size_t(off + i)]) * size_t(j.H) + size_t(h0);

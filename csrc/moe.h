@@ -1,16 +1,22 @@
 // The CPU expert engine: routed-expert MoE for one layer at a time, run on per-NUMA-node pools.
 //
 //   submit: copy x/ids/w into staging, group tokens by expert, launch every node's pool
-//   node n: phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
-//           phase 2  tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
+//   node n: phase 0  tasks (positions = (token, expert) pairs): x -> the kernels' activation
+//                    layout, once per call (e.g. Q8 blocks; see kernels/act.h)
+//           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
+//           phase 2  tasks (positions): h -> down's activation layout
+//           phase 3  tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
 //           (several nodes) all workers: out = sum of node partials, in node order
 //   wait:   blocks until the job's last worker marks it complete
+// Experts with few tokens run the kernels' `matmul` (decode: all workers stream disjoint rows of
+// the active experts); experts with many run `big` (prefill: matrix units) where the ISA has it.
 //
 // One job runs at a time; a second submit waits for the running job to finish (not for its wait).
 // Results do not depend on the thread count: every sum has a fixed order.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -49,6 +55,11 @@ class MoeEngine {
   int n_layers() const;
   const Layer& layer(int i) const;
 
+  // Where the last finished job spent its time: for each phase (prepare x, gate/up, prepare h,
+  // down, node reduce), the latest moment any worker left it, in ms after the launch.
+  // Call after wait(); for tuning and benchmarks.
+  std::vector<double> last_phases() const;
+
  private:
   struct NodeTask;
   struct NodeState;
@@ -59,8 +70,10 @@ class MoeEngine {
   void wait_idle();
   void stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
   void run_node(int node, int worker);
-  void gate_up_task(int node, int task, float* scratch);
-  void down_task(int node, int task, float* scratch);
+  void prep_x_task(int node, int pos, uint8_t* scratch);
+  void prep_h_task(int node, int pos);
+  void gate_up_task(int node, int task, uint8_t* scratch);
+  void down_task(int node, int task, uint8_t* scratch);
   void reduce_rows(int t);
   void finish_job();
 
@@ -76,6 +89,7 @@ class MoeEngine {
   std::condition_variable cv_;
   uint64_t launched_ = 0;
   std::atomic<uint64_t> completed_{0};
+  std::chrono::steady_clock::time_point launched_at_;
 
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // last: workers stop before the state they use
 };

@@ -1,6 +1,11 @@
 #include "weights.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
+#include <cstdlib>
 #include <climits>
 #include <cstring>
 #include <new>
@@ -9,10 +14,34 @@
 
 namespace tandem {
 
+namespace {
+
+// Large buffers (weights, activation staging) are streamed: 2 MB pages spare the TLB walks and
+// keep the hardware prefetchers going where 4 KB pages would interrupt them every 4 KB. Where
+// transparent huge pages are "madvise" (a common default) they must be asked for.
+// TANDEM_HUGEPAGES=0 turns this off (for measuring what it brings).
+constexpr size_t kHugePage = size_t(2) << 20;
+
+bool want_huge_pages() {
+  static const bool on = [] {
+    const char* env = std::getenv("TANDEM_HUGEPAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+}  // namespace
+
 AlignedBytes::AlignedBytes(size_t n) : size_(n) {
   if (n == 0) return;
+  const bool huge = n >= kHugePage && want_huge_pages();
+  const size_t align = huge ? kHugePage : 64;
+  const size_t padded = (n + align - 1) / align * align;
   void* p = nullptr;
-  if (posix_memalign(&p, 64, (n + 63) / 64 * 64) != 0) throw std::bad_alloc();
+  if (posix_memalign(&p, align, padded) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (huge) madvise(p, padded, MADV_HUGEPAGE);  // advice only: failure leaves 4 KB pages
+#endif
   ptr_.reset(static_cast<uint8_t*>(p));
 }
 
@@ -33,23 +62,26 @@ Dims source_dims(const WeightSource& s, const std::string& what) {
   const FormatInfo f = format_info(s.fmt);
   const TensorView& t = s.t;
   const std::string fmt = f.name;
-  if (f.online && t.dtype != DType::F32 && t.dtype != DType::BF16)
+  const bool rows_given = !f.online || s.raw;  // rows already in the format's row layout
+  if (!rows_given && t.dtype != DType::F32 && t.dtype != DType::BF16)
     throw DTypeError(what + ": format " + fmt + " is quantized at load from float32 or bfloat16 weights; got " +
                      dtype_name(t.dtype));
-  if (!f.online && t.dtype != DType::U8)
-    throw DTypeError(what + ": format " + fmt + " takes the file's raw blocks as a uint8 tensor " +
-                     "[E, rows, row_bytes]; got " + dtype_name(t.dtype));
+  if (rows_given && t.dtype != DType::U8)
+    throw DTypeError(what + ": format " + fmt + " takes " + (f.online ? "prequantized rows" : "the file's raw blocks") +
+                     " as a uint8 tensor [E, rows, row_bytes]; got " + dtype_name(t.dtype));
   if (t.ndim != 3) throw std::invalid_argument(what + " must be 3-D [E, rows, cols]; got shape " + t.shape_str());
   for (int i = 0; i < 3; ++i)
     if (t.shape[i] <= 0 || t.shape[i] > INT_MAX / 2)
       throw std::invalid_argument(what + " has an empty or too large dimension: shape " + t.shape_str());
   Dims d{int(t.shape[0]), int(t.shape[1]), int(t.shape[2])};
-  if (!f.online) {
-    if (t.shape[2] % f.block_bytes != 0)
-      throw std::invalid_argument(what + ": a row of " + std::to_string(t.shape[2]) +
-                                  " bytes is not a whole number of " + fmt + " blocks (" +
-                                  std::to_string(f.block_bytes) + " bytes each)");
-    d.cols = int(t.shape[2] / f.block_bytes) * f.block_elems;
+  if (rows_given) {
+    const int64_t body = t.shape[2] - f.row_header;
+    if (body <= 0 || body % f.block_bytes != 0)
+      throw std::invalid_argument(what + ": a row of " + std::to_string(t.shape[2]) + " bytes is not " +
+                                  (f.row_header ? std::to_string(f.row_header) + " header bytes and " : "") +
+                                  "a whole number of " + fmt + " blocks (" + std::to_string(f.block_bytes) +
+                                  " bytes each)");
+    d.cols = int(body / f.block_bytes) * f.block_elems;
   } else if (d.cols % f.block_elems != 0) {
     throw std::invalid_argument(what + ": K = " + std::to_string(d.cols) + " is not a multiple of " + fmt +
                                 "'s block of " + std::to_string(f.block_elems) + " weights");
@@ -65,6 +97,8 @@ std::string dims_str(const Dims& d) {
 struct RowScratch {
   std::vector<float> f;
   std::vector<uint8_t> q;
+  std::vector<uint8_t> rows;  // one group's rows in the row layout, before packing
+  std::vector<const uint8_t*> ptrs;
 };
 
 // Writes columns [c0, c1) of source row (e, r) into dst in the format's row layout.
@@ -73,7 +107,7 @@ struct RowScratch {
 void fill_row(const WeightSource& src, int K, int e, int r, int rows, int c0, int c1, uint8_t* dst, RowScratch& s) {
   const FormatInfo f = format_info(src.fmt);
   const uint8_t* full = nullptr;
-  if (f.online) {
+  if (f.online && !src.raw) {
     const size_t at = (size_t(e) * size_t(rows) + size_t(r)) * size_t(K);
     const float* x = static_cast<const float*>(src.t.data) + at;
     if (src.t.dtype == DType::BF16) {
@@ -99,23 +133,28 @@ void fill_row(const WeightSource& src, int K, int e, int r, int rows, int c0, in
               size_t((c1 - c0) / f.block_elems) * f.block_bytes);
 }
 
-Matrix make_matrix(Format fmt, int E, int rows, int cols) {
+Matrix make_matrix(Format fmt, const KernelTable& kt, int E, int rows, int cols) {
+  const FormatKernels& k = kernels_of(kt, fmt);
   Matrix m;
   m.fmt = fmt;
   m.experts = E;
   m.rows = rows;
   m.cols = cols;
-  m.row_bytes = format_info(fmt).row_bytes(cols);
-  m.bytes = AlignedBytes(size_t(E) * size_t(rows) * m.row_bytes);  // pages untouched until filled
+  m.row_group = k.row_group;
+  m.groups = (rows + k.row_group - 1) / k.row_group;
+  m.group_bytes = cols > 0 ? k.group_bytes(cols) : 0;
+  m.bytes = AlignedBytes(size_t(E) * size_t(m.groups) * m.group_bytes);  // pages untouched until filled
   return m;
 }
 
+// Rows of one load-time work item (a multiple of every row group).
 constexpr int kRowsPerItem = 32;
 
 }  // namespace
 
 std::unique_ptr<Layer> build_layer(const WeightSource& gate, const WeightSource& up, const WeightSource& down,
-                                   const std::vector<ThreadPool*>& pools, const std::vector<int>& share) {
+                                   const KernelTable& kernels, const std::vector<ThreadPool*>& pools,
+                                   const std::vector<int>& share) {
   const Dims g = source_dims(gate, "gate"), u = source_dims(up, "up"), d = source_dims(down, "down");
   if (u.E != g.E || u.rows != g.rows || u.cols != g.cols)
     throw std::invalid_argument("up is " + dims_str(u) + " but gate is " + dims_str(g) + "; both must be [E, I, H]");
@@ -144,12 +183,12 @@ std::unique_ptr<Layer> build_layer(const WeightSource& gate, const WeightSource&
     cum += share[size_t(n)];
     s.i1 = int(units * cum / total) * align;
     const int w = s.i1 - s.i0;
-    s.gate = make_matrix(gate.fmt, L->E, w, L->H);
-    s.up = make_matrix(up.fmt, L->E, w, L->H);
-    s.down = make_matrix(down.fmt, L->E, L->H, w);
+    s.gate = make_matrix(gate.fmt, kernels, L->E, w, L->H);
+    s.up = make_matrix(up.fmt, kernels, L->E, w, L->H);
+    s.down = make_matrix(down.fmt, kernels, L->E, w > 0 ? L->H : 0, w);
   }
 
-  // Items: (matrix, expert, chunk of rows), numbered gate first, then up, then down.
+  // Items: (matrix, expert, chunk of kRowsPerItem rows), numbered gate first, then up, then down.
   const size_t nn = pools.size();
   std::vector<int> chunks_gu(nn), chunks_d(nn), items(nn);
   for (size_t n = 0; n < nn; ++n) {
@@ -169,13 +208,22 @@ std::unique_ptr<Layer> build_layer(const WeightSource& gate, const WeightSource&
     it -= m * per_matrix;
     const int per_expert = m < 2 ? chunks_gu[size_t(n)] : chunks_d[size_t(n)];
     const int e = it / per_expert, r0 = (it % per_expert) * kRowsPerItem;
-    if (m < 2) {
-      Matrix& dst = m == 0 ? s.gate : s.up;
-      for (int r = r0; r < std::min(r0 + kRowsPerItem, dst.rows); ++r)
-        fill_row(m == 0 ? gate : up, lay.H, e, s.i0 + r, lay.I, 0, lay.H, dst.row_mut(e, r), rs);
-    } else {
-      for (int r = r0; r < std::min(r0 + kRowsPerItem, lay.H); ++r)
-        fill_row(down, lay.I, e, r, lay.H, s.i0, s.i1, s.down.row_mut(e, r), rs);
+    Matrix& dst = m == 0 ? s.gate : m == 1 ? s.up : s.down;
+    const WeightSource& src = m == 0 ? gate : m == 1 ? up : down;
+    const FormatKernels& k = kernels_of(kernels, dst.fmt);
+    const size_t rb = format_info(dst.fmt).row_bytes(dst.cols);
+    const int R = dst.row_group;
+    rs.rows.resize(size_t(R) * rb);
+    rs.ptrs.resize(size_t(R));
+    for (int r = r0; r < std::min(r0 + kRowsPerItem, dst.rows); r += R) {
+      const int n_rows = std::min(R, dst.rows - r);
+      for (int i = 0; i < n_rows; ++i) {
+        uint8_t* row = rs.rows.data() + size_t(i) * rb;
+        if (m < 2) fill_row(src, lay.H, e, s.i0 + r + i, lay.I, 0, lay.H, row, rs);
+        else fill_row(src, lay.I, e, r + i, lay.H, s.i0, s.i1, row, rs);
+        rs.ptrs[size_t(i)] = row;
+      }
+      k.pack(rs.ptrs.data(), n_rows, dst.cols, dst.group_mut(e, r / R));
     }
   });
   return L;

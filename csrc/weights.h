@@ -1,6 +1,7 @@
 // A layer's routed-expert weights as the engine keeps them: per NUMA node, that node's slice of
 // the intermediate dimension I (gate/up rows i0..i1 and the matching down columns), every expert,
-// in the format's row layout, in memory first touched by that node's workers.
+// in the layout of the engine's kernels (rows in groups, see kernels/tiled.h; the generic
+// kernels keep the file's rows), in memory first touched by that node's workers.
 #pragma once
 
 #include <cstddef>
@@ -9,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/kernels.h"
 #include "quant/format.h"
 #include "tensor.h"
 #include "threadpool.h"
@@ -30,15 +32,20 @@ class AlignedBytes {
   size_t size_ = 0;
 };
 
-// One projection of one node's slice for all experts: [experts][rows][row_bytes].
+// One projection of one node's slice for all experts: [experts][groups][group_bytes], a group
+// holding row_group rows (the last one zero-padded).
 struct Matrix {
   Format fmt = Format::BF16;
   int experts = 0, rows = 0, cols = 0;
-  size_t row_bytes = 0;
+  int row_group = 1, groups = 0;
+  size_t group_bytes = 0;
   AlignedBytes bytes;
 
-  const uint8_t* row(int e, int r) const { return bytes.data() + (size_t(e) * size_t(rows) + size_t(r)) * row_bytes; }
-  uint8_t* row_mut(int e, int r) { return bytes.data() + (size_t(e) * size_t(rows) + size_t(r)) * row_bytes; }
+  // The group holding row r (r a multiple of row_group).
+  const uint8_t* at(int e, int r) const {
+    return bytes.data() + (size_t(e) * size_t(groups) + size_t(r / row_group)) * group_bytes;
+  }
+  uint8_t* group_mut(int e, int g) { return bytes.data() + (size_t(e) * size_t(groups) + size_t(g)) * group_bytes; }
 };
 
 struct NodeSlice {
@@ -55,16 +62,20 @@ struct Layer {
 };
 
 // A caller's weight tensor: float32/bfloat16 [E, rows, cols] for online formats (quantized here),
-// or uint8 [E, rows, row_bytes] of raw GGUF blocks.
+// or uint8 [E, rows, row_bytes] of rows already in the format's row layout (GGUF blocks; for
+// online formats only when `raw`, e.g. a benchmark's random rows).
 struct WeightSource {
   Format fmt;
   TensorView t;
+  bool raw = false;
 };
 
 // Checks the three sources agree (gate/up [E, I, H], down [E, H, I]); splits I among the pools in
-// proportion to `share` at multiples of down's block; fills each node's slice on its own pool.
+// proportion to `share` at multiples of down's block (and of the kernels' row group); fills each
+// node's slice on its own pool with the kernels' pack.
 // Throws DTypeError / std::invalid_argument with a message naming the tensor and the fix.
 std::unique_ptr<Layer> build_layer(const WeightSource& gate, const WeightSource& up, const WeightSource& down,
-                                   const std::vector<ThreadPool*>& pools, const std::vector<int>& share);
+                                   const KernelTable& kernels, const std::vector<ThreadPool*>& pools,
+                                   const std::vector<int>& share);
 
 }  // namespace tandem

@@ -1,5 +1,14 @@
-// The contract every ISA's kernels share. The generic kernels are its executable spec; an ISA
-// kernel fills the same table and is tested against them (dispatch.cpp picks one table).
+// The contract every ISA's kernels share. dispatch.cpp picks one KernelTable per engine; the
+// generic table is the executable spec and every ISA table is tested against it.
+//
+// Per format, an ISA chooses
+//   - a weight layout: rows interleaved in groups of `row_group` (tiled.h), filled once at load
+//     by `pack` from rows in the format's file/row layout (quant/*.h);
+//   - an activation layout (act.h) that activations are converted to once per call;
+//   - `matmul` for few tokens per expert (decode: stream the weights once, memory-bound) and
+//     optionally `big` for many (prefill: matrix units), each with its own activation layout.
+// Kernels are plain function pointers so that ISA code lives only in its own translation unit,
+// compiled with its own -m flags (see CMakeLists.txt and the note in kernels/isa.h).
 #pragma once
 
 #include <cstddef>
@@ -9,29 +18,80 @@
 
 namespace tandem {
 
-// y[t * y_stride + r] = dot(row r of W, act[t]) for r < n_rows, t < n_act.
-// W rows are `row_bytes` apart in the format's layout; activations are fp32 vectors of K.
+// Activation layouts; act.h says what their bytes are.
+enum class ActKind : uint8_t { F32, BF16, Q8_32, Q8_K, Q8_ROW };
+inline constexpr int kActKinds = 5;
+
+// y[t * y_stride + r] = dot(row r of W, activation t) for r < n_rows, t < n_act.
 struct MatArgs {
-  const uint8_t* w;
-  size_t row_bytes;
-  int n_rows;
-  int K;
-  const float* const* act;  // n_act pointers (tokens gathered without a copy)
+  const uint8_t* w;          // the first row group the call covers
+  size_t group_bytes;        // row groups are this many bytes apart
+  int n_rows;                // rows to write; the last group may hold padding rows past them
+  int K;                     // logical row length
+  const uint8_t* const* act;  // n_act activation rows in the kernel's activation layout
+  size_t act_stride;         // their distance when they are evenly spaced (always so for `big`)
   int n_act;
   float* y;
   size_t y_stride;
-  float* scratch;  // scratch_floats(K) floats owned by the calling worker
+  void* scratch;  // scratch_bytes(K) bytes owned by the calling worker, 64-byte aligned
 };
 
 using MatFn = void (*)(const MatArgs&);
+// rows[i] (i < n) are rows in the format's row layout (quant/*.h) of K weights; writes one
+// group of `row_group` rows (rows n.. are zero padding).
+using PackFn = void (*)(const uint8_t* const* rows, int n, int K, uint8_t* group);
+// x: K floats -> one activation row (act_bytes(K) bytes, padding included).
+using PrepFn = void (*)(const float* x, int K, uint8_t* dst);
+
+// Plain aggregates (no default member initializers, so no constructor code exists that an ISA
+// translation unit could compile with its own instructions); build them with `T x{}`.
+struct FormatKernels {
+  int row_group;
+  size_t (*group_bytes)(int K);
+  PackFn pack;
+  ActKind act;
+  MatFn matmul;
+  // Many tokens per expert: `big` with activations in `big_act`, when an expert has at least
+  // `big_min` tokens (null: `matmul` serves every count).
+  ActKind big_act;
+  MatFn big;
+  int big_min;
+  const char* path;      // names the kernels for reports, e.g. "avx512-vnni"
+  const char* big_path;  // e.g. "amx-int8"; null without `big`
+};
+
+struct ActKernels {
+  size_t (*bytes)(int K);
+  PrepFn prep;
+};
 
 struct KernelTable {
   const char* isa;
-  int rows_per_task;                // rows of W one task covers (the kernel's natural tile)
-  size_t (*scratch_floats)(int K);  // per-worker scratch a MatFn needs for a K-long row
-  MatFn matmul[kFormatCount];       // indexed by Format
+  size_t (*scratch_bytes)(int K);
+  // Reads n bytes (p 64-byte aligned, n a multiple of 256 * streams) as `streams` equal parts
+  // read side by side; returns a value that depends on every byte, so the reads stay (bench.cpp).
+  uint64_t (*stream_read)(const uint8_t* p, size_t n, int streams);
+  // h[i] = silu(h[i]) * up[i], silu(g) = g / (1 + exp(-g)), for i < n.
+  void (*swiglu)(float* h, const float* up, int n);
+  FormatKernels fmt[kFormatCount];
+  ActKernels act[kActKinds];
 };
 
+inline const FormatKernels& kernels_of(const KernelTable& t, Format f) { return t.fmt[int(f)]; }
+inline const ActKernels& kernels_of(const KernelTable& t, ActKind a) { return t.act[int(a)]; }
+
+// The tiled layout (tiled.h) with R rows per group (8 or 16): row_group, group_bytes, pack.
+FormatKernels tiled_layout(Format f, int R);
+
 const KernelTable& generic_kernels();
+// Runs `iters` rounds of 4 tile dot products on tiles held in registers (no memory traffic) on
+// the calling thread; returns the operations done (2 per multiply-add). AMX builds only, after
+// dispatch.cpp found AMX usable.
+uint64_t amx_spin(bool bf16, long iters);
+// Defined only in builds that compile the ISA (TANDEM_BUILD_*); call only after dispatch.cpp
+// checked the CPU: their code uses the ISA's instructions.
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+const KernelTable& amx_kernels();
 
 }  // namespace tandem

@@ -53,6 +53,22 @@ def isa_info() -> dict[str, list[str]]:
     return _ext().isa_info()
 
 
+def stream_read_bandwidth(nbytes: int, threads: int, rounds: int = 5, streams: int = 0) -> float:
+    """GB/s of `threads` pinned threads streaming disjoint slices of an `nbytes` buffer with the
+    best ISA's loads (best of `rounds`; `streams` side-by-side streams per thread, 0 = the best of
+    1, 2 and 4): the DRAM read bandwidth the engine should approach."""
+    return _ext().stream_read_bandwidth(int(nbytes), int(threads), int(rounds), int(streams))
+
+
+def amx_peak(dtype: str, threads: int, seconds: float = 0.2) -> float | None:
+    """TOP/s ("int8") or TFLOP/s ("bf16") of tile dot products on registers, or None without AMX."""
+    if dtype not in ("int8", "bf16"):
+        raise ValueError(f"dtype must be 'int8' or 'bf16'; got {dtype!r}")
+    if "amx" not in isa_info()["cpu"] or "amx" not in isa_info()["built"]:
+        return None
+    return _ext().amx_peak(dtype == "bf16", int(threads), float(seconds))
+
+
 class Engine:
     """Owns one C++ engine: a thread pool per NUMA node, the layers' weights, staging buffers."""
 
@@ -79,6 +95,17 @@ class Engine:
     def pinned(self) -> bool:
         return self._native.pinned
 
+    def kernel_info(self) -> dict:
+        """Format -> {path, act, row_group[, big_path, big_act, big_min]}: the kernels this engine
+        runs for each weight format (big_*: the prefill kernel, used from big_min tokens/expert)."""
+        return self._native.kernel_info()
+
+    def last_phases(self) -> dict[str, float]:
+        """ms after launch at which the last finished job left each phase (any worker's latest):
+        prep_x (activations), gate_up, prep_h, down, done. For tuning; call after wait()."""
+        names = ("prep_x", "gate_up", "prep_h", "down", "done")
+        return dict(zip(names, self._native.last_phases()))
+
     def layer_info(self, layer: int) -> dict:
         """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""
         return self._native.layer_info(layer)
@@ -97,7 +124,11 @@ class Handle:
 
 
 def create_engine(
-    n_threads: int | None = None, numa_nodes: list[list[int]] | None = None, *, spin_us: int = 1000
+    n_threads: int | None = None,
+    numa_nodes: list[list[int]] | None = None,
+    *,
+    spin_us: int = 1000,
+    isa: str | None = None,
 ) -> Engine:
     """Start the engine's worker threads, pinned to cores.
 
@@ -106,6 +137,9 @@ def create_engine(
     the multi-node path on one node this way); default: the machine's nodes from sysfs.
     spin_us: how long idle workers spin before sleeping (latency of the next submit vs. cpu time
     taken from other threads, e.g. the one driving the GPU).
+    isa: the kernels to use ("generic", "avx2", "avx512", "amx"); default: the best this CPU
+    runs, or the TANDEM_ISA environment variable (a debugging override). Raises ValueError when
+    the build or the CPU lacks it.
     """
     allowed = sorted(os.sched_getaffinity(0))
     nodes = _default_nodes(allowed) if numa_nodes is None else _check_nodes(numa_nodes, allowed)
@@ -115,25 +149,35 @@ def create_engine(
         raise ValueError(f"n_threads must be an int >= the number of NUMA nodes ({len(nodes)}); got {n_threads!r}")
     if not isinstance(spin_us, int) or spin_us < 0:
         raise ValueError(f"spin_us must be an int >= 0; got {spin_us!r}")
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"isa must be a string; got {type(isa).__name__}")
     threads = _split_threads(n_threads, [len(n) for n in nodes])
-    return Engine(_ext().Engine(nodes, threads, spin_us), nodes)
+    return Engine(_ext().Engine(nodes, threads, spin_us, isa or ""), nodes)
 
 
 def add_layer(
-    engine: Engine, fmt: str | Sequence[str], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    engine: Engine,
+    fmt: str | Sequence[str],
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    prequantized: bool = False,
 ) -> int:
     """Load one layer's routed experts; returns its id for submit().
 
     fmt: one format for all three projections, or (gate, up, down) formats, e.g. a Q4_K_M file's
     ("Q4_K", "Q4_K", "Q6_K"). gate/up are [E, I, H] and down [E, H, I] float32/bfloat16 for
     BF16/INT8/INT4; raw GGUF blocks are uint8 [E, rows, row_bytes] (torch or numpy).
+    prequantized: BF16/INT8/INT4 rows already in the format's row layout (csrc/quant/*.h) as
+    uint8 [E, rows, row_bytes], e.g. a benchmark's random rows; nothing is quantized.
     """
     fmts = _formats_of(fmt)
     known = formats()
     args = []
     for name, f, t in zip(("gate", "up", "down"), fmts, (gate, up, down)):
-        args += [f, _weight(t, name, f, known[f]["online"])]
-    return engine._native.add_layer(*args)
+        args += [f, _weight(t, name, f, known[f]["online"] and not prequantized, known[f]["online"])]
+    return engine._native.add_layer(*args, prequantized=bool(prequantized))
 
 
 def submit(
@@ -193,7 +237,7 @@ def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:
     return fmts
 
 
-def _weight(t, name: str, fmt: str, online: bool) -> torch.Tensor:
+def _weight(t, name: str, fmt: str, online: bool, online_format: bool = False) -> torch.Tensor:
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(t))
     if not isinstance(t, torch.Tensor):
@@ -203,9 +247,8 @@ def _weight(t, name: str, fmt: str, online: bool) -> torch.Tensor:
     if online and t.dtype not in _FLOATS:
         raise TypeError(f"{name}: format {fmt} is quantized at load from float32 or bfloat16 weights; got {t.dtype}")
     if not online and t.dtype != torch.uint8:
-        raise TypeError(
-            f"{name}: format {fmt} takes the file's raw blocks as uint8 [E, rows, row_bytes]; got {t.dtype}"
-        )
+        what = "prequantized rows" if online_format else "the file's raw blocks"
+        raise TypeError(f"{name}: format {fmt} takes {what} as uint8 [E, rows, row_bytes]; got {t.dtype}")
     return t.contiguous()
 
 

@@ -29,7 +29,7 @@ FAKE_NODES = [[CPUS[0]], [CPUS[1]]] if len(CPUS) > 1 else None
 def _two_node_engine():
     if FAKE_NODES is None:
         pytest.skip("needs two cpus to inject a two-node topology")
-    return cpu.create_engine(n_threads=2, numa_nodes=FAKE_NODES)
+    return cpu.create_engine(n_threads=2, numa_nodes=FAKE_NODES, isa="generic")
 
 
 def _layer_sources(fmts, E, I, H, seed=0):
@@ -54,7 +54,7 @@ def _layer_sources(fmts, E, I, H, seed=0):
 )
 def test_fake_two_nodes_equal_one_node(fmts, E, I, H):
     src, held = _layer_sources(fmts, E, I, H)
-    one = cpu.create_engine(n_threads=2, numa_nodes=[CPUS])
+    one = cpu.create_engine(n_threads=2, numa_nodes=[CPUS], isa="generic")
     two = _two_node_engine()
     l1, l2 = cpu.add_layer(one, fmts, *src), cpu.add_layer(two, fmts, *src)
     info1, info2 = one.layer_info(l1), two.layer_info(l2)
@@ -83,7 +83,7 @@ def test_threads_split_over_nodes():
 
 @pytest.fixture(scope="module")
 def engine():
-    return cpu.create_engine(n_threads=2)
+    return cpu.create_engine(n_threads=2, isa="generic")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_several_submits_before_waiting(engine, bf16_layer):
 
 
 def test_submit_returns_at_once_and_wait_releases_the_gil():
-    e = cpu.create_engine(n_threads=1, numa_nodes=[CPUS[:1]])
+    e = cpu.create_engine(n_threads=1, numa_nodes=[CPUS[:1]], isa="generic")
     layer = cpu.add_layer(e, "BF16", *dense_weights(4, 256, 512))
     x = tokens(256, 512)
     ids, w = routing(256, 4, 4)
@@ -241,15 +241,28 @@ def test_bad_topology():
 
 
 def test_isa_override(monkeypatch):
-    assert "generic" in cpu.isa_info()["built"]
+    info = cpu.isa_info()
+    assert "generic" in info["built"] and "generic" in info["cpu"]
     monkeypatch.setenv("TANDEM_ISA", "generic")
     assert cpu.create_engine(n_threads=1).isa == "generic"
-    monkeypatch.setenv("TANDEM_ISA", "amx")
-    with pytest.raises(ValueError, match="TANDEM_ISA=amx: "):
-        cpu.create_engine(n_threads=1)
+    for isa in ("avx2", "avx512", "amx"):
+        monkeypatch.setenv("TANDEM_ISA", isa)
+        if isa in info["built"] and isa in info["cpu"]:
+            assert cpu.create_engine(n_threads=1).isa == isa
+            assert cpu.create_engine(n_threads=1, isa="generic").isa == "generic"  # the argument wins
+        else:
+            with pytest.raises(ValueError, match=f"TANDEM_ISA={isa}: "):
+                cpu.create_engine(n_threads=1)
     monkeypatch.setenv("TANDEM_ISA", "sse9")
     with pytest.raises(ValueError, match="TANDEM_ISA=sse9 is unknown"):
         cpu.create_engine(n_threads=1)
+    monkeypatch.delenv("TANDEM_ISA")
+    with pytest.raises(ValueError, match="is unknown"):
+        cpu.create_engine(n_threads=1, isa="sse9")
+    with pytest.raises(TypeError, match="isa must be a string"):
+        cpu.create_engine(n_threads=1, isa=3)
+    best = next(i for i in ("amx", "avx512", "avx2", "generic") if i in info["built"] and i in info["cpu"])
+    assert cpu.create_engine(n_threads=1).isa == best
 
 
 def test_importing_does_not_load_the_extension(monkeypatch):

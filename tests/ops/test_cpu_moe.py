@@ -1,4 +1,5 @@
-"""The CPU expert engine (tandem.ops.cpu) with the online formats BF16, INT8, INT4 vs the torch
+"""The CPU expert engine's generic kernels (tandem.ops.cpu, isa="generic": the spec that every ISA
+kernel is tested against in test_cpu_isa.py) with the online formats BF16, INT8, INT4 vs the torch
 reference MoE. Tolerances (relative to max |ref|): TOL_F32 = 2e-5 with float32 output and
 TOL_BF16 = 8e-3 with bfloat16 output, on the weights the format holds (the numpy quantizers
 of moe_cases); and, against the unquantized weights, 1% for BF16, 3% for INT8, 25% for INT4."""
@@ -28,7 +29,7 @@ QUANT_ERR = {"BF16": 0.01, "INT8": 0.03, "INT4": 0.25}
 
 @pytest.fixture(scope="module")
 def engine():
-    return cpu.create_engine(n_threads=2)
+    return cpu.create_engine(n_threads=2, isa="generic")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_results_do_not_depend_on_thread_count(layers):
     ids, w = routing(64, E, 4)
     outs = []
     for n in (1, 2, 3):
-        e = cpu.create_engine(n_threads=n, numa_nodes=[sorted(os.sched_getaffinity(0))])
+        e = cpu.create_engine(n_threads=n, numa_nodes=[sorted(os.sched_getaffinity(0))], isa="generic")
         layer = cpu.add_layer(e, "INT4", *dense)
         outs.append(cpu.wait(e, cpu.submit(e, layer, x, ids, w)))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -1,4 +1,4 @@
-"""The CPU expert engine on GGUF blocks (Q8_0, Q5_0, Q4_K, Q5_K, Q6_K), consumed from raw bytes,
+"""The CPU expert engine's generic kernels (the spec; ISA kernels: test_cpu_isa.py) on GGUF blocks (Q8_0, Q5_0, Q4_K, Q5_K, Q6_K), consumed from raw bytes,
 vs the torch reference MoE on gguf.quants.dequantize of the same bytes. The generic kernels
 dequantize to fp32 on the fly (no activation quantization), with the float operations of gguf's
 dequantizer, so the tolerance is fp32 summation order only: TOL_F32 = 2e-5 of max |ref|."""
@@ -33,7 +33,7 @@ def gguf_layer(fmts, E, I, H, seed=0):
 
 @pytest.fixture(scope="module")
 def engine():
-    return cpu.create_engine(n_threads=2)
+    return cpu.create_engine(n_threads=2, isa="generic")
 
 
 @pytest.fixture(scope="module")

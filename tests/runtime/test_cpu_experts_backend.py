@@ -3,7 +3,10 @@
 Issue 5's acceptance: models from the foundation (HF safetensors, experts repacked to BF16 /
 online INT8 / INT4) and from GGUF (Q8_0 and Q4_K_M experts consumed as blocks) generate the same
 greedy tokens with experts="cpu" as with experts="torch" under the margin rule, teacher-forced on
-the torch backend's tokens, with logits within each format's bound.
+the torch backend's tokens, with logits within each format's bound. These run the engine's
+generic kernels (the executable spec: fp32 activations); the ISA kernels quantize activations
+(8-bit blocks or bf16), are checked against generic in tests/ops, and end to end below with the
+machine's best ISA against a looser, stated bound.
 """
 
 import pytest
@@ -25,7 +28,12 @@ def teacher_forced(llm: LLM, tokens: list[int], n_prompt: int) -> torch.Tensor:
     return torch.cat([first] + [step.feed([t]) for t in tokens[n_prompt:-1]])
 
 
-def compare(path, bound: float, **kw):
+@pytest.fixture
+def generic(monkeypatch):
+    monkeypatch.setenv("TANDEM_ISA", "generic")
+
+
+def compare(path, bound: float, margin_rule: bool = True, **kw):
     ref = LLM(path, experts="torch", dtype="float32", progress=False)
     ours = LLM(path, experts="cpu", dtype="float32", progress=False, **kw)
     assert all(isinstance(m.experts, CpuExperts) for m in ours.model.modules() if hasattr(m, "experts"))
@@ -35,8 +43,9 @@ def compare(path, bound: float, **kw):
     want = teacher_forced(ref, tokens, len(prompt))
     got = teacher_forced(ours, tokens, len(prompt))
     assert rel_err(got, want) <= bound
-    checked, bad = margin_steps(got, want, bound)
-    assert checked >= 16 and not bad, (checked, bad)
+    if margin_rule:
+        checked, bad = margin_steps(got, want, bound)
+        assert checked >= 16 and not bad, (checked, bad)
 
 
 @pytest.mark.parametrize(
@@ -48,15 +57,22 @@ def compare(path, bound: float, **kw):
         ("deepseek_v2_lite", "int8", 8e-3),
     ],
 )
-def test_float_checkpoint_experts(tmp_path, variant, fmt, bound):
+def test_float_checkpoint_experts(generic, tmp_path, variant, fmt, bound):
     compare(write_tiny(tmp_path, variant, seed=5), bound, experts_format=fmt)
 
 
 @pytest.mark.parametrize("qtype, bound", [("Q8_0", 1e-5), ("Q4_K_M", 1e-5)])
-def test_gguf_experts_as_blocks(tmp_path, qtype, bound):
+def test_gguf_experts_as_blocks(generic, tmp_path, qtype, bound):
     # Both backends compute from the same blocks, so only summation order differs.
     _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", qtype, seed=6)
     compare(gguf, bound)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_best_isa_end_to_end(tmp_path, qtype):
+    # Measured 1.1e-2 (Q8_0) and 1.8e-2 (Q4_K_M) of max|logit| with AMX (bf16 activation panels).
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", qtype, seed=6)
+    compare(gguf, 4e-2, margin_rule=False)
 
 
 def test_int4_needs_rows_its_groups_divide(tmp_path):

@@ -1,6 +1,9 @@
 // Generic (portable C++) matmul for any format: decode one weight row to fp32, then dot it with
-// every activation. Simple on purpose: this is the spec the ISA kernels are tested against.
+// every activation (fp32, ActKind::F32). Simple on purpose: this is the spec the ISA kernels are
+// tested against.
 #pragma once
+
+#include <cstring>
 
 #include "../kernels.h"
 
@@ -17,12 +20,24 @@ inline float dot(const float* a, const float* b, int n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
+// Rows are kept as the file has them: a "group" is one row.
+template <class Fmt>
+size_t row_bytes(int K) {
+  return size_t(Fmt::row_header) + size_t(K / Fmt::block_elems) * size_t(Fmt::block_bytes);
+}
+
+template <class Fmt>
+void pack_rows(const uint8_t* const* rows, int n, int K, uint8_t* group) {
+  if (n > 0) std::memcpy(group, rows[0], row_bytes<Fmt>(K));
+}
+
 template <class Fmt>
 void matmul(const MatArgs& a) {
-  float* row = a.scratch;  // [K]
+  auto* row = static_cast<float*>(a.scratch);  // [K]
   for (int r = 0; r < a.n_rows; ++r) {
-    dequant_row<Fmt>(a.w + size_t(r) * a.row_bytes, a.K, row);
-    for (int t = 0; t < a.n_act; ++t) a.y[size_t(t) * a.y_stride + r] = dot(row, a.act[t], a.K);
+    dequant_row<Fmt>(a.w + size_t(r) * a.group_bytes, a.K, row);
+    for (int t = 0; t < a.n_act; ++t)
+      a.y[size_t(t) * a.y_stride + size_t(r)] = dot(row, reinterpret_cast<const float*>(a.act[t]), a.K);
   }
 }
 

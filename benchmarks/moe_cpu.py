@@ -1,0 +1,458 @@
+"""One routed-expert MoE layer on tandem's CPU engine, against the machine's own limits.
+
+Measures the machine first (DRAM read bandwidth: pinned threads streaming an --bw-gb buffer; AMX
+peak: tile dot products on registers), then times one MoE layer per (shape, format, tokens,
+threads). Every timed call routes fresh random ids into one of >= --copies copies of the layer
+(>= --min-gb in all, capped by --max-gb), so caches cannot serve the weights. Weights are random
+bytes written straight into each format's row layout (GGUF blocks, INT8/INT4/BF16 rows) with sane
+scales; values do not matter for speed.
+
+Per row: median time of --repeats calls (after --warmup), GB/s of distinct expert bytes read, % of
+the measured bandwidth (the best reading over the --threads counts: the machine's figure), TFLOP/s
+(2 * T * k * 3 * H * I per call), and % of the row's bound:
+max(bytes / bandwidth, FLOP / tile peak) -- the tile peak (best over --threads) is AMX-INT8 for
+kernels on int8 tiles and AMX-BF16 for bf16 tiles (INT4 and the GGUF formats expand weights to
+bf16 for prefill; see the `path` column); without AMX the bound is bandwidth only. The final table keeps the best
+thread count of each row. kt-kernel (if importable) runs the same rows where it has the format.
+
+Example (the production Xeon, 16 cores):
+    python benchmarks/moe_cpu.py --threads 14,15,16 --json moe_cpu.json
+Small, on a laptop:
+    python benchmarks/moe_cpu.py --shapes qwen3 --tokens 1,32 --copies 1 --max-gb 0.5 --experts 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tandem.ops import cpu  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    down_fallback: str  # Q4_K_M's down type when I is not a multiple of 256
+
+
+SHAPES = {
+    "v3": Shape("DeepSeek-V3", 7168, 2048, 256, 8, "Q6_K"),
+    "v2-lite": Shape("DeepSeek-V2-Lite", 2048, 1408, 64, 6, "Q8_0"),
+    "qwen3": Shape("Qwen3-30B-A3B", 2048, 768, 128, 8, "Q6_K"),
+}
+FORMATS = ("q4_k_m", "int4", "int8", "bf16")
+KT_CLASSES = {"int8": "AMXInt8_MOE", "int4": "AMXInt4_MOE", "bf16": "AMXBF16_MOE"}
+
+# Block layouts (weights per block, bytes per block, {byte offset of a scale field: fp16/fp32, magnitude}).
+# Magnitudes make weights ~1/sqrt(K) so activations stay O(1) through the layer.
+BLOCKS = {
+    "Q4_K": (256, 144, {0: ("f16", 1 / 945), 2: ("f16", 1 / 504)}),
+    "Q6_K": (256, 210, {208: ("f16", 1 / 4096)}),
+    "Q5_0": (32, 22, {0: ("f16", 1 / 16)}),
+    "Q8_0": (32, 34, {0: ("f16", 1 / 127)}),
+    "INT4": (64, 36, {0: ("f32", 1 / 7)}),
+}
+
+
+_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_types(fmt: str, shape: Shape) -> tuple[str, str, str]:
+    """(gate, up, down) weight types; Q4_K_M as llama.cpp assigns them to routed experts."""
+    if fmt == "q4_k_m":
+        down = "Q6_K" if shape.inter % 256 == 0 else shape.down_fallback
+        return ("Q4_K", "Q4_K", down)
+    return (fmt.upper(),) * 3
+
+
+def row_bytes(ftype: str, K: int) -> int:
+    if ftype == "BF16":
+        return 2 * K
+    if ftype == "INT8":
+        return 4 + K
+    elems, nbytes, _ = BLOCKS[ftype]
+    if K % elems:
+        raise ValueError(f"{ftype} needs K % {elems} == 0; K = {K}")
+    return K // elems * nbytes
+
+
+def pattern_rows(ftype: str, K: int, n_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """n_rows random rows of K weights in the format's row layout, with sane scale fields."""
+    rb = row_bytes(ftype, K)
+    if ftype == "BF16":
+        x = (rng.standard_normal((n_rows, K), dtype=np.float32) / math.sqrt(K)).astype(np.float32)
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n_rows, rb)
+    raw = rng.integers(0, 256, size=(n_rows, rb), dtype=np.uint8)
+    if ftype == "INT8":
+        raw[:, :4] = np.frombuffer(np.float32(1 / (127 * math.sqrt(K))).tobytes(), np.uint8)
+        return raw
+    elems, nbytes, scales = BLOCKS[ftype]
+    blocks = raw.reshape(n_rows, K // elems, nbytes)
+    for off, (kind, mag) in scales.items():
+        dt = np.float16 if kind == "f16" else np.float32
+        val = np.frombuffer(dt(mag / math.sqrt(K)).tobytes(), np.uint8)
+        blocks[..., off : off + len(val)] = val
+    return raw
+
+
+def random_weight(ftype: str, E: int, rows: int, K: int, seed: int) -> torch.Tensor:
+    """uint8 [E, rows, row_bytes]: a random pattern of rows tiled to size (fast; caches cannot tell)."""
+    n = E * rows
+    pattern = pattern_rows(ftype, K, min(n, 4096), np.random.default_rng(seed))
+    reps = -(-n // pattern.shape[0])
+    t = torch.from_numpy(pattern).repeat(reps, 1)[:n]
+    return t.reshape(E, rows, -1).contiguous()
+
+
+def layer_sources(fmt: str, shape: Shape, experts: int) -> tuple[tuple[str, str, str], list[torch.Tensor]]:
+    types = fmt_types(fmt, shape)
+    H, I = shape.hidden, shape.inter
+    dims = ((I, H), (I, H), (H, I))
+    return types, [random_weight(t, experts, r, k, seed=i) for i, (t, (r, k)) in enumerate(zip(types, dims))]
+
+
+def layer_bytes(types, shape: Shape, experts: int) -> int:
+    H, I = shape.hidden, shape.inter
+    return experts * (I * row_bytes(types[0], H) + I * row_bytes(types[1], H) + H * row_bytes(types[2], I))
+
+
+def routings(n: int, T: int, experts: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.rand(T, experts, generator=g).topk(k, dim=-1).indices.to(torch.int32)
+        w = torch.rand(T, k, generator=g)
+        out.append((ids, w))
+    return out
+
+
+def machine(threads: list[int], bw_gb: float) -> dict:
+    info = {"bandwidth_gbs": {}, "amx_int8_tops": {}, "amx_bf16_tflops": {}}
+    for t in threads:
+        info["bandwidth_gbs"][t] = cpu.stream_read_bandwidth(int(bw_gb * 1e9), t, rounds=5)
+        log(f"DRAM read bandwidth, {t} threads: {info['bandwidth_gbs'][t]:.1f} GB/s")
+        for dtype, key in (("int8", "amx_int8_tops"), ("bf16", "amx_bf16_tflops")):
+            peak = cpu.amx_peak(dtype, t)
+            info[key][t] = peak
+            if peak is not None:
+                log(f"AMX {dtype} peak, {t} threads: {peak:.1f} T{'OP' if dtype == 'int8' else 'FLOP'}/s")
+    return info
+
+
+def copies_for(layer_gb: float, args) -> int:
+    want = max(args.copies, math.ceil(args.min_gb / layer_gb))
+    cap = max(1, math.floor(args.max_gb / layer_gb))
+    return max(1, min(want, cap))
+
+
+def time_calls(run, calls, warmup: int, after=None) -> list[float]:
+    """Seconds of each call after the warm-up ones; after() runs untimed after each timed call."""
+    for c in calls[:warmup]:
+        run(*c)
+    times = []
+    for c in calls[warmup:]:
+        t0 = time.perf_counter()
+        run(*c)
+        times.append(time.perf_counter() - t0)
+        if after is not None:
+            after()
+    return times
+
+
+def machine_best(mach: dict, key: str) -> float | None:
+    """The machine's figure: the best reading over the thread counts measured (a property of the
+    machine, not of one thread count; the highest is the conservative bound)."""
+    vals = [v for v in mach[key].values() if v is not None]
+    return max(vals) if vals else None
+
+
+def tile_peak(path: str, mach: dict) -> tuple[float | None, str]:
+    if path.startswith("amx-int8"):
+        return machine_best(mach, "amx_int8_tops"), "amx-int8"
+    if path.startswith("amx-bf16"):
+        return machine_best(mach, "amx_bf16_tflops"), "amx-bf16"
+    return None, "bandwidth"
+
+
+def bench_engine(shape: Shape, fmt: str, args, mach: dict, threads: int, rows: list) -> None:
+    types, src = layer_sources(fmt, shape, args.experts or shape.experts)
+    E = args.experts or shape.experts
+    lb = layer_bytes(types, shape, E)
+    n_copies = copies_for(lb / 1e9, args)
+    log(f"{shape.name} {fmt} {types}: {n_copies} copies x {lb / 1e9:.2f} GB, {threads} threads")
+    eng = cpu.create_engine(n_threads=threads, isa=args.isa)
+    layers = []
+    for c in range(n_copies):
+        layers.append(cpu.add_layer(eng, types, *src, prequantized=True))
+        print(f"\r  packing copy {c + 1}/{n_copies}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    del src
+    per_expert = eng.layer_info(layers[0])["bytes"] / E
+    kinfo = eng.kernel_info()
+    H, I, k = shape.hidden, shape.inter, shape.top_k
+    for T in args.tokens:
+        calls_n = args.warmup + args.repeats
+        route = routings(calls_n, T, E, k, seed=T)
+        x = torch.randn(T, H, dtype=torch.bfloat16)
+        out = torch.empty(T, H, dtype=torch.bfloat16)
+        g = torch.Generator().manual_seed(T + 1)
+        picks = torch.randint(0, n_copies, (calls_n,), generator=g).tolist()
+        calls = [(layers[p], ids, w) for p, (ids, w) in zip(picks, route)]
+
+        def run(layer, ids, w, x=x, out=out):
+            cpu.wait(eng, cpu.submit(eng, layer, x, ids, w, out=out))
+
+        phases: list[dict] = []
+
+        def after(phases=phases):
+            phases.append(eng.last_phases())
+
+        times = time_calls(run, calls, args.warmup, after=after)
+        distinct = [len(torch.unique(ids)) for _, ids, _ in calls[args.warmup :]]
+        gbs = statistics.median(d * per_expert / t / 1e9 for d, t in zip(distinct, times))
+        t_med = statistics.median(times)
+        flop = 2.0 * T * k * 3 * H * I
+        counts_big = T * k / E >= kinfo[types[0]].get("big_min", 1 << 30)
+        path = kinfo[types[0]]["big_path"] if counts_big else kinfo[types[0]]["path"]
+        peak, peak_kind = tile_peak(path, mach)
+        bw = machine_best(mach, "bandwidth_gbs")
+        bytes_med = statistics.median(distinct) * per_expert
+        t_bound = bytes_med / (bw * 1e9)
+        bound_kind = "bandwidth"
+        if peak:
+            t_comp = flop / (peak * 1e12)
+            if t_comp > t_bound:
+                t_bound, bound_kind = t_comp, peak_kind
+        row = {
+            "engine": "tandem",
+            "shape": shape.name,
+            "format": fmt,
+            "types": "/".join(types),
+            "tokens": T,
+            "threads": threads,
+            "copies": n_copies,
+            "path": path,
+            "ms": t_med * 1e3,
+            "gbs": gbs,
+            "pct_bw": 100 * gbs / bw,
+            "tflops": flop / t_med / 1e12,
+            "bound": bound_kind,
+            "pct_bound": 100 * t_bound / t_med,
+            # when (ms after launch) the engine's phases ended, medians over the timed calls
+            "phases": {p: statistics.median(ph[p] for ph in phases) for p in phases[0]},
+        }
+        rows.append(row)
+        log(
+            f"  T={T:5d}  {row['ms']:9.3f} ms  {gbs:6.1f} GB/s ({row['pct_bw']:5.1f}% bw)  "
+            f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{path}]  "
+            + " ".join(f"{p}<{v:.2f}" for p, v in row["phases"].items())
+        )
+
+
+def bench_kt(shape: Shape, fmt: str, args, threads: int, rows: list) -> None:
+    """kt-kernel on the same rows. API facts from its public benchmarks (bench/bench_moe_amx.py):
+    kt_kernel_ext.CPUInfer(threads); moe.MOEConfig(E, k, H, I, 0) with gate/up/down bf16 data
+    pointers, max_len and pool; AMX*_MOE(config); load_weights_task(...); forward_task(bsz ptr, k,
+    int64 ids ptr, fp32 weights ptr, bf16 in ptr, bf16 out ptr, False). Versions differ in details;
+    any failure becomes a skipped row that says why."""
+    E = args.experts or shape.experts
+    H, I, k = shape.hidden, shape.inter, shape.top_k
+
+    def skip(why: str) -> None:
+        rows.append({"engine": "kt-kernel", "shape": shape.name, "format": fmt, "threads": threads, "skipped": why})
+        log(f"  kt-kernel {shape.name} {fmt}: skipped ({why})")
+
+    if fmt not in KT_CLASSES:
+        return skip("kt-kernel has no such format")
+    try:
+        from kt_kernel import kt_kernel_ext
+    except Exception as exc:  # noqa: BLE001 -- any import failure means: not available here
+        return skip(f"kt_kernel not importable: {exc}")
+    try:
+        infer = kt_kernel_ext.CPUInfer(threads)
+        weights = [torch.randn(E, I, H, dtype=torch.bfloat16) / H**0.5 for _ in range(2)]
+        weights.append(torch.randn(E, H, I, dtype=torch.bfloat16) / I**0.5)
+        config = kt_kernel_ext.moe.MOEConfig(E, k, H, I, 0)
+        config.max_len = max(args.tokens)
+        config.gate_proj, config.up_proj, config.down_proj = (w.data_ptr() for w in weights)
+        config.pool = infer.backend_
+        moe = getattr(kt_kernel_ext.moe, KT_CLASSES[fmt])(config)
+        mapping = torch.arange(E, dtype=torch.int64)
+        try:
+            infer.submit(moe.load_weights_task(mapping.data_ptr()))
+        except TypeError:
+            infer.submit(moe.load_weights_task())
+        infer.sync()
+    except Exception as exc:  # noqa: BLE001
+        return skip(f"kt-kernel setup failed ({type(exc).__name__}: {exc}); TODO: match this version's API")
+    for T in args.tokens:
+        route = routings(args.warmup + args.repeats, T, E, k, seed=T)
+        x = torch.randn(T, H, dtype=torch.bfloat16)
+        out = torch.empty(T, H, dtype=torch.bfloat16)
+        bsz = torch.tensor([T], dtype=torch.int32)
+
+        def run(ids, w, x=x, out=out, bsz=bsz):
+            ids64 = ids.to(torch.int64).contiguous()
+            task = moe.forward_task(
+                bsz.data_ptr(), k, ids64.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False
+            )
+            infer.submit(task)
+            infer.sync()
+
+        try:
+            times = time_calls(run, route, args.warmup)
+        except Exception as exc:  # noqa: BLE001
+            return skip(f"forward failed ({type(exc).__name__}: {exc})")
+        t_med = statistics.median(times)
+        rows.append(
+            {
+                "engine": "kt-kernel",
+                "shape": shape.name,
+                "format": fmt,
+                "tokens": T,
+                "threads": threads,
+                "ms": t_med * 1e3,
+                "tflops": 2.0 * T * k * 3 * H * I / t_med / 1e12,
+                "copies": 1,
+            }
+        )
+        log(f"  kt-kernel T={T:5d}  {t_med * 1e3:9.3f} ms (one copy: caches may serve small shapes)")
+
+
+def best_rows(rows: list) -> list:
+    """The best thread count of each (shape, format, tokens), with kt-kernel's best beside it."""
+    best: dict = {}
+    kt: dict = {}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        key = (r["shape"], r["format"], r["tokens"])
+        table = best if r["engine"] == "tandem" else kt
+        if key not in table or r["ms"] < table[key]["ms"]:
+            table[key] = r
+    out = []
+    for key, r in best.items():
+        r = dict(r)
+        if key in kt:
+            r["kt_ms"] = kt[key]["ms"]
+            r["vs_kt"] = kt[key]["ms"] / r["ms"]
+        out.append(r)
+    return out
+
+
+def print_table(rows: list, mach: dict) -> None:
+    print()
+    bw = ", ".join(f"{t} thr {v:.1f}" for t, v in mach["bandwidth_gbs"].items())
+    print(f"DRAM read bandwidth (GB/s): {bw}; rows use the best, {machine_best(mach, 'bandwidth_gbs'):.1f}")
+    for key, unit in (("amx_int8_tops", "TOP/s"), ("amx_bf16_tflops", "TFLOP/s")):
+        vals = {t: v for t, v in mach[key].items() if v is not None}
+        if vals:
+            print(
+                f"{key.split('_')[1].upper()} AMX peak ({unit}): "
+                + ", ".join(f"{t} thr {v:.1f}" for t, v in vals.items())
+                + f"; bounds use the best, {max(vals.values()):.1f}"
+            )
+    head = f"{'shape':18} {'format':7} {'T':>5} {'thr':>3} {'ms':>9} {'GB/s':>7} {'%bw':>6} {'TFLOP/s':>8} {'%bound':>7} {'bound':10} {'kt ms':>9} {'vs kt':>6}  path"
+    print(head)
+    print("-" * len(head))
+    for r in best_rows(rows):
+        kt_ms = f"{r['kt_ms']:9.3f}" if "kt_ms" in r else f"{'-':>9}"
+        vs = f"{r['vs_kt']:5.2f}x" if "vs_kt" in r else f"{'-':>6}"
+        print(
+            f"{r['shape']:18} {r['format']:7} {r['tokens']:5d} {r['threads']:3d} {r['ms']:9.3f} {r['gbs']:7.1f} "
+            f"{r['pct_bw']:5.1f}% {r['tflops']:8.2f} {r['pct_bound']:6.1f}% {r['bound']:10} {kt_ms} {vs}  {r['path']}"
+        )
+    for r in rows:
+        if "skipped" in r:
+            print(f"kt-kernel {r['shape']} {r['format']} ({r['threads']} thr): skipped -- {r['skipped']}")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shapes", default="v3,v2-lite,qwen3", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
+    p.add_argument("--tokens", type=int_list, default=[1, 4, 32, 256, 2048], help="tokens per call, comma list")
+    p.add_argument(
+        "--threads", type=int_list, default=None, help="thread counts, comma list (default: all usable cpus)"
+    )
+    p.add_argument("--copies", type=int, default=8, help="at least this many copies of the layer")
+    p.add_argument("--min-gb", type=float, default=4.0, help="and at least this many GB of copies")
+    p.add_argument("--max-gb", type=float, default=48.0, help="but at most this many GB of copies (>= 1 copy)")
+    p.add_argument("--experts", type=int, default=None, help="override the shape's expert count (small runs)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    p.add_argument("--bw-gb", type=float, default=8.0, help="buffer for the bandwidth measurement (GB)")
+    p.add_argument("--isa", default=None, help="force the engine's kernels (generic, avx2, avx512, amx)")
+    p.add_argument("--kt", choices=("auto", "off"), default="auto", help="compare kt-kernel when importable")
+    p.add_argument("--json", default=None, help="write machine, rows and table as JSON here")
+    args = p.parse_args(argv)
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    formats = [f for f in args.formats.split(",") if f]
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    for f in formats:
+        if f not in FORMATS:
+            p.error(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    if any(t < 1 for t in args.tokens) or args.repeats < 1 or args.warmup < 0:
+        p.error("--tokens must be >= 1, --repeats >= 1, --warmup >= 0")
+    if args.experts is not None:
+        small = [SHAPES[s].name for s in shapes if SHAPES[s].top_k > args.experts]
+        if small:
+            p.error(f"--experts {args.experts} is below top-k of {', '.join(small)}")
+    threads = args.threads or [len(os.sched_getaffinity(0))]
+
+    log(f"tandem CPU MoE benchmark: {platform.processor() or platform.machine()}, isa {cpu.isa_info()}")
+    mach = machine(threads, args.bw_gb)
+    rows: list = []
+    for s in shapes:
+        for f in formats:
+            for t in threads:
+                bench_engine(SHAPES[s], f, args, mach, t, rows)
+                if args.kt == "auto":
+                    bench_kt(SHAPES[s], f, args, t, rows)
+    print_table(rows, mach)
+    if args.json:
+        result = {
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "args": vars(args),
+            "shapes": {s: asdict(SHAPES[s]) for s in shapes},
+            "machine": mach,
+            "isa": cpu.isa_info(),
+            "rows": rows,
+            "table": best_rows(rows),
+        }
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Every ISA's kernels (AVX2, AVX-512, AMX) against the generic ones on the same weights and inputs:
+within the format's activation-quantization bound of the generic output (ISA_VS_GENERIC), and
+within ~1e-3 of an emulation of the very roundings the ISA applies (isa_cases.emulate), which
+catches a wrong scale that the quantization noise would hide. Each ISA skips cleanly where the CPU
+or the build lacks it; the AMX cases carry the `amx` mark."""
+
+import os
+
+import pytest
+import torch
+
+from tandem.ops import cpu
+from tests.ops.isa_cases import ISA_VS_EMULATION, ISA_VS_GENERIC, emulate, usable_isas
+from tests.ops.moe_cases import assert_matches, dense_weights, dequant_ref, gguf_blocks, rel_err, routing, tokens
+
+ONLINE = ("BF16", "INT8", "INT4")
+# E (odd), I, H per format: partial row groups (I, H not multiples of 16) and odd K where the
+# format allows any K (BF16, INT8 pad K inside their layout).
+SHAPES = {
+    "BF16": (5, 36, 100),
+    "INT8": (7, 72, 100),
+    "INT4": (5, 320, 192),
+    "Q8_0": (7, 160, 96),
+    "Q5_0": (5, 160, 96),
+    "Q4_K": (5, 256, 768),
+    "Q5_K": (3, 512, 256),
+    "Q6_K": (5, 256, 768),
+}
+MIXES = {"Q4_K_M": ("Q4_K", "Q4_K", "Q6_K"), "V2-Lite Q4_K_M": ("Q4_K", "Q4_K", "Q8_0")}
+
+
+def isa_param(isa):
+    marks = [pytest.mark.amx] if isa == "amx" else []
+    return pytest.param(isa, marks=marks, id=isa)
+
+
+ISAS = [isa_param(i) for i in ("avx2", "avx512", "amx")]
+
+
+def need(isa):
+    info = cpu.isa_info()
+    if isa not in info["built"]:
+        pytest.skip(f"this build has no {isa} kernels")
+    if isa not in info["cpu"]:
+        pytest.skip(f"this CPU (or OS) does not support {isa}")
+
+
+def layer_sources(fmts, E, I, H, seed=0):
+    """Weights for add_layer and the float32 weights the generic kernels compute with."""
+    if fmts[0] in ONLINE:
+        dense = dense_weights(E, I, H, seed=seed)
+        return dense, tuple(dequant_ref(f, t) for f, t in zip(fmts, dense))
+    shapes = ((E, I, H), (E, I, H), (E, H, I))
+    pairs = [gguf_blocks(f, *s, seed=seed + i) for i, (f, s) in enumerate(zip(fmts, shapes))]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+_CACHE: dict = {}
+
+
+def engines(isa):
+    """(generic engine, isa engine), shared across tests."""
+    if isa not in _CACHE:
+        _CACHE[isa] = cpu.create_engine(n_threads=2, isa=isa)
+    if "generic" not in _CACHE:
+        _CACHE["generic"] = cpu.create_engine(n_threads=2, isa="generic")
+    return _CACHE["generic"], _CACHE[isa]
+
+
+def run_both(isa, fmts, E, I, H, T, k, kind="random", x_dtype=torch.float32, seed=0):
+    gen, eng = engines(isa)
+    src, held = layer_sources(fmts, E, I, H, seed=seed)
+    lg, li = cpu.add_layer(gen, fmts, *src), cpu.add_layer(eng, fmts, *src)
+    x = tokens(T, H, seed=T + seed, dtype=x_dtype)
+    ids, w = routing(T, E, k, kind=kind, seed=k + seed)
+    ref = cpu.wait(gen, cpu.submit(gen, lg, x, ids, w, out_dtype=torch.float32))
+    out = cpu.wait(eng, cpu.submit(eng, li, x, ids, w, out_dtype=torch.float32))
+    emu = emulate(eng, x, ids, w, held, fmts)
+    return out, ref, emu, eng
+
+
+def bound(eng, fmts) -> float:
+    """The loosest activation layout among the projections' kernels decides the bound."""
+    info = eng.kernel_info()
+    kinds = {info[f]["act"] for f in fmts} | {info[f].get("big_act", info[f]["act"]) for f in fmts}
+    return max(ISA_VS_GENERIC[k] for k in kinds)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", list(SHAPES))
+@pytest.mark.parametrize("T,k", [(1, 1), (3, 2), (17, 4), (256, 3)])
+def test_isa_matches_generic(isa, fmt, T, k):
+    need(isa)
+    E, I, H = SHAPES[fmt]
+    fmts = (fmt,) * 3
+    out, ref, emu, eng = run_both(isa, fmts, E, I, H, T, k)
+    assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} vs emulation")
+    assert_matches(out, ref, bound(eng, fmts), f"{isa} {fmt} vs generic")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["INT8", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["one", "padded", "few"])
+def test_isa_skewed_routing(isa, fmt, kind):
+    """All tokens on one expert (the prefill kernels' case), padding slots, repeated experts."""
+    need(isa)
+    E, I, H = SHAPES[fmt]
+    out, ref, emu, eng = run_both(isa, (fmt,) * 3, E, I, H, 40, 3, kind=kind, x_dtype=torch.bfloat16)
+    assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} {kind} vs emulation")
+    assert_matches(out, ref, bound(eng, (fmt,) * 3), f"{isa} {fmt} {kind}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_isa_q4_k_m_mixes(isa, mix):
+    need(isa)
+    fmts = MIXES[mix]
+    E, I, H = (7, 512, 256) if fmts[2] == "Q6_K" else (5, 352, 256)
+    for T, k in ((1, 6), (64, 6)):
+        out, ref, emu, eng = run_both(isa, fmts, E, I, H, T, k, seed=T)
+        assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {mix} T={T} vs emulation")
+        assert_matches(out, ref, bound(eng, fmts), f"{isa} {mix} T={T}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_prefill_kernels_run(isa):
+    """Enough tokens per expert that the ISA's `big` kernels (AMX tiles) serve every format."""
+    need(isa)
+    _, eng = engines(isa)
+    info = eng.kernel_info()
+    for fmt in ("INT8", "BF16", "Q4_K"):
+        E, I, H = 3, 64 if fmt != "Q4_K" else 256, 256
+        out, ref, emu, _ = run_both(isa, (fmt,) * 3, E, I, H, 96, 2)
+        if "big_path" in info[fmt]:
+            assert 96 * 2 // E >= info[fmt]["big_min"]
+        assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} prefill vs emulation")
+        assert rel_err(out, ref) < bound(eng, (fmt,) * 3)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_fake_two_nodes(isa):
+    """NUMA slices (an injected two-node topology) give each node a part of I to pack."""
+    need(isa)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two cpus to inject a two-node topology")
+    fmts = MIXES["Q4_K_M"]
+    src, _ = layer_sources(fmts, 4, 512, 256)
+    one = cpu.create_engine(n_threads=2, numa_nodes=[cpus], isa=isa)
+    two = cpu.create_engine(n_threads=2, numa_nodes=[[cpus[0]], [cpus[1]]], isa=isa)
+    l1, l2 = cpu.add_layer(one, fmts, *src), cpu.add_layer(two, fmts, *src)
+    x = tokens(17, 256)
+    ids, w = routing(17, 4, 3, kind="padded")
+    out1 = cpu.wait(one, cpu.submit(one, l1, x, ids, w))
+    out2 = cpu.wait(two, cpu.submit(two, l2, x, ids, w))
+    # Each node quantizes its own slice of h: one int8 step apart at most.
+    assert_matches(out2, out1, ISA_VS_EMULATION, "2 nodes vs 1")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_results_do_not_depend_on_thread_count(isa):
+    need(isa)
+    fmts = ("Q4_K", "Q4_K", "Q6_K")
+    src, _ = layer_sources(fmts, 5, 256, 512)
+    x = tokens(40, 512)
+    ids, w = routing(40, 5, 3)
+    outs = []
+    for n in (1, 2, 3):
+        e = cpu.create_engine(n_threads=n, numa_nodes=[sorted(os.sched_getaffinity(0))], isa=isa)
+        layer = cpu.add_layer(e, fmts, *src)
+        outs.append(cpu.wait(e, cpu.submit(e, layer, x, ids, w)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_memory_is_the_file_size(isa):
+    """The tiled layout keeps the file's bytes: a group of R full rows takes R rows' bytes, plus at
+    most 63 bytes of padding to keep the next group 64-byte aligned."""
+    need(isa)
+    _, eng = engines(isa)
+    fmts = MIXES["Q4_K_M"]
+    E, I, H = 2, 512, 256
+    src, _ = layer_sources(fmts, E, I, H)
+    info = eng.layer_info(cpu.add_layer(eng, fmts, *src))
+    R = info["row_group"]
+    assert R == (8 if isa == "avx2" else 16)
+    file_bytes = sum(t.numel() for t in src)
+    groups = E * (2 * I // R + H // R)
+    assert file_bytes <= info["bytes"] <= file_bytes + 63 * groups
+
+
+def test_usable_isas_are_reported():
+    info = cpu.isa_info()
+    assert set(usable_isas()) <= set(info["cpu"]) & set(info["built"])
+    for isa in usable_isas():
+        assert cpu.create_engine(n_threads=1, isa=isa).isa == isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["INT8", "BF16", "Q4_K"])
+def test_isa_many_tokens_on_one_expert(isa, fmt):
+    """More tokens on one expert than a tile kernel's token block (256): the blocks must chain."""
+    need(isa)
+    E, I, H = 3, 48 if fmt != "Q4_K" else 256, 256
+    out, ref, emu, eng = run_both(isa, (fmt,) * 3, E, I, H, 300, 2, kind="one")
+    assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} 600 tokens on one expert vs emulation")
+    assert_matches(out, ref, bound(eng, (fmt,) * 3), f"{isa} {fmt} 600 tokens on one expert")
