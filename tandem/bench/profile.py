@@ -1,0 +1,153 @@
+"""`tandem bench --profile`: where a step's time goes, layer by layer, from forward hooks.
+
+A timing pass applied to the built model (hooks, removed afterwards), not a code path of its own:
+each decoder layer's attention, and for MoE layers the router, the routed experts' submit and
+wait (the experts backend's methods, wrapped on the instance), the shared experts; dense layers'
+FFN; then embed + final norm + head (the model's forward minus its layers) and everything outside
+the model's forward (sampling, scheduling, Python: "outside model"). On CUDA every boundary
+synchronizes, so the parts add up but overlap (CPU experts beside GPU shared experts) is lost:
+read it as attribution, not throughput. Host<->device copies of the routed path are inside
+"experts submit" / "experts wait" (CpuExperts moves x to the host and the output back).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from tandem.layers.moe import MoE
+
+CATEGORIES = ("attention", "router", "experts submit", "shared experts", "experts wait", "moe other",
+              "dense ffn", "embed+head", "outside model")
+
+
+class Profile:
+    def __init__(self, sync: bool):
+        self.sync = sync
+        self.per_layer: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.totals: dict[str, float] = defaultdict(float)
+        self.moe_layers: set[int] = set()
+        self.forwards = 0
+        self.first: tuple[dict, dict] | None = None  # totals and per-layer after the first forward
+
+    def model_done(self) -> None:
+        self.forwards += 1
+        if self.forwards == 1:
+            self.first = (dict(self.totals), {i: dict(r) for i, r in self.per_layer.items()})
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, layer: int | None, what: str, seconds: float) -> None:
+        self.totals[what] += seconds
+        if layer is not None:
+            self.per_layer[layer][what] += seconds
+
+    def summary(self, wall_seconds: float, steps: int, skip_first: bool = False) -> dict:
+        """ms per step by category (exclusive times), and per layer; skip_first leaves out the
+        first forward (the prefill of a decode run)."""
+        t = dict(self.totals)
+        per_layer = {i: dict(r) for i, r in self.per_layer.items()}
+        if skip_first and self.first is not None:
+            t = {k: v - self.first[0].get(k, 0.0) for k, v in t.items()}
+            for i, row in per_layer.items():
+                for k in row:
+                    row[k] -= self.first[1].get(i, {}).get(k, 0.0)
+        moe_parts = ("router", "experts submit", "shared experts", "experts wait")
+        out = {c: 0.0 for c in CATEGORIES}
+        out["attention"] = t.get("attention", 0.0)
+        out["dense ffn"] = t.get("dense ffn", 0.0)
+        for p in moe_parts:
+            out[p] = t.get(p, 0.0)
+        out["moe other"] = max(0.0, t.get("moe", 0.0) - sum(out[p] for p in moe_parts))
+        out["embed+head"] = max(0.0, t.get("model", 0.0) - t.get("layers", 0.0))
+        out["outside model"] = max(0.0, wall_seconds - t.get("model", 0.0))
+        layers = []
+        for i in sorted(per_layer):
+            row = per_layer[i]
+            layers.append({"layer": i, "kind": "moe" if i in self.moe_layers else "dense",
+                           **{k: 1e3 * v / steps for k, v in row.items()}})
+        return {"steps": steps, "wall_ms_per_step": 1e3 * wall_seconds / steps,
+                "ms_per_step": {k: 1e3 * v / steps for k, v in out.items()}, "layers": layers}
+
+
+def _timed_method(prof: Profile, layer: int, what: str, fn):
+    def wrapper(*args, **kwargs):
+        t0 = prof.now()
+        out = fn(*args, **kwargs)
+        prof.add(layer, what, prof.now() - t0)
+        return out
+
+    return wrapper
+
+
+@contextmanager
+def profiled(model: torch.nn.Module, sync: bool):
+    """Install the timing hooks on `model` for the duration of the block; yields the Profile."""
+    prof = Profile(sync)
+    handles, wrapped = [], []
+    starts: dict[int, float] = {}
+
+    def hook(module, layer, what):
+        key = id(module)
+
+        def pre(*_):
+            starts[key] = prof.now()
+
+        def post(*_):
+            prof.add(layer, what, prof.now() - starts.pop(key))
+            if module is model:
+                prof.model_done()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    hook(model, None, "model")
+    for i, layer in enumerate(model.layers):
+        hook(layer, None, "layers")
+        hook(layer.attn, i, "attention")
+        if isinstance(layer.ffn, MoE):
+            prof.moe_layers.add(i)
+            hook(layer.ffn, i, "moe")
+            hook(layer.ffn.router, i, "router")
+            if layer.ffn.shared is not None:
+                hook(layer.ffn.shared, i, "shared experts")
+            experts = layer.ffn.experts
+            for method, what in (("submit", "experts submit"), ("wait", "experts wait")):
+                experts.__dict__[method] = _timed_method(prof, i, what, getattr(experts, method))
+                wrapped.append((experts, method))
+        else:
+            hook(layer.ffn, i, "dense ffn")
+    try:
+        yield prof
+    finally:
+        for h in handles:
+            h.remove()
+        for obj, method in wrapped:
+            del obj.__dict__[method]
+
+
+def profile_run(llm, cfg, timer, log=print) -> dict:
+    """One profiled prefill (the first prompt length) and one profiled decode."""
+    sync = torch.device(cfg.device).type == "cuda"
+    out = {}
+    p = cfg.prompts[0]
+    with profiled(llm.model, sync) as prof:
+        t0 = time.perf_counter()
+        timer.prefill(p)
+        out[f"prefill_{p}"] = prof.summary(time.perf_counter() - t0, 1)
+    n = cfg.decode_tokens
+    prompt = timer.prompt(cfg.context)
+    llm.generate(prompt[:16], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # warm
+    with profiled(llm.model, sync) as prof:
+        g = llm.generate(prompt, max_new_tokens=n + 1, temperature=0.0, ignore_eos=True)
+    out[f"decode_after_{cfg.context}"] = prof.summary(g.decode_seconds, n, skip_first=True)
+    for name, summary in out.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_step"].items() if v > 0.005)
+        log(f"profile {name} (ms per step): {parts}")
+    return out

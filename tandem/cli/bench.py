@@ -1,0 +1,120 @@
+"""`tandem convert --synth ARCH` (shape-true synthetic GGUF) and `tandem bench MODEL` (speed vs bounds)."""
+
+import argparse
+import shlex
+import sys
+
+from tandem.errors import TandemError
+
+ARCH_NAMES = ("deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b")
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="write a synthetic GGUF with a real model's tensors (random weights)")
+    p.add_argument("--synth", required=True, choices=ARCH_NAMES, help="architecture whose shapes to copy")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write (e.g. /dev/shm/v3-4.gguf)")
+    p.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all)")
+    p.add_argument("--qtype", default="Q4_K_M", choices=("Q4_K_M", "Q8_0", "BF16"), help="default: Q4_K_M")
+    p.add_argument("--router-skew", type=float, default=0.0,
+                   help="make some experts hot: row r of each router scaled by 1 + S/(1 + r) (default 0: uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix-depth", default="full", choices=("full", "truncated"),
+                   help="quant mix of the full model's first N layers (default) or of an N-layer model")
+    p.add_argument("--scale", type=int, default=1, help="debug: N times narrower, NOT the real shapes (tests)")
+    p.add_argument("--threads", type=int, default=None, help="generator threads (default: all cores)")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="prefill / decode speed beside this machine's measured bounds")
+    p.add_argument("model", nargs="?", help="HF model directory or GGUF model")
+    p.add_argument("--extrapolate", nargs=2, metavar=("A.gguf", "B.gguf"),
+                   help="two truncations of one model: also estimate the full depth")
+    p.add_argument("--full-layers", type=int, default=None,
+                   help="with --extrapolate on non-synthetic files: the full model's layer count")
+    p.add_argument("--prompts", default="512,2048,8192", help="prefill prompt lengths (default 512,2048,8192)")
+    p.add_argument("--context", type=int, default=1024, help="context before the timed decode (default 1024)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="timed decode tokens (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes (default 1)")
+    p.add_argument("--users", type=int, default=0, help="also time N concurrent decode streams (e.g. 16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the expert engine")
+    p.add_argument("--device", default="cpu", help="device for the non-expert layers: cpu or cuda")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--experts-format", default="bf16", choices=("bf16", "int8", "int4"),
+                   help="what float-checkpoint experts become (GGUF experts keep their blocks)")
+    p.add_argument("--bw-gb", type=float, default=4.0, help="DRAM probe buffer in GB (default 4; TARGETS uses 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every figure as JSON here")
+    p.add_argument("--plot", help="write tok/s vs prompt length with the bounds as a PNG here")
+    p.add_argument("--profile", action="store_true", help="time per layer: attention, experts, shared, other")
+    p.add_argument("--peer", choices=("llama.cpp",), help="measure llama.cpp the same way")
+    p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary (default: on PATH)")
+
+
+def _defaults() -> argparse.Namespace:
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_bench_parser(sub)
+    return sub.choices["bench"].parse_args([])
+
+
+def _prompts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TandemError(f"--prompts takes comma-separated token counts, e.g. 512,2048,8192; got {text!r}") from None
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option that differs from its default)."""
+    parts = ["tandem", "bench"] + ([shlex.quote(args.model)] if args.model else [])
+    defaults = vars(_defaults())
+    for key, value in vars(args).items():
+        if key in ("command", "model") or key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *(shlex.quote(str(v)) for v in value)]
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from tandem.testing.synth import write_synth
+
+    w = write_synth(args.output, args.synth, args.layers, args.qtype, seed=args.seed, router_skew=args.router_skew,
+                    scale=args.scale, mix_depth=args.mix_depth, threads=args.threads, progress=sys.stderr.isatty())
+    m = w.model
+    print(f"wrote {w.path}: {m.arch} {m.layers}/{m.full_layers} layers ({m.dense_layers} dense, {m.moe_layers} MoE), "
+          f"{m.qtype}, {len(m.tensors)} tensors, {w.nbytes / 1e9:.2f} GB in {w.seconds:.1f} s ({w.gb_per_s:.2f} GB/s)")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tandem.bench import report
+    from tandem.bench.measure import BenchConfig
+    from tandem.bench.suite import bench
+
+    if (args.model is None) == (args.extrapolate is None):
+        raise TandemError("give a MODEL, or --extrapolate A.gguf B.gguf (not both)")
+    if args.bw_gb <= 0:
+        raise TandemError("--bw-gb must be > 0")
+    cfg = BenchConfig(model=args.model or args.extrapolate[0], prompts=_prompts(args.prompts), context=args.context,
+                      decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                      device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
+                      experts_format=args.experts_format)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = bench(cfg, extrapolate=tuple(args.extrapolate) if args.extrapolate else None, profile=args.profile,
+                   peer=args.peer, llama_bench=args.llama_bench, full_layers=args.full_layers,
+                   bw_bytes=int(args.bw_gb * 1e9), progress=sys.stderr.isatty(), command=_command(args), log=log)
+    if args.json:
+        report.write_json(result, args.json)
+    if args.plot:
+        report.plot(result, args.plot)
+    print(report.table(result))
+    return 0

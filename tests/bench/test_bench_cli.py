@@ -1,0 +1,62 @@
+"""`tandem bench` end to end on tiny synthetic models: table, JSON, PNG, profile, extrapolation."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tandem.cli.main import main
+from tandem.testing.synth import write_synth
+
+FAST = ["--prompts", "8,16", "--context", "8", "--decode-tokens", "3", "--repeats", "1", "--warmup", "0",
+        "--bw-gb", "0.02", "--threads", "2"]
+
+
+@pytest.fixture(autouse=True)
+def quick_probes(monkeypatch):
+    """The AMX probe takes seconds on a loaded 2-core box; the bound arithmetic has its own tests."""
+    monkeypatch.setattr("tandem.bench.machine.amx_peaks", lambda threads, seconds=0.2: (None, None))
+
+
+@pytest.fixture(scope="module")
+def truncations(tmp_path_factory):
+    """Debug-scale DeepSeek-V2-Lite with 1 dense + 2 and 1 dense + 1 MoE layers."""
+    root = tmp_path_factory.mktemp("bench")
+    return [write_synth(root / f"v2l-{n}.gguf", "deepseek-v2-lite", n, scale=16, progress=False).path for n in (3, 2)]
+
+
+def test_bench_writes_json_plot_and_profile(truncations, tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    assert main(["bench", str(truncations[1]), *FAST, "--json", str(out), "--profile", *plot]) == 0
+    table = capsys.readouterr().out
+    assert "prefill 16 tok/s" in table and "decode tok/s (ctx 8)" in table and "reproduce: tandem bench" in table
+    r = json.loads(out.read_text())
+    s = r["models"][0]
+    assert r["machine"]["dram_read_gbs"] > 0
+    assert set(s["measured"]["prefill_tok_s"]) == {"8", "16"} and s["measured"]["decode_tok_s"] > 0
+    assert s["measured"]["peak_rss_gb"] > 0
+    assert s["bounds"]["decode_roofline_tok_s"] > 0 and s["shape"]["moe_layers"] == 1
+    prof = s["profile"]["prefill_8"]["ms_per_step"]
+    assert prof["attention"] > 0 and prof["experts wait"] + prof["experts submit"] > 0
+    assert [row["kind"] for row in s["profile"]["decode_after_8"]["layers"]] == ["dense", "moe"]
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_extrapolates_two_truncations(truncations, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["bench", "--extrapolate", *map(str, truncations), *FAST, "--json", str(out)]) == 0
+    assert "ESTIMATE from 2 vs 1 MoE layers extrapolated to 26" in capsys.readouterr().out
+    est = json.loads(out.read_text())["estimate"]
+    assert est["estimate"] and est["shape"]["moe_layers"] == 26
+    m = est["measured"]  # tiny layers: noise may exceed a layer's time, then the figure is None
+    assert set(m["prefill_tok_s"]) == {"8", "16"} and set(m["per_moe_layer_s"]) == {"prefill_8", "prefill_16", "decode_token"}
+    assert all(v is None or v > 0 for v in [m["decode_tok_s"], *m["prefill_tok_s"].values()])
+
+
+def test_bench_user_errors(truncations, capsys):
+    assert main(["bench"]) == 2
+    assert main(["bench", str(truncations[0]), "--prompts", "a,b"]) == 2
+    assert main(["bench", "--extrapolate", str(truncations[0]), str(truncations[0]), *FAST]) == 2
+    assert capsys.readouterr().err.count("error:") == 3
