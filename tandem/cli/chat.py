@@ -15,17 +15,31 @@ def open_model(args: argparse.Namespace, path) -> LLM:
         import torch
 
         torch.set_num_threads(args.threads)
-    return LLM(
-        path,
-        dtype=args.dtype,
-        device=args.device,
-        max_context=args.max_context,
-        progress=sys.stderr.isatty(),
-        config_dir=args.config_dir,
-        experts=args.experts,
-        experts_format=args.experts_format,
-        cpu_threads=args.cpu_threads,
-    )
+    try:
+        return LLM(
+            path,
+            dtype=args.dtype,
+            device=args.device,
+            max_context=args.max_context,
+            progress=sys.stderr.isatty(),
+            config_dir=args.config_dir,
+            experts=args.experts,
+            experts_format=args.experts_format,
+            cpu_threads=args.cpu_threads,
+            max_batch=args.max_batch,
+            cpu_moe=args.cpu_moe,
+            n_cpu_moe_layers=args.n_cpu_moe_layers,
+            placement=args.placement,
+            vram_budget=args.vram_budget,
+            ram_budget=args.ram_budget,
+        )
+    except TandemError as e:
+        plan = getattr(e, "plan", None)  # placement.advice.DoesNotFit carries the memory plan
+        if plan is not None and not sys.stderr.isatty():  # on a terminal LLM has shown it already
+            from tandem.placement.memory import format_plan
+
+            print(format_plan(plan), file=sys.stderr)
+        raise
 
 
 def stats_line(g: Generation) -> str:

@@ -1,4 +1,4 @@
-"""`tandem chat | generate | inspect | serve`: parse arguments, call the runtime, print.
+"""`tandem chat | generate | inspect | serve | eval | convert | bench`: parse arguments, call the runtime, print.
 
 User errors (TandemError) print one line and exit with status 2, without a traceback.
 """
@@ -6,6 +6,7 @@ User errors (TandemError) print one line and exit with status 2, without a trace
 import argparse
 import sys
 
+from tandem.cli.bench import add_bench_parser, add_convert_parser
 from tandem.errors import TandemError
 
 
@@ -28,6 +29,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="what float-checkpoint experts become in the CPU engine (GGUF experts keep their blocks)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU expert engine threads (default: the cores this process may use)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences run at once; the KV cache holds max-batch x max-context tokens (default: 8)")
+    # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
+    p.add_argument("--cpu-moe", action="store_true",
+                   help="all routed experts in the CPU engine, everything else on --device (the default)")
+    p.add_argument("--n-cpu-moe-layers", type=int, default=None, metavar="N",
+                   help="routed experts of the first N MoE layers in the CPU engine, the rest on --device")
+    p.add_argument("--placement", metavar="FILE",
+                   help="placement rules tried first: 'REGEX = cpu-engine|gpu|cpu' per line, or a JSON list")
+    p.add_argument("--vram-budget", type=float, default=None, metavar="GB",
+                   help="VRAM the memory plan may use (default: the device's free memory)")
+    p.add_argument("--ram-budget", type=float, default=None, metavar="GB",
+                   help="RAM the memory plan may use (default: MemAvailable)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.cli.evaluate import add_eval_parser  # here, not at import: evaluate imports this module
 
     add_eval_parser(sub)
+    add_convert_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -129,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return run_serve(args)
+        if args.command in ("bench", "convert"):
+            from tandem.cli.bench import run_bench, run_convert
+
+            return run_bench(args) if args.command == "bench" else run_convert(args)
         if args.command == "eval":
             from tandem.cli.evaluate import run_eval
 

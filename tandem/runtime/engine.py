@@ -67,7 +67,8 @@ class Engine:
         vocab = self.tokenizer.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise TandemError(f"prompt token ids must be in 0..{vocab - 1}")
-        seq = Sequence(next(self._ids), list(prompt), params, make_generator(params))
+        # Seeded requests sample on the logits' device, so their generator lives there too.
+        seq = Sequence(next(self._ids), list(prompt), params, make_generator(params, self.runner.device))
         self._seqs[seq.seq_id] = seq
         self._detok[seq.seq_id] = _Detok(self.tokenizer, params.stop)
         self.scheduler.add(seq)

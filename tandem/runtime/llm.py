@@ -7,6 +7,7 @@ A prompt is raw text (tokenized with the model's BOS handling), a chat as a list
 {"role", "content"} messages (rendered with the model's chat template), or token ids.
 """
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,9 +16,25 @@ from pathlib import Path
 import torch
 
 from tandem.errors import TandemError
+from tandem.placement.advice import budgets, check_fits
+from tandem.placement.memory import format_plan
+from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.engine import Engine
-from tandem.runtime.experts import create_cpu_engine, place_experts_on_cpu
-from tandem.runtime.loader import load_model, open_model_files, resolve_dtype
+from tandem.runtime.experts import create_cpu_engine
+from tandem.runtime.loader import (
+    checkpoint_view,
+    load_model,
+    meta_model,
+    open_model_files,
+    resolve_dtype,
+)
+from tandem.runtime.plan import (
+    bind_cpu_engine,
+    experts_modules,
+    experts_targets,
+    plan_model,
+    stored_tensors,
+)
 from tandem.runtime.sampling import SamplingParams
 
 Prompt = str | list[dict] | list[int]
@@ -67,12 +84,24 @@ class LLM:
         experts: str = "cpu",
         experts_format: str = "bf16",
         cpu_threads: int | None = None,
+        cpu_moe: bool = False,
+        n_cpu_moe_layers: int | None = None,
+        placement: str | Path | None = None,
+        vram_budget: float | None = None,
+        ram_budget: float | None = None,
+        show_plan: bool | None = None,
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
-        cpu_threads: the engine's worker threads (default: the cores this process may use)."""
-        if experts not in ("cpu", "torch"):
-            raise TandemError(f"unknown experts backend {experts!r}; choose cpu or torch")
+        cpu_threads: the engine's worker threads (default: the cores this process may use).
+        device: where everything but the routed experts runs ('cpu', 'cuda', 'cuda:N').
+        cpu_moe / n_cpu_moe_layers / placement: where the routed experts go (tandem.placement.rules):
+        all in the CPU engine (the default), those of the first N MoE layers (the rest on the
+        device, plain torch), or as a rules file says. vram_budget / ram_budget (GB) replace the
+        measured free VRAM / available RAM the memory plan is checked against before loading.
+        show_plan: print the plan to stderr (default: when `progress`)."""
+        options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
+                                   rules_file=None if placement is None else str(placement))
         self.model_dir = Path(model)
         with open_model_files(self.model_dir, config_dir) as files:
             self.hf_config = files.hf  # None for a GGUF model without --config-dir
@@ -82,13 +111,30 @@ class LLM:
             if max_context is not None and not 1 < max_context <= limit:
                 raise TandemError(f"--max-context {max_context} is out of range: the model supports 2..{limit} tokens")
             self.max_context = max_context or min(limit, 8192)
+            if max_batch < 1:
+                raise TandemError(f"--max-batch must be >= 1, got {max_batch}")
             self.tokenizer = files.tokenizer()
             self.defaults = files.generation_defaults()
-            self.model = load_model(files, self.dtype, device, progress)
+            # Plan on the meta model, from headers alone: refuse before any big allocation.
+            net = meta_model(files.model_class(), cfg, self.dtype)
+            self.placement = build_placement(options, experts_modules(net))
+            ckpt, rename, _, derived = checkpoint_view(files, net)
+            vram, ram, sources = budgets(device, vram_budget, ram_budget)
+            self.plan = plan_model(
+                net, stored_tensors(files.gguf if files.gguf is not None else ckpt), rename, self.placement,
+                max_context=self.max_context, max_batch=max_batch, experts_format=experts_format, derived=derived,
+                vram_budget=vram, ram_budget=ram, budget_sources=sources,
+            )
+            if files.gguf is None:
+                ckpt.close()
+            if progress if show_plan is None else show_plan:
+                print(format_plan(self.plan), file=sys.stderr)
+            check_fits(self.plan)
+            self.model = load_model(files, self.dtype, device, progress, placement=self.placement)
         self.cpu_engine = None
-        if experts == "cpu":
+        if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
             self.cpu_engine = create_cpu_engine(cpu_threads)
-            place_experts_on_cpu(self.model, self.cpu_engine, experts_format)
+            bind_cpu_engine(self.model, self.placement, self.cpu_engine, experts_format)
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -22,6 +22,7 @@ from tandem.errors import TandemError
 from tandem.models.gguf_meta import f32_decimal
 from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
+from tandem.runtime.plan import cpu_block_rename, materialize
 from tandem.runtime.sampling import load_generation_defaults
 from tandem.runtime.tokenizer import Tokenizer
 from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
@@ -134,36 +135,56 @@ def resolve_dtype(name: str, hf_config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
+def meta_model(cls, cfg, dtype: torch.dtype) -> torch.nn.Module:
+    """Model class `cls` built on the meta device (no memory) with its dtypes set; routers stay fp32."""
+    with torch.device("meta"):
+        net = cls(cfg)
+    net = net.to(dtype)
+    for module in net.modules():
+        # Routers stay fp32: top-k choices must not flip because of bf16 rounding.
+        if getattr(module, "KEEP_FP32", False):
+            module.float()
+    return net
+
+
+def checkpoint_view(files: ModelFiles, net: torch.nn.Module) -> tuple:
+    """(checkpoint, rename, ignore, derived) for loading `net` from `files`; reads headers only.
+
+    derived: {name: (sources, shape, combine)} of tensors the model builds from others (GGUF)."""
+    if files.gguf is None:
+        return Checkpoint.open(files.path), net.renamer(), tuple(net.ignore), {}
+    if not hasattr(net, "gguf_renamer"):
+        raise TandemError(f"{type(net).__name__} cannot load GGUF weights yet; use its HF safetensors")
+    ckpt = files.gguf
+    derived = net.gguf_derived({n: ckpt.shape(n) for n in ckpt.names()}) if hasattr(net, "gguf_derived") else {}
+    view = DerivedCheckpoint(ckpt, derived) if derived else ckpt
+    return view, net.gguf_renamer(), tuple(getattr(net, "gguf_ignore", ())), derived
+
+
 def load_model(
     model: "str | Path | ModelFiles",
     dtype: torch.dtype,
     device="cpu",
     progress: bool = True,
     config_dir: str | Path | None = None,
+    placement=None,
 ) -> torch.nn.Module:
-    """Build the model at `model` (a path or opened ModelFiles) and fill it with its weights."""
+    """Build the model at `model` (a path or opened ModelFiles) and fill it with its weights.
+
+    placement (tandem.placement.rules.Placement): each parameter gets storage on its rule's device
+    (routed experts bound for the CPU engine stay in CPU RAM); None puts everything on `device`.
+    """
     files = model if isinstance(model, ModelFiles) else open_model_files(model, config_dir)
     try:
-        cls, cfg = files.model_class(), files.config()
-        with torch.device("meta"):
-            net = cls(cfg)
-        if files.gguf is None:
-            ckpt, rename, ignore = Checkpoint.open(files.path), net.renamer(), net.ignore
-        else:
-            if not hasattr(net, "gguf_renamer"):
-                raise TandemError(f"{cls.__name__} cannot load GGUF weights yet; use its HF safetensors")
-            ckpt, rename = files.gguf, net.gguf_renamer()
-            derived = net.gguf_derived({n: ckpt.shape(n) for n in ckpt.names()}) if hasattr(net, "gguf_derived") else {}
-            ckpt = DerivedCheckpoint(ckpt, derived) if derived else ckpt
-            # Quantized routed experts stay in the file's blocks; the loader skips their tensors.
-            kept = bind_block_experts(net, ckpt, rename)
-            ignore = tuple(getattr(net, "gguf_ignore", ())) + tuple(re.escape(n) for n in kept)
-        net = net.to(dtype)
-        for module in net.modules():
-            # Routers stay fp32: top-k choices must not flip because of bf16 rounding.
-            if getattr(module, "KEEP_FP32", False):
-                module.float()
-        net = net.to_empty(device=device)
+        net = meta_model(files.model_class(), files.config(), dtype)
+        ckpt, rename, ignore, _ = checkpoint_view(files, net)
+        if files.gguf is not None:
+            # Quantized routed experts that stay on the CPU keep the file's blocks; the loader
+            # skips their tensors. Experts placed on a GPU load dequantized like other weights.
+            bind = rename if placement is None else cpu_block_rename(rename, net, placement)
+            kept = bind_block_experts(net, ckpt, bind)
+            ignore += tuple(re.escape(n) for n in kept)
+        net = net.to_empty(device=device) if placement is None else materialize(net, placement)
         with ckpt:
             load_state(ckpt, dict(net.named_parameters()), rename, ignore=ignore, progress=progress)
     finally:

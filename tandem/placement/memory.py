@@ -1,0 +1,337 @@
+"""The memory planner: VRAM and RAM per module group, from the model file's headers, before loading.
+
+Input: one `ParamInfo` per model parameter (name, group, shape, dtype as the model holds it, and
+how the file stores it), the resolved Placement, the KV cache's shape and the step shape. Each
+parameter costs what its target holds:
+  routed experts in the CPU engine   quantized GGUF blocks as stored; float experts in the
+                                     --experts-format (bf16 2 B, int8 1 B + a 4 B scale per row,
+                                     int4 36 B per 64 weights), as csrc/quant declares them
+  quantized experts, torch on CPU    the file's blocks (BlockExperts, dequantized per call)
+  everything else                    numel x the model dtype (routers fp32): GGUF weights are
+                                     dequantized as they load, so the file's smaller bytes are
+                                     listed beside ("file GB") but not what the device holds
+plus the KV cache (sum of the layers' cache row widths x tokens x dtype bytes) and a workspace
+estimate for one step. RAM is also planned at its load-time peak (float experts are held at the
+model dtype before the engine repacks them, and one tensor at a time is read as float32). The
+process itself (torch, CUDA context) is not counted: budgets are measured after it started.
+"""
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tandem.errors import TandemError
+from tandem.placement.rules import Placement, Target
+
+GB = 10**9  # the plan and the --*-budget flags count decimal gigabytes
+ROUTED = "routed experts"
+GROUPS = ("embeddings", "attention", "dense FFN", "shared experts", "routers", ROUTED, "output head", "other")
+# What float-stored routed experts become in the CPU engine: (weights per block, bytes per block,
+# bytes of row header), as csrc/quant/{bf16,int8,int4}.h declare them (a test checks they agree).
+ENGINE_FLOAT_FORMATS = {"bf16": (1, 2, 0), "int8": (1, 1, 4), "int4": (64, 36, 0)}
+DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+PREFILL_TOKENS = 512  # the prompt length whose one-step prefill the workspace is planned for
+SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One model parameter as the runtime hands it over (this package never sees the model)."""
+
+    name: str  # tandem's name, e.g. "layers.3.ffn.experts.w_gate"
+    group: str  # one of GROUPS
+    shape: tuple[int, ...]
+    dtype: str  # as the model holds it: "bfloat16", "float32", ...
+    dtype_bytes: int
+    layer: int | None = None  # decoder layer index, None outside the layers
+    stored: str = ""  # the file's format(s), "+"-joined: "Q4_K", "bfloat16", "" when not in the file
+    stored_bytes: int = 0
+    blocks: bool = False  # stored as quantized blocks the CPU engine / BlockExperts keep as they are
+    stored_pieces: int = 1  # file tensors that fill it (HF: one per expert), read one at a time
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise ValueError(f"unknown module group {self.group!r}; one of {GROUPS}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the workspace estimate needs of a model: numbers, not modules."""
+
+    hidden: int
+    vocab: int
+    heads: int  # attention heads of the widest layer
+    widest: int  # the widest activation row (largest linear output on the device)
+    act_bytes: int  # bytes per activation element (the model dtype)
+
+
+def workspace_bytes(s: StepShape, tokens: int, context: int, logits_rows: int) -> int:
+    """Activations of one step of `tokens` new tokens attending over `context` tokens (one sequence
+    at a time). The reference attention holds fp32 scores [heads, tokens, context] and their masked
+    and softmaxed copies; the rest is a few live [tokens, widest] and [tokens, hidden] rows (an MLP's
+    gate, up and product; the residual stream) and the fp32 logits. Checked against the measured
+    peak of a mid-size model in tests/placement/test_hybrid_gpu.py."""
+    scores = 3 * s.heads * tokens * context * 4
+    rows = tokens * (3 * s.widest + 6 * s.hidden) * s.act_bytes
+    logits = 2 * logits_rows * s.vocab * 4
+    return scores + rows + logits + SLACK
+
+
+def engine_float_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes of a float [..., K] experts tensor once the CPU engine holds it in `fmt`."""
+    per_block, block_bytes, header = ENGINE_FLOAT_FORMATS[fmt]
+    rows, k = math.prod(shape[:-1]), shape[-1]
+    return rows * (-(-k // per_block) * block_bytes + header)
+
+
+def held(p: ParamInfo, target: Target, experts_format: str) -> tuple[int, str, str]:
+    """(bytes, backend, format) of parameter p where `target` holds it."""
+    if p.group == ROUTED and target.backend == "engine":
+        if p.blocks:
+            return p.stored_bytes, "engine", p.stored
+        return engine_float_bytes(p.shape, experts_format), "engine", experts_format
+    if p.group == ROUTED and p.blocks and not target.on_gpu:
+        return p.stored_bytes, "blocks", p.stored  # BlockExperts: the file's blocks, dequantized per call
+    return p.numel * p.dtype_bytes, "torch", DTYPE_NAMES.get(p.dtype, p.dtype)
+
+
+@dataclass
+class PlanRow:
+    """Parameters of one group that share device, backend and format."""
+
+    group: str
+    device: str  # "cuda", "cpu"
+    backend: str  # "torch", "engine", "blocks"
+    format: str  # as held: "bf16", "fp32", "Q4_K+Q6_K", "int8"
+    tensors: int = 0
+    numel: int = 0
+    bytes: int = 0
+    stored_bytes: int = 0
+    stored: set = field(default_factory=set)
+    layers: set = field(default_factory=set)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    tokens: int  # rows the cache holds: max_batch x max_context rounded up to blocks
+    bytes_per_token: int  # all layers together
+    device: str
+    max_context: int
+    max_batch: int
+
+    @property
+    def bytes(self) -> int:
+        return self.tokens * self.bytes_per_token
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    rows: tuple[PlanRow, ...]
+    device: str  # the --device: KV cache and workspace live here
+    kv: KVPlan
+    workspace: int  # one step's activations on the --device
+    step: StepShape
+    experts_format: str
+    load_transient: int  # RAM: the largest tensor read as float32 while streaming
+    float_experts_torch: int  # RAM: float experts bound for the engine, as torch holds them before the repack
+    largest_engine_layer: int  # RAM: one layer of those experts in the engine, while the repack runs
+    vram_budget: int | None = None  # bytes; None: not checked
+    ram_budget: int | None = None
+    budget_sources: tuple[str, str] = ("", "")  # how each budget was found, for the table
+
+    def weights(self, gpu: bool) -> int:
+        return sum(r.bytes for r in self.rows if r.on_gpu == gpu)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+    @property
+    def vram(self) -> int:
+        return self.weights(True) + (self.kv.bytes + self.workspace if self.on_gpu else 0)
+
+    @property
+    def vram_if_quantized(self) -> int:
+        """VRAM if the GPU kept quantized weights in the file's blocks (issue 8's quantized GPU
+        weights; today they are dequantized to the model dtype as they load)."""
+        return self.vram - sum(r.bytes - r.stored_bytes for r in _dequantized(self.rows))
+
+    @property
+    def ram(self) -> int:
+        """RAM once loaded."""
+        return self.weights(False) + (0 if self.on_gpu else self.kv.bytes + self.workspace)
+
+    @property
+    def ram_peak(self) -> int:
+        """RAM while loading: float experts wait at the model dtype until the engine repacks them."""
+        engine_float = sum(r.bytes for r in self.rows if r.backend == "engine" and r.format in ENGINE_FLOAT_FORMATS)
+        waiting = self.float_experts_torch - engine_float + self.largest_engine_layer if engine_float else 0
+        return self.ram + max(waiting, 0) + self.load_transient
+
+    def longest_prompt(self) -> int:
+        """The longest prompt whose one-step prefill fits the --device's budget (max_context if all do)."""
+        budget = self.vram_budget if self.on_gpu else self.ram_budget
+        if budget is None:
+            return self.kv.max_context
+        fixed = (self.vram if self.on_gpu else self.ram_peak) - self.workspace
+
+        def fits(t: int) -> bool:
+            return fixed + workspace_bytes(self.step, t, t, 1) <= budget
+
+        lo, hi = 0, self.kv.max_context
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+
+def plan_memory(
+    params: Sequence[ParamInfo],
+    placement: Placement,
+    *,
+    kv_bytes_per_token: int,
+    max_context: int,
+    max_batch: int,
+    block_size: int,
+    step: StepShape,
+    experts_format: str = "bf16",
+    vram_budget: int | None = None,
+    ram_budget: int | None = None,
+    budget_sources: tuple[str, str] = ("", ""),
+) -> MemoryPlan:
+    """Resolve every parameter's target and add up what each device holds."""
+    if experts_format not in ENGINE_FLOAT_FORMATS:
+        raise TandemError(f"unknown experts format {experts_format!r}; choose one of {', '.join(ENGINE_FLOAT_FORMATS)}")
+    resolved = []
+    mixes: dict[tuple, set] = {}  # (layer, device, backend) -> formats of that layer's routed experts
+    for p in params:
+        target = placement.resolve(p.name, p.group == ROUTED)
+        nbytes, backend, fmt = held(p, target, experts_format)
+        resolved.append((p, target, nbytes, backend, fmt))
+        if p.group == ROUTED:
+            mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
+    rows: dict[tuple, PlanRow] = {}
+    float_torch, layer_engine, largest_read = 0, {}, 0
+    for p, target, nbytes, backend, fmt in resolved:
+        if not (p.blocks and backend in ("engine", "blocks")):  # streamed through load_state as float32
+            largest_read = max(largest_read, p.numel // p.stored_pieces)
+        if p.group == ROUTED:  # one row per mix of formats (a Q4_K_M layer: Q4_K gate/up, Q6_K down)
+            fmt = "+".join(sorted(mixes[(p.layer, target.device, backend)]))
+        row = rows.setdefault((p.group, target.device, backend, fmt), PlanRow(p.group, target.device, backend, fmt))
+        row.tensors += 1
+        row.numel += p.numel
+        row.bytes += nbytes
+        row.stored_bytes += p.stored_bytes
+        row.stored.update(s for s in p.stored.split("+") if s)
+        if p.layer is not None:
+            row.layers.add(p.layer)
+        if backend == "engine" and not p.blocks:
+            float_torch += p.numel * p.dtype_bytes
+            layer_engine[p.layer] = layer_engine.get(p.layer, 0) + nbytes
+    order = {g: i for i, g in enumerate(GROUPS)}
+    ordered = sorted(rows.values(), key=lambda r: (order[r.group], not r.on_gpu, r.backend, r.format))
+    # Cache rows: every sequence may grow to max_context, as the Engine sizes its paged cache.
+    kv_tokens = max_batch * -(-max_context // block_size) * block_size
+    prefill = workspace_bytes(step, min(max_context, PREFILL_TOKENS), min(max_context, PREFILL_TOKENS), max_batch)
+    decode = workspace_bytes(step, max_batch, max_context, max_batch)
+    return MemoryPlan(
+        rows=tuple(ordered),
+        device=placement.device,
+        kv=KVPlan(kv_tokens, kv_bytes_per_token, placement.device, max_context, max_batch),
+        workspace=max(prefill, decode),
+        step=step,
+        experts_format=experts_format,
+        load_transient=4 * largest_read,
+        float_experts_torch=float_torch,
+        largest_engine_layer=max(layer_engine.values(), default=0),
+        vram_budget=vram_budget,
+        ram_budget=ram_budget,
+        budget_sources=budget_sources,
+    )
+
+
+def gb(n: int) -> str:
+    return f"{n / GB:.2f}"
+
+
+def size(n: int) -> str:
+    """Bytes for the table: GB, or MB / kB where GB would print as zero."""
+    unit, scale = next(((u, s) for u, s in (("GB", GB), ("MB", 10**6)) if n >= s / 10), ("kB", 10**3))
+    return f"{n / scale:.2f} {unit}"
+
+
+def _layers(layers: set) -> str:
+    """{3, 4, 5, 9} -> '3-5,9'; long lists of runs shrink to 'count in first-last'."""
+    if not layers:
+        return "-"
+    ordered = sorted(layers)
+    runs, start = [], ordered[0]
+    for prev, cur in zip(ordered, ordered[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ",".join(runs) if len(runs) <= 3 else f"{len(ordered)} in {ordered[0]}-{ordered[-1]}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table: one line per group x device x backend x format, then the totals."""
+    head = ("module group", "device", "backend", "format", "layers", "tensors", "size", "file format", "file size")
+    lines = [
+        (r.group, "cpu" if r.backend == "engine" else r.device, r.backend, r.format, _layers(r.layers),
+         str(r.tensors), size(r.bytes), "+".join(sorted(r.stored)) or "-", size(r.stored_bytes))
+        for r in plan.rows
+    ]
+    kv = plan.kv
+    lines.append(("KV cache", kv.device, "torch", f"{kv.max_batch} x {kv.max_context} tok", "-",
+                  "-", size(kv.bytes), "-", "-"))
+    lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {PREFILL_TOKENS} tok", "-", "-",
+                  size(plan.workspace), "-", "-"))
+    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+    numeric = {5, 6, 8}
+
+    def fmt(row) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines]
+    vram_src, ram_src = plan.budget_sources
+
+    def total(name: str, need: int, budget: int | None, source: str) -> str:
+        of = f" of {gb(budget)} GB {source}".rstrip() if budget is not None else " (budget not checked)"
+        return f"{name:<5} {gb(need)} GB{of}"
+
+    if plan.on_gpu or plan.weights(True):
+        out.append(total("VRAM", plan.vram, plan.vram_budget, vram_src))
+    out.append(total("RAM", plan.ram, plan.ram_budget, ram_src) + f"; {gb(plan.ram_peak)} GB at the load's peak")
+    dequantized = _dequantized(plan.rows)
+    if dequantized:
+        held_b, file_b = sum(r.bytes for r in dequantized), sum(r.stored_bytes for r in dequantized)
+        out.append(
+            f"note: {gb(held_b)} GB of GPU weights are dequantized from {gb(file_b)} GB of quantized blocks; "
+            f"kept quantized (not implemented yet) the VRAM total would be {gb(plan.vram_if_quantized)} GB"
+        )
+    longest = plan.longest_prompt()
+    if 0 < longest < kv.max_context:
+        out.append(
+            f"note: prompts longer than ~{longest} tokens do not fit one prefill step: the reference attention "
+            f"holds fp32 scores [heads, T, T] ({gb(workspace_bytes(plan.step, kv.max_context, kv.max_context, 1))} GB "
+            f"at T = {kv.max_context})"
+        )
+    return "\n".join(out)
+
+
+def _dequantized(rows: Sequence[PlanRow]) -> list[PlanRow]:
+    """GPU rows held in the model dtype though the file stores them as quantized blocks."""
+    return [
+        r for r in rows
+        if r.on_gpu and r.backend == "torch" and 0 < r.stored_bytes < r.bytes
+        and any(re.fullmatch(r"I?Q\d.*|TQ.*", s) for s in r.stored)
+    ]

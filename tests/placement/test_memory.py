@@ -1,0 +1,89 @@
+"""The memory planner on tiny models: bytes per format, KV cache shapes, budgets, the table."""
+
+import pytest
+import torch
+
+from tandem.errors import TandemError
+from tandem.placement.advice import available_ram, budgets
+from tandem.placement.memory import (
+    ENGINE_FLOAT_FORMATS,
+    GB,
+    engine_float_bytes,
+    format_plan,
+)
+from tandem.placement.rules import PlacementOptions, build_placement
+from tandem.runtime.loader import checkpoint_view, meta_model, open_model_files
+from tandem.runtime.plan import experts_modules, plan_model, stored_tensors
+from tandem.testing.tiny import write_tiny
+from tandem.testing.tiny_gguf import write_tiny_gguf
+
+
+def plan_file(path, dtype=torch.float32, max_context=256, max_batch=2, experts_format="bf16", **options):
+    with open_model_files(path) as files:
+        net = meta_model(files.model_class(), files.config(), dtype)
+        placement = build_placement(PlacementOptions(**options), experts_modules(net))
+        ckpt, rename, _, derived = checkpoint_view(files, net)
+        tensors = stored_tensors(files.gguf if files.gguf is not None else ckpt)
+        plan = plan_model(net, tensors, rename, placement, max_context=max_context, max_batch=max_batch,
+                          experts_format=experts_format, derived=derived)
+        return net, plan
+
+
+def test_engine_float_formats_match_the_cpp_blocks():
+    cpu = pytest.importorskip("tandem.ops.cpu")
+    declared = cpu.formats()
+    for name, (per_block, block_bytes, header) in ENGINE_FLOAT_FORMATS.items():
+        f = declared[name.upper()]
+        assert (f["block_elems"], f["block_bytes"], f["row_header"]) == (per_block, block_bytes, header)
+    assert engine_float_bytes((8, 32, 128), "bf16") == 8 * 32 * 128 * 2
+    assert engine_float_bytes((8, 32, 128), "int8") == 8 * 32 * (128 + 4)
+    assert engine_float_bytes((8, 32, 128), "int4") == 8 * 32 * 2 * 36  # ~0.56 B per weight
+
+
+def test_gqa_and_mla_kv_cache(tmp_path):
+    _, qwen = plan_file(write_tiny(tmp_path / "q", "qwen3_moe"), max_context=100, max_batch=3)
+    # 2 layers x [K | V] of 4 KV heads x head_dim 16, fp32; 3 sequences of 100 tokens in 16-token blocks
+    assert qwen.kv.bytes_per_token == 2 * 2 * 4 * 16 * 4
+    assert qwen.kv.tokens == 3 * 112
+    _, mla = plan_file(write_tiny(tmp_path / "d", "deepseek_v3"), dtype=torch.bfloat16)
+    assert mla.kv.bytes_per_token == 3 * (32 + 8) * 2  # kv_lora_rank + rope dim per layer
+
+
+def test_float_experts_in_the_engine_and_the_load_peak(tmp_path):
+    net, plan = plan_file(write_tiny(tmp_path, "deepseek_v2_lite"))  # fp32 checkpoint, experts -> bf16
+    experts = [p for n, p in net.named_parameters() if ".experts." in n]
+    numel = sum(p.numel() for p in experts)
+    engine = [r for r in plan.rows if r.backend == "engine"]
+    assert [(r.format, r.bytes, r.stored_bytes) for r in engine] == [("bf16", 2 * numel, 4 * numel)]
+    assert plan.float_experts_torch == 4 * numel  # held as fp32 torch tensors until the repack
+    assert plan.ram_peak > plan.ram + 2 * numel
+    dense = sum(r.bytes for r in plan.rows if r.backend == "torch")
+    assert dense == sum(p.numel() * 4 for n, p in net.named_parameters() if ".experts." not in n)
+
+
+def test_gguf_experts_plan_at_their_block_bytes(tmp_path):
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q4_K_M")
+    _, plan = plan_file(gguf)
+    engine = [r for r in plan.rows if r.group == "routed experts"]
+    assert engine and all(r.backend == "engine" and r.bytes == r.stored_bytes for r in engine)
+    _, torch_on_cpu = plan_file(gguf, experts="torch")  # BlockExperts: the same blocks, dequantized per call
+    assert {r.backend for r in torch_on_cpu.rows if r.group == "routed experts"} == {"blocks"}
+    table = format_plan(plan)
+    assert "routed experts" in table and "KV cache" in table and "RAM " in table
+
+
+def test_budgets(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  1000 kB\nMemAvailable:   2048 kB\n")
+    assert available_ram(meminfo) == 2048 * 1024
+    assert available_ram(tmp_path / "missing") is None
+    assert budgets("cpu", None, 1.5)[1:] == (int(1.5 * GB), ("free", "given by --ram-budget"))
+    assert budgets("cuda", 12, 64)[:2] == (12 * GB, 64 * GB)  # given budgets probe nothing
+    with pytest.raises(TandemError, match="--vram-budget must be a positive number"):
+        budgets("cuda", 0, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_device_without_cuda_is_one_line():
+    with pytest.raises(TandemError, match="needs a CUDA GPU, and torch sees none; pass --device cpu"):
+        budgets("cuda", None, None)
