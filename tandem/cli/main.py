@@ -102,6 +102,8 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the page")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                      help="largest request body (default: 4 MiB)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="most requests waiting for their first token; more get HTTP 429 with Retry-After (default: 64)")
     srv.add_argument("--model-name", help="the model name clients use (default: the model directory's name)")
     srv.add_argument("--allow-origin", action="append", default=None,
                      help="a web origin (http://host:port) whose pages may call the API, besides the server's own page")
@@ -114,7 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from tandem.serve.settings import ServeSettings
 
     settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                             model_name=args.model_name, allowed_origins=tuple(args.allow_origin or ()))
+                             max_queue=args.max_queue, model_name=args.model_name, allowed_origins=tuple(args.allow_origin or ()))
     sock = bind(settings)  # a busy port fails before minutes of loading
     path = args.model
     if path is None:

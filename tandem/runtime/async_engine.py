@@ -4,6 +4,8 @@ The Engine is not thread-safe, so only the engine thread touches it. Commands (a
 abort one, run a function) travel to it through a queue; each request's StepOutputs travel back
 to the request's asyncio.Queue through `loop.call_soon_threadsafe`. Requests that arrive while
 others run join the Engine's batch (the scheduler admits up to `max_batch`; the rest wait).
+With `max_queue`, a request that would make more than that many requests wait for their first
+token is refused at once with QueueFull (the server answers 429).
 
     async with async_engine.request(prompt_ids, params) as outputs:   # TandemError if rejected
         async for out in outputs: ...                                  # StepOutputs
@@ -33,6 +35,14 @@ log = logging.getLogger(__name__)
 _ACCEPTED = object()  # first item on a request's queue once the Engine took it
 
 
+class QueueFull(TandemError):
+    """Too many requests are waiting for their first token; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(eq=False)
 class _Request:
     prompt: list[int]
@@ -41,6 +51,7 @@ class _Request:
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int | None = None
     started: bool = False  # has produced a token (so it no longer counts as queued)
+    pending: bool = False  # counted in AsyncEngine._pending (the asyncio side's view of the queue)
 
     def put(self, item: Any) -> None:
         try:
@@ -52,8 +63,11 @@ class _Request:
 class AsyncEngine:
     """An Engine owned by one background thread, with an asyncio front."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_queue: int | None = None):
         self.engine = engine
+        self.max_queue = max_queue
+        self._pending = 0  # requests submitted that have no token yet, counted where they are submitted
+        self._pending_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._live: dict[int, _Request] = {}  # seq_id -> request; engine thread only
@@ -93,10 +107,17 @@ class AsyncEngine:
 
     @contextlib.asynccontextmanager
     async def request(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[AsyncIterator[StepOutput]]:
-        """Submit a request; raises TandemError at once if the Engine rejects it."""
+        """Submit a request; raises TandemError at once if the Engine rejects it (QueueFull when
+        `max_queue` requests already wait for their first token)."""
         if not self.alive:
             raise RuntimeError("the engine thread is not running: call AsyncEngine.start() first")
         req = _Request(list(prompt), params, asyncio.get_running_loop())
+        with self._pending_lock:
+            if self.max_queue is not None and self._pending >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self._pending} requests are already waiting "
+                                f"(--max-queue {self.max_queue}); retry in a moment")
+            self._pending += 1
+            req.pending = True
         self._commands.put(("add", req))
         try:
             first = await req.outputs.get()
@@ -104,12 +125,20 @@ class AsyncEngine:
                 raise first
             yield self._outputs(req)
         finally:
+            self._unqueue(req)
             # A no-op when the request finished; otherwise this frees its sequence and KV blocks.
             self._commands.put(("abort", req))
+
+    def _unqueue(self, req: _Request) -> None:
+        with self._pending_lock:
+            if req.pending:
+                req.pending = False
+                self._pending -= 1
 
     async def _outputs(self, req: _Request) -> AsyncIterator[StepOutput]:
         while True:
             item = await req.outputs.get()
+            self._unqueue(req)
             if isinstance(item, BaseException):
                 raise item
             yield item

@@ -2,6 +2,8 @@
 
 step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample -> Scheduler.update()
 -> per-sequence detokenization, stop checks, finish. Callers add requests and pull StepOutputs.
+A step mixes decodes of running sequences with prompt chunks of new ones (continuous batching);
+only sequences that sampled a token this step produce a StepOutput.
 """
 
 import itertools
@@ -24,7 +26,7 @@ class StepOutput:
     token: int
     text: str  # new text ready to show (may be empty while a stop string or UTF-8 char is pending)
     finish_reason: str | None  # None while running; 'stop' (eos, stop token or string) or 'length'
-    is_prefill: bool
+    is_prefill: bool  # the token came out of the step that finished the prompt (the first token)
 
 
 class _Detok:
@@ -44,13 +46,14 @@ class Engine:
         max_context: int,
         max_batch: int = 8,
         block_size: int = 16,
+        max_step_tokens: int = 512,
         device="cpu",
         dtype: torch.dtype = torch.float32,
     ):
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         num_blocks = max_batch * -(-max_context // block_size)
         self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, dtype, device)
-        self.scheduler = Scheduler(self.cache, max_batch)
+        self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens)
         self.runner = Runner(model, self.cache, device)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
@@ -88,16 +91,21 @@ class Engine:
         if batch is None:
             return []
         logits = self.runner.run(batch)
-        seqs = batch.seqs
-        tokens = sample(
-            logits,
-            [s.params for s in seqs],
-            [s.generator for s in seqs],
-            [s.tokens for s in seqs],
-            [len(s.prompt) for s in seqs],
+        seqs = batch.sampling  # the rest fed a middle chunk of their prompt: no logits, no output
+        first = [not s.output for s in seqs]
+        tokens = (
+            sample(
+                logits,
+                [s.params for s in seqs],
+                [s.generator for s in seqs],
+                [s.tokens for s in seqs],
+                [len(s.prompt) for s in seqs],
+            )
+            if seqs
+            else []
         )
         self.scheduler.update(batch, tokens)
-        return [self._emit(seq, tok, batch.is_prefill) for seq, tok in zip(seqs, tokens)]
+        return [self._emit(seq, tok, f) for seq, tok, f in zip(seqs, tokens, first)]
 
     def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]

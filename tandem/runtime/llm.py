@@ -79,6 +79,7 @@ class LLM:
         device: str = "cpu",
         max_context: int | None = None,
         max_batch: int = 8,
+        max_step_tokens: int = 512,
         progress: bool = True,
         config_dir: str | Path | None = None,
         experts: str = "cpu",
@@ -141,7 +142,8 @@ class LLM:
                 f"{self.model.embed.num_embeddings}: the config and the tokenizer do not belong together"
             )
         self.engine = Engine(
-            self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch, device=device, dtype=self.dtype
+            self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
+            max_step_tokens=max_step_tokens, device=device, dtype=self.dtype,
         )
 
     def sampling_params(self, **overrides) -> SamplingParams:

@@ -1,5 +1,6 @@
 """Runs one Batch through the model: builds ForwardMeta (positions, cache slots, block tables),
-calls the model, returns the logits of each sequence's last token."""
+calls the model, returns the logits of the last fed token of each sequence that samples this step
+(a sequence feeding a middle chunk of its prompt gets none: ForwardMeta.logits_indices skips it)."""
 
 import torch
 
@@ -22,7 +23,8 @@ class Runner:
             query_start.append(query_start[-1] + len(fed))
             context_lens.append(start + len(fed))
         dev = self.device
-        last = None if all_logits else torch.tensor([q - 1 for q in query_start[1:]], device=dev)
+        wanted = [q - 1 for q, flag in zip(query_start[1:], batch.sample) if flag]
+        last = None if all_logits else torch.tensor(wanted, dtype=torch.int64, device=dev)
         meta = ForwardMeta(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             query_start=query_start,
@@ -37,6 +39,6 @@ class Runner:
 
     @torch.inference_mode()
     def run(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
-        """fp32 logits: [B, V] (last token of each sequence) or [T, V] with all_logits."""
+        """fp32 logits: [N, V] (last token of each of the N sampling sequences) or [T, V] with all_logits."""
         ids, meta = self.build_meta(batch, all_logits)
         return self.model(ids, meta)

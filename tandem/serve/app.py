@@ -46,7 +46,7 @@ PAGE_HEADERS = {
 def create_app(model: LLM | Engine, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     engine = model.engine if isinstance(model, LLM) else model
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, max_queue=settings.max_queue)
     metrics = Metrics()
     served = ServedModel(model, settings.model_name, async_engine, metrics)
 

@@ -26,9 +26,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 class APIError(Exception):
     """A request the server refuses; becomes an error body with this status."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def is_ollama_path(path: str) -> bool:
@@ -69,7 +71,7 @@ def validation_message(e: pydantic.ValidationError | RequestValidationError) -> 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(request.url.path, e.status, e.message, e.param, e.code)
+        return error_response(request.url.path, e.status, e.message, e.param, e.code, headers=e.headers)
 
     @app.exception_handler(TandemError)
     async def _tandem_error(request: Request, e: TandemError) -> JSONResponse:

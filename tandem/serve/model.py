@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import TandemError
-from tandem.runtime.async_engine import AsyncEngine
+from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
@@ -114,8 +114,8 @@ class ServedModel:
     async def generate(self, prompt: Prompt, params: SamplingParams, run: Run,
                        split_reasoning: bool = True) -> AsyncIterator[Delta]:
         """Yield text deltas; `run` collects totals. The first delta is empty and comes as soon as
-        the engine accepted the request (or TandemError if it refused it), so a route can still
-        answer 400 before it starts streaming. Closing the iterator early aborts the generation."""
+        the engine accepted the request (or TandemError if it refused it; APIError 429 with
+        Retry-After when the queue is full), so a route can still answer 4xx before it starts streaming. Closing the iterator early aborts the generation."""
         splitter = ReasoningSplitter(prompt.opens_reasoning) if split_reasoning and self.reasoning else None
         try:
             async with self.engine.request(prompt.ids, params) as outputs:
@@ -130,6 +130,8 @@ class ServedModel:
                     run.reasoning += delta.reasoning
                     if delta.content or delta.reasoning:
                         yield delta
+        except QueueFull as e:  # only request() raises it, before anything was yielded
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         finally:
             run.finished = time.perf_counter()
             if run.first_token is not None:  # rejected requests generated nothing

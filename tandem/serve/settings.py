@@ -17,6 +17,7 @@ class ServeSettings:
     model_name: str | None = None  # the name clients use; default: the model directory's name
     allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own, e.g. "http://localhost:3000"
     log_level: str = "info"
+    max_queue: int = 64  # requests waiting for their first token beyond this get 429 with Retry-After
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_origins, list):
@@ -29,6 +30,8 @@ class ServeSettings:
             raise TandemError("--api-key is empty: give a secret string or leave the flag out")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise TandemError(f"--max-body-bytes {self.max_body_bytes} is too small: use at least 1024")
+        if not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise TandemError(f"--max-queue {self.max_queue} is too small: use at least 1")
         if self.model_name is not None and not self.model_name.strip():
             raise TandemError("--model-name is empty: give a name or leave the flag out")
         for origin in self.allowed_origins:

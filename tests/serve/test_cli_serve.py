@@ -15,7 +15,8 @@ def test_serve_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--api-key", "--max-body-bytes", "--model-name", "--max-context"):
+    for flag in ("--host", "--port", "--api-key", "--max-body-bytes", "--max-queue", "--model-name",
+                 "--max-context"):
         assert flag in out
     assert "127.0.0.1" in out
 
@@ -23,6 +24,7 @@ def test_serve_help_lists_the_flags(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--port", "70000"], "out of range"),
     (["--max-body-bytes", "10"], "too small"),
+    (["--max-queue", "0"], "--max-queue 0 is too small"),
     (["--api-key", " "], "--api-key is empty"),
     (["--allow-origin", "example.com"], "must look like http://host:port"),
 ])

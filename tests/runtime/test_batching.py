@@ -1,0 +1,152 @@
+"""Continuous batching on the CPU path: mixed decode + chunked-prefill steps give each request the
+tokens it gets alone, chunked prefill equals one-shot prefill, admission waits for KV blocks."""
+
+import pytest
+import torch
+
+from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.llm import LLM
+from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.scheduler import Batch, Scheduler, Sequence
+from tandem.testing.tiny import write_tiny
+
+CHUNK = 24  # max_step_tokens in the batched runs: prompts longer than this are prefilled in chunks
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = write_tiny(tmp_path_factory.mktemp("v3b"), "deepseek_v3", seed=3)
+    return LLM(path, dtype="float32", progress=False, max_context=256, max_batch=8)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 70, 9, 25, 1, 48, 17, 90, 5, 31, 60, 12, 24, 2, 77, 40]  # 16, several > CHUNK
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _run(engine, prompts, params):
+    ids = [engine.add_request(p, params) for p in prompts]
+    out = {i: [] for i in ids}
+    firsts = {}
+    while engine.has_work():
+        for o in engine.step():
+            if not out[o.seq_id]:
+                firsts[o.seq_id] = o.is_prefill
+            else:
+                assert not o.is_prefill
+            out[o.seq_id].append(o.token)
+    assert all(firsts.values())
+    return [out[i] for i in ids]
+
+
+def test_sixteen_concurrent_greedy_requests_match_each_alone(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    prompts = _prompts(llm.tokenizer.vocab_size)
+    engine.scheduler.max_step_tokens = 512  # alone: one-shot prefill
+    alone = [_run(engine, [p], params)[0] for p in prompts]
+    engine.scheduler.max_step_tokens = CHUNK
+    try:
+        together = _run(engine, prompts, params)
+    finally:
+        engine.scheduler.max_step_tokens = 512
+    assert together == alone
+    assert all(len(t) == 10 for t in together)
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_requests_join_and_leave_at_every_step(llm):
+    engine = llm.engine
+    engine.scheduler.max_step_tokens = CHUNK
+    try:
+        short = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+        long = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+        a = engine.add_request(list(range(5, 15)), long)
+        engine.step()  # a prefilled, first token
+        b = engine.add_request(list(range(20, 80)), short)  # 60 tokens: 3 chunks
+        seen = []
+        while engine.has_work():
+            batch_ids = {o.seq_id for o in engine.step()}
+            seen.append(batch_ids)
+        # a decodes in every step while b's prompt is fed in chunks; b's first token comes in step 3
+        assert seen[0] == {a} and seen[1] == {a} and seen[2] == {a, b}
+        assert engine.cache.free_blocks == engine.cache.num_blocks
+    finally:
+        engine.scheduler.max_step_tokens = 512
+
+
+def test_chunked_prefill_equals_one_shot(llm):
+    engine = llm.engine
+    tokens = _prompts(llm.tokenizer.vocab_size)[7]  # 90 tokens
+    whole = engine.score(tokens)
+    seq = Sequence(-1, list(tokens), SamplingParams())
+    engine.cache.grow(seq.block_table, len(tokens))
+    rows = []
+    try:
+        for start in range(0, len(tokens), 17):
+            chunk = tokens[start : start + 17]
+            rows.append(engine.runner.run(Batch([seq], [chunk], is_prefill=True), all_logits=True))
+            seq.num_cached += len(chunk)
+    finally:
+        engine.cache.release(seq.block_table)
+    chunked = torch.cat(rows)
+    assert chunked.dtype == torch.float32 and chunked.shape == whole.shape
+    assert ((chunked - whole).abs().max() / whole.abs().max()).item() <= 1e-5
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_only_sampling_sequences_get_logits(llm):
+    engine = llm.engine
+    a = Sequence(-1, list(range(1, 11)), SamplingParams())
+    b = Sequence(-2, list(range(1, 11)), SamplingParams())
+    for s in (a, b):
+        engine.cache.grow(s.block_table, 10)
+    try:
+        batch = Batch([a, b], [a.prompt[:4], b.prompt], is_prefill=True, sample=[False, True])
+        logits = engine.runner.run(batch)
+        assert logits.shape[0] == 1
+        alone = engine.runner.run(Batch([b], [b.prompt], is_prefill=True))
+        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+    finally:
+        engine.cache.release(a.block_table)
+        engine.cache.release(b.block_table)
+
+
+def test_admission_waits_for_kv_blocks():
+    cache = PagedKVCache([4], num_blocks=12, block_size=4, dtype=torch.float32, device="cpu")
+    sched = Scheduler(cache, max_batch=8, max_step_tokens=8)
+    a, b = (Sequence(i, list(range(30)), SamplingParams()) for i in range(2))  # 8 blocks + 1 reserve each
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.seqs == [a] and batch.new_tokens == [list(range(8))] and batch.sample == [False]
+    assert list(sched.waiting) == [b] and cache.free_blocks == 12 - 8
+    sched.update(batch, [])
+    for _ in range(3):  # 8 + 8 + 8 + 6 tokens: the last chunk samples
+        batch = sched.schedule()
+        sched.update(batch, [7] if batch.sample[0] else [])
+    assert a.num_cached == 30 and a.output == [7] and batch.sample == [True]
+    assert list(sched.waiting) == [b]  # still no room
+    sched.finish(a, "stop")
+    batch = sched.schedule()
+    assert batch.seqs == [b] and not sched.waiting and cache.free_blocks == 12 - 8
+    sched.finish(b, "abort")
+    assert cache.free_blocks == 12
+
+
+def test_a_lone_long_prompt_steps_without_logits_until_its_last_chunk(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    prompt = _prompts(llm.tokenizer.vocab_size)[7]  # 90 tokens: 4 chunks of <= CHUNK
+    one_shot = _run(engine, [prompt], params)[0]
+    engine.scheduler.max_step_tokens = CHUNK
+    try:
+        engine.add_request(prompt, params)
+        per_step = [len(engine.step()) for _ in range(7)]
+    finally:
+        engine.scheduler.max_step_tokens = 512
+    assert per_step == [0, 0, 0, 1, 1, 1, 1] and not engine.has_work()
+    assert _run(engine, [prompt], params)[0] == one_shot
+    assert engine.cache.free_blocks == engine.cache.num_blocks

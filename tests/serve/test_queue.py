@@ -1,0 +1,52 @@
+"""Queue limit: with --max-queue N, request N+1 waiting for its first token gets 429 + Retry-After."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tandem.runtime.llm import LLM
+from tests.serve.conftest import MAX_CONTEXT, live_server
+
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def small_queue(model_dir):
+    llm = LLM(model_dir, dtype="float32", progress=False, max_context=MAX_CONTEXT)
+    with live_server(llm, port=0, model_name="tiny", max_queue=1) as live:
+        yield live
+
+
+def test_full_queue_gets_429_with_retry_after(small_queue):
+    engine = small_queue.app.state.engine
+    gate = threading.Event()
+    blocked = engine.call(lambda e: gate.wait(30))  # holds the engine thread between steps
+    first: list[httpx.Response] = []
+    waiter = threading.Thread(target=lambda: first.append(
+        httpx.post(small_queue.url + "/v1/chat/completions", json=BODY, timeout=60)))
+    try:
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while engine._pending < 1:  # the first request is submitted and waits for its first token
+            assert time.monotonic() < deadline, "the first request never reached the engine"
+            time.sleep(0.01)
+        for path, body in (("/v1/chat/completions", BODY), ("/api/generate", {"model": "tiny", "prompt": "x"})):
+            r = httpx.post(small_queue.url + path, json=body, timeout=10)
+            assert r.status_code == 429, r.text
+            assert int(r.headers["Retry-After"]) >= 1
+            if path.startswith("/v1"):
+                error = r.json()["error"]
+                assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+                assert "--max-queue 1" in error["message"]
+            else:
+                assert "--max-queue 1" in r.json()["error"]
+    finally:
+        gate.set()
+        blocked.result(timeout=30)
+        waiter.join(60)
+    assert first and first[0].status_code == 200, first and first[0].text
+    assert small_queue.wait_idle()
+    r = httpx.post(small_queue.url + "/v1/chat/completions", json=BODY, timeout=60)  # room again
+    assert r.status_code == 200 and engine._pending == 0
