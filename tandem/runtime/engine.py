@@ -36,6 +36,10 @@ class _Detok:
         self.decoder = tokenizer.stream_decoder()
         self.stops = StopStrings(stops)
 
+    def finish(self) -> str:
+        """The text still held back (partial UTF-8, a possible stop-string prefix) at the end."""
+        return self.stops.feed(self.decoder.flush())[0] + self.stops.flush()
+
 
 class Engine:
     def __init__(
@@ -111,15 +115,14 @@ class Engine:
         p, detok = seq.params, self._detok[seq.seq_id]
         reason = None
         if not p.ignore_eos and (token in self.tokenizer.eos_ids or token in p.stop_token_ids):
-            reason = "stop"
-            text = detok.stops.feed(detok.decoder.flush())[0] + detok.stops.flush()
+            reason, text = "stop", detok.finish()
         else:
             text, hit = detok.stops.feed(detok.decoder.push(token))
             if hit:
                 reason = "stop"
             elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_context:
                 reason = "length"
-                text += detok.stops.feed(detok.decoder.flush())[0] + detok.stops.flush()
+                text += detok.finish()
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.seq_id, None)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from tandem.errors import TandemError
 from tandem.serve.errors import APIError, internal_error
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
-from tandem.serve.transport import AbortingStream, ndjson, parse_body, unless_disconnected
+from tandem.serve.transport import AbortingStream, accepted, drain, ndjson, parse_body
 
 OLLAMA_VERSION = "0.6.0"  # the Ollama API these routes follow; clients gate features on it
 
@@ -161,22 +161,11 @@ async def _respond(request: Request, model: ServedModel, body: _Request, prompt:
     params = model.params(prompt, body.options.token_limit(), **body.options.sampling())
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run)
-    try:
-        await anext(deltas)  # accepted, or TandemError -> 400 before streaming starts
-    except BaseException:
-        await deltas.aclose()
-        raise
+    await accepted(deltas)
     if body.stream:
         return AbortingStream(_lines(model, run, deltas, chat), media_type="application/x-ndjson")
 
-    async def drain() -> None:
-        try:
-            async for _ in deltas:
-                pass
-        finally:
-            await deltas.aclose()
-
-    await unless_disconnected(request, drain())
+    await drain(request, deltas)
     return JSONResponse(_final(model, run, _piece(Delta(run.content, run.reasoning), chat)))
 
 

@@ -21,7 +21,7 @@ from tandem.errors import TandemError
 from tandem.serve.errors import error_body, internal_error
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
 from tandem.serve.openai_schemas import ChatRequest, CompletionRequest
-from tandem.serve.transport import SSE_HEADERS, AbortingStream, parse_body, sse, unless_disconnected
+from tandem.serve.transport import SSE_HEADERS, AbortingStream, accepted, drain, parse_body, sse
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,7 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
     params = model.params(prompt, max_tokens, **body.sampling())
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run, split_reasoning=chat)
-    try:
-        await anext(deltas)  # the engine accepted it, or TandemError -> 400 before any streaming
-    except BaseException:
-        await deltas.aclose()
-        raise
+    await accepted(deltas)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model.name}
@@ -81,14 +77,7 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
         events = _events(head, run, deltas, chunks, body.include_usage, model.reasoning)
         return AbortingStream(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def drain() -> None:
-        try:
-            async for _ in deltas:
-                pass
-        finally:
-            await deltas.aclose()
-
-    await unless_disconnected(request, drain())
+    await drain(request, deltas)
     if chat:
         message: dict[str, Any] = {"role": "assistant", "content": run.content}
         if model.reasoning:

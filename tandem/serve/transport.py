@@ -80,6 +80,29 @@ async def unless_disconnected(request: Request, work: Awaitable, poll_s: float =
             await asyncio.gather(task, return_exceptions=True)
 
 
+async def accepted(deltas: AsyncIterator) -> None:
+    """Wait for a generation's first item: the engine took the request, or its TandemError (-> 400)
+    is raised here, before any response has started."""
+    try:
+        await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+
+async def drain(request: Request, deltas: AsyncIterator) -> None:
+    """Run a non-streamed generation to its end, aborting it if the client disconnects first."""
+
+    async def consume() -> None:
+        try:
+            async for _ in deltas:
+                pass
+        finally:
+            await deltas.aclose()
+
+    await unless_disconnected(request, consume())
+
+
 def sse(data: dict | str) -> bytes:
     """One server-sent event carrying JSON (or the literal [DONE])."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
