@@ -1,3 +1,5 @@
-"""Helpers that build tiny random models of real architectures (HF directories, GGUF files) for
-tests, docs, benchmarks and the built-in demo model. Never used on the inference path.
+"""Helpers that build models of real architectures with random weights: tiny HF directories and
+their GGUF files for tests and docs, shape-true synthetic GGUFs for benchmarks (`tandem convert
+--synth`), and the tokenizer writer `scripts/train_demo_model.py` uses. `tandem eval compare` also
+borrows the tiny GGUF converter. Never used on the inference path.
 """
