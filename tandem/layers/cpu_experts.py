@@ -19,11 +19,21 @@ class CpuExperts(nn.Module):
     def __init__(self, engine: "cpu.Engine", layer: int, formats: tuple[str, str, str]):
         super().__init__()
         self.engine, self.layer, self.formats = engine, layer, formats
+        # Output rows reused across calls (grown to the largest step seen), so the hot path allocates
+        # nothing; a layer's output is consumed (added to the residual) before its next call.
+        self._out = torch.empty(0)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         xin = x if x.dtype in _ENGINE_DTYPES else x.float()
+        if self._out.shape[0] < x.shape[0] or self._out.shape[1:] != x.shape[1:] or self._out.dtype != xin.dtype:
+            self._out = torch.empty((max(x.shape[0], self._out.shape[0]),) + tuple(x.shape[1:]), dtype=xin.dtype)
         handle = cpu.submit(
-            self.engine, self.layer, xin.to("cpu"), ids.to("cpu", torch.int32), weights.to("cpu", torch.float32)
+            self.engine,
+            self.layer,
+            xin.to("cpu"),
+            ids.to("cpu", torch.int32),
+            weights.to("cpu", torch.float32),
+            out=self._out[: x.shape[0]],
         )
         return handle, x.dtype, x.device
 

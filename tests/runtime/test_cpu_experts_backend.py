@@ -87,3 +87,15 @@ def test_unknown_backend_and_format(tmp_path):
         LLM(path, experts="gpu-magic", progress=False)
     with pytest.raises(TandemError, match="experts format"):
         LLM(path, experts_format="fp4", progress=False)
+
+
+def test_cpu_experts_reuse_their_output_rows(tmp_path):
+    llm = LLM(write_tiny(tmp_path, "deepseek_v2_lite", seed=2), dtype="float32", progress=False)
+    experts = next(m.experts for m in llm.model.modules() if isinstance(getattr(m, "experts", None), CpuExperts))
+    x = torch.randn(5, llm.model.cfg.hidden_size)
+    ids = torch.tensor([[0, 1]] * 5, dtype=torch.int32)
+    w = torch.full((5, 2), 0.5)
+    first = experts.wait(experts.submit(x, ids, w)).clone()
+    again = experts.wait(experts.submit(x[:3], ids[:3], w[:3]))
+    assert again.data_ptr() == experts._out.data_ptr()  # no new output tensor on the hot path
+    assert torch.equal(again, first[:3])
