@@ -11,6 +11,7 @@
 
 #include "bench.h"
 #include "dispatch.h"
+#include "host_call.h"
 #include "moe.h"
 
 namespace nb = nanobind;
@@ -114,6 +115,13 @@ nb::dict layer_info(const MoeEngine& eng, int i) {
   return d;
 }
 
+// A HostCall bound to Python: it keeps the four buffers alive as long as a stream may call it.
+struct BoundHostCall {
+  HostCall call;
+  HostFns fns{&host_submit, &host_wait, nullptr};
+  nb::ndarray<> keep[4];
+};
+
 }  // namespace
 }  // namespace tandem
 
@@ -149,6 +157,23 @@ NB_MODULE(_C, m) {
       },
       "bf16"_a, "threads"_a, "seconds"_a = 0.2,
       "TOP/s (int8) or TFLOP/s (bf16) of tile dot products on registers; raises without AMX.");
+
+  nb::class_<BoundHostCall>(m, "HostCall")
+      .def_prop_ro(
+          "capsule",
+          [](BoundHostCall& b) { return nb::capsule(&b.fns, "tandem.host_fns"); },
+          "Valid while this HostCall lives. PyCapsule 'tandem.host_fns' -> struct {submit, wait, ctx}, for cuLaunchHostFunc.")
+      .def_prop_ro("error", [](const BoundHostCall& b) { return b.call.error; })
+      .def_prop_ro("calls", [](const BoundHostCall& b) { return b.call.calls; })
+      .def_prop_ro("times_ns",
+                   [](const BoundHostCall& b) {
+                     return nb::make_tuple(b.call.t_submit, b.call.t_wait_begin, b.call.t_wait_end);
+                   },
+                   "steady_clock ns of the last submit, wait entered, wait left.")
+      .def("clear_error", [](BoundHostCall& b) { b.call.error.clear(); })
+      .def("run_submit", [](BoundHostCall& b) { nb::gil_scoped_release r; host_submit(&b.call); },
+           "Run the submit host function here (tests and CPU-only callers).")
+      .def("run_wait", [](BoundHostCall& b) { nb::gil_scoped_release r; host_wait(&b.call); });
 
   nb::class_<MoeEngine>(m, "Engine")
       .def(
@@ -187,6 +212,23 @@ NB_MODULE(_C, m) {
             e.wait(ticket);
           },
           "ticket"_a)
+      .def(
+          "host_call",
+          [](MoeEngine& e, int layer, const nb::ndarray<>& x, const nb::ndarray<>& ids, const nb::ndarray<>& w,
+             const nb::ndarray<>& out) {
+            auto* b = new BoundHostCall();
+            b->call.engine = &e;
+            b->call.layer = layer;
+            b->call.x = view(x, "x");
+            b->call.ids = view(ids, "ids");
+            b->call.w = view(w, "w");
+            b->call.out = view(out, "out");
+            b->keep[0] = x, b->keep[1] = ids, b->keep[2] = w, b->keep[3] = out;
+            b->fns.ctx = &b->call;
+            return b;
+          },
+          "layer"_a, "x"_a, "ids"_a, "w"_a, "out"_a, nb::keep_alive<0, 1>(), nb::rv_policy::take_ownership,
+          "A call of `layer` on these fixed buffers that a CUDA stream runs as host functions (see host_call.h).")
       .def("completed", &MoeEngine::completed, "The ticket of the last finished job.")
       .def("last_phases", &MoeEngine::last_phases,
            "ms after launch at which the last job's phases ended (prep x, gate/up, prep h, down, reduce).")

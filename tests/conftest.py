@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (tandem/ops/triton) run in Triton's interpreter on CPU tensors;
+# it must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.runner import Runner

@@ -4,6 +4,11 @@ Bound to one MoE layer when the model is placed: the engine holds the layer's we
 from the checkpoint's float tensors or the GGUF file's blocks), this object holds the engine and
 the layer id. submit() starts the engine and returns at once, so the shared experts (GPU or CPU)
 run meanwhile; wait() collects [T, H].
+
+With x on a GPU, nothing blocks the Python thread: the stream copies x / ids / weights into pinned
+staging buffers, runs the engine's submit as a host function, runs the shared experts, runs the
+engine's wait as a host function and copies the result back. The whole step stays in one stream,
+so it can be captured in a CUDA graph (one HostCall per token count, on fixed buffers).
 """
 
 import torch
@@ -15,6 +20,34 @@ from tandem.ops import cpu
 _ENGINE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+class Staging:
+    """Pinned buffers for x, ids, w and out of up to `capacity` tokens, shared by a model's layers
+    (their calls are ordered on one stream). Growing keeps the old buffers alive: HostCalls made on
+    them (and CUDA graphs holding those calls) stay valid."""
+
+    def __init__(self, hidden: int, top_k: int, dtype: torch.dtype):
+        self.hidden, self.top_k, self.dtype = hidden, top_k, dtype
+        self.capacity = 0
+        self.generation = 0  # bumped when the buffers are replaced
+        self._old: list[tuple[torch.Tensor, ...]] = []
+
+    def buffers(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if tokens > self.capacity:
+            if self.capacity:
+                self._old.append(self._bufs)
+            self.capacity = max(tokens, 2 * self.capacity, 16)
+            n, h, k = self.capacity, self.hidden, self.top_k
+            pin = torch.cuda.is_available()
+            self._bufs = (
+                torch.empty(n, h, dtype=self.dtype, pin_memory=pin),
+                torch.empty(n, k, dtype=torch.int32, pin_memory=pin),
+                torch.empty(n, k, dtype=torch.float32, pin_memory=pin),
+                torch.empty(n, h, dtype=self.dtype, pin_memory=pin),
+            )
+            self.generation += 1
+        return tuple(b[:tokens] for b in self._bufs)
+
+
 class CpuExperts(nn.Module):
     def __init__(self, engine: "cpu.Engine", layer: int, formats: tuple[str, str, str]):
         super().__init__()
@@ -22,8 +55,11 @@ class CpuExperts(nn.Module):
         # Output rows reused across calls (grown to the largest step seen), so the hot path allocates
         # nothing; a layer's output is consumed (added to the residual) before its next call.
         self._out = torch.empty(0)
+        self._calls: dict[tuple[int, int], cpu.HostCall] = {}  # (staging generation, T) -> call
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        if x.is_cuda:
+            return self._submit_stream(x, ids, weights)
         xin = x if x.dtype in _ENGINE_DTYPES else x.float()
         if self._out.shape[0] < x.shape[0] or self._out.shape[1:] != x.shape[1:] or self._out.dtype != xin.dtype:
             self._out = torch.empty((max(x.shape[0], self._out.shape[0]),) + tuple(x.shape[1:]), dtype=xin.dtype)
@@ -38,8 +74,36 @@ class CpuExperts(nn.Module):
         return handle, x.dtype, x.device
 
     def wait(self, pending) -> torch.Tensor:
+        if isinstance(pending[0], cpu.HostCall):
+            return self._wait_stream(*pending)
         handle, dtype, device = pending
         return cpu.wait(self.engine, handle).to(device=device, dtype=dtype)
+
+    def _submit_stream(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        from tandem.ops.cuda_host import launch_host_func
+
+        n, k = ids.shape
+        dtype = x.dtype if x.dtype in _ENGINE_DTYPES else torch.float32
+        staging = self.engine.staging.setdefault((x.shape[1], k, dtype), Staging(x.shape[1], k, dtype))
+        bx, bids, bw, bout = staging.buffers(n)
+        call = self._calls.get((staging.generation, n))
+        if call is None:
+            call = self._calls[(staging.generation, n)] = cpu.host_call(self.engine, self.layer, bx, bids, bw, bout)
+        elif call.error:
+            raise RuntimeError(f"CPU experts of engine layer {self.layer} failed in a host function: {call.error}")
+        bx.copy_(x.to(dtype), non_blocking=True)
+        bids.copy_(ids.to(torch.int32), non_blocking=True)
+        bw.copy_(weights.to(torch.float32), non_blocking=True)
+        submit_fn, _, ctx = call.addresses
+        launch_host_func(submit_fn, ctx)
+        return call, x.dtype, x.device
+
+    def _wait_stream(self, call: "cpu.HostCall", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        from tandem.ops.cuda_host import launch_host_func
+
+        _, wait_fn, ctx = call.addresses
+        launch_host_func(wait_fn, ctx)
+        return call.out.to(device, non_blocking=True).to(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,7 @@ formats Q8_0, Q5_0, Q4_K, Q5_K, Q6_K take the file's raw blocks as uint8 [E, row
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import importlib
@@ -78,6 +79,8 @@ class Engine:
         self._lock = threading.Lock()
         # Outputs of submitted jobs that may still be written: kept alive until their job is done.
         self._pending: dict[int, torch.Tensor] = {}
+        # Pinned staging buffers the layers of a GPU model share (layers.cpu_experts), by shape key.
+        self.staging: dict = {}
 
     @property
     def threads_per_node(self) -> list[int]:
@@ -224,6 +227,72 @@ def wait(engine: Engine, handle: Handle) -> torch.Tensor:
     with engine._lock:
         engine._pending.pop(handle.ticket, None)
     return handle.out
+
+
+@dataclass(frozen=True, eq=False)
+class HostCall:
+    """One layer's engine call on fixed buffers, for a CUDA stream to run as host functions.
+
+    `submit_fn`, `wait_fn` and `ctx` are the addresses cuLaunchHostFunc takes (ops.cuda_host);
+    the stream's own copies fill x/ids/w before submit runs and read out after wait. A failure
+    inside a host function cannot raise: it lands in `error`, which the caller checks.
+    """
+
+    native: object
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+    out: torch.Tensor
+
+    addresses: tuple[int, int, int]  # (submit_fn, wait_fn, ctx) from the 'tandem.host_fns' capsule
+
+    @property
+    def error(self) -> str:
+        return self.native.error
+
+    @property
+    def calls(self) -> int:
+        return self.native.calls
+
+    @property
+    def times_ns(self) -> tuple[int, int, int]:
+        """steady-clock ns (time.monotonic_ns's clock on Linux) of the last submit, of entering
+        the last wait and of leaving it: wait entered after the job ended means the CPU work
+        overlapped whatever the stream ran between them."""
+        return tuple(self.native.times_ns)
+
+    def clear_error(self) -> None:
+        self.native.clear_error()
+
+    def run(self) -> torch.Tensor:
+        """Submit and wait on this thread (what the stream would do); returns out."""
+        self.native.run_submit()
+        self.native.run_wait()
+        if self.error:
+            raise RuntimeError(f"CPU experts call failed: {self.error}")
+        return self.out
+
+
+def host_call(engine: Engine, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+              out: torch.Tensor) -> HostCall:
+    """A call of `layer` on these buffers (CPU, contiguous; pinned when a GPU copies into them),
+    to run later from a CUDA stream; the buffers are checked now and must live as long as it."""
+    _check_tensor(x, "x", _FLOATS, 2)
+    _check_tensor(ids, "ids", (torch.int32,), 2)
+    _check_tensor(w, "w", (torch.float32,), 2)
+    _check_tensor(out, "out", _FLOATS, 2)
+    info = engine.layer_info(layer)
+    t, k = ids.shape
+    if x.shape != (t, info["hidden"]) or out.shape != x.shape or w.shape != ids.shape:
+        raise ValueError(f"host_call buffers do not fit layer {layer} (H={info['hidden']}): x {list(x.shape)}, "
+                         f"ids {list(ids.shape)}, w {list(w.shape)}, out {list(out.shape)}")
+    if not all(b.is_contiguous() for b in (x, ids, w, out)):
+        raise ValueError("host_call buffers must be contiguous")
+    native = engine._native.host_call(layer, x, ids, w, out)
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    fns = (ctypes.c_void_p * 3).from_address(get(native.capsule, b"tandem.host_fns"))
+    return HostCall(native, x, ids, w, out, (fns[0], fns[1], fns[2]))
 
 
 def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:
