@@ -1,9 +1,10 @@
 """Terminal front ends over the runtime's LLM API: the chat loop and one-shot generate."""
 
 import argparse
+import os
 import sys
 
-from tandem.cli.main import read_text_file, sampling_kwargs
+from tandem.cli.main import check_model_options, read_text_file, sampling_kwargs
 from tandem.errors import TandemError
 from tandem.runtime.llm import LLM, Generation
 
@@ -11,6 +12,7 @@ HELP = "commands: /clear (forget the conversation), /exit (quit)"
 
 
 def open_model(args: argparse.Namespace, path) -> LLM:
+    check_model_options(args)
     if args.threads:
         import torch
 
@@ -27,6 +29,7 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             experts_format=args.experts_format,
             cpu_threads=args.cpu_threads,
             max_batch=args.max_batch,
+            max_step_tokens=args.max_step_tokens,
             cpu_moe=args.cpu_moe,
             n_cpu_moe_layers=args.n_cpu_moe_layers,
             placement=args.placement,
@@ -43,10 +46,23 @@ def open_model(args: argparse.Namespace, path) -> LLM:
 
 
 def stats_line(g: Generation) -> str:
+    """One line after each answer. TTFT is prompt in -> first token out, so prefill tok/s = prompt / TTFT."""
     return (
-        f"[prefill {len(g.prompt_token_ids)} tok, {g.prefill_tok_s:.1f} tok/s | "
+        f"[prefill {len(g.prompt_token_ids)} tok, TTFT {_ms(g.prefill_seconds)}, {g.prefill_tok_s:.1f} tok/s | "
         f"decode {len(g.token_ids)} tok, {g.decode_tok_s:.1f} tok/s | {g.finish_reason}]"
     )
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.{2 if ms < 10 else 1 if ms < 100 else 0}f} ms"  # three significant digits or more
+
+
+def dimmed(text: str, stream) -> str:
+    """Faint on a terminal (unless NO_COLOR is set), so the stats stand apart from the answer; plain in pipes."""
+    if getattr(stream, "isatty", lambda: False)() and not os.environ.get("NO_COLOR"):
+        return f"\033[2m{text}\033[0m"
+    return text
 
 
 def stream_to(out, llm: LLM, prompt, sampling: dict) -> Generation:
@@ -101,7 +117,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         print()
-        print(stats_line(result), flush=True)
+        print(dimmed(stats_line(result), sys.stdout), flush=True)
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
 
 
@@ -113,5 +129,5 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = [{"role": "user", "content": text}] if args.chat else text
     result = stream_to(sys.stdout, llm, prompt, sampling_kwargs(args))
     print()
-    print(stats_line(result), file=sys.stderr)
+    print(dimmed(stats_line(result), sys.stderr), file=sys.stderr)
     return 0

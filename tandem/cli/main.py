@@ -31,6 +31,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU expert engine threads (default: the cores this process may use)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences run at once; the KV cache holds max-batch x max-context tokens (default: 8)")
+    p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
+                   help="tokens one continuous-batching step feeds the model: a decode token per running "
+                        "sequence, the rest on prompt chunks, so longer prompts prefill over several steps "
+                        "(default: 512)")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
     p.add_argument("--cpu-moe", action="store_true",
                    help="all routed experts in the CPU engine, everything else on --device (the default)")
@@ -53,6 +57,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """Refuse bad engine sizes before loading (which may take minutes); the runtime checks them again."""
+    if args.max_step_tokens < 1:
+        raise TandemError(f"--max-step-tokens must be >= 1, got {args.max_step_tokens}: it is the number of "
+                          "tokens one step may feed the model (default: 512)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

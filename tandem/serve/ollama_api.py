@@ -1,7 +1,8 @@
 """Ollama-compatible routes: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version.
 
 As in Ollama, `stream` defaults to true and streams NDJSON: one JSON object per line, the last
-with `done: true`, `done_reason` and the counts and durations (nanoseconds). Sampling comes in
+with `done: true`, `done_reason` and the counts and durations (nanoseconds: prompt_eval_duration
+is the time to the first token, queueing included; eval_duration from it to the last). Sampling comes in
 `options` (temperature, top_p, top_k, min_p, num_predict, seed, stop, repeat_penalty, ...);
 unknown options are ignored, as Ollama does. Errors are Ollama's `{"error": "..."}`.
 """

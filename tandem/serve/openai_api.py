@@ -3,7 +3,8 @@
 Streaming answers are server-sent events (`data: {chunk}` ... `data: [DONE]`); the first chunk
 carries the assistant role, the last one the finish reason, then (with
 `stream_options.include_usage`) one chunk with `usage` and no choices. DeepSeek-R1 style
-`<think>` text comes back as `reasoning_content`, beside `content`.
+`<think>` text comes back as `reasoning_content`, beside `content`. Besides the standard `usage`,
+a top-level `timings` object (llama.cpp's names) rides on the full response and on the last chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ log = logging.getLogger(__name__)
 def usage(run: Run) -> dict[str, int]:
     return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
             "total_tokens": run.prompt_tokens + run.completion_tokens}
+
+
+def timings(run: Run) -> dict[str, float | int]:
+    """tandem's timings beside the standard `usage`, named and defined as llama.cpp's server does:
+    prompt_ms is the time to the first token (queueing included: under continuous batching a prompt's
+    chunks share steps with other requests' decodes); predicted_ms runs from the first token to the
+    last and predicted_n counts every generated token, so per_second = n / ms * 1000 for both."""
+
+    def rate(n: int, seconds: float) -> float:
+        return round(n / seconds, 3) if seconds > 0 else 0.0
+
+    prompt_s, predicted_s = run.prefill_seconds, run.decode_seconds
+    return {"prompt_n": run.prompt_tokens, "prompt_ms": round(prompt_s * 1e3, 3),
+            "prompt_per_second": rate(run.prompt_tokens, prompt_s),
+            "predicted_n": run.completion_tokens, "predicted_ms": round(predicted_s * 1e3, 3),
+            "predicted_per_second": rate(run.completion_tokens, predicted_s)}
 
 
 def openai_router(model: ServedModel) -> APIRouter:
@@ -85,7 +102,7 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}
     else:
         choice = {"index": 0, "text": run.content, "logprobs": None, "finish_reason": run.finish_reason}
-    return JSONResponse({**head, "choices": [choice], "usage": usage(run)})
+    return JSONResponse({**head, "choices": [choice], "usage": usage(run), "timings": timings(run)})
 
 
 ChunkMaker = Callable[[dict, Delta | None, str | None], dict]
@@ -117,9 +134,12 @@ async def _events(head: dict, run: Run, deltas: AsyncIterator[Delta], chunk: Chu
             yield sse({**chunk(head, None, None), **extra})
         async for delta in deltas:
             yield sse({**chunk(head, delta, None), **extra})
-        yield sse({**chunk(head, Delta(), run.finish_reason), **extra})
+        # The generation is over: the last chunk before [DONE] carries the timings (as in llama.cpp).
+        final = {**chunk(head, Delta(), run.finish_reason), **extra}
         if include_usage:
-            yield sse({**chunk(head, Delta(), None), "choices": [], "usage": usage(run)})
+            yield sse(final)
+            final = {**chunk(head, Delta(), None), "choices": [], "usage": usage(run)}
+        yield sse({**final, "timings": timings(run)})
     except TandemError as e:  # after the status line went out, errors travel as an event
         yield sse(error_body("/v1", 400, str(e)))
     except Exception as e:  # noqa: BLE001 - a bug; log it, tell the client, keep serving

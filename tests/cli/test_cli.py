@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,8 @@ def test_broken_models_fail_with_one_clear_line(kind, message, model, tmp_path, 
         (["generate", "{model}", "--prompt-file", "/nonexistent.txt"], "cannot read prompt file"),
         (["generate", "{model}", "--prompt", "hi", "--temperature", "-2"], "temperature"),
         (["generate", "{model}", "--prompt", "hi", "--max-context", "999999"], "out of range"),
+        (["generate", "{model}", "--prompt", "hi", "--max-step-tokens", "0"], "--max-step-tokens must be >= 1"),
+        (["chat", "{model}", "--max-step-tokens", "-5"], "--max-step-tokens must be >= 1"),
         (["inspect", "/nonexistent/model"], "does not exist"),
     ],
 )
@@ -139,3 +142,36 @@ def test_experts_backend_flag(model, backend, capsys):
 def test_bad_cpu_threads_is_one_line(model, capsys):
     assert run(["generate", model, "--prompt", "hi", "--cpu-threads", "0"]) == 2
     assert "--cpu-threads must be >= 1" in capsys.readouterr().err
+
+
+STATS = re.compile(r"^\[prefill (\d+) tok, TTFT ([\d.]+) ms, ([\d.]+) tok/s \| decode (\d+) tok, ([\d.]+) tok/s \| (\w+)\]$")
+
+
+def test_chat_stats_line_reports_ttft_and_rates(model, monkeypatch, capsys):
+    assert run(["chat", model, "--max-new-tokens", "4", "--temperature", "0"], monkeypatch, "hello there\n") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[prefill")]
+    assert len(lines) == 1 and "\033" not in lines[0]  # plain text when stdout is not a terminal
+    match = STATS.match(lines[0])
+    assert match, lines[0]
+    prompt, ttft_ms, prefill_rate, decoded, decode_rate = (float(g) for g in match.groups()[:5])
+    assert prompt > 0 and ttft_ms > 0 and 1 <= decoded <= 4 and decode_rate >= 0
+    assert prefill_rate == pytest.approx(prompt / ttft_ms * 1e3, rel=0.05)  # TTFT printed to 3+ digits
+
+
+def test_max_step_tokens_reaches_the_scheduler(model, monkeypatch, capsys):
+    from tandem.cli import chat
+
+    built = []
+
+    class Spy(chat.LLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(chat, "LLM", Spy)
+    argv = ["generate", model, "--prompt", "one two three four five six seven", "--max-new-tokens", "3",
+            "--max-step-tokens", "3"]
+    assert run(argv) == 0  # a 3-token budget prefills the prompt in chunks and still answers
+    assert built[0].engine.scheduler.max_step_tokens == 3
+    assert "decode" in capsys.readouterr().err
+    assert run(argv[:-2]) == 0 and built[1].engine.scheduler.max_step_tokens == 512

@@ -16,7 +16,7 @@ def test_serve_help_lists_the_flags(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     for flag in ("--host", "--port", "--api-key", "--max-body-bytes", "--max-queue", "--model-name",
-                 "--max-context"):
+                 "--max-context", "--max-step-tokens"):
         assert flag in out
     assert "127.0.0.1" in out
 
@@ -25,6 +25,7 @@ def test_serve_help_lists_the_flags(capsys):
     (["--port", "70000"], "out of range"),
     (["--max-body-bytes", "10"], "too small"),
     (["--max-queue", "0"], "--max-queue 0 is too small"),
+    (["--max-step-tokens", "0"], "--max-step-tokens must be >= 1"),
     (["--api-key", " "], "--api-key is empty"),
     (["--allow-origin", "example.com"], "must look like http://host:port"),
 ])

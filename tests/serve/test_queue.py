@@ -32,7 +32,9 @@ def test_full_queue_gets_429_with_retry_after(small_queue):
         while engine._pending < 1:  # the first request is submitted and waits for its first token
             assert time.monotonic() < deadline, "the first request never reached the engine"
             time.sleep(0.01)
-        for path, body in (("/v1/chat/completions", BODY), ("/api/generate", {"model": "tiny", "prompt": "x"})):
+        refused = (("/v1/chat/completions", BODY), ("/v1/chat/completions", {**BODY, "stream": True}),
+                   ("/api/generate", {"model": "tiny", "prompt": "x"}))
+        for path, body in refused:  # a stream is refused before it starts, so it gets a status too
             r = httpx.post(small_queue.url + path, json=body, timeout=10)
             assert r.status_code == 429, r.text
             assert int(r.headers["Retry-After"]) >= 1
@@ -50,3 +52,7 @@ def test_full_queue_gets_429_with_retry_after(small_queue):
     assert small_queue.wait_idle()
     r = httpx.post(small_queue.url + "/v1/chat/completions", json=BODY, timeout=60)  # room again
     assert r.status_code == 200 and engine._pending == 0
+    metrics = httpx.get(small_queue.url + "/metrics").text  # refusals are counted under their route
+    assert 'tandem_http_requests_total{method="POST",route="/v1/chat/completions",status="429"} 2' in metrics
+    assert 'tandem_http_requests_total{method="POST",route="/api/generate",status="429"} 1' in metrics
+    assert 'tandem_http_requests_total{method="POST",route="/v1/chat/completions",status="200"} 2' in metrics
