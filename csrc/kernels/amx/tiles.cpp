@@ -2,12 +2,12 @@
 // table (same tiled layout, R = 16) plus `big` kernels:
 //   INT8        int8 tiles: codes (u8) x per-token Q8 activations (s8), int32 sums over all K
 //   BF16        bf16 tiles straight from the weights
-//   the others  dequantized per 32 rows into a bf16 panel (dequant.cpp), then bf16 tiles
+//   the others  dequantized per 64 rows into a bf16 panel (dequant.cpp), then bf16 tiles
 // A tile-row of the weight layout is a B-tile row, so B tiles load straight from the weights;
 // activation rows are evenly spaced, so A tiles load straight from them. Each call covers
 // 32 rows x 32 tokens at a time in 4 accumulator tiles; partial tiles compute padding rows
 // that are never stored (activation buffers carry 32 spare rows for those reads).
-// The loop nest and its cache reasoning: see tile_panel.
+// The loop nest and its cache reasoning: see kRowBlock.
 #include <immintrin.h>
 
 #include "../avx512/simd.h"
@@ -27,159 +27,197 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Loop nest of one call (rows r0.. in pairs of 16-row groups, tokens in blocks of kTokBlock):
-//   for 32 rows: for a token block: for a K block of kKChunks chunks: for 32 tokens:
+// Loop nest of one call: rows in blocks of kRowBlock (a task's rows), then
+//   for 32 tokens: for a K block of kKChunks chunks: for 32 rows:
 //       C tiles (parked in `cbuf` between K blocks) += A tiles x B tiles
-// The B tiles of one K block (2 x kKChunks KB) stay in L1 while every 32-token tile of the block
-// passes over them; A tiles stream from L2, prefetched one chunk ahead. Parking C costs 8 tile
-// moves per 4 * kKChunks tile products.
-constexpr int kTokBlock = 256;
+// Tile registers are not renamed, so each step's tile loads wait for the products reading the
+// previous tiles: the loads must hit L1/L2 (measured on SPR, one core: both operands in L1 88% of
+// the INT8 peak, both in L2 60%, activations streaming from L3 per row pair 15-25%). Here a token
+// tile's activations (32 x 512 B per K block) come from L3 once per row block and stay in L1 for
+// every row pair; the row block's weights (<= 64 rows x K, at most 1 MB) stay in L2 for every
+// token tile; C of one token tile (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per
+// 4 * kKChunks tile products.
+constexpr int kRowBlock = 64;
 constexpr int kKChunks = 8;
 
-// Tokens (n_act) start at act[0] and are act_stride apart; weights: groups of 16 rows,
-// group_bytes apart, each a sequence of 1 KB B tiles along K (chunk c at c * 1024 + base).
+struct Panel {
+  const uint8_t* a;  // first token row; rows sa bytes apart, chunk k at 64 k
+  long sa;
+  int nt;            // tokens
+  const uint8_t* b;  // first 16-row group of the block: B tile of chunk k at b + 1024 k
+  size_t gb;         // group bytes
+  int nr;            // rows (<= kRowBlock)
+  int chunks;
+  int32_t* c;        // [32][kRowBlock] 4-byte cells: one token tile (int32 or float)
+};
+
 template <bool Int8, int NT, int NG>
-void tile_block(const MatArgs& m, size_t base, int k0, int k1, int chunks, int t, int r0, int32_t* c, bool first,
-                bool fetch_next) {
-  const uint8_t* a0 = m.act[0] + size_t(t) * m.act_stride;
-  const uint8_t* a1 = a0 + 16 * m.act_stride;
-  const uint8_t* b0 = m.w + size_t(r0 / 16) * m.group_bytes + base;
-  const uint8_t* b1 = b0 + m.group_bytes;
-  const long sa = long(m.act_stride);
-  if (first) {
+void tile_block(const Panel& p, const uint8_t* a0, int k0, int k1, int r) {
+  const uint8_t* a1 = a0 + 16 * size_t(p.sa);
+  const uint8_t* b0 = p.b + size_t(r / 16) * p.gb;
+  const uint8_t* b1 = b0 + p.gb;
+  int32_t* c = p.c + r;
+  constexpr long ldc = 4 * kRowBlock;
+  if (k0 == 0) {
     _tile_zero(0);
     if constexpr (NG == 2) _tile_zero(1);
     if constexpr (NT == 2) _tile_zero(2);
     if constexpr (NT == 2 && NG == 2) _tile_zero(3);
-  } else {  // c: [32 tokens][32 rows], 4-byte cells
-    _tile_loadd(0, c, 128);
-    if constexpr (NG == 2) _tile_loadd(1, c + 16, 128);
-    if constexpr (NT == 2) _tile_loadd(2, c + 16 * 32, 128);
-    if constexpr (NT == 2 && NG == 2) _tile_loadd(3, c + 16 * 32 + 16, 128);
+  } else {
+    _tile_loadd(0, c, ldc);
+    if constexpr (NG == 2) _tile_loadd(1, c + 16, ldc);
+    if constexpr (NT == 2) _tile_loadd(2, c + 16 * kRowBlock, ldc);
+    if constexpr (NT == 2 && NG == 2) _tile_loadd(3, c + 16 * kRowBlock + 16, ldc);
   }
+  // Each load right before its first product: the products start as soon as their tiles land.
   for (int k = k0; k < k1; ++k) {
-    if (k + 1 < k1)
-      for (int i = 0; i < 16 * NT; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(a0 + size_t(i) * m.act_stride + 64 * size_t(k + 1)), _MM_HINT_T0);
-    if (fetch_next && k + kKChunks < chunks)
-      for (int i = 0; i < 16; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(b0 + 1024 * size_t(k + kKChunks) + 64 * size_t(i)), _MM_HINT_T1);
-        if constexpr (NG == 2)
-          _mm_prefetch(reinterpret_cast<const char*>(b1 + 1024 * size_t(k + kKChunks) + 64 * size_t(i)), _MM_HINT_T1);
-      }
-    _tile_loadd(4, a0 + 64 * size_t(k), sa);
+    _tile_loadd(4, a0 + 64 * size_t(k), p.sa);
     _tile_loadd(6, b0 + 1024 * size_t(k), 64);
-    if constexpr (NG == 2) _tile_loadd(7, b1 + 1024 * size_t(k), 64);
-    if constexpr (NT == 2) _tile_loadd(5, a1 + 64 * size_t(k), sa);
-    if constexpr (Int8) {
-      _tile_dpbsud(0, 4, 6);
-      if constexpr (NG == 2) _tile_dpbsud(1, 4, 7);
-      if constexpr (NT == 2) _tile_dpbsud(2, 5, 6);
-      if constexpr (NT == 2 && NG == 2) _tile_dpbsud(3, 5, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (NG == 2) _tile_dpbf16ps(1, 4, 7);
-      if constexpr (NT == 2) _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NT == 2 && NG == 2) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (Int8) _tile_dpbsud(0, 4, 6);
+    else _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NG == 2) {
+      _tile_loadd(7, b1 + 1024 * size_t(k), 64);
+      if constexpr (Int8) _tile_dpbsud(1, 4, 7);
+      else _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (NT == 2) {
+      _tile_loadd(5, a1 + 64 * size_t(k), p.sa);
+      if constexpr (Int8) _tile_dpbsud(2, 5, 6);
+      else _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NG == 2) {
+        if constexpr (Int8) _tile_dpbsud(3, 5, 7);
+        else _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
-  _tile_stored(0, c, 128);
-  if constexpr (NG == 2) _tile_stored(1, c + 16, 128);
-  if constexpr (NT == 2) _tile_stored(2, c + 16 * 32, 128);
-  if constexpr (NT == 2 && NG == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+  _tile_stored(0, c, ldc);
+  if constexpr (NG == 2) _tile_stored(1, c + 16, ldc);
+  if constexpr (NT == 2) _tile_stored(2, c + 16 * kRowBlock, ldc);
+  if constexpr (NT == 2 && NG == 2) _tile_stored(3, c + 16 * kRowBlock + 16, ldc);
 }
 
-// cbuf[t - tb][r - r0] = sum over all K for tokens tb .. tb + nt and rows r0 .. r0 + 32.
+// p.c[t - t0][r] = sum over all K for tokens t0 .. t0 + 32 (fewer at the end) and the panel's rows.
 template <bool Int8>
-void tile_panel(const MatArgs& m, size_t base, int chunks, int tb, int nt, int r0, int32_t* cbuf) {
-  const bool two_g = m.n_rows - r0 > 16;
-  for (int k0 = 0; k0 < chunks; k0 += kKChunks) {
-    const int k1 = avx512::min_int(chunks, k0 + kKChunks);
-    for (int t = 0; t < nt; t += 32) {
-      int32_t* c = cbuf + t * 32;
-      const bool two_t = nt - t > 16;
-      const bool first = k0 == 0, fetch = t == 0;
-      if (two_t && two_g) tile_block<Int8, 2, 2>(m, base, k0, k1, chunks, tb + t, r0, c, first, fetch);
-      else if (two_t) tile_block<Int8, 2, 1>(m, base, k0, k1, chunks, tb + t, r0, c, first, fetch);
-      else if (two_g) tile_block<Int8, 1, 2>(m, base, k0, k1, chunks, tb + t, r0, c, first, fetch);
-      else tile_block<Int8, 1, 1>(m, base, k0, k1, chunks, tb + t, r0, c, first, fetch);
+void tile_tokens(const Panel& p, int t0) {
+  const uint8_t* a0 = p.a + size_t(t0) * size_t(p.sa);
+  const bool two_t = p.nt - t0 > 16;
+  for (int k0 = 0; k0 < p.chunks; k0 += kKChunks) {
+    const int k1 = avx512::min_int(p.chunks, k0 + kKChunks);
+    for (int r = 0; r < p.nr; r += 32) {
+      const bool two_g = p.nr - r > 16;
+      if (two_t && two_g) tile_block<Int8, 2, 2>(p, a0, k0, k1, r);
+      else if (two_t) tile_block<Int8, 2, 1>(p, a0, k0, k1, r);
+      else if (two_g) tile_block<Int8, 1, 2>(p, a0, k0, k1, r);
+      else tile_block<Int8, 1, 1>(p, a0, k0, k1, r);
     }
   }
 }
 
 int32_t* c_buffer(const MatArgs& m) {
-  return reinterpret_cast<int32_t*>(static_cast<uint8_t*>(m.scratch) + 2 * tiled::bf16_group(R, m.K));
+  return reinterpret_cast<int32_t*>(static_cast<uint8_t*>(m.scratch) + 4 * tiled::bf16_group(R, m.K));
 }
 
 inline __mmask16 row_mask(int left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf) {
+  Panel p;
+  p.a = m.act[0];
+  p.sa = long(m.act_stride);
+  p.nt = m.n_act;
+  p.b = m.w + size_t(r0 / 16) * m.group_bytes + base;
+  p.gb = m.group_bytes;
+  p.nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+  p.chunks = chunks;
+  p.c = cbuf;
+  return p;
+}
+
+// Vector loads of C right after the tile stores that wrote it wait for those stores, so each
+// token tile's epilogue runs after the next token tile's products have been issued, from the
+// other half of the double-buffered `cbuf` (the products and the epilogue then overlap).
+template <class Epilogue>
+void token_tiles(const Panel& p0, int n_act, bool int8, Epilogue&& epilogue) {
+  Panel p = p0;
+  int prev = -1;
+  for (int t0 = 0, i = 0; t0 < n_act; t0 += 32, i ^= 1) {
+    p.c = p0.c + i * 32 * kRowBlock;
+    if (int8) tile_tokens<true>(p, t0);
+    else tile_tokens<false>(p, t0);
+    if (prev >= 0) epilogue(prev, p0.c + (i ^ 1) * 32 * kRowBlock);
+    prev = t0;
+  }
+  if (prev >= 0) epilogue(prev, p0.c + ((n_act - 1) / 32 % 2) * 32 * kRowBlock);
+}
 
 void int8_tiles(const MatArgs& m) {
   configure_tiles();
   int32_t* cbuf = c_buffer(m);
   const int chunks = tiled::int8_kp(m.K) / 64;
-  for (int r0 = 0; r0 < m.n_rows; r0 += 32) {
-    const int nr = avx512::min_int(32, m.n_rows - r0);
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
     const uint8_t* g = m.w + size_t(r0 / 16) * m.group_bytes;
-    for (int tb = 0; tb < m.n_act; tb += kTokBlock) {
-      const int nt = avx512::min_int(kTokBlock, m.n_act - tb);
-      tile_panel<true>(m, tiled::int8_codes(R), chunks, tb, nt, r0, cbuf);
-      // y = scale[r] * d[t] * (sum code * q - 128 * sum q)
-      for (int t = tb; t < tb + nt; ++t) {
+    const Panel p = panel_of(m, tiled::int8_codes(R), chunks, r0, cbuf);
+    // y = scale[r] * d[t] * (sum code * q - 128 * sum q); row scales and masks once per row block.
+    const int nq = (p.nr + 15) / 16;
+    __m512 scale[kRowBlock / 16];
+    __mmask16 mask[kRowBlock / 16];
+    for (int q = 0; q < nq; ++q) {
+      scale[q] = _mm512_loadu_ps(g + size_t(q) * m.group_bytes);
+      mask[q] = row_mask(p.nr - 16 * q);
+    }
+    token_tiles(p, m.n_act, true, [&](int t0, const int32_t* c) {
+      for (int t = t0; t < avx512::min_int(m.n_act, t0 + 32); ++t) {
         const uint8_t* a = m.act[t];
         int32_t sum;
         std::memcpy(&sum, a + act::q8_row_sum(m.K), 4);
         const __m512 d = _mm512_set1_ps(avx512::load_f32(a + act::q8_row_d(m.K)));
         const __m512i off = _mm512_set1_epi32(128 * sum);
-        for (int half = 0; half * 16 < nr; ++half) {
-          const __m512 scale = _mm512_loadu_ps(g + size_t(half) * m.group_bytes);
-          const __m512i v = _mm512_loadu_si512(cbuf + (t - tb) * 32 + 16 * half);
+        float* y = m.y + size_t(t) * m.y_stride + r0;
+        for (int q = 0; q < nq; ++q) {
+          const __m512i v = _mm512_loadu_si512(c + (t - t0) * kRowBlock + 16 * q);
           const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, off)), d);
-          _mm512_mask_storeu_ps(m.y + size_t(t) * m.y_stride + r0 + 16 * half, row_mask(nr - 16 * half),
-                                _mm512_mul_ps(f, scale));
+          _mm512_mask_storeu_ps(y + 16 * q, mask[q], _mm512_mul_ps(f, scale[q]));
         }
       }
-    }
+    });
   }
   _tile_release();
 }
 
-void bf16_tiles_body(const MatArgs& m) {
-  auto* cbuf = c_buffer(m);
-  const int chunks = tiled::bf16_kp(m.K) / 32;
-  for (int r0 = 0; r0 < m.n_rows; r0 += 32) {
-    const int nr = avx512::min_int(32, m.n_rows - r0);
-    for (int tb = 0; tb < m.n_act; tb += kTokBlock) {
-      const int nt = avx512::min_int(kTokBlock, m.n_act - tb);
-      tile_panel<false>(m, 0, chunks, tb, nt, r0, cbuf);
-      const float* c = reinterpret_cast<const float*>(cbuf);
-      for (int t = tb; t < tb + nt; ++t)
-        for (int half = 0; half * 16 < nr; ++half)
-          _mm512_mask_storeu_ps(m.y + size_t(t) * m.y_stride + r0 + 16 * half, row_mask(nr - 16 * half),
-                                _mm512_loadu_ps(c + (t - tb) * 32 + 16 * half));
-    }
-  }
+// Rows r0_w .. r0_w + nr of m's weights -> y columns r0_y ...
+void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr) {
+  Panel p = panel_of(m, 0, tiled::bf16_kp(m.K) / 32, r0_w, c_buffer(m));
+  p.nr = nr;
+  token_tiles(p, m.n_act, false, [&](int t0, const int32_t* ci) {
+    const float* c = reinterpret_cast<const float*>(ci);
+    for (int t = t0; t < avx512::min_int(m.n_act, t0 + 32); ++t)
+      for (int q = 0; q * 16 < nr; ++q)
+        _mm512_mask_storeu_ps(m.y + size_t(t) * m.y_stride + r0_y + 16 * q, row_mask(nr - 16 * q),
+                              _mm512_loadu_ps(c + (t - t0) * kRowBlock + 16 * q));
+  });
 }
 
-// Block-scaled formats: 32 rows at a time, dequantized into the scratch panel, then bf16 tiles.
+void bf16_tiles_body(const MatArgs& m) {
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) bf16_rows(m, r0, r0, avx512::min_int(kRowBlock, m.n_rows - r0));
+}
+
+// Block-scaled formats: kRowBlock rows at a time, dequantized into the scratch panel, then bf16 tiles.
 template <Format F>
 void dequant_tiles(const MatArgs& m) {
   configure_tiles();
   uint8_t* panel = static_cast<uint8_t*>(m.scratch);
   const size_t pg = tiled::bf16_group(R, m.K);
-  for (int r0 = 0; r0 < m.n_rows; r0 += 32) {
-    const int ng = m.n_rows - r0 > 16 ? 2 : 1;
-    for (int i = 0; i < ng; ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, panel + size_t(i) * pg);
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
+    const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    for (int i = 0; i * 16 < nr; ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, panel + size_t(i) * pg);
     MatArgs sub = m;
     sub.w = panel;
     sub.group_bytes = pg;
-    sub.n_rows = avx512::min_int(32, m.n_rows - r0);
-    sub.y = m.y + r0;
-    bf16_tiles_body(sub);
+    bf16_rows(sub, 0, r0, nr);
   }
   _tile_release();
 }
 
-size_t scratch_bytes(int K) { return 2 * tiled::bf16_group(R, K) + size_t(kTokBlock) * 32 * 4 + 64; }
+size_t scratch_bytes(int K) { return 4 * tiled::bf16_group(R, K) + size_t(2 * 32) * kRowBlock * 4 + 64; }
 
 KernelTable make_table() {
   KernelTable t = avx512_kernels();
