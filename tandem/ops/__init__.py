@@ -1,3 +1,5 @@
-"""Stateless operators: `reference` (plain torch, the spec), later `triton/*` and `cpu` (the sole
-user of the C++ extension tandem._C). Every fast kernel is tested against `reference`.
+"""Stateless operators: `reference` (plain torch, the spec), `sdpa` (torch's fused attention for
+GPU prefill), `triton/*` (GPU kernels: quantized matmul, paged decode attention), `cpu` (the sole
+user of the C++ extension tandem._C) and `cuda_host` (host functions on a CUDA stream). Every fast
+kernel is tested against `reference`.
 """

@@ -1,0 +1,15 @@
+"""Triton GPU kernels, stateless like the rest of `ops`.
+
+quant.py: GGUF block formats (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) kept as raw blocks on the GPU and
+dequantized inside the kernels: `quant_matmul` (x [M, K] @ W^T, a GEMV path for decode and a
+tensor-core tiled path for prefill), `dequantize` and `embedding` (quantized token embeddings);
+quant_blocks.py: the format table and the in-kernel decoding of one 256-weight step of each format.
+attention.py: paged-KV decode attention, `mla_decode` (MLA in latent space) and `gqa_decode`
+(grouped-query, optional sliding window), flash-decoding splits merged by a second kernel; the grids
+depend only on shapes and `num_splits` (`default_splits`), so a decode step can be captured in a
+CUDA graph.
+
+Only this package imports triton, and importing the package itself does no work: `quant` is imported
+by whoever needs it. Under TRITON_INTERPRET=1 (set before `quant` is first imported) the same kernels
+run on CPU tensors, which is how the tests run without a GPU.
+"""
