@@ -122,8 +122,9 @@ class CausalLM(nn.Module):
         if meta.logits_indices is not None:
             x = x[meta.logits_indices]
         x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, head).float()
+        if self.lm_head is None:  # tied: the embedding is the output head
+            return torch.nn.functional.linear(x, self.embed.weight).float()
+        return self.lm_head(x).float()
 
     def cache_widths(self) -> list[int]:
         return [layer.attn.cfg.cache_width for layer in self.layers]

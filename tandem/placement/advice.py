@@ -108,21 +108,21 @@ def _vram_advice(plan: MemoryPlan) -> list[str]:
         tip = f"the non-expert weights alone take {gb(weights)} GB as {'/'.join(sorted(dtype))}"
         stored = sum(r.stored_bytes for r in plan.rows if r.on_gpu and r.group != ROUTED)
         if 0 < stored < weights:
-            tip += f" (the file stores them in {gb(stored)} GB; quantized GPU weights are not implemented yet)"
+            tip += f" (the file stores them in {gb(stored)} GB: a GGUF quant keeps them in blocks on the GPU)"
         if "fp32" in dtype:
             tip += "; --dtype bfloat16 halves them"
         tips.append(tip + ": run on the CPU with --device cpu, or use a GPU with more memory")
     elif not tips:
         longest = plan.longest_prompt()
-        tips.append(f"the step workspace ({gb(plan.workspace)} GB) does not fit; lower --max-context "
-                    f"(one-step prefill fits up to ~{longest} tokens)")
+        tips.append(f"the step workspace ({gb(plan.workspace)} GB) does not fit; lower --max-step-tokens or "
+                    f"--max-context (prefill chunks fit up to ~{longest} tokens of context)")
     return tips
 
 
 def _ram_advice(plan: MemoryPlan) -> list[str]:
     over = plan.ram_peak - plan.ram_budget
     tips = []
-    engine = [r for r in plan.rows if r.backend in ("engine", "blocks")]
+    engine = [r for r in plan.rows if r.backend in ("engine", "blocks") and not r.on_gpu]
     quantized = [r for r in engine if r.format not in ("bf16", "int8", "int4")]
     floats = [r for r in engine if r.format in ("bf16", "int8", "int4")]
     if quantized:

@@ -7,9 +7,11 @@ parameter costs what its target holds:
                                      --experts-format (bf16 2 B, int8 1 B + a 4 B scale per row,
                                      int4 36 B per 64 weights), as csrc/quant declares them
   quantized experts, torch on CPU    the file's blocks (BlockExperts, dequantized per call)
-  everything else                    numel x the model dtype (routers fp32): GGUF weights are
-                                     dequantized as they load, so the file's smaller bytes are
-                                     listed beside ("file GB") but not what the device holds
+  quantized weights on a GPU         the file's blocks where the GPU kernels read the format
+                                     (GPU_BLOCK_FORMATS: QuantLinear / QuantEmbedding)
+  everything else                    numel x the model dtype (routers fp32): other GGUF weights
+                                     (and tensors a model derives from several, e.g. DeepSeek's
+                                     kv_b) are dequantized as they load
 plus the KV cache (sum of the layers' cache row widths x tokens x dtype bytes) and a workspace
 estimate for one step. RAM is also planned at its load-time peak (float experts are held at the
 model dtype before the engine repacks them, and one tensor at a time is read as float32). The
@@ -31,7 +33,9 @@ GROUPS = ("embeddings", "attention", "dense FFN", "shared experts", "routers", R
 # bytes of row header), as csrc/quant/{bf16,int8,int4}.h declare them (a test checks they agree).
 ENGINE_FLOAT_FORMATS = {"bf16": (1, 2, 0), "int8": (1, 1, 4), "int4": (64, 36, 0)}
 DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
-PREFILL_TOKENS = 512  # the prompt length whose one-step prefill the workspace is planned for
+# Block formats the GPU's fused dequant-matmul kernels read (tandem/ops/triton/quant.py).
+GPU_BLOCK_FORMATS = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prompts prefill in chunks
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
 
 
@@ -47,7 +51,7 @@ class ParamInfo:
     layer: int | None = None  # decoder layer index, None outside the layers
     stored: str = ""  # the file's format(s), "+"-joined: "Q4_K", "bfloat16", "" when not in the file
     stored_bytes: int = 0
-    blocks: bool = False  # stored as quantized blocks the CPU engine / BlockExperts keep as they are
+    blocks: bool = False  # stored as quantized blocks a backend may keep as they are (not derived, not tied)
     stored_pieces: int = 1  # file tensors that fill it (HF: one per expert), read one at a time
 
     def __post_init__(self):
@@ -68,18 +72,23 @@ class StepShape:
     heads: int  # attention heads of the widest layer
     widest: int  # the widest activation row (largest linear output on the device)
     act_bytes: int  # bytes per activation element (the model dtype)
+    kv_expand: int = 0  # bytes a prefill step materializes per context token (gathered cache rows;
+    # MLA: keys and values expanded from the latent)
 
 
-def workspace_bytes(s: StepShape, tokens: int, context: int, logits_rows: int) -> int:
+def workspace_bytes(s: StepShape, tokens: int, context: int, logits_rows: int, attention: str = "reference") -> int:
     """Activations of one step of `tokens` new tokens attending over `context` tokens (one sequence
-    at a time). The reference attention holds fp32 scores [heads, tokens, context] and their masked
-    and softmaxed copies; the rest is a few live [tokens, widest] and [tokens, hidden] rows (an MLP's
-    gate, up and product; the residual stream) and the fp32 logits. Checked against the measured
-    peak of a mid-size model in tests/placement/test_hybrid_gpu.py."""
-    scores = 3 * s.heads * tokens * context * 4
+    at a time). attention: "reference" (plain torch: fp32 scores [heads, tokens, context] and their
+    masked and softmaxed copies, plus the expanded context), "fused" (torch's SDPA on a GPU: the
+    expanded context only) or "kernel" (paged decode kernels: nothing per context token). The rest is
+    a few live [tokens, widest] and [tokens, hidden] rows (an MLP's gate, up and product; the
+    residual stream) and the fp32 logits. Checked against measured peaks (tests/placement/
+    test_hybrid_gpu.py, `tandem bench`'s allocated-vs-plan row)."""
+    scores = 3 * s.heads * tokens * context * 4 if attention == "reference" else 0
+    expand = context * s.kv_expand if attention != "kernel" else 0
     rows = tokens * (3 * s.widest + 6 * s.hidden) * s.act_bytes
     logits = 2 * logits_rows * s.vocab * 4
-    return scores + rows + logits + SLACK
+    return scores + expand + rows + logits + SLACK
 
 
 def engine_float_bytes(shape: tuple[int, ...], fmt: str) -> int:
@@ -97,6 +106,8 @@ def held(p: ParamInfo, target: Target, experts_format: str) -> tuple[int, str, s
         return engine_float_bytes(p.shape, experts_format), "engine", experts_format
     if p.group == ROUTED and p.blocks and not target.on_gpu:
         return p.stored_bytes, "blocks", p.stored  # BlockExperts: the file's blocks, dequantized per call
+    if p.group != ROUTED and p.blocks and target.on_gpu and p.stored in GPU_BLOCK_FORMATS:
+        return p.stored_bytes, "blocks", p.stored  # dequantized inside the GPU matmul
     return p.numel * p.dtype_bytes, "torch", DTYPE_NAMES.get(p.dtype, p.dtype)
 
 
@@ -139,6 +150,7 @@ class MemoryPlan:
     device: str  # the --device: KV cache and workspace live here
     kv: KVPlan
     workspace: int  # one step's activations on the --device
+    step_tokens: int
     step: StepShape
     experts_format: str
     load_transient: int  # RAM: the largest tensor read as float32 while streaming
@@ -161,8 +173,8 @@ class MemoryPlan:
 
     @property
     def vram_if_quantized(self) -> int:
-        """VRAM if the GPU kept quantized weights in the file's blocks (issue 8's quantized GPU
-        weights; today they are dequantized to the model dtype as they load)."""
+        """VRAM if the GPU also kept the weights it dequantizes (formats without a GPU kernel,
+        derived tensors) in the file's blocks."""
         return self.vram - sum(r.bytes - r.stored_bytes for r in _dequantized(self.rows))
 
     @property
@@ -177,15 +189,19 @@ class MemoryPlan:
         waiting = self.float_experts_torch - engine_float + self.largest_engine_layer if engine_float else 0
         return self.ram + max(waiting, 0) + self.load_transient
 
+    @property
+    def attention(self) -> str:
+        return "fused" if self.on_gpu else "reference"
+
     def longest_prompt(self) -> int:
-        """The longest prompt whose one-step prefill fits the --device's budget (max_context if all do)."""
+        """The longest context whose prefill chunks fit the --device's budget (max_context if all do)."""
         budget = self.vram_budget if self.on_gpu else self.ram_budget
         if budget is None:
             return self.kv.max_context
         fixed = (self.vram if self.on_gpu else self.ram_peak) - self.workspace
 
         def fits(t: int) -> bool:
-            return fixed + workspace_bytes(self.step, t, t, 1) <= budget
+            return fixed + workspace_bytes(self.step, min(t, self.step_tokens), t, 1, self.attention) <= budget
 
         lo, hi = 0, self.kv.max_context
         while lo < hi:
@@ -204,6 +220,7 @@ def plan_memory(
     block_size: int,
     step: StepShape,
     experts_format: str = "bf16",
+    step_tokens: int = PREFILL_TOKENS,
     vram_budget: int | None = None,
     ram_budget: int | None = None,
     budget_sources: tuple[str, str] = ("", ""),
@@ -241,13 +258,17 @@ def plan_memory(
     ordered = sorted(rows.values(), key=lambda r: (order[r.group], not r.on_gpu, r.backend, r.format))
     # Cache rows: every sequence may grow to max_context, as the Engine sizes its paged cache.
     kv_tokens = max_batch * -(-max_context // block_size) * block_size
-    prefill = workspace_bytes(step, min(max_context, PREFILL_TOKENS), min(max_context, PREFILL_TOKENS), max_batch)
-    decode = workspace_bytes(step, max_batch, max_context, max_batch)
+    # A prompt chunk of step_tokens attends to everything cached before it (up to max_context);
+    # a decode step of max_batch tokens reads the cache through the kernels on a GPU.
+    gpu = placement.device != "cpu"
+    prefill = workspace_bytes(step, min(max_context, step_tokens), max_context, max_batch, "fused" if gpu else "reference")
+    decode = workspace_bytes(step, max_batch, max_context, max_batch, "kernel" if gpu else "reference")
     return MemoryPlan(
         rows=tuple(ordered),
         device=placement.device,
         kv=KVPlan(kv_tokens, kv_bytes_per_token, placement.device, max_context, max_batch),
         workspace=max(prefill, decode),
+        step_tokens=step_tokens,
         step=step,
         experts_format=experts_format,
         load_transient=4 * largest_read,
@@ -293,7 +314,7 @@ def format_plan(plan: MemoryPlan) -> str:
     kv = plan.kv
     lines.append(("KV cache", kv.device, "torch", f"{kv.max_batch} x {kv.max_context} tok", "-",
                   "-", size(kv.bytes), "-", "-"))
-    lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {PREFILL_TOKENS} tok", "-", "-",
+    lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {plan.step_tokens} tok", "-", "-",
                   size(plan.workspace), "-", "-"))
     widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
     numeric = {5, 6, 8}
@@ -315,15 +336,15 @@ def format_plan(plan: MemoryPlan) -> str:
     if dequantized:
         held_b, file_b = sum(r.bytes for r in dequantized), sum(r.stored_bytes for r in dequantized)
         out.append(
-            f"note: {gb(held_b)} GB of GPU weights are dequantized from {gb(file_b)} GB of quantized blocks; "
-            f"kept quantized (not implemented yet) the VRAM total would be {gb(plan.vram_if_quantized)} GB"
+            f"note: {gb(held_b)} GB of GPU weights are dequantized from {gb(file_b)} GB of quantized blocks "
+            f"(tensors derived from several, or formats without a GPU kernel)"
         )
     longest = plan.longest_prompt()
     if 0 < longest < kv.max_context:
+        full = workspace_bytes(plan.step, min(kv.max_context, plan.step_tokens), kv.max_context, 1, plan.attention)
         out.append(
-            f"note: prompts longer than ~{longest} tokens do not fit one prefill step: the reference attention "
-            f"holds fp32 scores [heads, T, T] ({gb(workspace_bytes(plan.step, kv.max_context, kv.max_context, 1))} GB "
-            f"at T = {kv.max_context})"
+            f"note: contexts longer than ~{longest} tokens do not fit: a prefill chunk of {plan.step_tokens} tokens "
+            f"at {kv.max_context} takes {gb(full)} GB of activations (lower --max-step-tokens)"
         )
     return "\n".join(out)
 

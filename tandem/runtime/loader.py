@@ -8,7 +8,8 @@ HF directory instead, while the weights still come from the GGUF.
 The model is built on the meta device (no memory, no init), given real storage once, and filled
 from the checkpoint one tensor at a time, so a model is never held twice. GGUF routed experts that
 are quantized stay in the file's blocks (`bind_block_experts`); everything else is dequantized to
-the model dtype as it streams.
+the model dtype as it streams, except GPU linears and the embedding in a format the GPU kernels
+read (`bind_gpu_blocks`: they keep the file's blocks on the GPU).
 """
 
 import json
@@ -22,6 +23,7 @@ from tandem.errors import TandemError
 from tandem.models.gguf_meta import f32_decimal
 from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
+from tandem.runtime.gpu_weights import bind_gpu_blocks
 from tandem.runtime.plan import cpu_block_rename, materialize
 from tandem.runtime.sampling import load_generation_defaults
 from tandem.runtime.tokenizer import Tokenizer
@@ -177,12 +179,14 @@ def load_model(
     files = model if isinstance(model, ModelFiles) else open_model_files(model, config_dir)
     try:
         net = meta_model(files.model_class(), files.config(), dtype)
-        ckpt, rename, ignore, _ = checkpoint_view(files, net)
+        ckpt, rename, ignore, derived = checkpoint_view(files, net)
         if files.gguf is not None:
             # Quantized routed experts that stay on the CPU keep the file's blocks; the loader
             # skips their tensors. Experts placed on a GPU load dequantized like other weights.
             bind = rename if placement is None else cpu_block_rename(rename, net, placement)
             kept = bind_block_experts(net, ckpt, bind)
+            if placement is not None:  # GPU linears and embedding keep their blocks (placement/memory.py)
+                kept += bind_gpu_blocks(net, ckpt, rename, placement, derived)
             ignore += tuple(re.escape(n) for n in kept)
         net = net.to_empty(device=device) if placement is None else materialize(net, placement)
         with ckpt:

@@ -92,11 +92,16 @@ def name_table(net: nn.Module, tensors: Iterable[StoredTensor], rename: Callable
     """
     alias = {s: d for d, (sources, _, _) in (derived or {}).items() for s in sources}
     stored: dict[str, list[StoredTensor]] = {}
+    # Loaded as float whatever the file stores: tensors built from others, and an embedding that
+    # is also the output head (tied).
+    as_float = {"embed.weight"} if getattr(net, "lm_head", True) is None else set()
     for t in tensors:
         ours = rename(alias.get(t.name, t.name))
         if ours:
             m = _SLOT.fullmatch(ours)
             stored.setdefault(m[1] if m else ours, []).append(t)
+            if t.name in alias:
+                as_float.add(m[1] if m else ours)
     roles = _groups(net)
     table = []
     for name, p in net.named_parameters():
@@ -111,7 +116,7 @@ def name_table(net: nn.Module, tensors: Iterable[StoredTensor], rename: Callable
             layer=int(layer[1]) if layer else None,
             stored="+".join(sorted({t.format for t in parts})),
             stored_bytes=sum(t.nbytes for t in parts),
-            blocks=bool(parts) and all(t.blocks for t in parts),
+            blocks=bool(parts) and all(t.blocks for t in parts) and name not in as_float,
             stored_pieces=max(len(parts), 1),
         ))
     return table
@@ -122,13 +127,25 @@ def step_shape(net: nn.Module) -> StepShape:
                if name.startswith("layers.") and isinstance(getattr(m, "weight", None), torch.Tensor)
                and m.weight.dim() == 2 and ".experts" not in name]
     heads = [layer.attn.cfg.num_heads for layer in net.layers]
+    act = net.embed.weight.element_size()
     return StepShape(
         hidden=net.embed.embedding_dim,
         vocab=net.embed.num_embeddings,
         heads=max(heads),
         widest=max(linears, default=net.embed.embedding_dim),
-        act_bytes=net.embed.weight.element_size(),
+        act_bytes=act,
+        kv_expand=max(_expand_bytes(layer.attn.cfg, act) for layer in net.layers),
     )
+
+
+def _expand_bytes(cfg, act: int) -> int:
+    """Bytes per context token a prefill step materializes: the gathered cache rows (and their
+    dtype copy); MLA also the latent's up-projection [nh, dn + dv] and the keys [nh, dn + dr]."""
+    gathered = 2 * cfg.cache_width * act
+    if not hasattr(cfg, "kv_lora_rank"):
+        return gathered
+    nh, dn = cfg.num_heads, cfg.qk_nope_head_dim
+    return gathered + nh * (2 * dn + cfg.v_head_dim + cfg.qk_rope_head_dim) * act
 
 
 def plan_model(
@@ -141,6 +158,7 @@ def plan_model(
     max_batch: int,
     block_size: int = 16,
     experts_format: str = "bf16",
+    step_tokens: int = 512,
     derived: dict | None = None,
     vram_budget: int | None = None,
     ram_budget: int | None = None,
@@ -157,6 +175,7 @@ def plan_model(
         block_size=block_size,
         step=step_shape(net),
         experts_format=experts_format,
+        step_tokens=step_tokens,
         vram_budget=vram_budget,
         ram_budget=ram_budget,
         budget_sources=budget_sources,

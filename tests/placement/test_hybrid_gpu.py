@@ -14,6 +14,7 @@ import torch
 
 from tandem.layers.cpu_experts import CpuExperts
 from tandem.layers.moe import TorchExperts
+from tandem.layers.quant_linear import QuantEmbedding, QuantLinear
 from tandem.placement.memory import GB
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.llm import LLM
@@ -61,6 +62,12 @@ def on_cuda(llm: LLM) -> set[str]:
     return {p.device.type for n, p in llm.model.named_parameters() if ".experts." not in n}
 
 
+def cuda_bytes(llm: LLM) -> int:
+    """Bytes of the model's tensors on the GPU: parameters and the quantized layers' block buffers."""
+    tensors = list(llm.model.parameters()) + list(llm.model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hybrid_matches_cpu_only(tmp_path, variant):
     # Both paths run the same engine (experts repacked to BF16); the engine rounds activations to
@@ -70,8 +77,7 @@ def test_hybrid_matches_cpu_only(tmp_path, variant):
     assert on_cuda(gpu) == {"cuda"}
     assert all(isinstance(m.experts, CpuExperts) for m in gpu.model.modules() if hasattr(m, "experts"))
     assert {t.device.type for t in gpu.engine.cache.kv} == {"cuda"}
-    assert gpu.plan.vram > 0 and gpu.plan.weights(True) == sum(
-        p.numel() * p.element_size() for p in gpu.model.parameters() if p.device.type == "cuda")
+    assert gpu.plan.vram > 0 and gpu.plan.weights(True) == cuda_bytes(gpu)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
@@ -79,7 +85,14 @@ def test_hybrid_gguf_and_mixed_layers(tmp_path, qtype):
     _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", qtype, seed=12)
     # The engine quantizes activations to 8 bits for K-quant blocks, so the GPU's rounding of x
     # can show at that scale (measured on an H200 box: 3.7e-7 for Q8_0, 2.6e-3 for Q4_K_M).
-    compare(gguf, 1e-2)
+    gpu = compare(gguf, 1e-2)
+    # The GPU keeps the file's blocks of its linears and embedding (fused dequant-matmul kernels),
+    # exactly as the plan counted them.
+    quant = [m for m in gpu.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    assert quant and all(m.blocks.device.type == "cuda" for m in quant)
+    assert isinstance(gpu.model.embed, QuantEmbedding)
+    assert gpu.plan.weights(True) == cuda_bytes(gpu)
+    assert {r.format for r in gpu.plan.rows if r.on_gpu and r.backend == "blocks"} == {m.weight_format for m in quant}
     # Layer 1's experts in the engine (blocks), layer 2's dequantized to fp32 torch on the GPU,
     # exact where the engine rounds activations to 8 bits (measured 5.5e-3 Q8_0, 9.0e-3 Q4_K_M).
     mixed = compare(gguf, 2e-2, min_checked=4, n_cpu_moe_layers=1)
