@@ -38,6 +38,8 @@ class BenchConfig:
     users: int = 0  # 0: do not measure several users (the bound is still printed)
     seed: int = 0
     experts_format: str = "bf16"
+    cuda_graph: bool = True
+    max_step_tokens: int = 512
 
     def __post_init__(self):
         if not self.prompts or min(self.prompts) < 1:
@@ -62,7 +64,9 @@ class Measured:
     users_tok_s: float | None = None
     rss_loaded_gb: float = 0.0
     peak_rss_gb: float = 0.0
-    peak_vram_gb: float | None = None
+    peak_vram_gb: float | None = None  # torch's reserved peak (what nvidia-smi sees, minus the context)
+    peak_allocated_gb: float | None = None  # tensors' peak: what the memory plan models
+    plan_vram_gb: float | None = None
     samples: dict = field(default_factory=dict)  # every timed value, for the JSON
 
 
@@ -88,7 +92,8 @@ def _reset_peak_rss() -> None:
 def load(cfg: BenchConfig, progress: bool = True) -> tuple[LLM, float]:
     """The model as the runtime loads it, all routed experts in CPU RAM; (llm, seconds)."""
     kw = {"dtype": cfg.dtype, "device": cfg.device, "max_context": cfg.max_context, "max_batch": max(1, cfg.users),
-              "progress": progress, "cpu_threads": cfg.threads, "experts_format": cfg.experts_format}
+              "progress": progress, "cpu_threads": cfg.threads, "experts_format": cfg.experts_format,
+          "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens}
     if "cpu_moe" in inspect.signature(LLM.__init__).parameters:
         kw["cpu_moe"] = True  # the protocol: no routed expert on the GPU
     if cfg.threads:
@@ -170,6 +175,8 @@ def run(llm: LLM, cfg: BenchConfig, log=print) -> Measured:
     m.peak_rss_gb = _status_gb("VmHWM")
     if cuda:
         m.peak_vram_gb = torch.cuda.max_memory_reserved() / 1e9
+        m.peak_allocated_gb = torch.cuda.max_memory_allocated() / 1e9
+        m.plan_vram_gb = llm.plan.vram / 1e9
     return m
 
 

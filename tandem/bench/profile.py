@@ -132,9 +132,47 @@ def profiled(model: torch.nn.Module, sync: bool):
             del obj.__dict__[method]
 
 
+def stream_split(llm, prompt: list[int], n: int) -> dict | None:
+    """Where decode time goes with the CPU experts on the CUDA stream (graphs as configured), from
+    the host functions' own timestamps, so nothing is synchronized inside a step. Per step and
+    MoE layer: submit -> wait entered is CPU expert work overlapped by GPU work (shared experts,
+    copies), wait entered -> left is the GPU stream stalled on the CPU; the rest of the step is GPU
+    work while the CPU engine idles (attention, dense layers, head) and host overhead. None
+    without CpuExperts on a CUDA model."""
+    from tandem.layers.cpu_experts import CpuExperts
+    from tandem.runtime.sampling import SamplingParams
+
+    experts = [m.ffn.experts for m in llm.model.layers
+               if isinstance(m.ffn, MoE) and isinstance(m.ffn.experts, CpuExperts)]
+    if not experts or llm.engine.runner.device.type != "cuda":
+        return None
+    params = SamplingParams(temperature=0.0, max_new_tokens=n + 1, ignore_eos=True)
+    overlap = stall = wall = 0.0
+    steps, last = 0, None
+    for out in llm.engine.stream(prompt, params):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        if not out.is_prefill and last is not None:
+            times = [e.latest_call().times_ns for e in experts]
+            overlap += sum(b - a for a, b, _ in times) / 1e9
+            stall += sum(c - b for _, b, c in times) / 1e9
+            wall += now - last
+            steps += 1
+        last = now
+    if not steps:
+        return None
+    ms = {"cpu experts overlapped by gpu": overlap, "gpu stalled on cpu experts": stall,
+          "gpu only + host": max(0.0, wall - overlap - stall)}
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+            "ms_per_step": {k: 1e3 * v / steps for k, v in ms.items()},
+            "graphs": llm.engine.runner.cuda_graphs}
+
+
 def profile_run(llm, cfg, timer, log=print) -> dict:
-    """One profiled prefill (the first prompt length) and one profiled decode."""
+    """One profiled prefill (the first prompt length) and one profiled decode (eager, every
+    boundary synchronized: attribution), then the overlapped split of a decode on the CUDA stream."""
     sync = torch.device(cfg.device).type == "cuda"
+    graphs, llm.engine.runner.cuda_graphs = llm.engine.runner.cuda_graphs, False  # hooks must not be captured
     out = {}
     p = cfg.prompts[0]
     with profiled(llm.model, sync) as prof:
@@ -147,6 +185,10 @@ def profile_run(llm, cfg, timer, log=print) -> dict:
     with profiled(llm.model, sync) as prof:
         g = llm.generate(prompt, max_new_tokens=n + 1, temperature=0.0, ignore_eos=True)
     out[f"decode_after_{cfg.context}"] = prof.summary(g.decode_seconds, n, skip_first=True)
+    llm.engine.runner.cuda_graphs = graphs
+    split = stream_split(llm, prompt, n)
+    if split is not None:
+        out[f"decode_split_after_{cfg.context}"] = split
     for name, summary in out.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_step"].items() if v > 0.005)
         log(f"profile {name} (ms per step): {parts}")

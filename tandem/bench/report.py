@@ -55,7 +55,11 @@ def rows(section: dict, peer: dict | None) -> list[list[str]]:
     if m.get("peak_rss_gb") is not None:
         out.append(["peak RAM (GB)", _fmt(m["peak_rss_gb"], 2), "", "", "", ""])
     if m.get("peak_vram_gb") is not None:
-        out.append(["peak VRAM (GB)", _fmt(m["peak_vram_gb"], 2), "", "", "", ""])
+        out.append(["peak VRAM (GB), reserved", _fmt(m["peak_vram_gb"], 2), "", "", "", ""])
+    if m.get("peak_allocated_gb") is not None:
+        plan = m.get("plan_vram_gb")
+        out.append(["peak VRAM (GB), allocated", _fmt(m["peak_allocated_gb"], 2),
+                    f"{_fmt(plan, 2)} (plan)" if plan else "", _pct(m["peak_allocated_gb"], plan) if plan else "", "", ""])
     return out
 
 

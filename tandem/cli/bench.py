@@ -42,6 +42,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--experts-format", default="bf16", choices=("bf16", "int8", "int4"),
                    help="what float-checkpoint experts become (GGUF experts keep their blocks)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="decode eagerly instead of replaying CUDA graphs")
+    p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
+                   help="tokens per step: prompts longer than this prefill in chunks (default 512)")
     p.add_argument("--bw-gb", type=float, default=4.0, help="DRAM probe buffer in GB (default 4; TARGETS uses 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure as JSON here")
@@ -104,7 +108,8 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model or args.extrapolate[0], prompts=_prompts(args.prompts), context=args.context,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                       device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
-                      experts_format=args.experts_format)
+                      experts_format=args.experts_format, cuda_graph=args.cuda_graph,
+                      max_step_tokens=args.max_step_tokens)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             placement=args.placement,
             vram_budget=args.vram_budget,
             ram_budget=args.ram_budget,
+            cuda_graph=args.cuda_graph,
         )
     except TandemError as e:
         plan = getattr(e, "plan", None)  # placement.advice.DoesNotFit carries the memory plan

@@ -35,6 +35,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tokens one continuous-batching step feeds the model: a decode token per running "
                         "sequence, the rest on prompt chunks, so longer prompts prefill over several steps "
                         "(default: 512)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
     p.add_argument("--cpu-moe", action="store_true",
                    help="all routed experts in the CPU engine, everything else on --device (the default)")

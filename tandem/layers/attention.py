@@ -8,6 +8,7 @@ Data path (GQA): x -> q, k, v (optional bias) -> optional per-head q/k RMSNorm -
 write [k | v] to the paged cache; attend per sequence (optionally within a sliding window).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,30 @@ from tandem.layers.meta import ForwardMeta
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rope import Rope, RopeConfig
 from tandem.ops import reference as ops
+from tandem.ops import sdpa
+
+# Steps whose sequences feed at most this many new tokens each attend through the paged decode
+# kernels when the runner provides their tensors (ForwardMeta.kernels); longer ones (prefill) in torch.
+DECODE_MAX_QUERIES = 4
+
+
+def attn_kernels():
+    """ops.triton.attention, imported on first use (importing triton is slow and needs a GPU or
+    the interpreter)."""
+    from tandem.ops.triton import attention
+
+    return attention
+
+
+def prefill_attention(x: torch.Tensor):
+    """Torch's fused attention on a GPU (no fp32 score matrix); the plain reference on the CPU."""
+    return sdpa.attention if x.is_cuda else ops.attention
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors the decode kernels' splits are sized for (CPU: the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @dataclass(frozen=True)
@@ -41,7 +66,7 @@ class MLAConfig:
 class MLAttention(nn.Module):
     # Decode steps (few new tokens per sequence) attend in latent space; prefill expands K/V,
     # which costs fewer FLOPs when many queries share the context.
-    ABSORB_MAX_QUERIES = 4
+    ABSORB_MAX_QUERIES = DECODE_MAX_QUERIES
 
     def __init__(self, cfg: MLAConfig, layer_idx: int):
         super().__init__()
@@ -74,6 +99,17 @@ class MLAttention(nn.Module):
         cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
 
         w_kv_b = self.kv_b_proj.weight.view(nh, dn + dv, cfg.kv_lora_rank)
+        if meta.kernels and meta.max_query_len <= self.ABSORB_MAX_QUERIES:
+            # Latent space for all sequences at once: q_lat = q_nope W_UK, attend, then W_UV.
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_kv_b[:, :dn])  # [nh, T, c]
+            kernels = attn_kernels()
+            splits = kernels.default_splits(meta.max_context, n_tok, nh, 1, num_sms(x.device))
+            o_lat = kernels.mla_decode(
+                q_lat.transpose(0, 1), q_pe, cache, meta.block_table, meta.seq_of_token, meta.positions,
+                meta.block_size, self.scale, splits,
+            )  # [T, nh, c]
+            out = torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_kv_b[:, dn:].transpose(1, 2))  # [nh, T, dv]
+            return self.o_proj(out.transpose(0, 1).reshape(n_tok, nh * dv))
         out = torch.empty(n_tok, nh, dv, dtype=x.dtype, device=x.device)
         for s in range(meta.num_seqs):
             a, b = meta.query_start[s], meta.query_start[s + 1]
@@ -88,7 +124,7 @@ class MLAttention(nn.Module):
                 k_nope, v = self.kv_b_proj(c_ctx).view(-1, nh, dn + dv).split([dn, dv], dim=-1)
                 k = torch.cat((k_nope, kpe_ctx[:, None, :].expand(-1, nh, dr)), dim=-1)
                 qs = torch.cat((q_nope[a:b], q_pe[a:b]), dim=-1)
-                out[a:b] = ops.attention(qs, k, v, self.scale, offset)
+                out[a:b] = prefill_attention(x)(qs, k, v, self.scale, offset)
         return self.o_proj(out.view(n_tok, nh * dv))
 
 
@@ -147,6 +183,14 @@ class GQAttention(nn.Module):
 
         cache = meta.kv[self.layer_idx]
         cache[meta.slot_mapping] = torch.cat((k.reshape(n_tok, -1), v.reshape(n_tok, -1)), dim=-1).to(cache.dtype)
+        if meta.kernels and meta.max_query_len <= DECODE_MAX_QUERIES:
+            kernels = attn_kernels()
+            splits = kernels.default_splits(meta.max_context, n_tok, nh, nkv, num_sms(x.device))
+            out = kernels.gqa_decode(
+                q, cache, meta.block_table, meta.seq_of_token, meta.positions, meta.block_size, self.scale,
+                nkv, splits, window,
+            )
+            return self.o_proj(out.to(x.dtype).reshape(n_tok, nh * d))
 
         out = torch.empty(n_tok, nh, d, dtype=x.dtype, device=x.device)
         for s in range(meta.num_seqs):
@@ -156,5 +200,5 @@ class GQAttention(nn.Module):
             first = 0 if window is None else max(0, offset - window + 1)
             ctx = cache[meta.context_slots(s)[first:]].to(x.dtype)
             k_ctx, v_ctx = ctx.view(-1, 2, nkv, d).unbind(1)
-            out[a:b] = ops.attention(q[a:b], k_ctx, v_ctx, self.scale, offset - first, window)
+            out[a:b] = prefill_attention(x)(q[a:b], k_ctx, v_ctx, self.scale, offset - first, window)
         return self.o_proj(out.view(n_tok, nh * d))

@@ -105,6 +105,11 @@ class CpuExperts(nn.Module):
         launch_host_func(wait_fn, ctx)
         return call.out.to(device, non_blocking=True).to(dtype)
 
+    def latest_call(self) -> "cpu.HostCall | None":
+        """The stream call that ran last (replayed CUDA graphs run theirs without Python): profiles
+        read its timestamps."""
+        return max(self._calls.values(), key=lambda c: c.times_ns[0], default=None)
+
     @property
     def nbytes(self) -> int:
         return self.engine.layer_info(self.layer)["bytes"]

@@ -2,6 +2,11 @@
 
 Models see batching only through this object. Tokens of all sequences are flattened into one
 [T] axis; `query_start` marks where each sequence's new tokens begin.
+
+Two views of the same batch: Python lists (query_start, context_lens, block_tables), which the
+plain-torch attention loops over, and device tensors (positions, slot_mapping, block_table,
+seq_of_token), which the attention kernels read. A step captured in a CUDA graph may use only
+the tensors: their contents change between replays, the lists are those of the captured batch.
 """
 
 from dataclasses import dataclass
@@ -19,10 +24,19 @@ class ForwardMeta:
     block_size: int
     kv: list[torch.Tensor]  # per layer [num_blocks * block_size, width] paged cache rows
     logits_indices: torch.Tensor | None = None  # rows of T whose logits are wanted (None: all)
+    # For the attention kernels (ops/triton/attention.py); None: attention runs in plain torch.
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int32, padded block tables
+    seq_of_token: torch.Tensor | None = None  # [T] int32, the block_table row of each new token
+    max_query_len: int = 0  # most new tokens of one sequence (decode kernels serve short ones)
+    max_context: int = 0  # no sequence's context exceeds this (the kernels' split count; fixed per CUDA graph)
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    @property
+    def kernels(self) -> bool:
+        return self.block_table is not None
 
     def context_slots(self, seq: int) -> torch.Tensor:
         """Cache rows holding sequence `seq`'s tokens 0..context_len-1, in position order."""

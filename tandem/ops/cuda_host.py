@@ -29,3 +29,18 @@ def launch_host_func(fn: int, ctx: int, stream: torch.cuda.Stream | None = None)
     err = _driver().cuLaunchHostFunc(ctypes.c_void_p(s.cuda_stream), ctypes.c_void_p(fn), ctypes.c_void_p(ctx))
     if err != 0:
         raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {err}")
+
+
+CU_CTX_SCHED_BLOCKING_SYNC = 0x4
+
+
+def use_blocking_sync(index: int = 0) -> bool:
+    """Make threads that wait for GPU `index` sleep instead of spinning (the primary context's
+    scheduling flag; takes effect for a context created afterwards). With the CPU experts' worker
+    threads on every core, a spinning waiter takes a core from them and from the driver thread that
+    runs the host functions. Returns whether the driver accepted it."""
+    lib = _driver()
+    dev = ctypes.c_int()
+    if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0:
+        return False
+    return lib.cuDevicePrimaryCtxSetFlags_v2(dev, CU_CTX_SCHED_BLOCKING_SYNC) == 0

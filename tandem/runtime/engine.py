@@ -53,12 +53,13 @@ class Engine:
         max_step_tokens: int = 512,
         device="cpu",
         dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
     ):
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         num_blocks = max_batch * -(-max_context // block_size)
         self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, dtype, device)
         self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens)
-        self.runner = Runner(model, self.cache, device)
+        self.runner = Runner(model, self.cache, device, cuda_graphs=cuda_graphs, max_context=max_context)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, _Detok] = {}

@@ -2,6 +2,8 @@
 
 Each sequence owns a block table (block ids in position order); a token at position p lives in
 row block_table[p // block_size] * block_size + p % block_size of every layer's tensor.
+One more block than `num_blocks`, never handed out (`scratch_block`), takes the writes of steps
+that must not touch live rows (CUDA-graph warm-up) and pads block tables.
 """
 
 import math
@@ -15,7 +17,8 @@ class PagedKVCache:
     def __init__(self, widths: list[int], num_blocks: int, block_size: int, dtype: torch.dtype, device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = [torch.zeros(num_blocks * block_size, w, dtype=dtype, device=device) for w in widths]
+        self.scratch_block = num_blocks
+        self.kv = [torch.zeros((num_blocks + 1) * block_size, w, dtype=dtype, device=device) for w in widths]
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
 
     @property

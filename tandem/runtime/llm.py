@@ -70,6 +70,17 @@ class GenerationStream:
         return self._pieces
 
 
+def _blocking_sync(index: int) -> None:
+    """Waiting for the GPU sleeps instead of spinning: the CPU experts' threads need the cores."""
+    from tandem.ops.cuda_host import use_blocking_sync
+
+    try:
+        if not use_blocking_sync(index):
+            print("note: the CUDA driver kept spin-waiting (its context already existed)", file=sys.stderr)
+    except (OSError, RuntimeError, AttributeError) as e:
+        print(f"note: could not set blocking sync on the GPU: {e}", file=sys.stderr)
+
+
 class LLM:
     def __init__(
         self,
@@ -91,6 +102,7 @@ class LLM:
         vram_budget: float | None = None,
         ram_budget: float | None = None,
         show_plan: bool | None = None,
+        cuda_graph: bool = True,
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
@@ -100,7 +112,11 @@ class LLM:
         all in the CPU engine (the default), those of the first N MoE layers (the rest on the
         device, plain torch), or as a rules file says. vram_budget / ram_budget (GB) replace the
         measured free VRAM / available RAM the memory plan is checked against before loading.
-        show_plan: print the plan to stderr (default: when `progress`)."""
+        show_plan: print the plan to stderr (default: when `progress`).
+        cuda_graph: on a CUDA device, replay each decode batch size's step as one CUDA graph
+        (captured on first use); False runs every step eagerly (--no-cuda-graph)."""
+        if torch.device(device).type == "cuda" and experts == "cpu":
+            _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
                                    rules_file=None if placement is None else str(placement))
         self.model_dir = Path(model)
@@ -124,6 +140,7 @@ class LLM:
             self.plan = plan_model(
                 net, stored_tensors(files.gguf if files.gguf is not None else ckpt), rename, self.placement,
                 max_context=self.max_context, max_batch=max_batch, experts_format=experts_format, derived=derived,
+                step_tokens=max_step_tokens,
                 vram_budget=vram, ram_budget=ram, budget_sources=sources,
             )
             if files.gguf is None:
@@ -134,17 +151,28 @@ class LLM:
             self.model = load_model(files, self.dtype, device, progress, placement=self.placement)
         self.cpu_engine = None
         if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
-            self.cpu_engine = create_cpu_engine(cpu_threads)
+            self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")
             bind_cpu_engine(self.model, self.placement, self.cpu_engine, experts_format)
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.embed.num_embeddings}: the config and the tokenizer do not belong together"
             )
+        graphs = cuda_graph and torch.device(device).type == "cuda" and self._graphable()
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
-            max_step_tokens=max_step_tokens, device=device, dtype=self.dtype,
+            max_step_tokens=max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
         )
+
+    def _graphable(self) -> bool:
+        """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream
+        path is; plain-torch experts group tokens on the host (data-dependent), so they run eagerly."""
+        eager = sorted({type(m.experts).__name__ for m in self.model.modules()
+                        if hasattr(m, "experts") and type(m.experts).__name__ != "CpuExperts"})
+        if eager:
+            print(f"note: decode runs without CUDA graphs: {', '.join(eager)} experts are not capturable",
+                  file=sys.stderr)
+        return not eager
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation_config defaults, overridden by the given (non-None) fields."""

@@ -1,0 +1,71 @@
+"""GPU (marked): decode steps replayed from CUDA graphs (one per batch size, the CPU experts as
+host functions inside) against the same steps run eagerly, on every tiny family: fp32 logits
+within 1e-5 and the same argmax under the margin rule; then the LLM API end to end with graphs
+on and off."""
+
+import pytest
+import torch
+
+from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.llm import LLM
+from tandem.runtime.runner import Runner
+from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.scheduler import Batch, Sequence
+from tandem.testing.tiny import VARIANTS, write_tiny
+from tests.conftest import margin_steps, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+BOUND = 1e-5
+
+
+def decode_logits(llm: LLM, graphs: bool, prompts: list[list[int]], steps: int, feed: list[list[int]]) -> torch.Tensor:
+    """Prefill the prompts, then `steps` decode steps of all sequences together (teacher-forced on
+    `feed`), and 4 more of the first sequence alone (another graph size); logits [steps*B + 4, V]."""
+    cache = PagedKVCache(llm.model.cache_widths(), 64, 16, llm.dtype, "cuda")
+    runner = Runner(llm.model, cache, "cuda", cuda_graphs=graphs, max_context=512)
+    seqs = [Sequence(i, p, SamplingParams()) for i, p in enumerate(prompts)]
+    for s in seqs:
+        cache.grow(s.block_table, len(s.prompt))
+        runner.run(Batch([s], [s.prompt], is_prefill=True))
+        s.num_cached = len(s.prompt)
+    rows = []
+    for step in range(steps + 4):
+        batch = seqs if step < steps else seqs[:1]
+        for s in batch:
+            cache.grow(s.block_table, s.num_cached + 1)
+        rows.append(runner.run(Batch(batch, [[feed[s.seq_id][step]] for s in batch])).clone().cpu())
+        for s in batch:
+            s.num_cached += 1
+    assert runner.cuda_graphs == graphs and bool(runner._graphs) == graphs
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_graph_decode_equals_eager(tmp_path, variant):
+    llm = LLM(write_tiny(tmp_path, variant, seed=21), dtype="float32", device="cuda", progress=False,
+              max_batch=3, cuda_graph=True)
+    assert llm.engine.runner.cuda_graphs
+    vocab = llm.model.embed.num_embeddings
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 30, 19)]
+    feed = [torch.randint(0, vocab, (40,), generator=g).tolist() for _ in prompts]
+    want = decode_logits(llm, False, prompts, 24, feed)
+    got = decode_logits(llm, True, prompts, 24, feed)
+    checked, bad = margin_steps(got, want, BOUND)
+    print(f"{variant}: rel_err {rel_err(got, want):.1e}, {checked} steps checked")
+    assert rel_err(got, want) <= BOUND
+    assert checked >= 16 and not bad
+
+
+def test_llm_generates_the_same_with_and_without_graphs(tmp_path):
+    path = write_tiny(tmp_path, "deepseek_v3", seed=22)
+    outs = []
+    for graph in (False, True):
+        llm = LLM(path, dtype="float32", device="cuda", progress=False, max_batch=4, cuda_graph=graph)
+        outs.append([llm.generate(p, max_new_tokens=24, temperature=0, ignore_eos=True).token_ids
+                     for p in ("def f(x):", "hello world", "1 2 3")])
+        assert bool(llm.engine.runner._graphs) == graph
+    assert outs[0] == outs[1]
