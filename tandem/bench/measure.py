@@ -96,7 +96,11 @@ def load(cfg: BenchConfig, progress: bool = True) -> tuple[LLM, float]:
           "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens}
     if "cpu_moe" in inspect.signature(LLM.__init__).parameters:
         kw["cpu_moe"] = True  # the protocol: no routed expert on the GPU
-    if cfg.threads:
+    if torch.device(cfg.device).type == "cuda":
+        # torch's CPU ops are incidental here (building step tensors); its OpenMP workers would spin
+        # on the cores the expert engine's threads need.
+        torch.set_num_threads(1)
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     llm = LLM(Path(cfg.model), **kw)
