@@ -78,6 +78,10 @@ def test_requests_join_and_leave_at_every_step(llm):
 
 
 def test_chunked_prefill_equals_one_shot(llm):
+    check_chunked_prefill(llm, 1e-5)
+
+
+def check_chunked_prefill(llm, bound: float) -> None:
     engine = llm.engine
     tokens = _prompts(llm.tokenizer.vocab_size)[7]  # 90 tokens
     whole = engine.score(tokens)
@@ -93,7 +97,7 @@ def test_chunked_prefill_equals_one_shot(llm):
         engine.cache.release(seq.block_table)
     chunked = torch.cat(rows)
     assert chunked.dtype == torch.float32 and chunked.shape == whole.shape
-    assert ((chunked - whole).abs().max() / whole.abs().max()).item() <= 1e-5
+    assert ((chunked - whole).abs().max() / whole.abs().max()).item() <= bound
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
@@ -150,3 +154,13 @@ def test_a_lone_long_prompt_steps_without_logits_until_its_last_chunk(llm):
     assert per_step == [0, 0, 0, 1, 1, 1, 1] and not engine.has_work()
     assert _run(engine, [prompt], params)[0] == one_shot
     assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["deepseek_v3", "qwen3_moe", "mixtral_window"])
+def test_chunked_prefill_equals_one_shot_on_gpu(tmp_path, variant):
+    # Chunks attend through torch SDPA over the cached context; the one-shot pass sees it all at once.
+    llm = LLM(write_tiny(tmp_path, variant, seed=4), dtype="float32", device="cuda", progress=False,
+              max_context=256, max_batch=2)
+    check_chunked_prefill(llm, 1e-4)  # issue 10's bound (fp32, other kernels than the one-shot pass)
