@@ -36,6 +36,8 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             vram_budget=args.vram_budget,
             ram_budget=args.ram_budget,
             cuda_graph=args.cuda_graph,
+            gpu_experts=args.gpu_experts,
+            calibrate=args.calibrate,
         )
     except TandemError as e:
         plan = getattr(e, "plan", None)  # placement.advice.DoesNotFit carries the memory plan

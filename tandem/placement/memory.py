@@ -151,6 +151,7 @@ class MemoryPlan:
     kv: KVPlan
     workspace: int  # one step's activations on the --device
     step_tokens: int
+    hot_expert_bytes: int  # one expert of every engine layer at the model dtype (a --gpu-experts step)
     step: StepShape
     experts_format: str
     load_transient: int  # RAM: the largest tensor read as float32 while streaming
@@ -189,6 +190,12 @@ class MemoryPlan:
         waiting = self.float_experts_torch - engine_float + self.largest_engine_layer if engine_float else 0
         return self.ram + max(waiting, 0) + self.load_transient
 
+    def hot_experts_that_fit(self) -> int:
+        """Experts per layer a --vram-budget leaves room for (0 without a budget or a GPU)."""
+        if not self.on_gpu or self.vram_budget is None or not self.hot_expert_bytes:
+            return 0
+        return max(0, (self.vram_budget - self.vram) // self.hot_expert_bytes)
+
     @property
     def attention(self) -> str:
         return "fused" if self.on_gpu else "reference"
@@ -221,6 +228,7 @@ def plan_memory(
     step: StepShape,
     experts_format: str = "bf16",
     step_tokens: int = PREFILL_TOKENS,
+    hot_experts: int = 0,
     vram_budget: int | None = None,
     ram_budget: int | None = None,
     budget_sources: tuple[str, str] = ("", ""),
@@ -237,8 +245,22 @@ def plan_memory(
         if p.group == ROUTED:
             mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
     rows: dict[tuple, PlanRow] = {}
-    float_torch, layer_engine, largest_read = 0, {}, 0
+    float_torch, layer_engine, largest_read, one_expert = 0, {}, 0, 0
     for p, target, nbytes, backend, fmt in resolved:
+        if p.group == ROUTED and backend == "engine":
+            # Hot experts (--gpu-experts): a float copy of N experts per layer on the --device,
+            # beside the engine's full set.
+            per_expert = p.numel // p.shape[0] * p.dtype_bytes
+            one_expert += per_expert
+            n = min(hot_experts, p.shape[0])
+            if n:
+                name = f"{DTYPE_NAMES.get(p.dtype, p.dtype)} x {n} hot"
+                hot = rows.setdefault((p.group, placement.device, "torch", name),
+                                      PlanRow(p.group, placement.device, "torch", name))
+                hot.tensors += 1
+                hot.numel += p.numel // p.shape[0] * n
+                hot.bytes += per_expert * n
+                hot.layers.add(p.layer)
         if not (p.blocks and backend in ("engine", "blocks")):  # streamed through load_state as float32
             largest_read = max(largest_read, p.numel // p.stored_pieces)
         if p.group == ROUTED:  # one row per mix of formats (a Q4_K_M layer: Q4_K gate/up, Q6_K down)
@@ -269,6 +291,7 @@ def plan_memory(
         kv=KVPlan(kv_tokens, kv_bytes_per_token, placement.device, max_context, max_batch),
         workspace=max(prefill, decode),
         step_tokens=step_tokens,
+        hot_expert_bytes=one_expert,
         step=step,
         experts_format=experts_format,
         load_transient=4 * largest_read,

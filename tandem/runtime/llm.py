@@ -21,6 +21,7 @@ from tandem.placement.memory import format_plan
 from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.engine import Engine
 from tandem.runtime.experts import create_cpu_engine
+from tandem.runtime.hot_experts import calibration_tokens, place_hot_experts, routing_counts
 from tandem.runtime.loader import (
     checkpoint_view,
     load_model,
@@ -81,6 +82,15 @@ def _blocking_sync(index: int) -> None:
         print(f"note: could not set blocking sync on the GPU: {e}", file=sys.stderr)
 
 
+def _hot_count(gpu_experts: int | str, plan) -> int:
+    """--gpu-experts as a count per layer: an int >= 0, or "auto" (what the VRAM budget leaves room for)."""
+    if gpu_experts == "auto":
+        return plan.hot_experts_that_fit()
+    if isinstance(gpu_experts, bool) or not isinstance(gpu_experts, int) or gpu_experts < 0:
+        raise TandemError(f"--gpu-experts must be a count >= 0 or 'auto', got {gpu_experts!r}")
+    return gpu_experts
+
+
 class LLM:
     def __init__(
         self,
@@ -103,6 +113,8 @@ class LLM:
         ram_budget: float | None = None,
         show_plan: bool | None = None,
         cuda_graph: bool = True,
+        gpu_experts: int | str = 0,
+        calibrate: str | Path | None = None,
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
@@ -114,7 +126,10 @@ class LLM:
         measured free VRAM / available RAM the memory plan is checked against before loading.
         show_plan: print the plan to stderr (default: when `progress`).
         cuda_graph: on a CUDA device, replay each decode batch size's step as one CUDA graph
-        (captured on first use); False runs every step eagerly (--no-cuda-graph)."""
+        (captured on first use); False runs every step eagerly (--no-cuda-graph).
+        gpu_experts: N hot experts per MoE layer get a float copy on `device` (the N that routing
+        of the `calibrate` text -- a file, default a built-in mix -- uses most); "auto": as many
+        as the VRAM budget leaves room for."""
         if torch.device(device).type == "cuda" and experts == "cpu":
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
@@ -137,12 +152,19 @@ class LLM:
             self.placement = build_placement(options, experts_modules(net))
             ckpt, rename, _, derived = checkpoint_view(files, net)
             vram, ram, sources = budgets(device, vram_budget, ram_budget)
-            self.plan = plan_model(
-                net, stored_tensors(files.gguf if files.gguf is not None else ckpt), rename, self.placement,
-                max_context=self.max_context, max_batch=max_batch, experts_format=experts_format, derived=derived,
-                step_tokens=max_step_tokens,
-                vram_budget=vram, ram_budget=ram, budget_sources=sources,
-            )
+            tensors = stored_tensors(files.gguf if files.gguf is not None else ckpt)
+
+            def plan(hot: int):
+                return plan_model(
+                    net, tensors, rename, self.placement, max_context=self.max_context, max_batch=max_batch,
+                    experts_format=experts_format, derived=derived, step_tokens=max_step_tokens, hot_experts=hot,
+                    vram_budget=vram, ram_budget=ram, budget_sources=sources,
+                )
+
+            self.plan = plan(0)
+            self.gpu_experts = _hot_count(gpu_experts, self.plan)
+            if self.gpu_experts:
+                self.plan = plan(self.gpu_experts)
             if files.gguf is None:
                 ckpt.close()
             if progress if show_plan is None else show_plan:
@@ -158,11 +180,24 @@ class LLM:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.embed.num_embeddings}: the config and the tokenizer do not belong together"
             )
-        graphs = cuda_graph and torch.device(device).type == "cuda" and self._graphable()
+        graphs = cuda_graph and torch.device(device).type == "cuda" and not self.gpu_experts and self._graphable()
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
             max_step_tokens=max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
         )
+        self.hot_experts: dict[str, list[int]] = {}
+        if self.gpu_experts:
+            if self.cpu_engine is None:
+                raise TandemError("--gpu-experts needs the routed experts in the CPU engine (--experts cpu)")
+            counts = routing_counts(self, calibration_tokens(self, calibrate))
+            with open_model_files(self.model_dir, config_dir) as files:
+                ckpt, rename, _, _ = checkpoint_view(files, self.model)
+                try:
+                    self.hot_experts = place_hot_experts(self.model, counts, self.gpu_experts, ckpt, rename,
+                                                         self.dtype, device)
+                finally:
+                    if files.gguf is None:
+                        ckpt.close()
 
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream

@@ -1,0 +1,60 @@
+"""Hot routed experts on the device beside the CPU engine: an experts backend that wraps another.
+
+The N experts of a layer that routing uses most (chosen by the runtime from router statistics)
+keep a float copy on the model's device and run there in torch; every other (token, expert) pair
+goes to the wrapped backend (the CPU engine) with the hot slots masked out (-1). Both halves start
+before either is waited on, so the device's share overlaps the CPU's. Fewer expert bytes cross
+DRAM per token: that is the point.
+
+Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
+masked) -> cold.submit(x, cold_ids, w) -> hot experts in torch on the device -> cold.wait + hot.
+"""
+
+import torch
+from torch import nn
+
+from tandem.errors import TandemError
+from tandem.ops import reference as ops
+
+
+class HotExperts(nn.Module):
+    def __init__(self, cold: nn.Module, num_experts: int, hot_ids: list[int],
+                 w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+        super().__init__()
+        n = len(hot_ids)
+        if not 0 < n <= num_experts or len(set(hot_ids)) != n or not all(0 <= e < num_experts for e in hot_ids):
+            raise TandemError(f"hot experts must be distinct ids in 0..{num_experts - 1}, got {hot_ids}")
+        if not (w_gate.shape[0] == w_up.shape[0] == w_down.shape[0] == n):
+            raise TandemError(f"hot expert weights must hold {n} experts each")
+        self.cold, self.num_experts, self.hot_ids = cold, num_experts, list(hot_ids)
+        # Plain attributes: bound after loading, no state_dict entries or dtype casts wanted.
+        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+        lookup = torch.full((num_experts + 1,), -1, dtype=torch.long)  # the last slot serves id -1
+        lookup[torch.tensor(hot_ids)] = torch.arange(n)
+        self.lookup = lookup.to(w_gate.device)
+
+    def split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cold ids with hot slots -1, local hot index with cold slots -1), both int32 [T, k]."""
+        ids = ids.long().to(self.lookup.device)
+        local = self.lookup[torch.where(ids < 0, self.num_experts, ids)]
+        cold = torch.where(local >= 0, -1, ids)
+        return cold.to(torch.int32), local.to(torch.int32)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        cold_ids, local = self.split(ids)
+        handle = self.cold.submit(x, cold_ids.to(ids.device), weights)
+        xd = x.to(self.w_gate.device)
+        hot = ops.moe_experts(xd, local, weights.to(xd.device), self.w_gate, self.w_up, self.w_down)
+        return handle, hot
+
+    def wait(self, pending) -> torch.Tensor:
+        handle, hot = pending
+        cold = self.cold.wait(handle)
+        return cold + hot.to(device=cold.device, dtype=cold.dtype)
+
+    @property
+    def hot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w_gate, self.w_up, self.w_down))
+
+    def extra_repr(self) -> str:
+        return f"hot={len(self.hot_ids)}/{self.num_experts} on {self.w_gate.device}: {self.hot_ids}"

@@ -1,0 +1,113 @@
+"""Hot experts: the routed experts that routing uses most get a float copy on the --device
+(layers/hot_experts.py), chosen from router statistics of a calibration text.
+
+Data path, after the model is loaded and its experts bound to the CPU engine:
+calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every router ->
+counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down read again from
+the model file (GGUF merged blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping
+the layer's backend. The CPU engine keeps all experts (RAM unchanged); VRAM grows by N experts
+per layer, which the memory plan counts (placement/memory.py, hot_experts).
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tandem.errors import TandemError
+from tandem.layers.hot_experts import HotExperts
+from tandem.layers.moe import MoE
+from tandem.weights.gguf import torch_dequantizer
+
+# Used when no --calibrate text is given: prose, code and numbers, so routing sees a mix.
+DEFAULT_CALIBRATION = (
+    "The history of the city begins with a small harbour on the river, where traders met to exchange "
+    "grain, salt and cloth. def merge(a, b):\n    out = []\n    while a and b:\n        out.append(a.pop(0) "
+    "if a[0] < b[0] else b.pop(0))\n    return out + a + b\n"
+    "Question: what is 17 * 23? Answer: 391. The committee met on Tuesday to review the budget and the "
+    "schedule for the new library, and agreed to publish the minutes in three languages."
+)
+
+
+def routing_counts(llm: Any, tokens: list[int]) -> dict[str, torch.Tensor]:
+    """Experts-module name -> how often each expert was picked [E] over one pass of `tokens`."""
+    counts: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in llm.model.named_modules():
+        if isinstance(module, MoE):
+            key = f"{name}.experts"
+            counts[key] = torch.zeros(module.cfg.num_experts, dtype=torch.long)
+
+            def hook(_m, _inp, out, key=key):
+                ids = out[0].reshape(-1).long().cpu()
+                counts[key] += torch.bincount(ids[ids >= 0], minlength=counts[key].numel())
+
+            handles.append(module.router.register_forward_hook(hook))
+    try:
+        llm.engine.score(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def calibration_tokens(llm: Any, path: str | Path | None) -> list[int]:
+    if path is None:
+        text = DEFAULT_CALIBRATION
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TandemError(f"cannot read the calibration text {path}: {e}") from None
+        if not text.strip():
+            raise TandemError(f"the calibration text {path} is empty")
+    tokens = llm.tokenizer.encode(text)
+    return tokens[: llm.max_context - 1]
+
+
+def expert_weights(checkpoint: Any, rename: Callable[[str], str | None], module: str, ids: list[int],
+                   dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate [N, I, H], up [N, I, H], down [N, H, I] of experts `ids` of `module`, read from the file."""
+    ours = {rename(n): n for n in checkpoint.names()}
+    out = []
+    for proj in ("gate", "up", "down"):
+        target = f"{module}.w_{proj}"
+        if target in ours:  # merged [E, ...] (GGUF)
+            name = ours[target]
+            if checkpoint.is_quantized(name):
+                deq = torch_dequantizer(checkpoint.qtype(name))
+                raw = checkpoint.raw(name)
+                rows = [deq(raw[e]).reshape(checkpoint.shape(name)[1:]) for e in ids]
+            else:
+                full = checkpoint.get(name)
+                rows = [full[e] for e in ids]
+        else:  # one tensor per expert (HF)
+            missing = [e for e in ids if f"{target}[{e}]" not in ours]
+            if missing:
+                raise TandemError(f"the model file has no {proj} weights for experts {missing} of {module}")
+            rows = [checkpoint.get(ours[f"{target}[{e}]"]) for e in ids]
+        out.append(torch.stack(rows).to(device=device, dtype=dtype))
+    return tuple(out)
+
+
+def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_layer: int, checkpoint: Any,
+                      rename: Callable[[str], str | None], dtype: torch.dtype, device) -> dict[str, list[int]]:
+    """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts
+    (ties: lower id first); returns module -> hot ids."""
+    placed = {}
+    modules = dict(model.named_modules())
+    for key, c in counts.items():
+        n = min(per_layer, c.numel())
+        if n <= 0:
+            continue
+        order = sorted(range(c.numel()), key=lambda e: (-int(c[e]), e))
+        hot = sorted(order[:n])
+        parent = modules[key.rsplit(".", 1)[0]]
+        gate, up, down = expert_weights(checkpoint, rename, key, hot, dtype, device)
+        parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
+        placed[key] = hot
+    return placed
+
+

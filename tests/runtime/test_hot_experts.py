@@ -1,0 +1,130 @@
+"""Hot experts (--gpu-experts): the most-routed experts of each layer run from a float copy on the
+model's device beside the CPU engine. Same logits as without them (within the engine's BF16 bound,
+same argmax under the margin rule), exact when every expert is hot (then nothing is left to the
+engine), the split of routing ids, the calibration counts, and the memory plan's budget fill."""
+
+import pytest
+import torch
+
+from tandem.errors import TandemError
+from tandem.layers.hot_experts import HotExperts
+from tandem.placement.memory import GB
+from tandem.placement.rules import PlacementOptions
+from tandem.runtime.hot_experts import routing_counts
+from tandem.runtime.llm import LLM
+from tandem.testing.tiny import VARIANTS, write_tiny
+from tandem.testing.tiny_gguf import write_tiny_gguf
+from tests.conftest import margin_steps, rel_err
+
+BF16_BOUND = 4e-3  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
+
+
+def logits(llm: LLM, n: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return llm.engine.score(torch.randint(0, llm.tokenizer.vocab_size, (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("hot"), "deepseek_v3", seed=31)
+
+
+def test_hot_experts_give_the_same_logits(tiny):
+    none = LLM(tiny, dtype="float32", progress=False, max_batch=1)
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=2)
+    layers = [m.experts for m in hot.model.modules() if isinstance(getattr(m, "experts", None), HotExperts)]
+    assert layers and len(layers) == len(hot.hot_experts) and all(len(h.hot_ids) == 2 for h in layers)
+    a, b = logits(hot), logits(none)
+    checked, bad = margin_steps(a, b, BF16_BOUND)
+    assert rel_err(a, b) <= BF16_BOUND and checked >= 16 and not bad
+    # Greedy generation agrees too.
+    prompt = [5, 17, 42, 8]
+    assert (hot.generate(prompt, max_new_tokens=16, temperature=0, ignore_eos=True).token_ids
+            == none.generate(prompt, max_new_tokens=16, temperature=0, ignore_eos=True).token_ids)
+
+
+def test_all_experts_hot_equals_torch_experts(tiny):
+    experts = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=experts)
+    ref = LLM(tiny, dtype="float32", progress=False, max_batch=1, experts="torch")
+    assert rel_err(logits(hot), logits(ref)) <= 1e-5
+
+
+def test_gguf_hot_experts_come_from_the_blocks(tmp_path):
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q8_0", seed=32)
+    e = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    hot = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
+    ref = LLM(gguf, dtype="float32", progress=False, max_batch=1, experts="torch")
+    assert rel_err(logits(hot), logits(ref)) <= 1e-5
+
+
+def test_hot_ids_are_the_most_routed(tiny):
+    llm = LLM(tiny, dtype="float32", progress=False, max_batch=1)
+    tokens = list(range(3, 60))
+    counts = routing_counts(llm, tokens)
+    k = VARIANTS["deepseek_v3"]["num_experts_per_tok"]
+    assert counts and all(int(c.sum()) == len(tokens) * k for c in counts.values())
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=3)
+    for key, ids in hot.hot_experts.items():
+        assert len(ids) == 3
+
+
+def test_split_masks_hot_and_cold():
+    w = torch.zeros(2, 1, 1)
+    h = HotExperts(None, 6, [1, 4], w, w, w)
+    cold, local = h.split(torch.tensor([[1, 2, -1], [4, 0, 5]], dtype=torch.int32))
+    assert cold.tolist() == [[-1, 2, -1], [-1, 0, 5]]
+    assert local.tolist() == [[0, -1, -1], [1, -1, -1]]
+    with pytest.raises(TandemError, match="distinct ids"):
+        HotExperts(None, 6, [1, 1], w, w, w)
+
+
+def test_bad_gpu_experts_value(tiny):
+    with pytest.raises(TandemError, match="--gpu-experts"):
+        LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=-1)
+
+
+def test_plan_counts_hot_experts_and_fills_a_budget():
+    from tandem.models.deepseek import DeepseekConfig, DeepseekForCausalLM
+    from tandem.placement.rules import build_placement
+    from tandem.runtime.loader import meta_model
+    from tandem.runtime.plan import StoredTensor, experts_modules, plan_model
+    from tandem.testing.full_size import DEEPSEEK_V3, deepseek_gguf_tensors
+
+    net = meta_model(DeepseekForCausalLM, DeepseekConfig.from_hf(DEEPSEEK_V3), torch.bfloat16)
+    listing = deepseek_gguf_tensors(DEEPSEEK_V3, "Q4_K_M")
+    tensors = [StoredTensor(n, q, b, q not in ("F32", "F16", "BF16")) for n, _, q, b in listing]
+    placement = build_placement(PlacementOptions(device="cuda"), experts_modules(net))
+
+    def plan(hot: int, vram: float = 24):
+        return plan_model(net, tensors, net.gguf_renamer(), placement, max_context=8192, max_batch=1,
+                          derived=net.gguf_derived({n: s for n, s, _, _ in listing}), hot_experts=hot,
+                          vram_budget=int(vram * GB), ram_budget=int(512 * GB))
+
+    none, two = plan(0), plan(2)
+    one_expert = 58 * 3 * 7168 * 2048 * 2  # gate, up, down of one expert in each of 58 MoE layers, bf16
+    assert none.hot_expert_bytes == one_expert
+    assert two.vram - none.vram == 2 * one_expert and two.ram == none.ram
+    assert any("x 2 hot" in r.format and r.on_gpu for r in two.rows)
+    n = none.hot_experts_that_fit()
+    assert n > 0 and plan(n).vram <= 24 * GB < plan(n + 1).vram
+    assert plan(0, vram=13.7).hot_experts_that_fit() == 0
+
+
+def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):
+    from tandem.cli.main import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x * 2\n" * 8)
+    args = ["generate", str(tiny), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0", "--dtype", "float32"]
+    assert main(args + ["--gpu-experts", "2", "--calibrate", str(calib)]) == 0
+    with_hot = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == with_hot
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["--gpu-experts", "some"])
+    assert exit_.value.code == 2 and "--gpu-experts" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    assert main(args + ["--gpu-experts", "1", "--calibrate", str(empty)]) == 2
+    assert "calibration text" in capsys.readouterr().err
