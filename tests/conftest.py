@@ -1,4 +1,8 @@
+import importlib.util
 import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +55,16 @@ def margin_steps(ours: torch.Tensor, ref: torch.Tensor, bound: float) -> tuple[i
     checked = margin > 10 * bound * scale
     bad = (ours.argmax(-1) != ref.argmax(-1)) & checked
     return int(checked.sum()), bad.nonzero().flatten().tolist()
+
+
+@contextmanager
+def script_module(path: Path, name: str):
+    """A benchmark script (benchmarks/*.py, not a package) imported as module `name` for its tests."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)

@@ -1,31 +1,31 @@
 """benchmarks/moe_cpu.py end to end at a tiny size (one small layer copy, T = 1 and 8): it measures the
 machine, times rows and writes valid JSON; and its random rows load as prequantized layers."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tandem.ops import cpu
-from tests.ops.moe_cases import dense_weights, dequant_ref, reference, rel_err, routing, tokens
+from tests.conftest import script_module
+from tests.ops.moe_cases import (
+    dense_weights,
+    dequant_ref,
+    reference,
+    rel_err,
+    routing,
+    tokens,
+)
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_cpu.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("moe_cpu_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(mod)
+    with script_module(BENCH, "moe_cpu_bench") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_benchmark_runs_and_writes_json(bench, tmp_path, capsys):

@@ -2,14 +2,14 @@
 own `tandem serve`, and with servers that fail. Checks fields and counts, never speed."""
 
 import asyncio
-import importlib.util
 import json
 import socket
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 PERCENTILES = {"p50", "p90", "p99"}
@@ -20,14 +20,8 @@ LEVEL_FIELDS = {"concurrency", "requests", "ok", "failed", "errors", "stopped_by
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location("serve_load_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(mod)
+    with script_module(SCRIPT, "serve_load_bench") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def check_report(report: dict, levels: list[int], requests: int, max_tokens: int) -> None:
