@@ -9,6 +9,7 @@ from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.testing.tiny import write_tiny
+from tests.conftest import margin_steps, rel_err
 
 CHUNK = 24  # max_step_tokens in the batched runs: prompts longer than this are prefilled in chunks
 
@@ -164,3 +165,59 @@ def test_chunked_prefill_equals_one_shot_on_gpu(tmp_path, variant):
     llm = LLM(write_tiny(tmp_path, variant, seed=4), dtype="float32", device="cuda", progress=False,
               max_context=256, max_batch=2)
     check_chunked_prefill(llm, 1e-4)  # issue 10's bound (fp32, other kernels than the one-shot pass)
+
+
+def _run_recording(engine, prompts, params):
+    """Like _run, also recording each sequence's fp32 logits row of every step it sampled in."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    run = engine.runner.run
+
+    def recording(batch, all_logits=False):
+        out = run(batch, all_logits)
+        for seq, row in zip(batch.sampling, out):
+            rows.setdefault(seq.seq_id, []).append(row.float().cpu())
+        return out
+
+    add, ids = engine.add_request, []
+
+    def adding(prompt, p):
+        ids.append(add(prompt, p))
+        return ids[-1]
+
+    engine.runner.run, engine.add_request = recording, adding
+    try:
+        tokens = _run(engine, prompts, params)
+    finally:
+        engine.runner.run, engine.add_request = run, add
+    return tokens, [torch.stack(rows[i]) for i in ids]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sixteen_concurrent_greedy_requests_match_each_alone_on_gpu(tmp_path):
+    # Batched steps replay other CUDA graphs (other kernel splits and matmul tilings) than lone ones,
+    # so fp32 logits agree within a bound, not bit for bit: compare logits up to each sequence's first
+    # differing token, and tokens where the lone run's margin is wide (the margin rule).
+    bound = 1e-4
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=3), dtype="float32", device="cuda", progress=False,
+              max_context=256, max_batch=16)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    prompts = _prompts(llm.tokenizer.vocab_size)
+    alone = [_run_recording(engine, [p], params) for p in prompts]
+    engine.scheduler.max_step_tokens = CHUNK
+    try:
+        together_tokens, together_rows = _run_recording(engine, prompts, params)
+    finally:
+        engine.scheduler.max_step_tokens = 512
+    checked = 0
+    for (tokens, rows), got_tokens, got in zip(alone, together_tokens, together_rows):
+        tokens, want = tokens[0], rows[0]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, got_tokens)) if a != b), len(tokens))
+        n = min(same + 1, len(want), len(got))  # rows up to and including the first differing token
+        assert rel_err(got[:n], want[:n]) <= bound
+        c, bad = margin_steps(got[:n], want[:n], bound)
+        assert not bad
+        checked += c
+    assert checked >= 16
+    assert engine.cache.free_blocks == engine.cache.num_blocks
