@@ -7,7 +7,7 @@ import torch
 from tandem.ops import reference, sdpa
 
 CASES = [(5, 9, 4, 2, 16, 12, None), (7, 7, 4, 4, 16, 16, 3), (3, 20, 6, 2, 24, 8, 5), (16, 40, 8, 8, 32, 32, None)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
