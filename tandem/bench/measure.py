@@ -40,6 +40,7 @@ class BenchConfig:
     experts_format: str = "bf16"
     cuda_graph: bool = True
     max_step_tokens: int = 512
+    gpu_experts: int | str = 0  # hot experts per layer on the GPU (issue 11's curve); 0 in the protocol's runs
 
     def __post_init__(self):
         if not self.prompts or min(self.prompts) < 1:
@@ -93,7 +94,7 @@ def load(cfg: BenchConfig, progress: bool = True) -> tuple[LLM, float]:
     """The model as the runtime loads it, all routed experts in CPU RAM; (llm, seconds)."""
     kw = {"dtype": cfg.dtype, "device": cfg.device, "max_context": cfg.max_context, "max_batch": max(1, cfg.users),
               "progress": progress, "cpu_threads": cfg.threads, "experts_format": cfg.experts_format,
-          "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens}
+          "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens, "gpu_experts": cfg.gpu_experts}
     if "cpu_moe" in inspect.signature(LLM.__init__).parameters:
         kw["cpu_moe"] = True  # the protocol: no routed expert on the GPU
     if torch.device(cfg.device).type == "cuda":

@@ -4,6 +4,7 @@ import argparse
 import shlex
 import sys
 
+from tandem.cli.args import hot_count
 from tandem.errors import TandemError
 
 ARCH_NAMES = ("deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b")
@@ -46,6 +47,8 @@ def add_bench_parser(sub) -> None:
                    help="decode eagerly instead of replaying CUDA graphs")
     p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
                    help="tokens per step: prompts longer than this prefill in chunks (default 512)")
+    p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
+                   help="hot experts per MoE layer on the GPU (default 0: all routed experts in CPU RAM)")
     p.add_argument("--bw-gb", type=float, default=4.0, help="DRAM probe buffer in GB (default 4; TARGETS uses 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure as JSON here")
@@ -109,7 +112,7 @@ def run_bench(args: argparse.Namespace) -> int:
                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                       device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
                       experts_format=args.experts_format, cuda_graph=args.cuda_graph,
-                      max_step_tokens=args.max_step_tokens)
+                      max_step_tokens=args.max_step_tokens, gpu_experts=args.gpu_experts)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ User errors (TandemError) print one line and exit with status 2, without a trace
 import argparse
 import sys
 
+from tandem.cli.args import hot_count
 from tandem.cli.bench import add_bench_parser, add_convert_parser
 from tandem.errors import TandemError
 
@@ -44,7 +45,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="routed experts of the first N MoE layers in the CPU engine, the rest on --device")
     p.add_argument("--placement", metavar="FILE",
                    help="placement rules tried first: 'REGEX = cpu-engine|gpu|cpu' per line, or a JSON list")
-    p.add_argument("--gpu-experts", type=_hot_count, default=0, metavar="N|auto",
+    p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
                    help="per MoE layer, a copy of the N most-routed experts on --device (auto: as many as the "
                         "VRAM budget leaves room for); routing statistics come from --calibrate")
     p.add_argument("--calibrate", metavar="FILE",
@@ -153,18 +154,6 @@ def read_text_file(path: str) -> str:
         raise TandemError(f"cannot read prompt file {path!r}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise TandemError(f"prompt file {path!r} is not UTF-8 text") from None
-
-
-def _hot_count(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {value!r}")
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,3 +60,11 @@ def test_bench_user_errors(truncations, capsys):
     assert main(["bench", str(truncations[0]), "--prompts", "a,b"]) == 2
     assert main(["bench", "--extrapolate", str(truncations[0]), str(truncations[0]), *FAST]) == 2
     assert capsys.readouterr().err.count("error:") == 3
+
+
+def test_bench_with_hot_experts(truncations, tmp_path, capsys):
+    out = tmp_path / "hot.json"
+    assert main(["bench", str(truncations[1]), *FAST, "--gpu-experts", "4", "--json", str(out)]) == 0
+    capsys.readouterr()
+    r = json.loads(out.read_text())
+    assert r["models"][0]["config"]["gpu_experts"] == 4 and r["models"][0]["measured"]["decode_tok_s"] > 0
