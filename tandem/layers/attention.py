@@ -64,9 +64,8 @@ class MLAConfig:
 
 
 class MLAttention(nn.Module):
-    # Decode steps (few new tokens per sequence) attend in latent space; prefill expands K/V,
-    # which costs fewer FLOPs when many queries share the context.
-    ABSORB_MAX_QUERIES = DECODE_MAX_QUERIES
+    # Decode steps (<= DECODE_MAX_QUERIES new tokens per sequence) attend in latent space; prefill
+    # expands K/V, which costs fewer FLOPs when many queries share the context.
 
     def __init__(self, cfg: MLAConfig, layer_idx: int):
         super().__init__()
@@ -99,7 +98,7 @@ class MLAttention(nn.Module):
         cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
 
         w_kv_b = self.kv_b_proj.weight.view(nh, dn + dv, cfg.kv_lora_rank)
-        if meta.kernels and meta.max_query_len <= self.ABSORB_MAX_QUERIES:
+        if meta.kernels and meta.max_query_len <= DECODE_MAX_QUERIES:
             # Latent space for all sequences at once: q_lat = q_nope W_UK, attend, then W_UV.
             q_lat = torch.bmm(q_nope.transpose(0, 1), w_kv_b[:, :dn])  # [nh, T, c]
             kernels = attn_kernels()
@@ -116,7 +115,7 @@ class MLAttention(nn.Module):
             ctx = cache[meta.context_slots(s)].to(x.dtype)
             c_ctx, kpe_ctx = ctx.split([cfg.kv_lora_rank, dr], dim=-1)
             offset = meta.context_lens[s] - (b - a)
-            if b - a <= self.ABSORB_MAX_QUERIES:
+            if b - a <= DECODE_MAX_QUERIES:
                 out[a:b] = ops.mla_attention_absorbed(
                     q_nope[a:b], q_pe[a:b], c_ctx, kpe_ctx, w_kv_b[:, :dn], w_kv_b[:, dn:], self.scale, offset
                 )

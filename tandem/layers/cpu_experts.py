@@ -84,7 +84,8 @@ class CpuExperts(nn.Module):
 
         n, k = ids.shape
         dtype = x.dtype if x.dtype in _ENGINE_DTYPES else torch.float32
-        staging = self.engine.staging.setdefault((x.shape[1], k, dtype), Staging(x.shape[1], k, dtype))
+        key = (x.shape[1], k, dtype)
+        staging = self.engine.staging.get(key) or self.engine.staging.setdefault(key, Staging(*key))
         bx, bids, bw, bout = staging.buffers(n)
         call = self._calls.get((staging.generation, n))
         if call is None:

@@ -2,8 +2,8 @@
 
 Data path: router logits (fp32) -> route (top-k ids, weights) -> experts.submit(x, ids, w)
 -> shared experts meanwhile -> experts.wait(handle) -> add. `experts` is a backend bound to this
-layer when the model is placed (plain torch here; the CPU engine or GPU kernels later); models
-never subclass this block, they only fill MoEConfig.
+layer when the model is placed (plain torch here; layers/cpu_experts.py, block_experts.py and
+hot_experts.py hold the others); models never subclass this block, they only fill MoEConfig.
 """
 
 from dataclasses import dataclass

@@ -7,6 +7,8 @@ parameter costs what its target holds:
                                      --experts-format (bf16 2 B, int8 1 B + a 4 B scale per row,
                                      int4 36 B per 64 weights), as csrc/quant declares them
   quantized experts, torch on CPU    the file's blocks (BlockExperts, dequantized per call)
+  hot experts (--gpu-experts)        N experts per layer at the model dtype on the --device,
+                                     beside the engine's full set
   quantized weights on a GPU         the file's blocks where the GPU kernels read the format
                                      (GPU_BLOCK_FORMATS: QuantLinear / QuantEmbedding)
   everything else                    numel x the model dtype (routers fp32): other GGUF weights
@@ -171,12 +173,6 @@ class MemoryPlan:
     @property
     def vram(self) -> int:
         return self.weights(True) + (self.kv.bytes + self.workspace if self.on_gpu else 0)
-
-    @property
-    def vram_if_quantized(self) -> int:
-        """VRAM if the GPU also kept the weights it dequantizes (formats without a GPU kernel,
-        derived tensors) in the file's blocks."""
-        return self.vram - sum(r.bytes - r.stored_bytes for r in _dequantized(self.rows))
 
     @property
     def ram(self) -> int:

@@ -57,22 +57,20 @@ def bind_block_experts(model: nn.Module, checkpoint: Any, rename: Callable[[str]
 
 FLOAT_FORMATS = ("bf16", "int8", "int4")  # what float-stored experts become in the CPU engine
 # Idle engine workers spin this long before sleeping: short, because on a CPU-only run the same
-# cores compute attention between two expert calls. With a GPU the same value measured best:
-# 2000 us there cut V2-Lite decode from 45.5 to 11.3 tok/s (spinning workers crowd out the
-# driver thread that runs the host functions).
+# cores compute attention between two expert calls. With a GPU too: 2000 us there cut V2-Lite
+# decode from 45.5 to 11.3 tok/s (spinning workers crowd out the driver thread that runs the
+# host functions).
 SPIN_US = 100
-SPIN_US_GPU = 100
 
 
-def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
-    """The runtime's CPU expert engine (worker threads pinned to this process's cores); `gpu`: the
-    non-expert layers run on a GPU, so the workers have the cores to themselves between calls."""
+def create_cpu_engine(threads: int | None = None) -> Any:
+    """The runtime's CPU expert engine (worker threads pinned to this process's cores)."""
     from tandem.ops import cpu
 
     if threads is not None and threads < 1:
         raise TandemError(f"--cpu-threads must be >= 1, got {threads}")
     try:
-        return cpu.create_engine(threads, spin_us=SPIN_US_GPU if gpu else SPIN_US)
+        return cpu.create_engine(threads, spin_us=SPIN_US)
     except ValueError as e:
         raise TandemError(f"cannot start the CPU expert engine: {e}") from None  # what float-stored experts become in the CPU engine
 

@@ -67,10 +67,10 @@ def calibration_tokens(llm: Any, path: str | Path | None) -> list[int]:
     return tokens[: llm.max_context - 1]
 
 
-def expert_weights(checkpoint: Any, rename: Callable[[str], str | None], module: str, ids: list[int],
+def expert_weights(checkpoint: Any, ours: dict[str, str], module: str, ids: list[int],
                    dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gate [N, I, H], up [N, I, H], down [N, H, I] of experts `ids` of `module`, read from the file."""
-    ours = {rename(n): n for n in checkpoint.names()}
+    """gate [N, I, H], up [N, I, H], down [N, H, I] of experts `ids` of `module`, read from the file;
+    ours: tandem name -> the file's tensor name."""
     out = []
     for proj in ("gate", "up", "down"):
         target = f"{module}.w_{proj}"
@@ -98,6 +98,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
     (ties: lower id first); returns module -> hot ids."""
     placed = {}
     modules = dict(model.named_modules())
+    ours = {rename(n): n for n in checkpoint.names()}
     for key, c in counts.items():
         n = min(per_layer, c.numel())
         if n <= 0:
@@ -105,7 +106,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
         order = sorted(range(c.numel()), key=lambda e: (-int(c[e]), e))
         hot = sorted(order[:n])
         parent = modules[key.rsplit(".", 1)[0]]
-        gate, up, down = expert_weights(checkpoint, rename, key, hot, dtype, device)
+        gate, up, down = expert_weights(checkpoint, ours, key, hot, dtype, device)
         parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
         placed[key] = hot
     return placed
