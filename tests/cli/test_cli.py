@@ -175,3 +175,21 @@ def test_max_step_tokens_reaches_the_scheduler(model, monkeypatch, capsys):
     assert built[0].engine.scheduler.max_step_tokens == 3
     assert "decode" in capsys.readouterr().err
     assert run(argv[:-2]) == 0 and built[1].engine.scheduler.max_step_tokens == 512
+
+
+def test_cuda_graph_and_gpu_experts_flags_reach_the_llm(model, monkeypatch):
+    from tandem.cli import chat
+
+    seen = []
+
+    class Spy(chat.LLM):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "LLM", Spy)
+    argv = ["generate", model, "--prompt", "hi", "--max-new-tokens", "2"]
+    assert run(argv + ["--no-cuda-graph", "--gpu-experts", "auto"]) == 0
+    assert run(argv) == 0
+    assert (seen[0]["cuda_graph"], seen[0]["gpu_experts"]) == (False, "auto")
+    assert (seen[1]["cuda_graph"], seen[1]["gpu_experts"]) == (True, 0)
