@@ -339,7 +339,9 @@ def _split_kernel(
     else:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + t64 * lse_st + heads * lse_sh + split, lse, mask=h_mask)
-        tl.store(o_ptrs + split * o_ss, o, mask=o_mask & (hi > lo))  # empty splits write only -inf
+        # Empty splits write only -inf. The scalar test is broadcast to a block: Triton 3.9's
+        # interpreter rejects a mask of a block & a scalar.
+        tl.store(o_ptrs + split * o_ss, o, mask=o_mask & (dv[None, :] * 0 + hi > lo))
 
 
 @triton.jit
