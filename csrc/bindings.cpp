@@ -170,6 +170,9 @@ NB_MODULE(_C, m) {
                      return nb::make_tuple(b.call.t_submit, b.call.t_wait_begin, b.call.t_wait_end);
                    },
                    "steady_clock ns of the last submit, wait entered, wait left.")
+      .def_prop_ro("engine_ns",
+                   [](const BoundHostCall& b) { return nb::make_tuple(b.call.t_launch, b.call.t_done); },
+                   "steady_clock ns of the last job's launch by the engine and of its end.")
       .def("clear_error", [](BoundHostCall& b) { b.call.error.clear(); })
       .def("run_submit", [](BoundHostCall& b) { nb::gil_scoped_release r; host_submit(&b.call); },
            "Run the submit host function here (tests and CPU-only callers).")

@@ -29,6 +29,8 @@ void host_wait(void* ctx) {
   if (c->ticket != 0) {
     try {
       c->engine->wait(c->ticket);
+      c->t_launch = c->engine->last_launch_ns();  // this job's: the next one starts after this wait
+      c->t_done = c->engine->last_done_ns();
     } catch (const std::exception& e) {
       c->error = e.what();
     }

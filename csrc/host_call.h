@@ -23,6 +23,8 @@ struct HostCall {
   // steady_clock ns of the last submit, and of entering / leaving the last wait: shows whether the
   // CPU work overlapped the GPU work queued between them (tests, profiles).
   int64_t t_submit = 0, t_wait_begin = 0, t_wait_end = 0;
+  // The engine's side of the same job: its launch (after staging) and its end (last worker done).
+  int64_t t_launch = 0, t_done = 0;
 };
 
 // What the stream calls; `ctx` is the HostCall.

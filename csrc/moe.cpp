@@ -508,7 +508,14 @@ void MoeEngine::reduce_rows(int t) {
   }
 }
 
+int64_t MoeEngine::last_launch_ns() const {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(launched_at_.time_since_epoch()).count();
+}
+
 void MoeEngine::finish_job() {
+  done_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now().time_since_epoch()).count(),
+                 std::memory_order_release);
   std::lock_guard<std::mutex> lk(mu_);
   completed_.store(job_->ticket, std::memory_order_release);
   cv_.notify_all();

@@ -59,6 +59,9 @@ class MoeEngine {
   // down, node reduce), the latest moment any worker left it, in ms after the launch.
   // Call after wait(); for tuning and benchmarks.
   std::vector<double> last_phases() const;
+  // steady_clock ns of the last job's launch (after staging) and of its end (last worker done).
+  int64_t last_launch_ns() const;
+  int64_t last_done_ns() const { return done_ns_.load(std::memory_order_acquire); }
 
  private:
   struct NodeTask;
@@ -90,6 +93,7 @@ class MoeEngine {
   uint64_t launched_ = 0;
   std::atomic<uint64_t> completed_{0};
   std::chrono::steady_clock::time_point launched_at_;
+  std::atomic<int64_t> done_ns_{0};
 
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // last: workers stop before the state they use
 };

@@ -261,6 +261,12 @@ class HostCall:
         overlapped whatever the stream ran between them."""
         return tuple(self.native.times_ns)
 
+    @property
+    def engine_ns(self) -> tuple[int, int]:
+        """steady-clock ns of the same job's launch by the engine (after staging its inputs) and
+        of its end (the last worker done), as the last wait saw them."""
+        return tuple(self.native.engine_ns)
+
     def clear_error(self) -> None:
         self.native.clear_error()
 

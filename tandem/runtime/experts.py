@@ -12,6 +12,7 @@ backend), leaving plain torch only where asked (`experts="torch"`).
 """
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -56,23 +57,38 @@ def bind_block_experts(model: nn.Module, checkpoint: Any, rename: Callable[[str]
 
 
 FLOAT_FORMATS = ("bf16", "int8", "int4")  # what float-stored experts become in the CPU engine
-# Idle engine workers spin this long before sleeping: short, because on a CPU-only run the same
-# cores compute attention between two expert calls. With a GPU too: 2000 us there cut V2-Lite
-# decode from 45.5 to 11.3 tok/s (spinning workers crowd out the driver thread that runs the
-# host functions).
+# Idle engine workers spin this long before sleeping. CPU-only runs: short, because the same cores
+# compute attention between two expert calls. With a GPU: long enough to span the GPU's part of a
+# layer (and a step's end), because a job waits for every worker at its phase barriers and waking
+# 14 sleeping workers is slow: measured on V2-Lite, H200 box, 14 threads, spin 100 / 400 / 1500 us:
+# 23.0 / 33.5 / 48.9 tok/s, the engine's median time per layer 659 / 423 / 383 us (p90 5.4 ms /
+# 2.2 ms / 0.49 ms). (Moving the other threads -- driver, Python -- off the workers' cores then
+# changed nothing: 61.3 vs 60.8 tok/s.)
 SPIN_US = 100
+GPU_SPIN_US = 1500
 
 
-def create_cpu_engine(threads: int | None = None) -> Any:
-    """The runtime's CPU expert engine (worker threads pinned to this process's cores)."""
+def spin_us(gpu: bool) -> int:
+    """GPU_SPIN_US or SPIN_US, or the TANDEM_SPIN_US environment variable (a tuning override)."""
+    value = os.environ.get("TANDEM_SPIN_US", "")
+    if not value:
+        return GPU_SPIN_US if gpu else SPIN_US
+    if not value.isdigit():
+        raise TandemError(f"TANDEM_SPIN_US must be a count of microseconds >= 0, got {value!r}")
+    return int(value)
+
+
+def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
+    """The runtime's CPU expert engine (worker threads pinned to this process's cores); `gpu`:
+    a GPU runs the rest of the model (its workers spin longer)."""
     from tandem.ops import cpu
 
     if threads is not None and threads < 1:
         raise TandemError(f"--cpu-threads must be >= 1, got {threads}")
     try:
-        return cpu.create_engine(threads, spin_us=SPIN_US)
+        return cpu.create_engine(threads, spin_us=spin_us(gpu))
     except ValueError as e:
-        raise TandemError(f"cannot start the CPU expert engine: {e}") from None  # what float-stored experts become in the CPU engine
+        raise TandemError(f"cannot start the CPU expert engine: {e}") from None
 
 
 def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf16") -> int:

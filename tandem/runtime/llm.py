@@ -173,7 +173,7 @@ class LLM:
             self.model = load_model(files, self.dtype, device, progress, placement=self.placement)
         self.cpu_engine = None
         if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
-            self.cpu_engine = create_cpu_engine(cpu_threads)
+            self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")
             bind_cpu_engine(self.model, self.placement, self.cpu_engine, experts_format)
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(

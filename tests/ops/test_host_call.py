@@ -42,6 +42,8 @@ def test_host_call_equals_submit_wait(engine):
     assert call.calls == 2
     submit_ns, wait_begin, wait_end = call.times_ns
     assert 0 < submit_ns <= wait_begin <= wait_end <= time.monotonic_ns()
+    launch_ns, done_ns = call.engine_ns  # the engine's side of the same job, inside submit .. wait
+    assert submit_ns <= launch_ns <= done_ns <= wait_end
     assert all(a > 0 for a in call.addresses)
 
 
