@@ -17,7 +17,7 @@ from torch import nn
 from tandem.errors import TandemError
 from tandem.layers.linear import Linear
 from tandem.layers.meta import ForwardMeta
-from tandem.layers.norm import RMSNorm
+from tandem.layers.norm import FUSED_MAX_WIDTH, RMSNorm, fused_ops, fused_path
 from tandem.layers.rope import Rope, RopeConfig
 from tandem.ops import reference as ops
 from tandem.ops import sdpa
@@ -89,13 +89,17 @@ class MLAttention(nn.Module):
         n_tok, nh, dn, dr, dv = x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(n_tok, nh, dn + dr).split([dn, dr], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, dr], dim=-1)
-        latent = self.kv_a_layernorm(latent)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, latent | k_pe]
         q_pe = self.rope(q_pe, cos, sin)  # [T, nh, dr]
-        k_pe = self.rope(k_pe, cos, sin)  # [T, dr]
-
         cache = meta.kv[self.layer_idx]
-        cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        norm = self.kv_a_layernorm
+        if fused_path(kv) and cfg.kv_lora_rank <= FUSED_MAX_WIDTH:  # norm, rope and the cache write in one kernel
+            fused_ops().mla_cache_write(kv, norm.weight, norm.eps, cos, sin, cache, meta.slot_mapping,
+                                        cfg.kv_lora_rank, cfg.rope.interleaved)
+        else:
+            latent, k_pe = kv.split([cfg.kv_lora_rank, dr], dim=-1)
+            latent, k_pe = norm(latent), self.rope(k_pe, cos, sin)
+            cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
 
         w_kv_b = self.kv_b_proj.weight.view(nh, dn + dv, cfg.kv_lora_rank)
         if meta.kernels and meta.max_query_len <= DECODE_MAX_QUERIES:

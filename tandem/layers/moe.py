@@ -14,6 +14,7 @@ from torch import nn
 
 from tandem.errors import TandemError
 from tandem.layers.linear import MLP, Linear
+from tandem.layers.norm import fused_ops, fused_path
 from tandem.ops import reference as ops
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -60,8 +61,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
         logits = F.linear(x.float(), self.weight.float())  # [T, E], routing always in fp32
-        return ops.route(
-            logits,
+        how = dict(
             top_k=c.top_k,
             scoring=c.scoring,
             topk_method=c.topk_method,
@@ -71,6 +71,12 @@ class Router(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             correction_bias=self.correction_bias,
         )
+        if fused_path(logits):
+            try:
+                return fused_ops().route(logits, **how)  # one kernel: scores, group choice, top-k, weights
+            except ValueError:  # a shape the kernel does not take (checked before any launch)
+                pass
+        return ops.route(logits, **how)
 
 
 class TorchExperts(nn.Module):

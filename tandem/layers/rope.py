@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tandem.errors import TandemError
+from tandem.layers.norm import fused_ops, fused_path
 from tandem.ops import reference as ops
 
 
@@ -92,4 +93,6 @@ class Rope(nn.Module):
         return angles.cos() * self.cos_sin_scale, angles.sin() * self.cos_sin_scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if fused_path(x):  # one fused kernel instead of torch's handful
+            return fused_ops().rope(x, cos, sin, self.cfg.interleaved)
         return ops.apply_rope(x, cos, sin, self.cfg.interleaved)

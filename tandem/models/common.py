@@ -99,8 +99,8 @@ class DecoderLayer(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), meta, cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        h, x = self.ffn_norm(self.attn(self.attn_norm(x), meta, cos, sin), residual=x)  # x += attn
+        return x + self.ffn(h)
 
 
 class CausalLM(nn.Module):

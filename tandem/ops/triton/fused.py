@@ -1,0 +1,493 @@
+"""Fused small ops of a decoder layer's decode step: RMSNorm (+ residual add), RoPE, MLA's cache
+write and MoE routing, each one launch where plain torch runs a handful of small kernels.
+
+Semantics are exactly tandem.ops.reference's, roundings included: the kernels compute in fp32 and
+round to a narrower dtype wherever the reference's torch ops do (round to nearest even).
+
+rms_norm   x [..., N] (stride 1 along N) is seen as rows [A, B, N] with two strides, so a 2-D
+           activation with a row stride > N (a split view) and a strided per-head [T, nh, d] view
+           (q/k norms) need no copy; more dims are flattened into B. One program per row, the
+           whole row in one block (N <= 8192 fits: DeepSeek-V3's hidden size is 7168):
+               s = round_x(x + residual)            (only with a residual; also written out)
+               y = round_x(s * rsqrt(mean(s^2) + eps))
+               out = round_out(weight * y)          out dtype: promote(weight, x)
+rope       x [T, H, d] (2-D [T, d] is H = 1; any strides with stride 1 along d, e.g. the rope part
+           of q.view(T, nh, dn + dr).split([dn, dr], -1)), cos/sin [T, d/2]. Grid (T, head
+           blocks), each program a [BLOCK_H, d/2] tile of pairs: (x[2i], x[2i+1]) interleaved
+           (DeepSeek checkpoints), else (x[i], x[i + d/2]). Output: a new contiguous tensor.
+mla_cache_write
+           kv [T, c + dr] (kv_a_proj_with_mqa's output, stride 1 along the width) ->
+           cache[slot_mapping[t]] = cat(rms_norm(kv[:, :c]), rope(kv[:, c:])) in cache's dtype.
+           One program per token: the norm and the rotation of one row, stored straight into the
+           cache row, replacing norm + rope + cat + cast + index_put. A negative slot writes nothing.
+route      logits [T, E] -> ids int32 [T, k] (best first, as torch.topk), weights fp32 [T, k].
+           One program per token holding all E experts as a [groups, group size] tile (greedy:
+           one group of E): scores (softmax / sigmoid) -> choice (+ correction bias) -> for
+           DeepSeek's group methods, keep the topk_group best groups -> k rounds of
+           argmax-and-mask (ties: lowest id) -> weights = raw scores of the picks, normalized and
+           scaled as the reference does.
+
+No host syncs and grids from shapes only, so every call can be captured in a CUDA graph.
+
+Rounding in Triton's interpreter: it converts fp32 -> bf16 by truncation, not to nearest. Under
+it (_INTERPRETED) the kernels round to bf16 with integer ops instead, so the interpreted kernels
+round as torch does and the tests can hold them to the same bounds as on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["mla_cache_write", "rms_norm", "rope", "route"]
+
+_FLOATS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_MAX_NORM_WIDTH = 8192  # one row in one block
+_MAX_EXPERTS = 1024  # all experts of a token in one block
+_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+# ---------------------------------------------------------------- shared device functions
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """fp32 x rounded to DTYPE (to nearest even), returned as fp32; storing it as DTYPE is exact."""
+    if DTYPE == tl.float32:
+        y = x
+    elif EMULATE_BF16 and DTYPE == tl.bfloat16:
+        # Round the 16 low bits away, to nearest even (the interpreter's own cast truncates).
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        y = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(DTYPE).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _normalize(x, w_ptr, cols, mask, N, eps, X_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """weight * round_x(x * rsqrt(mean(x^2) + eps)) in fp32, for one row x (fp32, zeros past N)."""
+    ms = tl.sum(x * x, axis=0) / N
+    y = _round(x * tl.rsqrt(ms + eps), X_DTYPE, EMULATE_BF16)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return w * y
+
+
+@triton.jit
+def _rotate(base, c, s, i, mask, HALF, INTERLEAVED: tl.constexpr):
+    """Rotated pairs of one row (or a tile of rows) at `base` (+ pair index i): (o1, o2, col1, col2)."""
+    if INTERLEAVED:
+        col1 = 2 * i
+        col2 = 2 * i + 1
+    else:
+        col1 = i
+        col2 = i + HALF
+    x1 = tl.load(base + col1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + col2, mask=mask, other=0.0).to(tl.float32)
+    return x1 * c - x2 * s, x2 * c + x1 * s, col1, col2
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, x_sa, x_sb,  # [A, B, N], stride 1 along N
+    r_ptr, r_sa, r_sb,  # residual, same shape (HAS_RESIDUAL)
+    w_ptr,  # [N]
+    out_ptr, sum_ptr,  # contiguous [A * B, N]: normed (promoted dtype), x + residual (x's dtype)
+    B, N, eps,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a, b = row // B, row % B
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x_dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + a * x_sa + b * x_sb + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + a * r_sa + b * r_sb + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, x_dtype, EMULATE_BF16)  # torch adds x.dtype tensors in fp32 and rounds
+        tl.store(sum_ptr + row * N + cols, x.to(x_dtype), mask=mask)
+    y = _normalize(x, w_ptr, cols, mask, N, eps, x_dtype, EMULATE_BF16)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * N + cols, _round(y, out_dtype, EMULATE_BF16).to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, x_st, x_sh,  # [T, H, D], stride 1 along D
+    cos_ptr, cos_st, sin_ptr, sin_st,  # [T, D / 2], stride 1 along the pairs
+    out_ptr,  # contiguous [T, H, D]
+    H, HALF,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = (heads < H)[:, None] & (i < HALF)[None, :]
+    c = tl.load(cos_ptr + t * cos_st + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * sin_st + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    heads64 = heads.to(tl.int64)[:, None]
+    o1, o2, col1, col2 = _rotate(x_ptr + t * x_st + heads64 * x_sh, c, s, i[None, :], mask, HALF, INTERLEAVED)
+    out_dtype = out_ptr.dtype.element_ty
+    out = out_ptr + (t * H + heads64) * (2 * HALF)
+    tl.store(out + col1, _round(o1, out_dtype, EMULATE_BF16).to(out_dtype), mask=mask)
+    tl.store(out + col2, _round(o2, out_dtype, EMULATE_BF16).to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _mla_cache_write_kernel(
+    kv_ptr, kv_st,  # [T, C + 2 * HALF], stride 1 along the width
+    w_ptr,  # [C]
+    cos_ptr, cos_st, sin_ptr, sin_st,  # [T, HALF]
+    cache_ptr, cache_st,  # [slots, C + 2 * HALF], stride 1 along the width
+    slot_ptr,  # [T]
+    eps, C, HALF,
+    BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM_DTYPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        kv_dtype = kv_ptr.dtype.element_ty
+        cache_dtype = cache_ptr.dtype.element_ty
+        row = kv_ptr + t * kv_st
+        dst = cache_ptr + slot * cache_st
+        # Latent: the reference's rms_norm output (promote(weight, kv) dtype), then cast to the cache.
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
+        latent = _round(_normalize(x, w_ptr, cols, mask, C, eps, kv_dtype, EMULATE_BF16), NORM_DTYPE, EMULATE_BF16)
+        tl.store(dst + cols, _round(latent, cache_dtype, EMULATE_BF16).to(cache_dtype), mask=mask)
+        # Rope key: rotated in fp32, rounded to kv's dtype as the reference's apply_rope returns it.
+        i = tl.arange(0, BLOCK_HALF)
+        pmask = i < HALF
+        c = tl.load(cos_ptr + t * cos_st + i, mask=pmask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * sin_st + i, mask=pmask, other=0.0).to(tl.float32)
+        o1, o2, col1, col2 = _rotate(row + C, c, s, i, pmask, HALF, INTERLEAVED)
+        o1 = _round(_round(o1, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
+        o2 = _round(_round(o2, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
+        tl.store(dst + C + col1, o1.to(cache_dtype), mask=pmask)
+        tl.store(dst + C + col2, o2.to(cache_dtype), mask=pmask)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, logits_st,  # [T, E]
+    bias_ptr,  # [E] (HAS_BIAS)
+    ids_ptr, weights_ptr,  # contiguous [T, TOP_K]: int32, fp32
+    n_group, group_size, scaling,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_METHOD: tl.constexpr, NORM: tl.constexpr,
+):
+    # GROUP_METHOD: 0 greedy (n_group == 1), 1 group_limited_greedy, 2 noaux_tc.
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_S)[None, :]
+    expert = g[:, None] * group_size + j  # [BLOCK_G, BLOCK_S]; padding cells are masked by `valid`
+    valid = (g[:, None] < n_group) & (j < group_size)
+    neg_inf = float("-inf")
+    x = tl.load(logits_ptr + t * logits_st + expert, mask=valid, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        x = tl.where(valid, x, neg_inf)
+        p = tl.exp(x - tl.max(tl.max(x, 1), 0))
+        scores = p / tl.sum(tl.sum(p, 1), 0)
+    else:
+        scores = tl.sigmoid(x)
+    scores = tl.where(valid, scores, 0.0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + expert, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, neg_inf)
+
+    if GROUP_METHOD != 0:
+        best = tl.max(choice, 1)  # [BLOCK_G]
+        if GROUP_METHOD == 2:  # noaux_tc: sum of a group's two best choices (one if the group has one)
+            first = tl.min(tl.where(choice == best[:, None], j, BLOCK_S), 1)
+            second = tl.max(tl.where(j == first[:, None], neg_inf, choice), 1)
+            group_score = tl.where(group_size >= 2, best + second, best)
+        else:  # group_limited_greedy: a group's best choice
+            group_score = best
+        group_score = tl.where(g < n_group, group_score, neg_inf)
+        keep = g < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(group_score, 0)
+            pick = tl.min(tl.where(group_score == top, g, BLOCK_G), 0)
+            keep = keep | (g == pick)
+            group_score = tl.where(g == pick, neg_inf, group_score)
+        # The reference's fill: 0 for group_limited_greedy, -inf for noaux_tc.
+        fill = 0.0 if GROUP_METHOD == 1 else neg_inf
+        choice = tl.where(keep[:, None], choice, fill)
+        choice = tl.where(valid, choice, neg_inf)
+
+    k = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_K], tl.int32)
+    weights = tl.zeros([BLOCK_K], tl.float32)
+    beyond = n_group * group_size  # past every expert id
+    for r in tl.static_range(TOP_K):
+        top = tl.max(tl.max(choice, 1), 0)
+        pick = tl.min(tl.min(tl.where(valid & (choice == top), expert, beyond), 1), 0)
+        hit = valid & (expert == pick)
+        ids = tl.where(k == r, pick, ids)
+        weights = tl.where(k == r, tl.sum(tl.sum(tl.where(hit, scores, 0.0), 1), 0), weights)
+        choice = tl.where(hit, neg_inf, choice)
+    if NORM:
+        weights = weights / (tl.sum(weights, 0) + 1e-20)  # entries past TOP_K are 0
+    weights = weights * scaling
+    kmask = k < TOP_K
+    tl.store(ids_ptr + t * TOP_K + k, ids, mask=kmask)
+    tl.store(weights_ptr + t * TOP_K + k, weights, mask=kmask)
+
+
+_INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction)  # fixed when the kernels were defined
+
+
+# ---------------------------------------------------------------- public API
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """reference.rms_norm over the last dim of x [..., N] (N <= 8192), weight [N].
+
+    Returns a new contiguous tensor of x's shape in promote_types(weight, x) dtype. With residual
+    (x's shape and dtype) it normalizes s = x + residual (rounded to x's dtype, as torch adds) and
+    returns (normed, s)."""
+    n = x.shape[-1] if x.dim() else 0
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() < 1 or weight.shape != (n,):
+        raise ValueError(f"weight must be [N] for x [..., N], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if n > _MAX_NORM_WIDTH:
+        raise ValueError(f"rms_norm takes rows of up to {_MAX_NORM_WIDTH} elements, got {n}")
+    tensors = [x, weight]
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+            )
+        tensors.append(residual)
+    _check_device(*tensors)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    if x.numel():
+        x3 = _rows(x)
+        r3 = _rows(residual) if residual is not None else x3
+        block = triton.next_power_of_2(n)
+        with _on(x):
+            _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
+                x3, x3.stride(0), x3.stride(1),
+                r3, r3.stride(0), r3.stride(1),
+                weight.contiguous(),
+                out, total,
+                x3.shape[1], n, float(eps),
+                BLOCK=block, HAS_RESIDUAL=residual is not None, EMULATE_BF16=_INTERPRETED,
+                num_warps=_warps(block),
+            )  # fmt: skip
+    return (out, total) if residual is not None else out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """reference.apply_rope: x [T, d] or [T, H, d] (any strides with stride 1 along d; more dims
+    are flattened into H), cos/sin [T, d/2] -> a new contiguous tensor of x's shape and dtype."""
+    _check_float("x", x)
+    if x.dim() < 2 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [T, ..., d] with d even, got {tuple(x.shape)}")
+    half = x.shape[-1] // 2
+    _check_angles(cos, sin, x.shape[0], half)
+    _check_device(x, cos, sin)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        x3 = _rows(x)
+        n_tok, heads = x3.shape[:2]
+        block_half = triton.next_power_of_2(half)
+        block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
+        with _on(x):
+            _rope_kernel[(n_tok, triton.cdiv(heads, block_h))](
+                x3, x3.stride(0), x3.stride(1),
+                cos, cos.stride(0), sin, sin.stride(0),
+                out,
+                heads, half,
+                BLOCK_H=block_h, BLOCK_HALF=block_half, INTERLEAVED=bool(interleaved),
+                EMULATE_BF16=_INTERPRETED, num_warps=_warps(block_h * block_half),
+            )  # fmt: skip
+    return out
+
+
+def mla_cache_write(
+    kv: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_lora_rank: int,
+    interleaved: bool,
+) -> None:
+    """cache[slot_mapping[t]] = cat(rms_norm(kv[t, :c], norm_weight, eps), rope(kv[t, c:], cos, sin))
+    cast to cache's dtype, for each token t, in one launch (c = kv_lora_rank).
+
+    kv [T, c + dr] (row stride may exceed c + dr), norm_weight [c], cos/sin [T, dr/2], cache
+    [slots, c + dr] (fp32/bf16/fp16, stride 1 along the width), slot_mapping int32/int64 [T].
+    A negative slot writes nothing (padding tokens)."""
+    _check_float("kv", kv)
+    _check_float("norm_weight", norm_weight)
+    _check_float("cache", cache)
+    c = kv_lora_rank
+    if kv.dim() != 2 or not 0 < c < kv.shape[1] or (kv.shape[1] - c) % 2:
+        raise ValueError(f"kv must be [T, kv_lora_rank={c} + even rope dim], got {tuple(kv.shape)}")
+    if c > _MAX_NORM_WIDTH:
+        raise ValueError(f"kv_lora_rank up to {_MAX_NORM_WIDTH}, got {c}")
+    n_tok, half = kv.shape[0], (kv.shape[1] - c) // 2
+    if norm_weight.shape != (c,):
+        raise ValueError(f"norm_weight must be [{c}], got {tuple(norm_weight.shape)}")
+    if cache.dim() != 2 or cache.shape[1] != kv.shape[1]:
+        raise ValueError(f"cache must be [slots, {kv.shape[1]}], got {tuple(cache.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape != (n_tok,):
+        raise ValueError(
+            f"slot_mapping must be int32/int64 [{n_tok}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+    _check_angles(cos, sin, n_tok, half)
+    _check_device(kv, norm_weight, cos, sin, cache, slot_mapping)
+    if kv.stride(1) != 1:
+        kv = kv.contiguous()
+    if cache.stride(1) != 1:
+        raise ValueError("cache rows must be contiguous (stride 1 along the width): it is written in place")
+    if n_tok == 0:
+        return
+    block_c = triton.next_power_of_2(c)
+    with _on(kv):
+        _mla_cache_write_kernel[(n_tok,)](
+            kv, kv.stride(0),
+            norm_weight.contiguous(),
+            cos, cos.stride(0), sin, sin.stride(0),
+            cache, cache.stride(0),
+            slot_mapping.contiguous(),
+            float(eps), c, half,
+            BLOCK_C=block_c, BLOCK_HALF=triton.next_power_of_2(half),
+            NORM_DTYPE=_FLOATS[torch.promote_types(norm_weight.dtype, kv.dtype)],
+            INTERLEAVED=bool(interleaved), EMULATE_BF16=_INTERPRETED, num_warps=_warps(block_c),
+        )  # fmt: skip
+
+
+def route(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    scoring: str,
+    topk_method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.route in one launch: logits [T, E] (E <= 1024) -> ids int32 [T, top_k] (best
+    first), weights fp32 [T, top_k]. Raises ValueError for what it does not support (the caller
+    can fall back to the reference)."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if topk_method not in _TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {', '.join(_TOPK_METHODS)}, got {topk_method!r}")
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got {tuple(logits.shape)}")
+    n_tok, n_exp = logits.shape
+    if not 0 < n_exp <= _MAX_EXPERTS:
+        raise ValueError(f"route takes 1..{_MAX_EXPERTS} experts, got {n_exp}")
+    if not 1 <= top_k <= n_exp:
+        raise ValueError(f"top_k must be in 1..{n_exp}, got {top_k}")
+    grouped = topk_method != "greedy" and n_group > 1
+    if not grouped:
+        n_group, topk_group = 1, 1
+    elif n_exp % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (n_exp // n_group):
+        # The last case would pick masked experts, whose order the reference leaves to torch.topk.
+        raise ValueError(
+            f"expert groups do not fit: {n_exp} experts, n_group={n_group}, topk_group={topk_group}, top_k={top_k}"
+        )
+    if correction_bias is not None:
+        _check_float("correction_bias", correction_bias)
+        if correction_bias.shape != (n_exp,):
+            raise ValueError(f"correction_bias must be [{n_exp}], got {tuple(correction_bias.shape)}")
+        _check_device(logits, correction_bias)
+    else:
+        _check_device(logits)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    ids = torch.empty(n_tok, top_k, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(n_tok, top_k, dtype=torch.float32, device=logits.device)
+    if n_tok == 0:
+        return ids, weights
+    group_size = n_exp // n_group
+    block_g, block_s = triton.next_power_of_2(n_group), triton.next_power_of_2(group_size)
+    bias = correction_bias.contiguous() if correction_bias is not None else logits
+    with _on(logits):
+        _route_kernel[(n_tok,)](
+            logits, logits.stride(0),
+            bias,
+            ids, weights,
+            n_group, group_size, float(routed_scaling_factor),
+            TOP_K=top_k, TOPK_GROUP=topk_group,
+            BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
+            SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
+            GROUP_METHOD=_TOPK_METHODS.index(topk_method) if grouped else 0, NORM=bool(norm_topk_prob),
+            num_warps=_warps(block_g * block_s),
+        )  # fmt: skip
+    return ids, weights
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [A, ..., N] as a 3-D [A, B, N] tensor with stride 1 along N, a view whenever strides allow."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 1:
+        return t.view(1, 1, -1)
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    return t if t.dim() == 3 else t.flatten(1, -2)  # flatten copies only when the strides need it
+
+
+def _warps(block: int) -> int:
+    return min(8, max(1, block // 512))
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be fp32, bf16 or fp16, got {t.dtype}")
+
+
+def _check_angles(cos: torch.Tensor, sin: torch.Tensor, n_tok: int, half: int) -> None:
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+        if t.shape != (n_tok, half) or t.stride(1) != 1:
+            raise ValueError(
+                f"{name} must be [T={n_tok}, d/2={half}] with stride 1 along d/2, "
+                f"got {tuple(t.shape)} strides {t.stride()}"
+            )
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    if device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(
+            f"the fused Triton kernels run on CUDA tensors, got {device}; on CPU they need "
+            f"TRITON_INTERPRET=1 set before tandem.ops.triton.fused is imported (tests only)"
+        )
+
+
+def _on(t: torch.Tensor):
+    # Triton launches on the current GPU, which need not be t's.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

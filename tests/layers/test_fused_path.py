@@ -1,0 +1,58 @@
+"""The layers' fused path (ops.triton.fused: RMSNorm + residual, RoPE, MLA's cache write, routing)
+against the reference path, on every tiny family, through the whole model: prefill and decode
+steps, teacher-forced, fp32. The GPU takes the fused path; here Triton's interpreter runs the same
+kernels on CPU tensors (layers.norm.FUSED_ON_CPU).
+"""
+
+import pytest
+import torch
+
+from tandem.layers import norm
+from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.llm import LLM
+from tandem.runtime.runner import Runner
+from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.scheduler import Batch, Sequence
+from tandem.testing.tiny import VARIANTS, write_tiny
+from tests.conftest import margin_steps, rel_err
+
+BOUND = 1e-5  # fp32; the kernels reduce in another order than torch
+STEPS = 24
+
+
+def logits(llm: LLM, tokens: list[int], n_prompt: int) -> torch.Tensor:
+    """The prompt's last row, then one decode step per token, each on the tokens given."""
+    cache = PagedKVCache(llm.model.cache_widths(), 2 * -(-len(tokens) // 8), 8, llm.dtype, "cpu")
+    runner, seq, rows = Runner(llm.model, cache, "cpu"), Sequence(0, [], SamplingParams()), []
+    for chunk in [tokens[:n_prompt]] + [[t] for t in tokens[n_prompt:-1]]:
+        cache.grow(seq.block_table, seq.num_cached + len(chunk))
+        rows.append(runner.run(Batch([seq], [chunk], is_prefill=seq.num_cached == 0)))
+        seq.num_cached += len(chunk)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fused_path_equals_reference_path(tmp_path, variant, monkeypatch):
+    llm = LLM(write_tiny(tmp_path, variant, seed=5), dtype="float32", progress=False, max_batch=1, experts="torch")
+    prompt = llm.tokenizer.encode("def parse(text):\n    return")
+    tokens = prompt + llm.generate(prompt, max_new_tokens=STEPS, temperature=0, ignore_eos=True).token_ids
+    want = logits(llm, tokens, len(prompt))
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    got = logits(llm, tokens, len(prompt))
+    assert rel_err(got, want) <= BOUND
+    checked, bad = margin_steps(got, want, BOUND)
+    assert checked >= 16 and not bad, (checked, bad)
+
+
+def test_fused_path_runs_the_kernels(tmp_path, monkeypatch):
+    # Guards the test above: with the switch on, the layers really call the fused kernels.
+    from tandem.ops.triton import fused
+
+    calls = []
+    for name in ("rms_norm", "rope", "mla_cache_write", "route"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=5), dtype="float32", progress=False, max_batch=1, experts="torch")
+    llm.generate([1, 2, 3], max_new_tokens=2, temperature=0, ignore_eos=True)
+    assert set(calls) == {"rms_norm", "rope", "mla_cache_write", "route"}
