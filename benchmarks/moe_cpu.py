@@ -3,7 +3,10 @@
 Measures the machine first (DRAM read bandwidth: pinned threads streaming an --bw-gb buffer; AMX
 peak: tile dot products on registers), then times one MoE layer per (shape, format, tokens,
 threads). Every timed call routes fresh random ids into one of >= --copies copies of the layer
-(>= --min-gb in all, capped by --max-gb), so caches cannot serve the weights. Weights are random
+(>= --min-gb in all, capped by --max-gb), so caches cannot serve the weights. A call runs the way
+the runtime runs it next to a GPU: through a HostCall (submit and wait in C++ on fixed buffers, no
+Python between them); its inputs are copied into those buffers untimed, as the stream's copies are.
+Weights are random
 bytes written straight into each format's row layout (GGUF blocks, INT8/INT4/BF16 rows) with sane
 scales; values do not matter for speed.
 
@@ -164,17 +167,19 @@ def copies_for(layer_gb: float, args) -> int:
     return max(1, min(want, cap))
 
 
-def time_calls(run, calls, warmup: int, after=None) -> list[float]:
-    """Seconds of each call after the warm-up ones; after() runs untimed after each timed call."""
-    for c in calls[:warmup]:
-        run(*c)
+def time_calls(run, calls, warmup: int, after=None, before=None) -> list[float]:
+    """Seconds of each call after the warm-up ones; before(*call) and after() run untimed around
+    each call."""
     times = []
-    for c in calls[warmup:]:
+    for i, c in enumerate(calls):
+        if before is not None:
+            before(*c)
         t0 = time.perf_counter()
         run(*c)
-        times.append(time.perf_counter() - t0)
-        if after is not None:
-            after()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            if after is not None:
+                after()
     return times
 
 
@@ -216,17 +221,23 @@ def bench_engine(shape: Shape, fmt: str, args, mach: dict, threads: int, rows: l
         out = torch.empty(T, H, dtype=torch.bfloat16)
         g = torch.Generator().manual_seed(T + 1)
         picks = torch.randint(0, n_copies, (calls_n,), generator=g).tolist()
-        calls = [(layers[p], ids, w) for p, (ids, w) in zip(picks, route)]
+        calls = [(p, ids, w) for p, (ids, w) in zip(picks, route)]
+        bids, bw_ = torch.empty(T, k, dtype=torch.int32), torch.empty(T, k)
+        host = [cpu.host_call(eng, layer, x, bids, bw_, out) for layer in layers]
 
-        def run(layer, ids, w, x=x, out=out):
-            cpu.wait(eng, cpu.submit(eng, layer, x, ids, w, out=out))
+        def load(p, ids, w, bids=bids, bw_=bw_):
+            bids.copy_(ids)
+            bw_.copy_(w)
+
+        def run(p, ids, w, host=host):
+            host[p].run()
 
         phases: list[dict] = []
 
         def after(phases=phases):
             phases.append(eng.last_phases())
 
-        times = time_calls(run, calls, args.warmup, after=after)
+        times = time_calls(run, calls, args.warmup, after=after, before=load)
         distinct = [len(torch.unique(ids)) for _, ids, _ in calls[args.warmup :]]
         gbs = statistics.median(d * per_expert / t / 1e9 for d, t in zip(distinct, times))
         t_med = statistics.median(times)
