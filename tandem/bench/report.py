@@ -65,9 +65,11 @@ def rows(section: dict, peer: dict | None) -> list[list[str]]:
 
 def table(result: dict) -> str:
     mach = result["machine"]
+    readings = mach.get("dram_readings") or {}
     lines = [
         f"machine: {mach['cpu']}, {mach['threads']} threads" + (f", GPU {mach['gpu']}" if mach.get("gpu") else ""),
-        f"  DRAM read {mach['dram_read_gbs']:.1f} GB/s ({mach['dram_probe']})",
+        f"  DRAM read {mach['dram_read_gbs']:.1f} GB/s ({mach['dram_probe']}"
+        + (f"; best of {', '.join(f'{k} {v:.1f}' for k, v in readings.items())})" if len(readings) > 1 else ")"),
     ]
     if mach.get("h2d_gbs"):
         lines.append(f"  pinned H2D {mach['h2d_gbs']:.1f} GB/s; both at once: CPU {mach['both_cpu_gbs']:.1f} + "
