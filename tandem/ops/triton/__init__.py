@@ -7,7 +7,8 @@ quant_blocks.py: the format table and the in-kernel decoding of one 256-weight s
 attention.py: paged-KV decode attention, `mla_decode` (MLA in latent space) and `gqa_decode`
 (grouped-query, optional sliding window), flash-decoding splits merged by a second kernel; the grids
 depend only on shapes and `num_splits` (`default_splits`), so a decode step can be captured in a
-CUDA graph.
+CUDA graph. fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
+residual add, RoPE, MLA's norm + rope + cache write, MoE routing), so a decode step launches fewer.
 
 Only this package imports triton, and importing the package itself does no work: `quant` is imported
 by whoever needs it. Under TRITON_INTERPRET=1 (set before `quant` is first imported) the same kernels
