@@ -7,15 +7,18 @@ each `Linear` (and the `nn.Embedding`, unless the output head shares it) whose w
 stores as blocks of a format in `GPU_BLOCK_FORMATS` and whose placement target is a GPU is replaced
 by a QuantLinear / QuantEmbedding holding those blocks on that GPU. Tensors a model derives from
 several file tensors (DeepSeek's kv_b, Mixtral's un-permuted q/k) load as float like the rest;
-the memory plan (placement/memory.py) counts exactly this split.
+the memory plan (placement/memory.py) counts exactly this split. An MLP whose gate and up
+projections both became blocks of one format then gets them as one QuantLinear ([gate | up] rows,
+the same bytes): a decode step runs one GEMV there instead of two.
 """
 
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-from tandem.layers.linear import Linear
+from tandem.layers.linear import MLP, Linear
 from tandem.placement.memory import GPU_BLOCK_FORMATS
 from tandem.placement.rules import Placement
 
@@ -53,4 +56,10 @@ def bind_gpu_blocks(net: nn.Module, checkpoint: Any, rename: Callable[[str], str
         parent, _, attr = path.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, attr, new)
         kept.append(src)
+    for module in net.modules():
+        if isinstance(module, MLP) and module.gate_up is None:
+            gate, up = module.gate_proj, module.up_proj
+            if (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear) and gate.bias is None and up.bias is None
+                    and gate.weight_format == up.weight_format and gate.blocks.device == up.blocks.device):
+                module.merge_gate_up(QuantLinear.from_blocks(torch.cat((gate.blocks, up.blocks)), gate.weight_format))
     return kept

@@ -56,3 +56,24 @@ def test_fused_path_runs_the_kernels(tmp_path, monkeypatch):
     llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=5), dtype="float32", progress=False, max_batch=1, experts="torch")
     llm.generate([1, 2, 3], max_new_tokens=2, temperature=0, ignore_eos=True)
     assert set(calls) == {"rms_norm", "rope", "mla_cache_write", "route"}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mlp_with_merged_gate_up_equals_the_separate_layers(monkeypatch, fused):
+    from tandem.layers.linear import MLP, Linear
+
+    torch.manual_seed(0)
+    mlp = MLP(64, 48)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = mlp(x)
+    merged = Linear(64, 96)
+    merged.weight = torch.nn.Parameter(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+    mlp.merge_gate_up(merged)
+    assert not hasattr(mlp, "gate_proj") and not hasattr(mlp, "up_proj")
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", fused)
+    with torch.no_grad():
+        got = mlp(x)
+    assert rel_err(got, want) <= 1e-6

@@ -295,3 +295,27 @@ def test_route_rejects_what_it_does_not_support(device):
             fused.route(logits, **{**good, **bad})
     with pytest.raises(ValueError):
         fused.route(randn(2, 2048, device=device), **good)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, inter", [(1, 1408), (3, 24)])
+def test_silu_mul(device, dtype, tokens, inter):
+    g = torch.Generator().manual_seed(inter + tokens)
+    gate_up = (3 * torch.randn(tokens, 2 * inter, generator=g)).to(device=device, dtype=dtype)
+    got = fused.silu_mul(gate_up)
+    want = ref.silu_mul(gate_up[:, :inter], gate_up[:, inter:])
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    err = (got.float() - want.float()).abs()
+    if dtype == torch.float32:  # exp differs from torch's in the last bits
+        assert (err <= 1e-6 * want.float().abs().clamp_min(1)).all()
+    else:  # rounded twice to bf16 as torch rounds: at most a few elements one bf16 step apart
+        assert (err <= 2**-7 * want.float().abs()).all() and int((err > 0).sum()) <= 2 + want.numel() // 1000
+    # The gate and up halves are not interchangeable: swapping them must change the result.
+    swapped = fused.silu_mul(torch.cat((gate_up[:, inter:], gate_up[:, :inter]), dim=1))
+    assert not torch.equal(swapped, got)
+
+
+def test_silu_mul_rejects_odd_widths():
+    with pytest.raises(ValueError, match=r"\[T, 2I\]"):
+        fused.silu_mul(torch.zeros(2, 5))

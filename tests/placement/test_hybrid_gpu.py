@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tandem.layers.cpu_experts import CpuExperts
+from tandem.layers.linear import MLP
 from tandem.layers.moe import TorchExperts
 from tandem.layers.quant_linear import QuantEmbedding, QuantLinear
 from tandem.placement.memory import GB
@@ -93,6 +94,10 @@ def test_hybrid_gguf_and_mixed_layers(tmp_path, qtype):
     assert isinstance(gpu.model.embed, QuantEmbedding)
     assert gpu.plan.weights(True) == cuda_bytes(gpu)
     assert {r.format for r in gpu.plan.rows if r.on_gpu and r.backend == "blocks"} == {m.weight_format for m in quant}
+    # MLPs (dense layers, shared experts) whose gate and up share a format run them as one GEMV.
+    mlps = [m for m in gpu.model.modules() if isinstance(m, MLP)]
+    assert mlps and all(isinstance(m.gate_up, QuantLinear) for m in mlps if m.gate_up is not None)
+    assert any(m.gate_up is not None for m in mlps)
     # Layer 1's experts in the engine (blocks), layer 2's dequantized to fp32 torch on the GPU,
     # exact where the engine rounds activations to 8 bits (measured 5.5e-3 Q8_0, 9.0e-3 Q4_K_M).
     mixed = compare(gguf, 2e-2, min_checked=4, n_cpu_moe_layers=1)

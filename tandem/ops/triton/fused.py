@@ -27,6 +27,9 @@ route      logits [T, E] -> ids int32 [T, k] (best first, as torch.topk), weight
            argmax-and-mask (ties: lowest id) -> weights = raw scores of the picks, normalized and
            scaled as the reference does.
 
+silu_mul   gate_up [T, 2I] (an MLP's merged gate and up projections, stride 1 along the width) ->
+           round(round(silu(gate)) * up) [T, I], as reference.silu_mul rounds. Grid (T, I blocks).
+
 No host syncs and grids from shapes only, so every call can be captured in a CUDA graph.
 
 Rounding in Triton's interpreter: it converts fp32 -> bf16 by truncation, not to nearest. Under
@@ -43,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["mla_cache_write", "rms_norm", "rope", "route"]
+__all__ = ["mla_cache_write", "rms_norm", "rope", "route", "silu_mul"]
 
 _FLOATS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _MAX_NORM_WIDTH = 8192  # one row in one block
@@ -117,6 +120,18 @@ def _rms_norm_kernel(
     y = _normalize(x, w_ptr, cols, mask, N, eps, x_dtype, EMULATE_BF16)
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + row * N + cols, _round(y, out_dtype, EMULATE_BF16).to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, gu_st, out_ptr, I, BLOCK: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + t * gu_st + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * gu_st + I + cols, mask=mask, other=0.0).to(tl.float32)
+    s = _round(g / (1.0 + tl.exp(-g)), dtype, EMULATE_BF16)  # torch's silu: fp32, rounded to the dtype
+    tl.store(out_ptr + t * I + cols, _round(s * u, dtype, EMULATE_BF16).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -317,6 +332,26 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
                 heads, half,
                 BLOCK_H=block_h, BLOCK_HALF=block_half, INTERLEAVED=bool(interleaved),
                 EMULATE_BF16=_INTERPRETED, num_warps=_warps(block_h * block_half),
+            )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """reference.silu_mul(gate_up[:, :I], gate_up[:, I:]) for gate_up [T, 2I] -> a new [T, I]."""
+    _check_float("gate_up", gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
+    _check_device(gate_up)
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    n_tok, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((n_tok, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if out.numel():
+        block = min(1024, triton.next_power_of_2(inter))
+        with _on(gate_up):
+            _silu_mul_kernel[(n_tok, triton.cdiv(inter, block))](
+                gate_up, gate_up.stride(0), out, inter, BLOCK=block, EMULATE_BF16=_INTERPRETED,
+                num_warps=_warps(block),
             )  # fmt: skip
     return out
 
