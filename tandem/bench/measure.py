@@ -66,7 +66,8 @@ class Measured:
     rss_loaded_gb: float = 0.0
     peak_rss_gb: float = 0.0
     peak_vram_gb: float | None = None  # torch's reserved peak (what nvidia-smi sees, minus the context)
-    peak_allocated_gb: float | None = None  # tensors' peak: what the memory plan models
+    peak_allocated_gb: float | None = None  # tensors' peak while running: what the memory plan models
+    load_peak_allocated_gb: float | None = None  # tensors' peak while loading (the loader's transients)
     plan_vram_gb: float | None = None
     samples: dict = field(default_factory=dict)  # every timed value, for the JSON
 

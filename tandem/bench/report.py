@@ -56,10 +56,11 @@ def rows(section: dict, peer: dict | None) -> list[list[str]]:
         out.append(["peak RAM (GB)", _fmt(m["peak_rss_gb"], 2), "", "", "", ""])
     if m.get("peak_vram_gb") is not None:
         out.append(["peak VRAM (GB), reserved", _fmt(m["peak_vram_gb"], 2), "", "", "", ""])
-    if m.get("peak_allocated_gb") is not None:
-        plan = m.get("plan_vram_gb")
-        out.append(["peak VRAM (GB), allocated", _fmt(m["peak_allocated_gb"], 2),
-                    f"{_fmt(plan, 2)} (plan)" if plan else "", _pct(m["peak_allocated_gb"], plan) if plan else "", "", ""])
+    plan = m.get("plan_vram_gb")
+    for key, label in (("load_peak_allocated_gb", "allocated, loading"), ("peak_allocated_gb", "allocated, running")):
+        if m.get(key) is not None:
+            out.append([f"peak VRAM (GB), {label}", _fmt(m[key], 2), f"{_fmt(plan, 2)} (plan)" if plan else "",
+                        _pct(m[key], plan) if plan else "", "", ""])
     return out
 
 

@@ -59,7 +59,13 @@ def _shape_from_engine(llm) -> bnd.ExpertShape:
 def bench_model(cfg: BenchConfig, machine, *, profile: bool, progress: bool, log) -> dict:
     facts = model_facts(cfg.model)
     log(f"loading {cfg.model}")
+    cuda = torch.cuda.is_available() and torch.device(cfg.device).type == "cuda"
+    if cuda:  # the peaks below are the model's: not the machine probes' buffers, not an earlier model's
+        torch.cuda.reset_peak_memory_stats()
     llm, seconds = load(cfg, progress)
+    load_peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the run's own peak, apart from the loader's transients
     try:
         shape = facts["shape"] or _shape_from_engine(llm)
         section = {
@@ -73,6 +79,7 @@ def bench_model(cfg: BenchConfig, machine, *, profile: bool, progress: bool, log
         }
         measured = run(llm, cfg, log)
         measured.load_seconds = seconds
+        measured.load_peak_allocated_gb = load_peak
         section["measured"] = asdict(measured)
         if profile:
             section["profile"] = profile_run(llm, cfg, Timer(llm, replace(cfg, seed=cfg.seed + 1)), log)
