@@ -7,14 +7,20 @@ before either is waited on, so the device's share overlaps the CPU's. Fewer expe
 DRAM per token: that is the point.
 
 Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
-masked) -> cold.submit(x, cold_ids, w) -> hot experts in torch on the device -> cold.wait + hot.
+masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
+decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
+ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
+host functions); longer steps (prefill chunks) and CPU devices group tokens in torch.
 """
 
 import torch
 from torch import nn
 
 from tandem.errors import TandemError
+from tandem.layers.norm import fused_path
 from tandem.ops import reference as ops
+
+HOT_KERNEL_MAX_SLOTS = 256  # T x k: each slot re-reads its expert's weights, fine for decode only
 
 
 class HotExperts(nn.Module):
@@ -43,8 +49,13 @@ class HotExperts(nn.Module):
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         cold_ids, local = self.split(ids)
         handle = self.cold.submit(x, cold_ids.to(ids.device), weights)
-        xd = x.to(self.w_gate.device)
-        hot = ops.moe_experts(xd, local, weights.to(xd.device), self.w_gate, self.w_up, self.w_down)
+        xd, wd = x.to(self.w_gate.device), weights.to(self.w_gate.device)
+        if fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16:
+            from tandem.ops.triton.moe import moe_decode  # triton: imported on first use
+
+            hot = moe_decode(xd, local, wd, self.w_gate, self.w_up, self.w_down)
+        else:
+            hot = ops.moe_experts(xd, local, wd, self.w_gate, self.w_up, self.w_down)
         return handle, hot
 
     def wait(self, pending) -> torch.Tensor:

@@ -180,7 +180,7 @@ class LLM:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.embed.num_embeddings}: the config and the tokenizer do not belong together"
             )
-        graphs = cuda_graph and torch.device(device).type == "cuda" and not self.gpu_experts and self._graphable()
+        graphs = cuda_graph and torch.device(device).type == "cuda" and self._graphable()
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
             max_step_tokens=max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
@@ -201,7 +201,8 @@ class LLM:
 
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream
-        path is; plain-torch experts group tokens on the host (data-dependent), so they run eagerly."""
+        path is (and HotExperts around it, placed later, whose decode path is two Triton kernels);
+        plain-torch experts group tokens on the host (data-dependent), so they run eagerly."""
         eager = sorted({type(m.experts).__name__ for m in self.model.modules()
                         if hasattr(m, "experts") and type(m.experts).__name__ != "CpuExperts"})
         if eager:

@@ -69,3 +69,24 @@ def test_llm_generates_the_same_with_and_without_graphs(tmp_path):
                      for p in ("def f(x):", "hello world", "1 2 3")])
         assert bool(llm.engine.runner._graphs) == graph
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "qwen3_moe"])
+def test_graph_decode_with_hot_experts(tmp_path, variant):
+    # Hot experts' decode path (ops/triton/moe.py) is captured with the engine's host functions.
+    path = write_tiny(tmp_path, variant, seed=23)
+    llm = LLM(path, dtype="float32", device="cuda", progress=False, max_batch=3, gpu_experts=2)
+    assert llm.engine.runner.cuda_graphs and llm.hot_experts
+    vocab = llm.model.embed.num_embeddings
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 21, 14)]
+    feed = [torch.randint(0, vocab, (40,), generator=g).tolist() for _ in prompts]
+    want = decode_logits(llm, False, prompts, 24, feed)
+    got = decode_logits(llm, True, prompts, 24, feed)
+    checked, bad = margin_steps(got, want, BOUND)
+    assert rel_err(got, want) <= BOUND and checked >= 16 and not bad
+    # And against no hot experts at all: the engine's BF16 experts vs the hot float ones.
+    none = LLM(path, dtype="float32", device="cuda", progress=False, max_batch=3)
+    base = decode_logits(none, True, prompts, 24, feed)
+    checked, bad = margin_steps(got, base, 4e-3)
+    assert rel_err(got, base) <= 4e-3 and checked >= 16 and not bad

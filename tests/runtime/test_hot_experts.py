@@ -128,3 +128,20 @@ def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):
     empty.write_text(" \n")
     assert main(args + ["--gpu-experts", "1", "--calibrate", str(empty)]) == 2
     assert "calibration text" in capsys.readouterr().err
+
+
+def test_hot_experts_kernel_path_equals_torch_experts(tiny, monkeypatch):
+    # The GPU path's kernels (ops/triton/moe.py, with the other fused ops) in Triton's interpreter.
+    from tandem.layers import norm
+
+    experts = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=experts)
+    ref = LLM(tiny, dtype="float32", progress=False, max_batch=1, experts="torch")
+    want = logits(ref, 12)
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    calls = []
+    from tandem.ops.triton import moe
+
+    real = moe.moe_decode
+    monkeypatch.setattr(moe, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    assert rel_err(logits(hot, 12), want) <= 1e-5 and calls
