@@ -8,7 +8,9 @@ attention.py: paged-KV decode attention, `mla_decode` (MLA in latent space) and 
 (grouped-query, optional sliding window), flash-decoding splits merged by a second kernel; the grids
 depend only on shapes and `num_splits` (`default_splits`), so a decode step can be captured in a
 CUDA graph. fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
-residual add, RoPE, MLA's norm + rope + cache write, MoE routing), so a decode step launches fewer.
+residual add, RoPE, MLA's norm + rope + cache write, MoE routing, SwiGLU's silu * up), so a decode
+step launches fewer. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
+decode-sized steps, graph-capturable.
 
 Only this package imports triton, and importing the package itself does no work: `quant` is imported
 by whoever needs it. Under TRITON_INTERPRET=1 (set before `quant` is first imported) the same kernels
