@@ -137,8 +137,11 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     the host functions' own timestamps, so nothing is synchronized inside a step. Per step and
     MoE layer: submit -> wait entered is CPU expert work overlapped by GPU work (shared experts,
     copies), wait entered -> left is the GPU stream stalled on the CPU; the rest of the step is GPU
-    work while the CPU engine idles (attention, dense layers, head) and host overhead. None
-    without CpuExperts on a CUDA model."""
+    work while the CPU engine idles (attention, dense layers, head) and host overhead. The engine's
+    own stamps (HostCall.engine_ns) split the CPU side further: its jobs (launch -> last worker
+    done), the wait's wake-up after a job ended, and the time between one layer's wait and the
+    next layer's submit (the GPU's part of a layer); per-layer medians and p90 of the job time
+    show stalls (a job waits for every worker). None without CpuExperts on a CUDA model."""
     from tandem.layers.cpu_experts import CpuExperts
     from tandem.runtime.sampling import SamplingParams
 
@@ -147,24 +150,33 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     if not experts or llm.engine.runner.device.type != "cuda":
         return None
     params = SamplingParams(temperature=0.0, max_new_tokens=n + 1, ignore_eos=True)
-    overlap = stall = wall = 0.0
-    steps, last = 0, None
+    overlap = stall = wall = jobs = wake = between = 0.0
+    steps, last, job_us = 0, None, []
     for out in llm.engine.stream(prompt, params):
         torch.cuda.synchronize()
         now = time.perf_counter()
         if not out.is_prefill and last is not None:
-            times = [e.latest_call().times_ns for e in experts]
+            calls = [e.latest_call() for e in experts]
+            times = [c.times_ns for c in calls]
+            engine = [c.engine_ns for c in calls]
             overlap += sum(b - a for a, b, _ in times) / 1e9
             stall += sum(c - b for _, b, c in times) / 1e9
+            jobs += sum(d - la for la, d in engine) / 1e9
+            wake += sum(c - max(d, b) for (_, b, c), (_, d) in zip(times, engine)) / 1e9
+            between += sum(nxt[0] - prev[2] for prev, nxt in zip(times, times[1:])) / 1e9
+            job_us += [(d - la) / 1e3 for la, d in engine]
             wall += now - last
             steps += 1
         last = now
     if not steps:
         return None
     ms = {"cpu experts overlapped by gpu": overlap, "gpu stalled on cpu experts": stall,
-          "gpu only + host": max(0.0, wall - overlap - stall)}
+          "gpu only + host": max(0.0, wall - overlap - stall), "engine jobs": jobs,
+          "wake-up after a job": wake, "gpu between expert calls": between}
+    job_us.sort()
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "ms_per_step": {k: 1e3 * v / steps for k, v in ms.items()},
+            "engine_job_us": {"median": job_us[len(job_us) // 2], "p90": job_us[int(0.9 * (len(job_us) - 1))]},
             "graphs": llm.engine.runner.cuda_graphs}
 
 
@@ -191,5 +203,8 @@ def profile_run(llm, cfg, timer, log=print) -> dict:
         out[f"decode_split_after_{cfg.context}"] = split
     for name, summary in out.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_step"].items() if v > 0.005)
+        jobs = summary.get("engine_job_us")
+        if jobs:
+            parts += f"; engine job per layer {jobs['median']:.0f} us (p90 {jobs['p90']:.0f})"
         log(f"profile {name} (ms per step): {parts}")
     return out

@@ -90,3 +90,19 @@ def test_graph_decode_with_hot_experts(tmp_path, variant):
     base = decode_logits(none, True, prompts, 24, feed)
     checked, bad = margin_steps(got, base, 4e-3)
     assert rel_err(got, base) <= 4e-3 and checked >= 16 and not bad
+
+
+def test_stream_split_accounts_for_the_step(tmp_path):
+    # tandem bench --profile's overlapped split, from the host functions' and the engine's stamps.
+    from tandem.bench.profile import stream_split
+
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=24), dtype="float32", device="cuda", progress=False)
+    split = stream_split(llm, list(range(5, 25)), 12)
+    ms, jobs = split["ms_per_step"], split["engine_job_us"]
+    assert split["steps"] == 12 and split["graphs"]
+    cpu_side = ms["cpu experts overlapped by gpu"] + ms["gpu stalled on cpu experts"]
+    # Each job runs inside its submit .. wait-left window, and the windows and the gaps between them
+    # lie inside the step.
+    assert 0 < ms["engine jobs"] <= cpu_side + 1e-6
+    assert cpu_side + ms["gpu between expert calls"] <= split["wall_ms_per_step"] + 1e-6
+    assert 0 < jobs["median"] <= jobs["p90"]
