@@ -122,6 +122,9 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         print(dimmed(stats_line(result), sys.stdout), flush=True)
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+        moved = llm.rebalance_hot_experts()  # while the user types: follow where routing went
+        if moved:
+            print(dimmed(f"(hot experts re-placed in {len(moved)} layer(s))", sys.stdout), flush=True)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -11,6 +11,10 @@ masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
 ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
 host functions); longer steps (prefill chunks) and CPU devices group tokens in torch.
+
+Routing is counted online (`counts` [E] on the device, one index_add per call, captured in graphs
+too), so the runtime can re-place the hot set between requests (`replace`: in place, so captured
+graphs stay valid).
 """
 
 import torch
@@ -35,14 +39,30 @@ class HotExperts(nn.Module):
         self.cold, self.num_experts, self.hot_ids = cold, num_experts, list(hot_ids)
         # Plain attributes: bound after loading, no state_dict entries or dtype casts wanted.
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-        lookup = torch.full((num_experts + 1,), -1, dtype=torch.long)  # the last slot serves id -1
-        lookup[torch.tensor(hot_ids)] = torch.arange(n)
-        self.lookup = lookup.to(w_gate.device)
+        self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=w_gate.device)  # last: id -1
+        self.lookup[torch.tensor(hot_ids, device=w_gate.device)] = torch.arange(n, device=w_gate.device)
+        self.counts = torch.zeros(num_experts, dtype=torch.long, device=w_gate.device)  # routing seen since reset
+
+    def replace(self, hot_ids: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """Hold other experts (as many, weights shaped as now): copied in place, so CUDA graphs that
+        captured this layer read the new ones."""
+        n = len(self.hot_ids)
+        if len(hot_ids) != n or len(set(hot_ids)) != n or not all(0 <= e < self.num_experts for e in hot_ids):
+            raise TandemError(f"replace takes {n} distinct expert ids in 0..{self.num_experts - 1}, got {hot_ids}")
+        for dst, src in ((self.w_gate, w_gate), (self.w_up, w_up), (self.w_down, w_down)):
+            if src.shape != dst.shape:
+                raise TandemError(f"replacement hot expert weights must be {tuple(dst.shape)}, got {tuple(src.shape)}")
+            dst.copy_(src)
+        self.lookup.fill_(-1)
+        self.lookup[torch.tensor(hot_ids, device=self.lookup.device)] = torch.arange(n, device=self.lookup.device)
+        self.hot_ids = list(hot_ids)
 
     def split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cold ids with hot slots -1, local hot index with cold slots -1), both int32 [T, k]."""
         ids = ids.long().to(self.lookup.device)
-        local = self.lookup[torch.where(ids < 0, self.num_experts, ids)]
+        flat = torch.where(ids < 0, self.num_experts, ids).view(-1)
+        self.counts.index_add_(0, flat.clamp(max=self.num_experts - 1), (flat < self.num_experts).long())
+        local = self.lookup[flat].view(ids.shape)
         cold = torch.where(local >= 0, -1, ids)
         return cold.to(torch.int32), local.to(torch.int32)
 

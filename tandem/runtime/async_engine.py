@@ -63,9 +63,12 @@ class _Request:
 class AsyncEngine:
     """An Engine owned by one background thread, with an asyncio front."""
 
-    def __init__(self, engine: Engine, max_queue: int | None = None):
+    def __init__(self, engine: Engine, max_queue: int | None = None, on_idle: Callable[[], Any] | None = None):
+        """on_idle: called on the engine thread each time the Engine runs out of work (e.g.
+        LLM.rebalance_hot_experts); its errors are logged, never raised into serving."""
         self.engine = engine
         self.max_queue = max_queue
+        self.on_idle = on_idle
         self._pending = 0  # requests submitted that have no token yet, counted where they are submitted
         self._pending_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -173,6 +176,11 @@ class AsyncEngine:
                     self._command(kind, arg)
                 if self.engine.has_work():
                     self._step()
+                    if not self.engine.has_work() and self.on_idle is not None:
+                        try:
+                            self.on_idle()
+                        except Exception:  # noqa: BLE001 - housekeeping must not stop serving
+                            log.exception("the engine's idle hook failed")
 
     def _command(self, kind: str, arg: Any) -> None:
         if kind == "add":

@@ -6,7 +6,9 @@ calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every
 counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down read again from
 the model file (GGUF merged blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping
 the layer's backend. The CPU engine keeps all experts (RAM unchanged); VRAM grows by N experts
-per layer, which the memory plan counts (placement/memory.py, hot_experts).
+per layer, which the memory plan counts (placement/memory.py, hot_experts). While serving, the
+layers count routing; `rebalance_hot_experts` re-places a layer whose traffic moved (between
+requests: LLM.rebalance_hot_experts, which the server calls when its engine goes idle).
 """
 
 from collections.abc import Callable
@@ -112,3 +114,34 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
     return placed
 
 
+
+
+def rebalance_hot_experts(model: nn.Module, checkpoint: Any, rename: Callable[[str], str | None], dtype: torch.dtype,
+                          *, min_gain: float = 0.05, min_count: int = 1024, max_layers: int = 4) -> dict[str, list[int]]:
+    """Re-place hot experts from the routing counted online since the last re-placement: a layer
+    whose N most routed experts would have served at least `min_gain` more of its (token, expert)
+    slots than its hot set did, over at least `min_count` slots, gets them (read again from the
+    file, copied in place). At most `max_layers` layers per call, the biggest gains first (reading
+    and dequantizing experts takes a while: call it when the engine is idle). The counts of the
+    layers considered restart from zero. Returns module -> new hot ids."""
+    gains = []
+    for name, module in model.named_modules():
+        if not isinstance(module, HotExperts):
+            continue
+        counts = module.counts.cpu()
+        total = int(counts.sum())
+        if total < min_count:
+            continue
+        n = len(module.hot_ids)
+        best = sorted(sorted(range(counts.numel()), key=lambda e: (-int(counts[e]), e))[:n])
+        gain = (int(counts[best].sum()) - int(counts[module.hot_ids].sum())) / total
+        module.counts.zero_()
+        if gain >= min_gain and best != module.hot_ids:
+            gains.append((gain, name, module, best))
+    placed = {}
+    if gains:
+        ours = {rename(n): n for n in checkpoint.names()}
+        for _, name, module, best in sorted(gains, key=lambda g: -g[0])[:max_layers]:
+            module.replace(best, *expert_weights(checkpoint, ours, name, best, dtype, module.w_gate.device))
+            placed[name] = best
+    return placed

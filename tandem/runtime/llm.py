@@ -21,7 +21,12 @@ from tandem.placement.memory import format_plan
 from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.engine import Engine
 from tandem.runtime.experts import create_cpu_engine
-from tandem.runtime.hot_experts import calibration_tokens, place_hot_experts, routing_counts
+from tandem.runtime.hot_experts import (
+    calibration_tokens,
+    place_hot_experts,
+    rebalance_hot_experts,
+    routing_counts,
+)
 from tandem.runtime.loader import (
     checkpoint_view,
     load_model,
@@ -134,7 +139,7 @@ class LLM:
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
                                    rules_file=None if placement is None else str(placement))
-        self.model_dir = Path(model)
+        self.model_dir, self._config_dir = Path(model), config_dir
         with open_model_files(self.model_dir, config_dir) as files:
             self.hf_config = files.hf  # None for a GGUF model without --config-dir
             cfg = files.config()
@@ -198,6 +203,22 @@ class LLM:
                 finally:
                     if files.gguf is None:
                         ckpt.close()
+
+    def rebalance_hot_experts(self, **policy) -> dict[str, list[int]]:
+        """Re-place hot experts where the routing counted since the last call moved (see
+        runtime.hot_experts.rebalance_hot_experts for the policy); call between requests.
+        Returns module -> new hot ids ({} without hot experts or when nothing moved enough)."""
+        if not self.hot_experts:
+            return {}
+        with open_model_files(self.model_dir, self._config_dir) as files:
+            ckpt, rename, _, _ = checkpoint_view(files, self.model)
+            try:
+                placed = rebalance_hot_experts(self.model, ckpt, rename, self.dtype, **policy)
+            finally:
+                if files.gguf is None:
+                    ckpt.close()
+        self.hot_experts.update(placed)
+        return placed
 
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream

@@ -46,7 +46,8 @@ PAGE_HEADERS = {
 def create_app(model: LLM | Engine, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     engine = model.engine if isinstance(model, LLM) else model
-    async_engine = AsyncEngine(engine, max_queue=settings.max_queue)
+    idle = model.rebalance_hot_experts if isinstance(model, LLM) and model.hot_experts else None
+    async_engine = AsyncEngine(engine, max_queue=settings.max_queue, on_idle=idle)
     metrics = Metrics()
     served = ServedModel(model, settings.model_name, async_engine, metrics)
 

@@ -145,3 +145,41 @@ def test_hot_experts_kernel_path_equals_torch_experts(tiny, monkeypatch):
     real = moe.moe_decode
     monkeypatch.setattr(moe, "moe_decode", lambda *a: calls.append(1) or real(*a))
     assert rel_err(logits(hot, 12), want) <= 1e-5 and calls
+
+
+def test_routing_is_counted_online_and_rebalance_follows_it(tiny):
+    none = LLM(tiny, dtype="float32", progress=False, max_batch=1)
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=2)
+    layers = {n: m for n, m in hot.model.named_modules() if isinstance(m, HotExperts)}
+    k = VARIANTS["deepseek_v3"]["num_experts_per_tok"]
+    for m in layers.values():
+        m.counts.zero_()
+    hot.generate([5, 17, 42, 8], max_new_tokens=5, temperature=0, ignore_eos=True)
+    # 4 prompt tokens + 4 fed back (the 5th is sampled, not fed): k slots each, hot and cold alike.
+    assert all(int(m.counts.sum()) == 8 * k for m in layers.values())
+    # Nothing moved enough over so few slots: nothing changes.
+    assert hot.rebalance_hot_experts() == {}
+    # Traffic moves to two cold experts of one layer: that layer follows it, the others do not.
+    name, layer = next(iter(layers.items()))
+    before = {n: list(m.hot_ids) for n, m in layers.items()}
+    cold = [e for e in range(layer.num_experts) if e not in layer.hot_ids][:2]
+    layer.counts.zero_()
+    layer.counts[cold] = 1000
+    assert hot.rebalance_hot_experts(min_count=100) == {name: sorted(cold)}
+    assert layer.hot_ids == sorted(cold) and hot.hot_experts[name] == sorted(cold)
+    assert all(m.hot_ids == before[n] for n, m in layers.items() if n != name)
+    assert int(layer.counts.sum()) == 0
+    # The re-placed experts compute what the engine computed for them.
+    a, b = logits(hot), logits(none)
+    checked, bad = margin_steps(a, b, BF16_BOUND)
+    assert rel_err(a, b) <= BF16_BOUND and checked >= 16 and not bad
+
+
+def test_replace_checks_its_input(tiny):
+    hot = LLM(tiny, dtype="float32", progress=False, max_batch=1, gpu_experts=2)
+    layer = next(m for m in hot.model.modules() if isinstance(m, HotExperts))
+    w = (layer.w_gate.clone(), layer.w_up.clone(), layer.w_down.clone())
+    with pytest.raises(TandemError, match="distinct expert ids"):
+        layer.replace([0, 0], *w)
+    with pytest.raises(TandemError, match="must be"):
+        layer.replace([0, 1], w[0][:1], *w[1:])
