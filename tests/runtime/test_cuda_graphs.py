@@ -43,21 +43,27 @@ def decode_logits(llm: LLM, graphs: bool, prompts: list[list[int]], steps: int, 
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_graph_decode_equals_eager(tmp_path, variant):
-    llm = LLM(write_tiny(tmp_path, variant, seed=21), dtype="float32", device="cuda", progress=False,
-              max_batch=3, cuda_graph=True)
+def graph_vs_eager(llm: LLM, seed: int, lengths=(7, 30, 19)) -> tuple[list, list, torch.Tensor]:
+    """Prompts, their teacher-forced feed and the graph run's logits, checked against the eager run's."""
     assert llm.engine.runner.cuda_graphs
     vocab = llm.model.embed.num_embeddings
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 30, 19)]
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
     feed = [torch.randint(0, vocab, (40,), generator=g).tolist() for _ in prompts]
     want = decode_logits(llm, False, prompts, 24, feed)
     got = decode_logits(llm, True, prompts, 24, feed)
     checked, bad = margin_steps(got, want, BOUND)
-    print(f"{variant}: rel_err {rel_err(got, want):.1e}, {checked} steps checked")
+    print(f"rel_err {rel_err(got, want):.1e}, {checked} steps checked")
     assert rel_err(got, want) <= BOUND
     assert checked >= 16 and not bad
+    return prompts, feed, got
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_graph_decode_equals_eager(tmp_path, variant):
+    llm = LLM(write_tiny(tmp_path, variant, seed=21), dtype="float32", device="cuda", progress=False,
+              max_batch=3, cuda_graph=True)
+    graph_vs_eager(llm, 2)
 
 
 def test_llm_generates_the_same_with_and_without_graphs(tmp_path):
@@ -76,15 +82,8 @@ def test_graph_decode_with_hot_experts(tmp_path, variant):
     # Hot experts' decode path (ops/triton/moe.py) is captured with the engine's host functions.
     path = write_tiny(tmp_path, variant, seed=23)
     llm = LLM(path, dtype="float32", device="cuda", progress=False, max_batch=3, gpu_experts=2)
-    assert llm.engine.runner.cuda_graphs and llm.hot_experts
-    vocab = llm.model.embed.num_embeddings
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 21, 14)]
-    feed = [torch.randint(0, vocab, (40,), generator=g).tolist() for _ in prompts]
-    want = decode_logits(llm, False, prompts, 24, feed)
-    got = decode_logits(llm, True, prompts, 24, feed)
-    checked, bad = margin_steps(got, want, BOUND)
-    assert rel_err(got, want) <= BOUND and checked >= 16 and not bad
+    assert llm.hot_experts
+    prompts, feed, got = graph_vs_eager(llm, 5, (9, 21, 14))
     # And against no hot experts at all: the engine's BF16 experts vs the hot float ones.
     none = LLM(path, dtype="float32", device="cuda", progress=False, max_batch=3)
     base = decode_logits(none, True, prompts, 24, feed)

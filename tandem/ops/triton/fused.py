@@ -518,8 +518,8 @@ def _check_device(*tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
     if device.type != "cuda" and not _INTERPRETED:
         raise ValueError(
-            f"the fused Triton kernels run on CUDA tensors, got {device}; on CPU they need "
-            f"TRITON_INTERPRET=1 set before tandem.ops.triton.fused is imported (tests only)"
+            f"the fused Triton kernels (fused.py, moe.py) run on CUDA tensors, got {device}; on CPU they "
+            f"need TRITON_INTERPRET=1 set before tandem.ops.triton.fused is imported (tests only)"
         )
 
 

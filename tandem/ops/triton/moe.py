@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from tandem.ops.triton.fused import _check_float, _on, _round
+from tandem.ops.triton.fused import _check_device, _check_float, _on, _round
 
 __all__ = ["moe_decode"]
 
@@ -229,17 +229,3 @@ def moe_decode(
             EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
     return out
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(
-            f"the Triton MoE kernels run on CUDA tensors, got {device}; on CPU they need "
-            f"TRITON_INTERPRET=1 set before tandem.ops.triton.moe is imported (tests only)"
-        )
