@@ -39,7 +39,7 @@ class BenchConfig:
     seed: int = 0
     experts_format: str = "bf16"
     cuda_graph: bool = True
-    max_step_tokens: int = 512
+    max_step_tokens: int | str = 512  # the protocol's chunk; "auto" as LLM chooses
     gpu_experts: int | str = 0  # hot experts per layer on the GPU (issue 11's curve); 0 in the protocol's runs
 
     def __post_init__(self):

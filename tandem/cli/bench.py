@@ -4,7 +4,7 @@ import argparse
 import shlex
 import sys
 
-from tandem.cli.args import hot_count
+from tandem.cli.args import hot_count, step_tokens
 from tandem.errors import TandemError
 
 ARCH_NAMES = ("deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b")
@@ -45,7 +45,7 @@ def add_bench_parser(sub) -> None:
                    help="what float-checkpoint experts become (GGUF experts keep their blocks)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="decode eagerly instead of replaying CUDA graphs")
-    p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--max-step-tokens", type=step_tokens, default=512, metavar="N|auto",
                    help="tokens per step: prompts longer than this prefill in chunks (default 512)")
     p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
                    help="hot experts per MoE layer on the GPU (default 0: all routed experts in CPU RAM)")

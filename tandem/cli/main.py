@@ -6,7 +6,7 @@ User errors (TandemError) print one line and exit with status 2, without a trace
 import argparse
 import sys
 
-from tandem.cli.args import hot_count
+from tandem.cli.args import hot_count, step_tokens
 from tandem.cli.bench import add_bench_parser, add_convert_parser
 from tandem.errors import TandemError
 
@@ -32,10 +32,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU expert engine threads (default: the cores this process may use)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences run at once; the KV cache holds max-batch x max-context tokens (default: 8)")
-    p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--max-step-tokens", type=step_tokens, default="auto", metavar="N|auto",
                    help="tokens one continuous-batching step feeds the model: a decode token per running "
                         "sequence, the rest on prompt chunks, so longer prompts prefill over several steps "
-                        "(default: 512)")
+                        "(auto, the default: the largest of 2048 / 1024 / 512 whose workspace fits the memory "
+                        "budget; smaller chunks delay other users' tokens less)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
@@ -69,9 +70,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def check_model_options(args: argparse.Namespace) -> None:
     """Refuse bad engine sizes before loading (which may take minutes); the runtime checks them again."""
-    if args.max_step_tokens < 1:
-        raise TandemError(f"--max-step-tokens must be >= 1, got {args.max_step_tokens}: it is the number of "
-                          "tokens one step may feed the model (default: 512)")
+    if args.max_step_tokens != "auto" and args.max_step_tokens < 1:
+        raise TandemError(f"--max-step-tokens must be >= 1 or auto, got {args.max_step_tokens}: it is the number "
+                          "of tokens one step may feed the model")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

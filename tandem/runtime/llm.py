@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tandem.errors import TandemError
-from tandem.placement.advice import budgets, check_fits
+from tandem.placement.advice import DoesNotFit, budgets, check_fits
 from tandem.placement.memory import format_plan
 from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.engine import Engine
@@ -87,6 +87,30 @@ def _blocking_sync(index: int) -> None:
         print(f"note: could not set blocking sync on the GPU: {e}", file=sys.stderr)
 
 
+STEP_TOKEN_CHOICES = (2048, 1024, 512)  # --max-step-tokens auto: the largest whose step workspace fits
+
+
+def _fits(plan) -> bool:
+    try:
+        check_fits(plan)
+    except DoesNotFit:
+        return False
+    return True
+
+
+def _step_tokens(value: int | str, max_context: int, fits) -> int:
+    """--max-step-tokens: a count >= 1, or "auto": the largest of STEP_TOKEN_CHOICES (at most the
+    context) whose plan fits the memory budgets (the smallest when none does: the plan's check then
+    refuses with advice). Longer chunks prefill faster (more tokens per expert for the CPU engine's
+    matrix units); a chunk also delays the decode steps of other running sequences."""
+    if value == "auto":
+        choices = [s for s in STEP_TOKEN_CHOICES if s <= max_context] or [min(STEP_TOKEN_CHOICES)]
+        return next((s for s in choices if fits(s)), choices[-1])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TandemError(f"--max-step-tokens must be a count >= 1 or 'auto', got {value!r}")
+    return value
+
+
 def _hot_count(gpu_experts: int | str, plan) -> int:
     """--gpu-experts as a count per layer: an int >= 0, or "auto" (what the VRAM budget leaves room for)."""
     if gpu_experts == "auto":
@@ -105,7 +129,7 @@ class LLM:
         device: str = "cpu",
         max_context: int | None = None,
         max_batch: int = 8,
-        max_step_tokens: int = 512,
+        max_step_tokens: int | str = "auto",
         progress: bool = True,
         config_dir: str | Path | None = None,
         experts: str = "cpu",
@@ -130,6 +154,8 @@ class LLM:
         device, plain torch), or as a rules file says. vram_budget / ram_budget (GB) replace the
         measured free VRAM / available RAM the memory plan is checked against before loading.
         show_plan: print the plan to stderr (default: when `progress`).
+        max_step_tokens: tokens one step feeds the model (decodes + prompt chunks); "auto": the
+        largest of STEP_TOKEN_CHOICES whose workspace fits the budgets (chosen value: self.max_step_tokens).
         cuda_graph: on a CUDA device, replay each decode batch size's step as one CUDA graph
         (captured on first use); False runs every step eagerly (--no-cuda-graph).
         gpu_experts: N hot experts per MoE layer get a float copy on `device` (the N that routing
@@ -159,17 +185,18 @@ class LLM:
             vram, ram, sources = budgets(device, vram_budget, ram_budget)
             tensors = stored_tensors(files.gguf if files.gguf is not None else ckpt)
 
-            def plan(hot: int):
+            def plan(hot: int, step: int):
                 return plan_model(
                     net, tensors, rename, self.placement, max_context=self.max_context, max_batch=max_batch,
-                    experts_format=experts_format, derived=derived, step_tokens=max_step_tokens, hot_experts=hot,
+                    experts_format=experts_format, derived=derived, step_tokens=step, hot_experts=hot,
                     vram_budget=vram, ram_budget=ram, budget_sources=sources,
                 )
 
-            self.plan = plan(0)
+            self.max_step_tokens = _step_tokens(max_step_tokens, self.max_context, lambda s: _fits(plan(0, s)))
+            self.plan = plan(0, self.max_step_tokens)
             self.gpu_experts = _hot_count(gpu_experts, self.plan)
             if self.gpu_experts:
-                self.plan = plan(self.gpu_experts)
+                self.plan = plan(self.gpu_experts, self.max_step_tokens)
             if files.gguf is None:
                 ckpt.close()
             if progress if show_plan is None else show_plan:
@@ -188,7 +215,7 @@ class LLM:
         graphs = cuda_graph and torch.device(device).type == "cuda" and self._graphable()
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
-            max_step_tokens=max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
+            max_step_tokens=self.max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
         )
         self.hot_experts: dict[str, list[int]] = {}
         if self.gpu_experts:

@@ -174,7 +174,8 @@ def test_max_step_tokens_reaches_the_scheduler(model, monkeypatch, capsys):
     assert run(argv) == 0  # a 3-token budget prefills the prompt in chunks and still answers
     assert built[0].engine.scheduler.max_step_tokens == 3
     assert "decode" in capsys.readouterr().err
-    assert run(argv[:-2]) == 0 and built[1].engine.scheduler.max_step_tokens == 512
+    # Default "auto": the largest chunk whose workspace fits (this tiny model: the largest there is).
+    assert run(argv[:-2]) == 0 and built[1].engine.scheduler.max_step_tokens == 2048
 
 
 def test_cuda_graph_and_gpu_experts_flags_reach_the_llm(model, monkeypatch):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tandem.errors import TandemError
+from tandem.placement.memory import GB
 from tandem.runtime.llm import LLM
 from tandem.testing.tiny import write_tiny
 
@@ -111,3 +112,33 @@ def test_bf16_runs(tmp_path):
     assert llm.dtype == torch.bfloat16
     assert llm.model.layers[0].ffn.router.weight.dtype == torch.float32  # routers stay fp32
     assert len(llm.generate("hi", max_new_tokens=4, ignore_eos=True, temperature=0).token_ids) == 4
+
+
+def test_max_step_tokens_auto_takes_the_largest_chunk_that_fits():
+    from tandem.runtime.llm import _step_tokens
+
+    assert _step_tokens("auto", 8192, lambda s: True) == 2048
+    assert _step_tokens("auto", 8192, lambda s: s <= 1024) == 1024
+    assert _step_tokens("auto", 8192, lambda s: False) == 512  # the plan's check then refuses with advice
+    assert _step_tokens("auto", 1500, lambda s: True) == 1024  # no chunk longer than the context
+    assert _step_tokens("auto", 256, lambda s: True) == 512
+    assert _step_tokens(300, 8192, lambda s: False) == 300  # a given count is kept as is
+    for bad in (0, -5, "lots", True):
+        with pytest.raises(TandemError, match="--max-step-tokens"):
+            _step_tokens(bad, 8192, lambda s: True)
+
+
+def test_llm_chooses_its_chunk_from_the_budget(tmp_path):
+    from tandem.testing.tiny import write_tiny
+
+    path = write_tiny(tmp_path, "deepseek_v3", seed=8)
+    llm = LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1)
+    assert llm.max_step_tokens == 2048 == llm.engine.scheduler.max_step_tokens
+    # A RAM budget with room for a 1024-token step's workspace but not a 2048 one's.
+    fits = {s: LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, max_step_tokens=s).plan
+            for s in (1024, 2048)}
+    budget = (fits[1024].ram_peak + fits[2048].ram_peak) / 2 / GB
+    small = LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, ram_budget=budget)
+    assert small.max_step_tokens == 1024 == small.engine.scheduler.max_step_tokens
+    assert LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1,
+               max_step_tokens=64).engine.scheduler.max_step_tokens == 64
