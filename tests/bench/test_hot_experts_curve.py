@@ -1,0 +1,41 @@
+"""benchmarks/hot_experts_curve.py end to end on a tiny GGUF on the CPU: every budget runs, the hot
+share s follows the budget (none hot: 0, all hot: 1), the rows land in the JSON and the plot."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.testing.tiny_gguf import write_tiny_gguf
+from tests.conftest import script_module
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hot_experts_curve.py"
+
+
+@pytest.fixture(scope="module")
+def curve():
+    with script_module(SCRIPT, "hot_experts_curve") as mod:
+        yield mod
+
+
+def test_curve_on_the_cpu(curve, tmp_path, capsys):
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q8_0", seed=51)
+    out, png = tmp_path / "hot.json", tmp_path / "hot.png"
+    argv = [str(gguf), "--device", "cpu", "--threads", "1", "--fractions", "0.5,1", "--context", "24",
+            "--decode-tokens", "6", "--repeats", "1", "--json", str(out), "--plot", str(png)]
+    assert curve.main(argv) == 0
+    assert "hot/layer" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    experts = rows[0]["experts"]
+    assert [r["fraction"] for r in rows] == [0.0, 0.5, 1.0]  # 0 always runs first
+    assert [r["hot_per_layer"] for r in rows] == [0, round(experts / 2), experts]
+    assert rows[0]["s"] == 0.0 and rows[2]["s"] == 1.0 and 0.0 < rows[1]["s"] < 1.0
+    assert all(r["tok_s"] > 0 for r in rows)
+    assert "model_ms" not in rows[0]  # the CPU has no stream split: the curve alone
+    assert png.stat().st_size > 0
+
+
+def test_bad_fractions_are_refused(curve, capsys):
+    with pytest.raises(SystemExit):
+        curve.main(["m.gguf", "--fractions", "0,2"])
+    assert "fractions must be in 0..1" in capsys.readouterr().err
