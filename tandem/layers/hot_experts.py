@@ -12,8 +12,8 @@ decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the ho
 ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
 host functions); longer steps (prefill chunks) and CPU devices group tokens in torch.
 
-Routing is counted online (`counts` [E] on the device, one index_add per call, captured in graphs
-too), so the runtime can re-place the hot set between requests (`replace`: in place, so captured
+Routing is counted online (`counts` [E] on the device: a tally with one more slot for the padding
+id -1, so a call adds its ids as they are, captured in graphs too), so the runtime can re-place the hot set between requests (`replace`: in place, so captured
 graphs stay valid).
 """
 
@@ -41,7 +41,8 @@ class HotExperts(nn.Module):
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=w_gate.device)  # last: id -1
         self.lookup[torch.tensor(hot_ids, device=w_gate.device)] = torch.arange(n, device=w_gate.device)
-        self.counts = torch.zeros(num_experts, dtype=torch.long, device=w_gate.device)  # routing seen since reset
+        self._tally = torch.zeros(num_experts + 1, dtype=torch.long, device=w_gate.device)  # last: id -1
+        self.counts = self._tally[:num_experts]  # routing seen since the last reset (a view)
 
     def replace(self, hot_ids: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
         """Hold other experts (as many, weights shaped as now): copied in place, so CUDA graphs that
@@ -61,7 +62,7 @@ class HotExperts(nn.Module):
         """(cold ids with hot slots -1, local hot index with cold slots -1), both int32 [T, k]."""
         ids = ids.long().to(self.lookup.device)
         flat = torch.where(ids < 0, self.num_experts, ids).view(-1)
-        self.counts.index_add_(0, flat.clamp(max=self.num_experts - 1), (flat < self.num_experts).long())
+        self._tally.index_add_(0, flat, torch.ones_like(flat))
         local = self.lookup[flat].view(ids.shape)
         cold = torch.where(local >= 0, -1, ids)
         return cold.to(torch.int32), local.to(torch.int32)

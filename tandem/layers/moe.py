@@ -14,7 +14,7 @@ from torch import nn
 
 from tandem.errors import TandemError
 from tandem.layers.linear import MLP, Linear
-from tandem.layers.norm import fused_ops, fused_path
+from tandem.layers.norm import fused_path
 from tandem.ops import reference as ops
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -57,6 +57,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.correction_bias else None
+        self._fused = True  # False once the fused routing kernel refused this config (checked before a launch)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -71,11 +72,13 @@ class Router(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             correction_bias=self.correction_bias,
         )
-        if fused_path(logits):
+        if self._fused and fused_path(logits):
+            from tandem.ops.triton.route import route  # triton: imported on first use
+
             try:
-                return fused_ops().route(logits, **how)  # one kernel: scores, group choice, top-k, weights
-            except ValueError:  # a shape the kernel does not take (checked before any launch)
-                pass
+                return route(logits, **how)  # one kernel: scores, group choice, top-k, weights
+            except ValueError:  # a config the kernel does not take: the reference from now on
+                self._fused = False
         return ops.route(logits, **how)
 
 

@@ -7,8 +7,9 @@ counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down 
 the model file (GGUF merged blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping
 the layer's backend. The CPU engine keeps all experts (RAM unchanged); VRAM grows by N experts
 per layer, which the memory plan counts (placement/memory.py, hot_experts). While serving, the
-layers count routing; `rebalance_hot_experts` re-places a layer whose traffic moved (between
-requests: LLM.rebalance_hot_experts, which the server calls when its engine goes idle).
+layers count routing; `moved_hot_experts` finds the layers whose traffic moved and
+`replace_hot_experts` gives them their new experts (between requests: LLM.rebalance_hot_experts,
+which the server calls when its engine goes idle).
 """
 
 from collections.abc import Callable
@@ -94,10 +95,15 @@ def expert_weights(checkpoint: Any, ours: dict[str, str], module: str, ids: list
     return tuple(out)
 
 
+def most_used(counts: torch.Tensor, n: int) -> list[int]:
+    """The n most used expert ids by `counts` [E] (ties: lower id first), in ascending order."""
+    return sorted(sorted(range(counts.numel()), key=lambda e: (-int(counts[e]), e))[:n])
+
+
 def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_layer: int, checkpoint: Any,
                       rename: Callable[[str], str | None], dtype: torch.dtype, device) -> dict[str, list[int]]:
-    """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts
-    (ties: lower id first); returns module -> hot ids."""
+    """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts;
+    returns module -> hot ids."""
     placed = {}
     modules = dict(model.named_modules())
     ours = {rename(n): n for n in checkpoint.names()}
@@ -105,8 +111,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
         n = min(per_layer, c.numel())
         if n <= 0:
             continue
-        order = sorted(range(c.numel()), key=lambda e: (-int(c[e]), e))
-        hot = sorted(order[:n])
+        hot = most_used(c, n)
         parent = modules[key.rsplit(".", 1)[0]]
         gate, up, down = expert_weights(checkpoint, ours, key, hot, dtype, device)
         parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
@@ -114,16 +119,13 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
     return placed
 
 
-
-
-def rebalance_hot_experts(model: nn.Module, checkpoint: Any, rename: Callable[[str], str | None], dtype: torch.dtype,
-                          *, min_gain: float = 0.05, min_count: int = 1024, max_layers: int = 4) -> dict[str, list[int]]:
-    """Re-place hot experts from the routing counted online since the last re-placement: a layer
-    whose N most routed experts would have served at least `min_gain` more of its (token, expert)
-    slots than its hot set did, over at least `min_count` slots, gets them (read again from the
-    file, copied in place). At most `max_layers` layers per call, the biggest gains first (reading
-    and dequantizing experts takes a while: call it when the engine is idle). The counts of the
-    layers considered restart from zero. Returns module -> new hot ids."""
+def moved_hot_experts(model: nn.Module, *, min_gain: float = 0.05, min_count: int = 1024,
+                      max_layers: int = 4) -> dict[str, list[int]]:
+    """Where the routing counted online since the last call moved: a layer whose N most routed
+    experts would have served at least `min_gain` more of its (token, expert) slots than its hot
+    set did, over at least `min_count` slots; at most `max_layers` layers, the biggest gains first
+    (reading and dequantizing experts takes a while). The counts of the layers considered restart
+    from zero. Returns module -> the hot ids it should hold (nothing read from the model file)."""
     gains = []
     for name, module in model.named_modules():
         if not isinstance(module, HotExperts):
@@ -132,16 +134,19 @@ def rebalance_hot_experts(model: nn.Module, checkpoint: Any, rename: Callable[[s
         total = int(counts.sum())
         if total < min_count:
             continue
-        n = len(module.hot_ids)
-        best = sorted(sorted(range(counts.numel()), key=lambda e: (-int(counts[e]), e))[:n])
+        best = most_used(counts, len(module.hot_ids))
         gain = (int(counts[best].sum()) - int(counts[module.hot_ids].sum())) / total
         module.counts.zero_()
         if gain >= min_gain and best != module.hot_ids:
-            gains.append((gain, name, module, best))
-    placed = {}
-    if gains:
-        ours = {rename(n): n for n in checkpoint.names()}
-        for _, name, module, best in sorted(gains, key=lambda g: -g[0])[:max_layers]:
-            module.replace(best, *expert_weights(checkpoint, ours, name, best, dtype, module.w_gate.device))
-            placed[name] = best
-    return placed
+            gains.append((gain, name, best))
+    return {name: best for _, name, best in sorted(gains, key=lambda g: -g[0])[:max_layers]}
+
+
+def replace_hot_experts(model: nn.Module, moves: dict[str, list[int]], checkpoint: Any,
+                        rename: Callable[[str], str | None], dtype: torch.dtype) -> None:
+    """Give each HotExperts module in `moves` those experts, read again from the file (in place)."""
+    modules = dict(model.named_modules())
+    ours = {rename(n): n for n in checkpoint.names()}
+    for name, hot in moves.items():
+        layer = modules[name]
+        layer.replace(hot, *expert_weights(checkpoint, ours, name, hot, dtype, layer.w_gate.device))

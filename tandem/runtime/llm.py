@@ -7,6 +7,7 @@ A prompt is raw text (tokenized with the model's BOS handling), a chat as a list
 {"role", "content"} messages (rendered with the model's chat template), or token ids.
 """
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -23,8 +24,9 @@ from tandem.runtime.engine import Engine
 from tandem.runtime.experts import create_cpu_engine
 from tandem.runtime.hot_experts import (
     calibration_tokens,
+    moved_hot_experts,
     place_hot_experts,
-    rebalance_hot_experts,
+    replace_hot_experts,
     routing_counts,
 )
 from tandem.runtime.loader import (
@@ -222,30 +224,31 @@ class LLM:
             if self.cpu_engine is None:
                 raise TandemError("--gpu-experts needs the routed experts in the CPU engine (--experts cpu)")
             counts = routing_counts(self, calibration_tokens(self, calibrate))
-            with open_model_files(self.model_dir, config_dir) as files:
-                ckpt, rename, _, _ = checkpoint_view(files, self.model)
-                try:
-                    self.hot_experts = place_hot_experts(self.model, counts, self.gpu_experts, ckpt, rename,
-                                                         self.dtype, device)
-                finally:
-                    if files.gguf is None:
-                        ckpt.close()
+            with self._checkpoint() as (ckpt, rename):
+                self.hot_experts = place_hot_experts(self.model, counts, self.gpu_experts, ckpt, rename,
+                                                     self.dtype, device)
 
-    def rebalance_hot_experts(self, **policy) -> dict[str, list[int]]:
-        """Re-place hot experts where the routing counted since the last call moved (see
-        runtime.hot_experts.rebalance_hot_experts for the policy); call between requests.
-        Returns module -> new hot ids ({} without hot experts or when nothing moved enough)."""
-        if not self.hot_experts:
-            return {}
+    @contextlib.contextmanager
+    def _checkpoint(self):
+        """The model file's tensors and names (ckpt, rename), to read experts again after loading."""
         with open_model_files(self.model_dir, self._config_dir) as files:
             ckpt, rename, _, _ = checkpoint_view(files, self.model)
             try:
-                placed = rebalance_hot_experts(self.model, ckpt, rename, self.dtype, **policy)
+                yield ckpt, rename
             finally:
                 if files.gguf is None:
                     ckpt.close()
-        self.hot_experts.update(placed)
-        return placed
+
+    def rebalance_hot_experts(self, **policy) -> dict[str, list[int]]:
+        """Re-place hot experts where the routing counted since the last call moved (the policy:
+        runtime.hot_experts.moved_hot_experts); call between requests. The model file is opened
+        only when a layer moves. Returns module -> new hot ids ({} when nothing moved enough)."""
+        moves = moved_hot_experts(self.model, **policy) if self.hot_experts else {}
+        if moves:
+            with self._checkpoint() as (ckpt, rename):
+                replace_hot_experts(self.model, moves, ckpt, rename, self.dtype)
+            self.hot_experts.update(moves)
+        return moves
 
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream

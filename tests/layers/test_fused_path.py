@@ -46,12 +46,12 @@ def test_fused_path_equals_reference_path(tmp_path, variant, monkeypatch):
 
 def test_fused_path_runs_the_kernels(tmp_path, monkeypatch):
     # Guards the test above: with the switch on, the layers really call the fused kernels.
-    from tandem.ops.triton import fused
+    from tandem.ops.triton import fused, route
 
     calls = []
-    for name in ("rms_norm", "rope", "mla_cache_write", "route"):
-        real = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for module, name in ((fused, "rms_norm"), (fused, "rope"), (fused, "mla_cache_write"), (route, "route")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
     llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=5), dtype="float32", progress=False, max_batch=1, experts="torch")
     llm.generate([1, 2, 3], max_new_tokens=2, temperature=0, ignore_eos=True)

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 from tandem.ops import reference as ref
 from tandem.ops.triton import fused
+from tandem.ops.triton import route as routing
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else ["cpu"]
 BF16, F32 = torch.bfloat16, torch.float32
@@ -250,7 +251,7 @@ def route_both(case, device, n_tok=5):
         "top_k": top_k, "scoring": scoring, "topk_method": method, "n_group": n_group, "topk_group": topk_group,
         "norm_topk_prob": norm, "routed_scaling_factor": scaling, "correction_bias": bias,
     }  # fmt: skip
-    return fused.route(logits, **kw), ref.route(logits, **kw), logits, kw
+    return routing.route(logits, **kw), ref.route(logits, **kw), logits, kw
 
 
 @pytest.mark.parametrize("case", list(ROUTES))
@@ -281,7 +282,7 @@ def test_route_rejects_what_it_does_not_support(device):
         "top_k": 6, "scoring": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
         "norm_topk_prob": False, "routed_scaling_factor": 1.0,
     }  # fmt: skip
-    fused.route(logits, **good)
+    routing.route(logits, **good)
     for bad in (
         {"scoring": "tanh"},
         {"topk_method": "random"},
@@ -292,9 +293,9 @@ def test_route_rejects_what_it_does_not_support(device):
         {"topk_method": "noaux_tc", "n_group": 8, "topk_group": 1, "top_k": 9},  # more than the kept experts
     ):
         with pytest.raises(ValueError):
-            fused.route(logits, **{**good, **bad})
+            routing.route(logits, **{**good, **bad})
     with pytest.raises(ValueError):
-        fused.route(randn(2, 2048, device=device), **good)
+        routing.route(randn(2, 2048, device=device), **good)
 
 
 @pytest.mark.parametrize("device", DEVICES)

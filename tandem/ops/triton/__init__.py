@@ -8,8 +8,8 @@ attention.py: paged-KV decode attention, `mla_decode` (MLA in latent space) and 
 (grouped-query, optional sliding window), flash-decoding splits merged by a second kernel; the grids
 depend only on shapes and `num_splits` (`default_splits`), so a decode step can be captured in a
 CUDA graph. fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
-residual add, RoPE, MLA's norm + rope + cache write, MoE routing, SwiGLU's silu * up), so a decode
-step launches fewer. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
+residual add, RoPE, MLA's norm + rope + cache write, SwiGLU's silu * up), so a decode step launches
+fewer; route.py: MoE routing (scores, DeepSeek's group choice, top-k, weights) in one kernel. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
 decode-sized steps, graph-capturable.
 
 Only this package imports triton, and importing the package itself does no work: `quant` is imported

@@ -1,5 +1,6 @@
 """Fused small ops of a decoder layer's decode step: RMSNorm (+ residual add), RoPE, MLA's cache
-write and MoE routing, each one launch where plain torch runs a handful of small kernels.
+write and SwiGLU's silu * up, each one launch where plain torch runs a handful of small kernels
+(MoE routing: route.py).
 
 Semantics are exactly tandem.ops.reference's, roundings included: the kernels compute in fp32 and
 round to a narrower dtype wherever the reference's torch ops do (round to nearest even).
@@ -20,13 +21,6 @@ mla_cache_write
            cache[slot_mapping[t]] = cat(rms_norm(kv[:, :c]), rope(kv[:, c:])) in cache's dtype.
            One program per token: the norm and the rotation of one row, stored straight into the
            cache row, replacing norm + rope + cat + cast + index_put. A negative slot writes nothing.
-route      logits [T, E] -> ids int32 [T, k] (best first, as torch.topk), weights fp32 [T, k].
-           One program per token holding all E experts as a [groups, group size] tile (greedy:
-           one group of E): scores (softmax / sigmoid) -> choice (+ correction bias) -> for
-           DeepSeek's group methods, keep the topk_group best groups -> k rounds of
-           argmax-and-mask (ties: lowest id) -> weights = raw scores of the picks, normalized and
-           scaled as the reference does.
-
 silu_mul   gate_up [T, 2I] (an MLP's merged gate and up projections, stride 1 along the width) ->
            round(round(silu(gate)) * up) [T, I], as reference.silu_mul rounds. Grid (T, I blocks).
 
@@ -46,12 +40,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["mla_cache_write", "rms_norm", "rope", "route", "silu_mul"]
+__all__ = ["mla_cache_write", "rms_norm", "rope", "silu_mul"]
 
 _FLOATS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _MAX_NORM_WIDTH = 8192  # one row in one block
-_MAX_EXPERTS = 1024  # all experts of a token in one block
-_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 # ---------------------------------------------------------------- shared device functions
@@ -190,75 +182,6 @@ def _mla_cache_write_kernel(
         o2 = _round(_round(o2, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
         tl.store(dst + C + col1, o1.to(cache_dtype), mask=pmask)
         tl.store(dst + C + col2, o2.to(cache_dtype), mask=pmask)
-
-
-@triton.jit
-def _route_kernel(
-    logits_ptr, logits_st,  # [T, E]
-    bias_ptr,  # [E] (HAS_BIAS)
-    ids_ptr, weights_ptr,  # contiguous [T, TOP_K]: int32, fp32
-    n_group, group_size, scaling,
-    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_METHOD: tl.constexpr, NORM: tl.constexpr,
-):
-    # GROUP_METHOD: 0 greedy (n_group == 1), 1 group_limited_greedy, 2 noaux_tc.
-    t = tl.program_id(0).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    j = tl.arange(0, BLOCK_S)[None, :]
-    expert = g[:, None] * group_size + j  # [BLOCK_G, BLOCK_S]; padding cells are masked by `valid`
-    valid = (g[:, None] < n_group) & (j < group_size)
-    neg_inf = float("-inf")
-    x = tl.load(logits_ptr + t * logits_st + expert, mask=valid, other=0.0).to(tl.float32)
-    if SOFTMAX:
-        x = tl.where(valid, x, neg_inf)
-        p = tl.exp(x - tl.max(tl.max(x, 1), 0))
-        scores = p / tl.sum(tl.sum(p, 1), 0)
-    else:
-        scores = tl.sigmoid(x)
-    scores = tl.where(valid, scores, 0.0)
-    choice = scores
-    if HAS_BIAS:
-        choice = scores + tl.load(bias_ptr + expert, mask=valid, other=0.0).to(tl.float32)
-    choice = tl.where(valid, choice, neg_inf)
-
-    if GROUP_METHOD != 0:
-        best = tl.max(choice, 1)  # [BLOCK_G]
-        if GROUP_METHOD == 2:  # noaux_tc: sum of a group's two best choices (one if the group has one)
-            first = tl.min(tl.where(choice == best[:, None], j, BLOCK_S), 1)
-            second = tl.max(tl.where(j == first[:, None], neg_inf, choice), 1)
-            group_score = tl.where(group_size >= 2, best + second, best)
-        else:  # group_limited_greedy: a group's best choice
-            group_score = best
-        group_score = tl.where(g < n_group, group_score, neg_inf)
-        keep = g < 0
-        for _ in tl.static_range(TOPK_GROUP):
-            top = tl.max(group_score, 0)
-            pick = tl.min(tl.where(group_score == top, g, BLOCK_G), 0)
-            keep = keep | (g == pick)
-            group_score = tl.where(g == pick, neg_inf, group_score)
-        # The reference's fill: 0 for group_limited_greedy, -inf for noaux_tc.
-        fill = 0.0 if GROUP_METHOD == 1 else neg_inf
-        choice = tl.where(keep[:, None], choice, fill)
-        choice = tl.where(valid, choice, neg_inf)
-
-    k = tl.arange(0, BLOCK_K)
-    ids = tl.zeros([BLOCK_K], tl.int32)
-    weights = tl.zeros([BLOCK_K], tl.float32)
-    beyond = n_group * group_size  # past every expert id
-    for r in tl.static_range(TOP_K):
-        top = tl.max(tl.max(choice, 1), 0)
-        pick = tl.min(tl.min(tl.where(valid & (choice == top), expert, beyond), 1), 0)
-        hit = valid & (expert == pick)
-        ids = tl.where(k == r, pick, ids)
-        weights = tl.where(k == r, tl.sum(tl.sum(tl.where(hit, scores, 0.0), 1), 0), weights)
-        choice = tl.where(hit, neg_inf, choice)
-    if NORM:
-        weights = weights / (tl.sum(weights, 0) + 1e-20)  # entries past TOP_K are 0
-    weights = weights * scaling
-    kmask = k < TOP_K
-    tl.store(ids_ptr + t * TOP_K + k, ids, mask=kmask)
-    tl.store(weights_ptr + t * TOP_K + k, weights, mask=kmask)
 
 
 _INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction)  # fixed when the kernels were defined
@@ -413,72 +336,6 @@ def mla_cache_write(
         )  # fmt: skip
 
 
-def route(
-    logits: torch.Tensor,
-    *,
-    top_k: int,
-    scoring: str,
-    topk_method: str = "greedy",
-    n_group: int = 1,
-    topk_group: int = 1,
-    norm_topk_prob: bool = False,
-    routed_scaling_factor: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.route in one launch: logits [T, E] (E <= 1024) -> ids int32 [T, top_k] (best
-    first), weights fp32 [T, top_k]. Raises ValueError for what it does not support (the caller
-    can fall back to the reference)."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-    if topk_method not in _TOPK_METHODS:
-        raise ValueError(f"topk_method must be one of {', '.join(_TOPK_METHODS)}, got {topk_method!r}")
-    _check_float("logits", logits)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, E], got {tuple(logits.shape)}")
-    n_tok, n_exp = logits.shape
-    if not 0 < n_exp <= _MAX_EXPERTS:
-        raise ValueError(f"route takes 1..{_MAX_EXPERTS} experts, got {n_exp}")
-    if not 1 <= top_k <= n_exp:
-        raise ValueError(f"top_k must be in 1..{n_exp}, got {top_k}")
-    grouped = topk_method != "greedy" and n_group > 1
-    if not grouped:
-        n_group, topk_group = 1, 1
-    elif n_exp % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (n_exp // n_group):
-        # The last case would pick masked experts, whose order the reference leaves to torch.topk.
-        raise ValueError(
-            f"expert groups do not fit: {n_exp} experts, n_group={n_group}, topk_group={topk_group}, top_k={top_k}"
-        )
-    if correction_bias is not None:
-        _check_float("correction_bias", correction_bias)
-        if correction_bias.shape != (n_exp,):
-            raise ValueError(f"correction_bias must be [{n_exp}], got {tuple(correction_bias.shape)}")
-        _check_device(logits, correction_bias)
-    else:
-        _check_device(logits)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    ids = torch.empty(n_tok, top_k, dtype=torch.int32, device=logits.device)
-    weights = torch.empty(n_tok, top_k, dtype=torch.float32, device=logits.device)
-    if n_tok == 0:
-        return ids, weights
-    group_size = n_exp // n_group
-    block_g, block_s = triton.next_power_of_2(n_group), triton.next_power_of_2(group_size)
-    bias = correction_bias.contiguous() if correction_bias is not None else logits
-    with _on(logits):
-        _route_kernel[(n_tok,)](
-            logits, logits.stride(0),
-            bias,
-            ids, weights,
-            n_group, group_size, float(routed_scaling_factor),
-            TOP_K=top_k, TOPK_GROUP=topk_group,
-            BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
-            SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
-            GROUP_METHOD=_TOPK_METHODS.index(topk_method) if grouped else 0, NORM=bool(norm_topk_prob),
-            num_warps=_warps(block_g * block_s),
-        )  # fmt: skip
-    return ids, weights
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -518,7 +375,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
     if device.type != "cuda" and not _INTERPRETED:
         raise ValueError(
-            f"the fused Triton kernels (fused.py, moe.py) run on CUDA tensors, got {device}; on CPU they "
+            f"the fused Triton kernels (fused.py, route.py, moe.py) run on CUDA tensors, got {device}; on CPU they "
             f"need TRITON_INTERPRET=1 set before tandem.ops.triton.fused is imported (tests only)"
         )
 

@@ -50,9 +50,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from tandem.ops.triton.fused import _check_device, _check_float, _on, _round
+from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _on, _round
 
 __all__ = ["moe_decode"]
 
@@ -150,9 +149,6 @@ def _down_kernel(
         key = tl.where(key == first, beyond, key)
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + t * H + rows, _round(out, out_dtype, EMULATE_BF16).to(out_dtype), mask=rmask)
-
-
-_INTERPRETED = isinstance(_gate_up_kernel, InterpretedFunction)  # fixed when the kernels were defined
 
 
 # ---------------------------------------------------------------- public API
