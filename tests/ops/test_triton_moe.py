@@ -10,7 +10,12 @@ product may differ (and fused multiply-adds on a GPU). Bounds:
   2^-7 * scale, scale = |ref| + sum_j |w_j| (|w_down[e_j]| @ |h_j|) elementwise (h_j: the
   reference's silu(gate x) * up x of slot j), the size of the products summed into the output.
   Measured in the interpreter: bit-equal on every input below; at V2-Lite width with four other
-  seeds 1-10 of 2048 elements differ, by at most 4.5e-4 * scale.
+  seeds 1-10 of 2048 elements differ, by at most 4.5e-4 * scale. On a GPU the reference's GEMVs are
+  cuBLAS's, whose fp32 order differs from the kernel's in every gate/up value, and each of those flips
+  nudges every output: 142 of 2048 elements (7%) differ at V2-Lite width on an H200, so there the
+  share is 25%. It still catches a slot computed with a slightly wrong weight (a 5% error in one
+  slot's weight moves 87% of the elements, each by less than a step); an element whose terms are all
+  zero (a token with no slot) must be exactly zero.
 - Inputs whose fp32 sums are exact in any order (small dyadic values): bit-equal to ref, so every
   rounding must be where the reference's is; the slot-order test is built on such inputs, with
   weights that make fp32 sums in another order come out different.
@@ -35,7 +40,7 @@ DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_availab
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 REL32 = 1e-5  # fp32: arithmetic order
 STEP = 2.0**-7  # 16-bit: one bf16 step of the summed products' size
-FLIPS = 0.02  # 16-bit: share of the elements that may differ at all
+FLIPS = 0.25 if torch.cuda.is_available() else 0.02  # 16-bit: share of the elements that may differ at all
 
 
 @pytest.fixture(params=DEVICES)
@@ -93,7 +98,8 @@ def check(out, expect, inputs):
         assert float(err.max()) <= bound, f"off by {float(err.max()):.3g} > {bound:.3g}"
         return
     scale = expect.double().abs() + term_scale(*inputs)
-    worst = float((err / scale).max())
+    assert not err[scale == 0].any(), "an element with no terms is not zero"
+    worst = float((err / scale.clamp_min(1e-300)).max())
     assert worst <= STEP, f"an element is off by {worst:.3g} x its terms' size > {STEP}"
     n_diff = int((err > 0).sum())
     assert n_diff <= 2 + FLIPS * err.numel(), f"{n_diff} of {err.numel()} elements differ"
