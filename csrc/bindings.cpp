@@ -178,6 +178,22 @@ NB_MODULE(_C, m) {
            "Run the submit host function here (tests and CPU-only callers).")
       .def("run_wait", [](BoundHostCall& b) { nb::gil_scoped_release r; host_wait(&b.call); });
 
+  nb::class_<Doorbell>(m, "Doorbell")
+      .def(
+          "__init__",
+          [](Doorbell* self, const nb::ndarray<>& mailbox, int spin_us) {
+            const TensorView v = view(mailbox, "mailbox");
+            if (v.dtype != DType::I32 || v.ndim != 1 || v.shape[0] < 32)
+              throw std::invalid_argument("mailbox must be int32 [>= 32] (ring at 0, done at 16); got " + v.shape_str());
+            auto* words = static_cast<uint32_t*>(v.data);
+            new (self) Doorbell(words, words + 16, spin_us);
+          },
+          "mailbox"_a, "spin_us"_a = 20000, nb::keep_alive<1, 2>())
+      .def("add", [](Doorbell& d, BoundHostCall& b) { return d.add(&b.call); }, "call"_a, nb::keep_alive<1, 2>(),
+           "Number the call (1..) for rings; the doorbell keeps it alive.")
+      .def_prop_ro("rings", &Doorbell::rings, "Rings answered (calls run).")
+      .def_prop_ro("unknown", &Doorbell::unknown, "Rings with a number no call has (answered without running).");
+
   nb::class_<MoeEngine>(m, "Engine")
       .def(
           "__init__",

@@ -2,12 +2,19 @@
 
 #include <chrono>
 #include <exception>
+#include <stdexcept>
 
 namespace tandem {
 namespace {
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
 }
 }  // namespace
 
@@ -36,6 +43,65 @@ void host_wait(void* ctx) {
     }
   }
   c->t_wait_end = now_ns();
+}
+
+
+Doorbell::Doorbell(uint32_t* ring, uint32_t* done, int spin_us) : ring_(ring), done_(done), spin_us_(spin_us) {
+  if (ring == nullptr || done == nullptr) throw std::invalid_argument("Doorbell: ring and done must be memory");
+  thread_ = std::thread([this] { loop(); });
+}
+
+Doorbell::~Doorbell() {
+  stop_.store(true);
+  thread_.join();
+}
+
+uint32_t Doorbell::add(HostCall* call) {
+  std::lock_guard<std::mutex> g(mu_);
+  calls_.push_back(call);
+  return uint32_t(calls_.size());
+}
+
+void Doorbell::loop() {
+  using clock = std::chrono::steady_clock;
+  std::atomic_ref<uint32_t> ring(*ring_), done(*done_);
+  auto last = clock::now();
+  for (int spins = 0; !stop_.load(std::memory_order_relaxed);) {
+    const uint32_t v = ring.load(std::memory_order_acquire);  // the stream's copies landed before it
+    if (v == 0) {
+      if (++spins % 256 != 0) {
+        cpu_relax();
+        continue;
+      }
+      const auto idle = clock::now() - last;
+      if (idle > std::chrono::seconds(1)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      else if (idle > std::chrono::microseconds(spin_us_)) std::this_thread::sleep_for(std::chrono::microseconds(20));
+      continue;
+    }
+    ring.store(0, std::memory_order_relaxed);
+    HostCall* c = nullptr;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (v <= calls_.size()) c = calls_[v - 1];
+    }
+    if (c == nullptr) {
+      unknown_.fetch_add(1, std::memory_order_release);
+    } else {
+      host_submit(c);
+      // Spin for a decode step's job; a prefill chunk's may take long, so then poll gently
+      // (this thread is not one of the engine's workers, which may hold every core).
+      const auto poll_from = clock::now() + std::chrono::milliseconds(1);
+      for (int n = 1; c->ticket != 0 && c->engine->completed() < c->ticket; ++n) {
+        if (n % 256 != 0 || clock::now() < poll_from) cpu_relax();
+        else std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+      host_wait(c);  // returns at once: records the job's times (or its error)
+    }
+    rings_.fetch_add(1, std::memory_order_release);
+    done.store(v, std::memory_order_release);  // even after a failure: the stream must not hang
+    last = clock::now();
+    spins = 0;
+  }
 }
 
 }  // namespace tandem

@@ -6,8 +6,12 @@
 // No CUDA headers: the functions have the plain `void(void*)` signature both APIs take.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "moe.h"
 
@@ -36,6 +40,41 @@ struct HostFns {
   void (*submit)(void*);
   void (*wait)(void*);
   void* ctx;
+};
+
+// A dispatcher thread that runs HostCalls when a GPU stream rings for them, so the stream never
+// blocks on a host function. Two 32-bit words in pinned, device-mapped memory (64 bytes apart):
+//   the stream:  done = 0; copies into call v's buffers; ring = v      (cuStreamWriteValue32)
+//                ... other GPU work (the shared experts) ...
+//                wait until done == v (cuStreamWaitValue32); copy v's out back
+//   this thread: sees ring == v, sets ring = 0, submits call v, spins until the engine finished
+//                it, sets done = v (release: out is written before done).
+// The stream clears `done` before ringing, so a result left unread by an aborted step can never
+// satisfy a later wait. Calls are numbered 1.. by add(). While idle the thread spins for spin_us,
+// then naps 20 us at a time (the first ring after a pause waits up to one nap), after a second
+// 1 ms at a time.
+class Doorbell {
+ public:
+  Doorbell(uint32_t* ring, uint32_t* done, int spin_us);
+  ~Doorbell();
+  Doorbell(const Doorbell&) = delete;
+  Doorbell& operator=(const Doorbell&) = delete;
+
+  uint32_t add(HostCall* call);  // the call's number v >= 1; the call must outlive this Doorbell
+  uint64_t rings() const { return rings_.load(std::memory_order_acquire); }        // calls run
+  uint64_t unknown() const { return unknown_.load(std::memory_order_acquire); }    // bad numbers rung
+
+ private:
+  void loop();
+
+  uint32_t* ring_;
+  uint32_t* done_;
+  int spin_us_;
+  std::mutex mu_;  // guards calls_ (add runs on Python's thread while the loop reads)
+  std::vector<HostCall*> calls_;
+  std::atomic<uint64_t> rings_{0}, unknown_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: started once everything above exists
 };
 
 }  // namespace tandem

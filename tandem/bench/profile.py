@@ -141,7 +141,10 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     own stamps (HostCall.engine_ns) split the CPU side further: its jobs (launch -> last worker
     done), the wait's wake-up after a job ended, and the time between one layer's wait and the
     next layer's submit (the GPU's part of a layer); per-layer medians and p90 of the job time
-    show stalls (a job waits for every worker). None without CpuExperts on a CUDA model."""
+    show stalls (a job waits for every worker). Through a doorbell (ops.cpu.Doorbell) the host
+    never sees the stream reach its wait: "wait entered" is when the doorbell's thread saw the job
+    end, so the stall reads ~0 and the overlap holds the whole job; "between" still spans the GPU's
+    part of a layer. None without CpuExperts on a CUDA model."""
     from tandem.layers.cpu_experts import CpuExperts
     from tandem.runtime.sampling import SamplingParams
 
@@ -177,7 +180,7 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "ms_per_step": {k: 1e3 * v / steps for k, v in ms.items()},
             "engine_job_us": {"median": job_us[len(job_us) // 2], "p90": job_us[int(0.9 * (len(job_us) - 1))]},
-            "graphs": llm.engine.runner.cuda_graphs}
+            "graphs": llm.engine.runner.cuda_graphs, "doorbell": experts[0].engine.doorbell is not None}
 
 
 def profile_run(llm, cfg, timer, log=print) -> dict:

@@ -6,9 +6,12 @@ the layer id. submit() starts the engine and returns at once, so the shared expe
 run meanwhile; wait() collects [T, H].
 
 With x on a GPU, nothing blocks the Python thread: the stream copies x / ids / weights into pinned
-staging buffers, runs the engine's submit as a host function, runs the shared experts, runs the
-engine's wait as a host function and copies the result back. The whole step stays in one stream,
-so it can be captured in a CUDA graph (one HostCall per token count, on fixed buffers).
+staging buffers, starts the engine, runs the shared experts, waits for the engine and copies the
+result back. Starting and waiting go through the engine's doorbell when it has one (the stream
+writes a word the engine's thread watches, then waits on a word that thread writes: ops.cpu.Doorbell)
+or else through host functions (the stream blocks while a driver thread runs the engine's submit,
+and again for its wait). The whole step stays in one stream, so it can be captured in a CUDA graph
+(one HostCall per token count, on fixed buffers).
 """
 
 import torch
@@ -80,7 +83,7 @@ class CpuExperts(nn.Module):
         return cpu.wait(self.engine, handle).to(device=device, dtype=dtype)
 
     def _submit_stream(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        from tandem.ops.cuda_host import launch_host_func
+        from tandem.ops.cuda_host import launch_host_func, write_value
 
         n, k = ids.shape
         dtype = x.dtype if x.dtype in _ENGINE_DTYPES else torch.float32
@@ -91,19 +94,30 @@ class CpuExperts(nn.Module):
         if call is None:
             call = self._calls[(staging.generation, n)] = cpu.host_call(self.engine, self.layer, bx, bids, bw, bout)
         elif call.error:
-            raise RuntimeError(f"CPU experts of engine layer {self.layer} failed in a host function: {call.error}")
+            raise RuntimeError(f"CPU experts of engine layer {self.layer} failed in a stream call: {call.error}")
+        bell = self.engine.doorbell
+        if bell is not None:
+            ring, done = bell.device_words
+            write_value(done, 0)  # before the copies: a result an aborted step left can never pass
         bx.copy_(x.to(dtype), non_blocking=True)
         bids.copy_(ids.to(torch.int32), non_blocking=True)
         bw.copy_(weights.to(torch.float32), non_blocking=True)
-        submit_fn, _, ctx = call.addresses
-        launch_host_func(submit_fn, ctx)
+        if bell is not None:
+            write_value(ring, bell.number(call))
+        else:
+            submit_fn, _, ctx = call.addresses
+            launch_host_func(submit_fn, ctx)
         return call, x.dtype, x.device
 
     def _wait_stream(self, call: "cpu.HostCall", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        from tandem.ops.cuda_host import launch_host_func
+        from tandem.ops.cuda_host import launch_host_func, wait_value
 
-        _, wait_fn, ctx = call.addresses
-        launch_host_func(wait_fn, ctx)
+        bell = self.engine.doorbell
+        if bell is not None:
+            wait_value(bell.device_words[1], bell.number(call))
+        else:
+            _, wait_fn, ctx = call.addresses
+            launch_host_func(wait_fn, ctx)
         return call.out.to(device, non_blocking=True).to(dtype)
 
     def latest_call(self) -> "cpu.HostCall | None":

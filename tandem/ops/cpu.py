@@ -23,7 +23,7 @@ import glob
 import importlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +81,9 @@ class Engine:
         self._pending: dict[int, torch.Tensor] = {}
         # Pinned staging buffers the layers of a GPU model share (layers.cpu_experts), by shape key.
         self.staging: dict = {}
+        # Set by the runtime on GPU runs whose driver has stream memory operations: the layers'
+        # stream calls then ring it instead of running host functions.
+        self.doorbell: Doorbell | None = None
 
     @property
     def threads_per_node(self) -> list[int]:
@@ -299,6 +302,47 @@ def host_call(engine: Engine, layer: int, x: torch.Tensor, ids: torch.Tensor, w:
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     fns = (ctypes.c_void_p * 3).from_address(get(native.capsule, b"tandem.host_fns"))
     return HostCall(native, x, ids, w, out, (fns[0], fns[1], fns[2]))
+
+
+class Doorbell:
+    """Runs HostCalls when a CUDA stream rings for them (see csrc/host_call.h): a thread of the
+    engine's process watches two words of `mailbox` (pinned int32 [32]: `ring` at 0, `done` at 16);
+    the stream writes a call's number into ring after filling its buffers, and waits until done
+    holds it before reading its out. No host function blocks the stream; ops.cuda_host writes and
+    waits from the stream. `number(call)` registers a call once (the doorbell keeps it alive).
+    The thread spins `spin_us` after each call, then naps; it ends with this object.
+    `device_pointer` (ops.cuda_host's, for a GPU) maps host addresses to the ones a stream's memory
+    operations take: `device_words` holds ring's and done's."""
+
+    RING, DONE = 0, 16  # word offsets in the mailbox (64 bytes apart)
+
+    def __init__(self, spin_us: int = 20000, device_pointer: Callable[[int], int] | None = None):
+        self.mailbox = torch.zeros(32, dtype=torch.int32, pin_memory=device_pointer is not None)
+        self._native = _ext().Doorbell(self.mailbox, int(spin_us))
+        self._numbers: dict[int, int] = {}  # id(HostCall.native) -> its number (natives kept alive by C++)
+        self.device_words: tuple[int, int] | None = None
+        if device_pointer is not None:
+            self.device_words = (device_pointer(self.address(self.RING)), device_pointer(self.address(self.DONE)))
+
+    def number(self, call: HostCall) -> int:
+        v = self._numbers.get(id(call.native))
+        if v is None:
+            v = self._numbers[id(call.native)] = self._native.add(call.native)
+        return v
+
+    def address(self, word: int) -> int:
+        """Host address of a mailbox word (RING or DONE)."""
+        return self.mailbox.data_ptr() + 4 * word
+
+    @property
+    def rings(self) -> int:
+        """Calls the thread has run."""
+        return self._native.rings
+
+    @property
+    def unknown(self) -> int:
+        """Rings that named no registered call (answered with done, nothing run)."""
+        return self._native.unknown
 
 
 def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:

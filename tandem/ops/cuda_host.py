@@ -1,12 +1,19 @@
-"""Host functions on a CUDA stream, through the driver's cuLaunchHostFunc (ctypes, no build-time
-CUDA dependency). The CPU expert engine's submit and wait run this way, in stream order, so a
-decode step with CPU work in it can be captured in one CUDA graph (host nodes).
+"""Host functions and stream memory operations on a CUDA stream, through the driver (ctypes, no
+build-time CUDA dependency). The CPU expert engine's calls run in stream order one of two ways, both
+of which a CUDA graph captures:
+- host functions (cuLaunchHostFunc): the stream blocks while a driver thread runs the engine's
+  submit, and again in its wait;
+- a doorbell (ops.cpu.Doorbell): the stream writes a word in pinned memory (cuStreamWriteValue32)
+  that the engine's own thread watches, and later waits until another word holds the answer
+  (cuStreamWaitValue32). Nothing blocks on a driver thread; `stream_memops()` says whether the
+  driver does this.
 
 The driver library is loaded on first use, never at import.
 """
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -19,6 +26,11 @@ def _driver() -> ctypes.CDLL:
         raise RuntimeError(f"cannot load the CUDA driver (libcuda.so.1) for host functions: {e}") from None
     lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuLaunchHostFunc.restype = ctypes.c_int
+    for name in ("cuStreamWriteValue32_v2", "cuStreamWaitValue32_v2"):
+        if hasattr(lib, name):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            fn.restype = ctypes.c_int
     return lib
 
 
@@ -44,3 +56,58 @@ def use_blocking_sync(index: int = 0) -> bool:
     if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0:
         return False
     return lib.cuDevicePrimaryCtxSetFlags_v2(dev, CU_CTX_SCHED_BLOCKING_SYNC) == 0
+
+
+CU_STREAM_WAIT_VALUE_EQ = 0x1
+
+
+def device_pointer(host_address: int) -> int:
+    """The device address of pinned, mapped host memory (cudaHostAlloc's, so torch's pin_memory:
+    with unified addressing it is mapped), for stream memory operations."""
+    lib = _driver()
+    lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+    out = ctypes.c_uint64()
+    err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host_address), 0)
+    if err != 0:
+        raise RuntimeError(f"cuMemHostGetDevicePointer failed with CUDA error {err}: the memory is not pinned and mapped")
+    return out.value
+
+
+def write_value(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """Enqueue: *address = value (32 bits) once the work queued before it is done and visible."""
+    s = torch.cuda.current_stream() if stream is None else stream
+    err = _driver().cuStreamWriteValue32_v2(ctypes.c_void_p(s.cuda_stream), device_address, value, 0)
+    if err != 0:
+        raise RuntimeError(f"cuStreamWriteValue32 failed with CUDA error {err}")
+
+
+def wait_value(device_address: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """Enqueue: the work queued after this waits until *address == value (32 bits)."""
+    s = torch.cuda.current_stream() if stream is None else stream
+    err = _driver().cuStreamWaitValue32_v2(ctypes.c_void_p(s.cuda_stream), device_address, value, CU_STREAM_WAIT_VALUE_EQ)
+    if err != 0:
+        raise RuntimeError(f"cuStreamWaitValue32 failed with CUDA error {err}")
+
+
+@functools.cache
+def stream_memops() -> str:
+    """'' when this driver writes and waits on pinned host words from a stream (tried once on a
+    scratch word), else why not: the CPU experts then use host functions."""
+    if os.environ.get("TANDEM_HOST_FUNCS"):
+        return "TANDEM_HOST_FUNCS is set"
+    try:
+        lib = _driver()
+        if not hasattr(lib, "cuStreamWriteValue32_v2") or not hasattr(lib, "cuStreamWaitValue32_v2"):
+            return "the driver has no cuStreamWriteValue32_v2 / cuStreamWaitValue32_v2"
+        word = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        addr = device_pointer(word.data_ptr())
+        stream = torch.cuda.Stream()
+        write_value(addr, 7, stream)
+        wait_value(addr, 7, stream)  # already true once the write landed: cannot hang
+        write_value(addr + 4, 9, stream)
+        stream.synchronize()
+        if word.tolist() != [7, 9]:
+            return f"the stream's writes did not land in host memory (read {word.tolist()})"
+    except RuntimeError as e:
+        return str(e)
+    return ""

@@ -14,6 +14,7 @@ backend), leaving plain torch only where asked (`experts="torch"`).
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -80,15 +81,25 @@ def spin_us(gpu: bool) -> int:
 
 def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
     """The runtime's CPU expert engine (worker threads pinned to this process's cores); `gpu`:
-    a GPU runs the rest of the model (its workers spin longer)."""
+    a GPU runs the rest of the model (its workers spin longer; the stream reaches the engine through
+    a doorbell where the driver has stream memory operations, else through host functions)."""
     from tandem.ops import cpu
 
     if threads is not None and threads < 1:
         raise TandemError(f"--cpu-threads must be >= 1, got {threads}")
     try:
-        return cpu.create_engine(threads, spin_us=spin_us(gpu))
+        engine = cpu.create_engine(threads, spin_us=spin_us(gpu))
     except ValueError as e:
         raise TandemError(f"cannot start the CPU expert engine: {e}") from None
+    if gpu:
+        from tandem.ops.cuda_host import device_pointer, stream_memops
+
+        why_not = stream_memops()
+        if why_not:
+            print(f"note: CPU experts run as host functions on the GPU stream ({why_not})", file=sys.stderr)
+        else:
+            engine.doorbell = cpu.Doorbell(device_pointer=device_pointer)  # the stream rings the engine's thread, no host functions
+    return engine
 
 
 def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf16") -> int:

@@ -1,9 +1,11 @@
-"""The engine call a CUDA stream runs as host functions (csrc/host_call.*, ops.cpu.host_call,
-ops.cuda_host): same result as submit/wait, failures reported instead of thrown, and on a GPU
-(marked) the stream path of CpuExperts against the CPU path, with the CPU work overlapping the
-GPU work queued between submit and wait."""
+"""The engine call a CUDA stream runs (csrc/host_call.*, ops.cpu.host_call / Doorbell,
+ops.cuda_host): same result as submit/wait, failures reported instead of thrown; the doorbell's
+thread answers rings written into its mailbox (here by Python, as a stream's memory operation would);
+and on a GPU (marked) the stream path of CpuExperts against the CPU path, through host functions and
+through the doorbell, with the CPU work overlapping the GPU work queued between submit and wait."""
 
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -69,27 +71,94 @@ def test_host_call_checks_buffers(engine):
         cpu.host_call(eng, layer, x, ids.long(), w, torch.empty(3, H))
 
 
+def ring(bell: cpu.Doorbell, v: int, timeout: float = 10.0) -> None:
+    """What a stream does around one call: clear done, ring v, wait until done == v."""
+    bell.mailbox[bell.DONE] = 0
+    bell.mailbox[bell.RING] = v
+    end = time.monotonic() + timeout
+    while int(bell.mailbox[bell.DONE]) != v:
+        assert time.monotonic() < end, f"the doorbell did not answer ring {v}"
+        time.sleep(1e-4)
+    assert int(bell.mailbox[bell.RING]) == 0  # taken
+
+
+def test_doorbell_runs_the_rung_call(engine):
+    eng, layer = engine
+    bell = cpu.Doorbell(spin_us=1000)
+    calls = [cpu.host_call(eng, layer, *inputs(t, seed=t), torch.empty(t, H)) for t in (5, 2)]
+    assert [bell.number(c) for c in calls] == [1, 2] and bell.number(calls[0]) == 1
+    for c in calls * 2:
+        c.x.mul_(1.5)  # new inputs each time: the buffers are read when rung
+        ring(bell, bell.number(c))
+        assert torch.equal(c.out, cpu.wait(eng, cpu.submit(eng, layer, c.x, c.ids, c.w)))
+    assert [c.calls for c in calls] == [2, 2] and bell.rings == 4
+    launch_ns, done_ns = calls[1].engine_ns
+    assert 0 < launch_ns <= done_ns <= time.monotonic_ns()
+    time.sleep(0.05)  # past the spin: the thread naps, and still answers
+    ring(bell, 1)
+    assert calls[0].calls == 3
+
+
+def test_doorbell_answers_failures_and_unknown_numbers(engine):
+    eng, layer = engine
+    bell = cpu.Doorbell(spin_us=1000)
+    x, ids, w = inputs(3)
+    call = cpu.host_call(eng, layer, x, ids, w, torch.empty(3, H))
+    ids[1, 0] = E + 5
+    ring(bell, bell.number(call))  # answered, so a waiting stream would go on
+    assert "out of range" in call.error
+    ring(bell, 7)  # no such call: answered, nothing run
+    assert bell.unknown == 1 and bell.rings == 2 and call.calls == 1
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@contextmanager
+def stream_calls(eng, mode: str):
+    """The engine reached through host functions or through a doorbell, for one test."""
+    from tandem.ops.cuda_host import device_pointer, stream_memops
+
+    if mode == "doorbell":
+        assert stream_memops() == "", stream_memops()
+        eng.doorbell = cpu.Doorbell(device_pointer=device_pointer)
+    try:
+        yield
+    finally:
+        eng.doorbell = None
+
+
+MODES = ["host_funcs", "doorbell"]
+
+
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stream_path_equals_cpu_path(engine, dtype):
+def test_stream_path_equals_cpu_path(engine, dtype, mode):
     eng, layer = engine
     experts = CpuExperts(eng, layer, ("BF16",) * 3)
-    for t in (1, 7, 40, 7):  # new sizes, staging growth, a reused call
-        x, ids, w = inputs(t, seed=t)
-        want = experts.wait(experts.submit(x.to(dtype), ids, w))
-        got = experts.wait(experts.submit(x.to(dtype).cuda(), ids.cuda().long(), w.cuda()))
-        assert got.device.type == "cuda" and got.dtype == dtype
-        assert torch.equal(got.cpu(), want)
+    with stream_calls(eng, mode):
+        for t in (1, 7, 40, 7):  # new sizes, staging growth, a reused call
+            x, ids, w = inputs(t, seed=t)
+            want = experts.wait(experts.submit(x.to(dtype), ids, w))
+            got = experts.wait(experts.submit(x.to(dtype).cuda(), ids.cuda().long(), w.cuda()))
+            assert got.device.type == "cuda" and got.dtype == dtype
+            assert torch.equal(got.cpu(), want)
+        if mode == "doorbell":
+            assert eng.doorbell.rings == 4
 
 
 @pytest.mark.gpu
 @gpu
-def test_stream_path_overlaps_gpu_work_and_captures_in_a_graph(engine):
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_path_overlaps_gpu_work_and_captures_in_a_graph(engine, mode):
     eng, layer = engine
+    with stream_calls(eng, mode):
+        stream_path_overlaps_and_captures(eng, layer, mode)
+
+
+def stream_path_overlaps_and_captures(eng, layer, mode):
     experts = CpuExperts(eng, layer, ("BF16",) * 3)
     x, ids, w = (t.cuda() for t in inputs(4))
     experts.wait(experts.submit(x, ids, w))  # make the call and its buffers outside the graph
@@ -100,13 +169,20 @@ def test_stream_path_overlaps_gpu_work_and_captures_in_a_graph(engine):
         torch.cuda._sleep(50_000_000)  # GPU busy (stands in for the shared experts) between submit and wait
         return experts.wait(h)
 
+    t0 = time.monotonic_ns()
     want = step()
     torch.cuda.synchronize()
+    t1 = time.monotonic_ns()
     call = next(iter(experts._calls.values()))
     submit_ns, wait_begin, wait_end = call.times_ns
-    # The CPU job ran while the GPU slept: by the time the stream reached wait the job was done,
-    # so wait returned at once while the GPU had kept the stream busy since submit.
-    assert wait_begin - submit_ns > 20 * (wait_end - wait_begin)
+    if mode == "host_funcs":
+        # The CPU job ran while the GPU slept: by the time the stream reached wait the job was done,
+        # so wait returned at once while the GPU had kept the stream busy since submit.
+        assert wait_begin - submit_ns > 20 * (wait_end - wait_begin)
+    else:
+        # The doorbell's thread ran the job as soon as it was rung, in the first part of the step
+        # (the GPU's sleep), not after it.
+        assert t0 < submit_ns <= call.engine_ns[1] < t0 + (t1 - t0) // 2
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
