@@ -29,7 +29,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-format", default="bf16", choices=("bf16", "int8", "int4"),
                    help="what float-checkpoint experts become in the CPU engine (GGUF experts keep their blocks)")
     p.add_argument("--cpu-threads", type=int, default=None,
-                   help="CPU expert engine threads (default: the cores this process may use)")
+                   help="CPU expert engine threads (default: the cores this process may use; with a GPU, all but two)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences run at once; the KV cache holds max-batch x max-context tokens (default: 8)")
     p.add_argument("--max-step-tokens", type=step_tokens, default="auto", metavar="N|auto",

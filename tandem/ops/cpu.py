@@ -317,7 +317,8 @@ class Doorbell:
     RING, DONE = 0, 16  # word offsets in the mailbox (64 bytes apart)
 
     def __init__(self, spin_us: int = 20000, device_pointer: Callable[[int], int] | None = None):
-        self.mailbox = torch.zeros(32, dtype=torch.int32, pin_memory=device_pointer is not None)
+        pin = device_pointer is not None and torch.cuda.is_available()  # a stream reads and writes it
+        self.mailbox = torch.zeros(32, dtype=torch.int32, pin_memory=pin)
         self._native = _ext().Doorbell(self.mailbox, int(spin_us))
         self._numbers: dict[int, int] = {}  # id(HostCall.native) -> its number (natives kept alive by C++)
         self.device_words: tuple[int, int] | None = None

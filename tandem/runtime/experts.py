@@ -79,14 +79,21 @@ def spin_us(gpu: bool) -> int:
     return int(value)
 
 
+GPU_FREE_CORES = 2  # GPU runs leave these cores to the doorbell's thread and the thread driving the GPU
+
+
 def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
     """The runtime's CPU expert engine (worker threads pinned to this process's cores); `gpu`:
     a GPU runs the rest of the model (its workers spin longer; the stream reaches the engine through
-    a doorbell where the driver has stream memory operations, else through host functions)."""
+    a doorbell where the driver has stream memory operations, else through host functions; by
+    default the workers leave GPU_FREE_CORES cores free, since the doorbell's thread spins while a
+    step runs and one spinning beside a worker on its core stalls every job at its barriers)."""
     from tandem.ops import cpu
 
     if threads is not None and threads < 1:
         raise TandemError(f"--cpu-threads must be >= 1, got {threads}")
+    if threads is None and gpu:
+        threads = max(1, len(os.sched_getaffinity(0)) - GPU_FREE_CORES)
     try:
         engine = cpu.create_engine(threads, spin_us=spin_us(gpu))
     except ValueError as e:
@@ -97,8 +104,8 @@ def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
         why_not = stream_memops()
         if why_not:
             print(f"note: CPU experts run as host functions on the GPU stream ({why_not})", file=sys.stderr)
-        else:
-            engine.doorbell = cpu.Doorbell(device_pointer=device_pointer)  # the stream rings the engine's thread, no host functions
+        else:  # the stream rings the engine's own thread: no host functions
+            engine.doorbell = cpu.Doorbell(device_pointer=device_pointer)
     return engine
 
 

@@ -149,7 +149,8 @@ class LLM:
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
-        cpu_threads: the engine's worker threads (default: the cores this process may use).
+        cpu_threads: the engine's worker threads (default: the cores this process may use; on a GPU
+        run all but runtime.experts.GPU_FREE_CORES).
         device: where everything but the routed experts runs ('cpu', 'cuda', 'cuda:N').
         cpu_moe / n_cpu_moe_layers / placement: where the routed experts go (tandem.placement.rules):
         all in the CPU engine (the default), those of the first N MoE layers (the rest on the
