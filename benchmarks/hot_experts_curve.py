@@ -9,7 +9,7 @@ same bytes, so it is also the share of expert bytes per token moved off the CPU)
 The model the measurement is held to: time per token <= 1.1 x (t_GPU + (1 - s) x t_CPU), where
 t_CPU is the CPU experts' time per token without hot experts (the engine's jobs and wake-ups in
 `tandem bench --profile`'s stream split) and t_GPU the rest of that step. Only on a GPU (the
-split needs the experts' host functions on a CUDA stream); elsewhere the curve is measured alone.
+split needs the experts' calls on a CUDA stream); elsewhere the curve is measured alone.
 
     tandem convert --synth deepseek-v2-lite -o /dev/shm/v2-lite.gguf
     tandem convert --synth deepseek-v2-lite --router-skew 8 -o /dev/shm/v2-lite-skew.gguf

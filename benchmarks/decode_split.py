@@ -1,0 +1,103 @@
+"""Where a GPU decode step's time goes, per MoE layer, from the CPU experts' own timestamps.
+
+Loads a model on CUDA with CUDA graphs, decodes --steps greedy tokens after a --context-token
+prompt one step at a time (each step synchronized, so its wall time is exact; nothing inside it
+is), and splits every MoE layer of every step (after --skip warm-up steps) into:
+  ring -> launch   the engine's thread took the call and staged it (doorbell or host function)
+  engine job       launch -> the last worker done (what DRAM bandwidth bounds)
+  done -> answered the job's end until the stream was let go (a host function's wake-up;
+                   ~0 through the doorbell, whose thread spins)
+  gpu between      one layer's answer -> the next layer's ring: the GPU's part of a layer
+                   (attention, router, norms, staging), which the CPU experts cannot overlap
+Prints medians / p90 per layer and the sum per step, and the decode rate; --json writes them.
+Compare the stream paths with TANDEM_HOST_FUNCS=1 (host functions instead of the doorbell) or
+other environment overrides, in the same run, on the same machine.
+
+    tandem convert --synth deepseek-v2-lite -o /dev/shm/v2-lite.gguf
+    python benchmarks/decode_split.py /dev/shm/v2-lite.gguf --threads 14
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from tandem.layers.cpu_experts import CpuExperts
+from tandem.runtime.llm import LLM
+from tandem.runtime.sampling import SamplingParams
+
+ROWS = ("ring -> launch", "engine job", "done -> answered", "gpu between")
+
+
+def measure(path: str, threads: int, context: int, steps: int, skip: int) -> dict:
+    llm = LLM(path, device="cuda", cpu_threads=threads, cuda_graph=True, max_context=context + steps + 8,
+              progress=False, show_plan=False)
+    experts = [m for m in llm.model.modules() if isinstance(m, CpuExperts)]
+    if not experts:
+        raise SystemExit("this model has no MoE layer on the CPU engine: nothing to split")
+    prompt = [100 + i % 1000 for i in range(context)]
+    engine = llm.engine
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_new_tokens=steps + skip, ignore_eos=True))
+    rows = {k: [] for k in ROWS}
+    step_s, n = [], 0
+    while engine.has_work():
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n += 1
+        if n <= skip + 1:  # the prefill step and warm-up decodes
+            continue
+        step_s.append(dt)
+        prev_end = None
+        for call in (e.latest_call() for e in experts):
+            submit, wait_begin, wait_end = call.times_ns
+            launch, done = call.engine_ns
+            rows["ring -> launch"].append(launch - submit)
+            rows["engine job"].append(done - launch)
+            rows["done -> answered"].append(wait_end - max(done, wait_begin))
+            if prev_end is not None:
+                rows["gpu between"].append(submit - prev_end)
+            prev_end = wait_end
+    med = statistics.median(step_s)
+    out = {"model": path, "threads": threads, "context": context, "steps": len(step_s),
+           "doorbell": experts[0].engine.doorbell is not None, "step_ms": 1e3 * med, "tok_s": 1 / med,
+           "layers": len(experts), "per_layer_us": {}, "per_step_ms": {}}
+    for k, v in rows.items():
+        v.sort()
+        out["per_layer_us"][k] = {"median": v[len(v) // 2] / 1e3, "p90": v[int(0.9 * (len(v) - 1))] / 1e3}
+        out["per_step_ms"][k] = sum(v) / len(step_s) / 1e6
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", help="a GGUF file or model directory")
+    p.add_argument("--threads", type=int, default=None, help="CPU engine threads (default: the runtime's)")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
+    p.add_argument("--steps", type=int, default=64, help="decode steps measured")
+    p.add_argument("--skip", type=int, default=4, help="decode steps first, not measured")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_split needs a CUDA GPU (it splits the stream's calls into the CPU engine)")
+    r = measure(args.model, args.threads, args.context, args.steps, args.skip)
+    print(f"{r['model']}: {r['layers']} MoE layers, {r['threads'] or 'default'} threads, "
+          f"{'doorbell' if r['doorbell'] else 'host functions'}, decode after {r['context']} tokens")
+    print(f"  {'':18s} {'median us':>10s} {'p90 us':>10s} {'ms / step':>10s}")
+    for k in ROWS:
+        layer = r["per_layer_us"][k]
+        print(f"  {k:18s} {layer['median']:10.1f} {layer['p90']:10.1f} {r['per_step_ms'][k]:10.2f}")
+    print(f"  step {r['step_ms']:.2f} ms (median of {r['steps']}) -> {r['tok_s']:.1f} tok/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
