@@ -9,7 +9,13 @@ is), and splits every MoE layer of every step (after --skip warm-up steps) into:
                    ~0 through the doorbell, whose thread spins)
   gpu between      one layer's answer -> the next layer's ring: the GPU's part of a layer
                    (attention, router, norms, staging), which the CPU experts cannot overlap
-Prints medians / p90 per layer and the sum per step, and the decode rate; --json writes them.
+and every step into its MoE layers and the two ends around them:
+  step -> layer 1  the step's start (host: scheduling, static inputs, graph launch) until the
+                   first MoE layer rang (GPU: embedding, dense layers, its attention)
+  last -> step end the last MoE layer's answer until the step returned (GPU: norm, head;
+                   host: sampling's sync, bookkeeping, detokenizing)
+Prints medians / p90 per layer (the ends: per step) and the sum per step, and the decode rate;
+--json writes them.
 Compare the stream paths with TANDEM_HOST_FUNCS=1 (host functions instead of the doorbell) or
 other environment overrides, in the same run, on the same machine.
 
@@ -32,6 +38,7 @@ from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
 
 ROWS = ("ring -> launch", "engine job", "done -> answered", "gpu between")
+ENDS = ("step -> layer 1", "last -> step end")
 
 
 def measure(path: str, threads: int, context: int, steps: int, skip: int) -> dict:
@@ -40,22 +47,26 @@ def measure(path: str, threads: int, context: int, steps: int, skip: int) -> dic
     experts = [m for m in llm.model.modules() if isinstance(m, CpuExperts)]
     if not experts:
         raise SystemExit("this model has no MoE layer on the CPU engine: nothing to split")
-    prompt = [100 + i % 1000 for i in range(context)]
     engine = llm.engine
-    engine.add_request(prompt, SamplingParams(temperature=0.0, max_new_tokens=steps + skip, ignore_eos=True))
-    rows = {k: [] for k in ROWS}
+    prompt = [i % engine.tokenizer.vocab_size for i in range(100, 100 + context)]
+    # The prefill step samples the first token; then skip + steps decode steps.
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_new_tokens=1 + skip + steps, ignore_eos=True))
+    rows = {k: [] for k in ROWS + ENDS}
     step_s, n = [], 0
     while engine.has_work():
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns()  # the clock of the calls' stamps (steady_clock)
         engine.step()
         torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        t1 = time.monotonic_ns()
         n += 1
         if n <= skip + 1:  # the prefill step and warm-up decodes
             continue
-        step_s.append(dt)
+        step_s.append((t1 - t0) / 1e9)
+        calls = [e.latest_call() for e in experts]
+        rows["step -> layer 1"].append(calls[0].times_ns[0] - t0)
+        rows["last -> step end"].append(t1 - calls[-1].times_ns[2])
         prev_end = None
-        for call in (e.latest_call() for e in experts):
+        for call in calls:
             submit, wait_begin, wait_end = call.times_ns
             launch, done = call.engine_ns
             rows["ring -> launch"].append(launch - submit)
@@ -90,8 +101,8 @@ def main() -> None:
     print(f"{r['model']}: {r['layers']} MoE layers, {r['threads'] or 'default'} threads, "
           f"{'doorbell' if r['doorbell'] else 'host functions'}, decode after {r['context']} tokens")
     print(f"  {'':18s} {'median us':>10s} {'p90 us':>10s} {'ms / step':>10s}")
-    for k in ROWS:
-        layer = r["per_layer_us"][k]
+    for k in ROWS + ENDS:
+        layer = r["per_layer_us"][k]  # ENDS: once a step
         print(f"  {k:18s} {layer['median']:10.1f} {layer['p90']:10.1f} {r['per_step_ms'][k]:10.2f}")
     print(f"  step {r['step_ms']:.2f} ms (median of {r['steps']}) -> {r['tok_s']:.1f} tok/s")
     if args.json:
