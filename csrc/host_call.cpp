@@ -45,7 +45,6 @@ void host_wait(void* ctx) {
   c->t_wait_end = now_ns();
 }
 
-
 Doorbell::Doorbell(uint32_t* ring, uint32_t* done, int spin_us) : ring_(ring), done_(done), spin_us_(spin_us) {
   if (ring == nullptr || done == nullptr) throw std::invalid_argument("Doorbell: ring and done must be memory");
   thread_ = std::thread([this] { loop(); });
@@ -73,6 +72,7 @@ void Doorbell::loop() {
         cpu_relax();
         continue;
       }
+      spins = 0;
       const auto idle = clock::now() - last;
       if (idle > std::chrono::seconds(1)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       else if (idle > std::chrono::microseconds(spin_us_)) std::this_thread::sleep_for(std::chrono::microseconds(20));
@@ -100,7 +100,6 @@ void Doorbell::loop() {
     rings_.fetch_add(1, std::memory_order_release);
     done.store(v, std::memory_order_release);  // even after a failure: the stream must not hang
     last = clock::now();
-    spins = 0;
   }
 }
 
