@@ -143,16 +143,18 @@ def sample(
         raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
 
     logits = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
-    rows = []
+    rows, changed = [], False
     for i, p in enumerate(params):
-        row = logits[i]
+        row = view = logits[i]
         if p.repetition_penalty != 1.0 and histories[i]:
             row = _repetition_penalty(row, histories[i], p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and histories[i]:
             generated = histories[i][prompt_lens[i]:] if prompt_lens is not None else histories[i]
             row = _presence_frequency_penalty(row, generated, p.presence_penalty, p.frequency_penalty)
         rows.append(row)
-    logits = torch.stack(rows)  # [B, V]
+        changed = changed or row is not view
+    if changed:
+        logits = torch.stack(rows)  # [B, V]; without penalties the logits are used as they are
 
     chosen = logits.argmax(dim=-1)  # [B]; right for greedy rows, overwritten for sampled ones
     sampled = [i for i, p in enumerate(params) if not p.greedy]
