@@ -13,12 +13,6 @@ namespace tandem {
 
 namespace {
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 bool pin_current_thread(int cpu) {
 #if defined(__linux__)
   cpu_set_t set;

@@ -28,6 +28,13 @@ struct alignas(64) PaddedCounter {
   std::atomic<int> v{0};
 };
 
+// One spin-wait iteration: tells the core this thread is polling (x86 `pause`).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Spin (then yield, so oversubscribed threads still progress) until count >= target.
 void spin_until(const std::atomic<int>& count, int target);
 
