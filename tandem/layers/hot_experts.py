@@ -10,11 +10,11 @@ Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) ->
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
 ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
-host functions); longer steps (prefill chunks) and CPU devices group tokens in torch.
+stream calls); longer steps (prefill chunks) and CPU devices group tokens in torch.
 
 Routing is counted online (`counts` [E] on the device: a tally with one more slot for the padding
-id -1, so a call adds its ids as they are, captured in graphs too), so the runtime can re-place the hot set between requests (`replace`: in place, so captured
-graphs stay valid).
+id -1, so a call adds its ids as they are, captured in graphs too), so the runtime can re-place
+the hot set between requests (`replace`: in place, so captured graphs stay valid).
 """
 
 import torch
@@ -40,7 +40,7 @@ class HotExperts(nn.Module):
         # Plain attributes: bound after loading, no state_dict entries or dtype casts wanted.
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=w_gate.device)  # last: id -1
-        self.lookup[torch.tensor(hot_ids, device=w_gate.device)] = torch.arange(n, device=w_gate.device)
+        self._index(self.hot_ids)
         self._tally = torch.zeros(num_experts + 1, dtype=torch.long, device=w_gate.device)  # last: id -1
         self.counts = self._tally[:num_experts]  # routing seen since the last reset (a view)
 
@@ -55,8 +55,13 @@ class HotExperts(nn.Module):
                 raise TandemError(f"replacement hot expert weights must be {tuple(dst.shape)}, got {tuple(src.shape)}")
             dst.copy_(src)
         self.lookup.fill_(-1)
-        self.lookup[torch.tensor(hot_ids, device=self.lookup.device)] = torch.arange(n, device=self.lookup.device)
+        self._index(hot_ids)
         self.hot_ids = list(hot_ids)
+
+    def _index(self, hot_ids: list[int]) -> None:
+        """lookup[e] = e's slot among the hot experts (in place: captured graphs read it)."""
+        dev = self.lookup.device
+        self.lookup[torch.tensor(hot_ids, device=dev)] = torch.arange(len(hot_ids), device=dev)
 
     def split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cold ids with hot slots -1, local hot index with cold slots -1), both int32 [T, k]."""

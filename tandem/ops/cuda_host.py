@@ -26,6 +26,8 @@ def _driver() -> ctypes.CDLL:
         raise RuntimeError(f"cannot load the CUDA driver (libcuda.so.1) for host functions: {e}") from None
     lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuLaunchHostFunc.restype = ctypes.c_int
+    lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+    lib.cuMemHostGetDevicePointer_v2.restype = ctypes.c_int
     for name in ("cuStreamWriteValue32_v2", "cuStreamWaitValue32_v2"):
         if hasattr(lib, name):
             fn = getattr(lib, name)
@@ -64,10 +66,8 @@ CU_STREAM_WAIT_VALUE_EQ = 0x1
 def device_pointer(host_address: int) -> int:
     """The device address of pinned, mapped host memory (cudaHostAlloc's, so torch's pin_memory:
     with unified addressing it is mapped), for stream memory operations."""
-    lib = _driver()
-    lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
     out = ctypes.c_uint64()
-    err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host_address), 0)
+    err = _driver().cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host_address), 0)
     if err != 0:
         raise RuntimeError(f"cuMemHostGetDevicePointer failed with CUDA error {err}: the memory is not pinned and mapped")
     return out.value
