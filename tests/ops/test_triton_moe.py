@@ -127,27 +127,25 @@ def test_matches_reference(device, dtype, n_tok, k, n_exp):
     check(out, expect, (x, ids, weights, *w))
 
 
+def check_width(device, dtype, hidden, inter, n_exp, ids, weights, seed):
+    """The kernels at one width on fixed routing ids / weights (lists) against the reference."""
+    w = experts(n_exp, inter, hidden, dtype, device, seed=seed)
+    x = hidden_states(len(ids), hidden, dtype, device, seed=seed + 1)
+    ids = torch.tensor(ids, dtype=torch.int32, device=device)
+    weights = torch.tensor(weights, device=device)
+    out, expect = run_both(x, ids, weights, *w)
+    check(out, expect, (x, ids, weights, *w))
+
+
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
 def test_ragged_widths(device, dtype):
     """H and I over one tile with ragged ends: several column steps in both kernels, partial row blocks."""
-    hidden, inter, n_exp = 296, 280, 4
-    w = experts(n_exp, inter, hidden, dtype, device, seed=3)
-    x = hidden_states(2, hidden, dtype, device, seed=4)
-    ids = torch.tensor([[3, -1, 0], [1, 3, -1]], dtype=torch.int32, device=device)
-    weights = torch.tensor([[0.6, 0.3, 0.4], [0.2, 0.9, 0.5]], device=device)
-    out, expect = run_both(x, ids, weights, *w)
-    check(out, expect, (x, ids, weights, *w))
+    check_width(device, dtype, 296, 280, 4, [[3, -1, 0], [1, 3, -1]], [[0.6, 0.3, 0.4], [0.2, 0.9, 0.5]], seed=3)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
 def test_v2_lite_width(device, dtype):
-    hidden, inter, n_exp = 2048, 1408, 2
-    w = experts(n_exp, inter, hidden, dtype, device, seed=5)
-    x = hidden_states(1, hidden, dtype, device, seed=6)
-    ids = torch.tensor([[1, -1, 0]], dtype=torch.int32, device=device)
-    weights = torch.tensor([[0.7, 0.5, 0.2]], device=device)
-    out, expect = run_both(x, ids, weights, *w)
-    check(out, expect, (x, ids, weights, *w))
+    check_width(device, dtype, 2048, 1408, 2, [[1, -1, 0]], [[0.7, 0.5, 0.2]], seed=5)
 
 
 def dyadic(*shape, step, limit, seed, dtype, device):
