@@ -3,7 +3,7 @@
 Loads a model on CUDA with CUDA graphs, decodes --steps greedy tokens after a --context-token
 prompt one step at a time (each step synchronized, so its wall time is exact; nothing inside it
 is), and splits every MoE layer of every step (after --skip warm-up steps) into:
-  ring -> launch   the engine's thread took the call and staged it (doorbell or host function)
+  submit -> launch the engine's thread took the call and staged it (doorbell or host function)
   engine job       launch -> the last worker done (what DRAM bandwidth bounds)
   done -> answered the job's end until the stream was let go (a host function's wake-up;
                    ~0 through the doorbell, whose thread spins)
@@ -33,11 +33,12 @@ import time
 
 import torch
 
+from tandem.bench.profile import layer_split
 from tandem.layers.cpu_experts import CpuExperts
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
 
-ROWS = ("ring -> launch", "engine job", "done -> answered", "gpu between")
+ROWS = ("submit -> launch", "engine job", "done -> answered", "gpu between")  # of bench.profile.layer_split
 ENDS = ("step -> layer 1", "last -> step end")
 
 
@@ -65,16 +66,9 @@ def measure(path: str, threads: int, context: int, steps: int, skip: int) -> dic
         calls = [e.latest_call() for e in experts]
         rows["step -> layer 1"].append(calls[0].times_ns[0] - t0)
         rows["last -> step end"].append(t1 - calls[-1].times_ns[2])
-        prev_end = None
-        for call in calls:
-            submit, wait_begin, wait_end = call.times_ns
-            launch, done = call.engine_ns
-            rows["ring -> launch"].append(launch - submit)
-            rows["engine job"].append(done - launch)
-            rows["done -> answered"].append(wait_end - max(done, wait_begin))
-            if prev_end is not None:
-                rows["gpu between"].append(submit - prev_end)
-            prev_end = wait_end
+        for key, times in layer_split(calls).items():
+            if key in rows:
+                rows[key] += times
     med = statistics.median(step_s)
     out = {"model": path, "threads": threads, "context": context, "steps": len(step_s),
            "doorbell": experts[0].engine.doorbell is not None, "step_ms": 1e3 * med, "tok_s": 1 / med,

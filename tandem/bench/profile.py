@@ -132,6 +132,29 @@ def profiled(model: torch.nn.Module, sync: bool):
             del obj.__dict__[method]
 
 
+def layer_split(calls: list) -> dict[str, list[int]]:
+    """One step's MoE layers, in order, split by each layer's CpuExperts stream call (cpu.HostCall)
+    stamps, in ns per layer: "submit -> wait" (the call taken .. the wait entered), "wait" (entered
+    .. left), "submit -> launch" (staging), "engine job" (launch .. last worker done), "done ->
+    answered" (the job's end .. the wait left) and "gpu between" (one layer's wait left .. the next
+    layer's submit: the GPU's part of a layer; one fewer than the layers)."""
+    out: dict[str, list[int]] = {k: [] for k in ("submit -> wait", "wait", "submit -> launch", "engine job",
+                                                 "done -> answered", "gpu between")}
+    prev_end = None
+    for call in calls:
+        submit, wait_begin, wait_end = call.times_ns
+        launch, done = call.engine_ns
+        out["submit -> wait"].append(wait_begin - submit)
+        out["wait"].append(wait_end - wait_begin)
+        out["submit -> launch"].append(launch - submit)
+        out["engine job"].append(done - launch)
+        out["done -> answered"].append(wait_end - max(done, wait_begin))
+        if prev_end is not None:
+            out["gpu between"].append(submit - prev_end)
+        prev_end = wait_end
+    return out
+
+
 def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     """Where decode time goes with the CPU experts on the CUDA stream (graphs as configured), from
     the host functions' own timestamps, so nothing is synchronized inside a step. Per step and
@@ -153,29 +176,28 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     if not experts or llm.engine.runner.device.type != "cuda":
         return None
     params = SamplingParams(temperature=0.0, max_new_tokens=n + 1, ignore_eos=True)
-    overlap = stall = wall = jobs = wake = between = 0.0
-    steps, last, job_us = 0, None, []
+    names = {"submit -> wait": "cpu experts overlapped by gpu", "wait": "gpu stalled on cpu experts",
+             "engine job": "engine jobs", "done -> answered": "wake-up after a job",
+             "gpu between": "gpu between expert calls"}
+    sums = dict.fromkeys(names.values(), 0.0)
+    wall, steps, last, job_us = 0.0, 0, None, []
     for out in llm.engine.stream(prompt, params):
         torch.cuda.synchronize()
         now = time.perf_counter()
         if not out.is_prefill and last is not None:
-            calls = [e.latest_call() for e in experts]
-            times = [c.times_ns for c in calls]
-            engine = [c.engine_ns for c in calls]
-            overlap += sum(b - a for a, b, _ in times) / 1e9
-            stall += sum(c - b for _, b, c in times) / 1e9
-            jobs += sum(d - la for la, d in engine) / 1e9
-            wake += sum(c - max(d, b) for (_, b, c), (_, d) in zip(times, engine)) / 1e9
-            between += sum(nxt[0] - prev[2] for prev, nxt in zip(times, times[1:])) / 1e9
-            job_us += [(d - la) / 1e3 for la, d in engine]
+            split = layer_split([e.latest_call() for e in experts])
+            for key, name in names.items():
+                sums[name] += sum(split[key]) / 1e9
+            job_us += [t / 1e3 for t in split["engine job"]]
             wall += now - last
             steps += 1
         last = now
     if not steps:
         return None
+    overlap, stall = sums["cpu experts overlapped by gpu"], sums["gpu stalled on cpu experts"]
     ms = {"cpu experts overlapped by gpu": overlap, "gpu stalled on cpu experts": stall,
-          "gpu only + host": max(0.0, wall - overlap - stall), "engine jobs": jobs,
-          "wake-up after a job": wake, "gpu between expert calls": between}
+          "gpu only + host": max(0.0, wall - overlap - stall), "engine jobs": sums["engine jobs"],
+          "wake-up after a job": sums["wake-up after a job"], "gpu between expert calls": sums["gpu between expert calls"]}
     job_us.sort()
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
             "ms_per_step": {k: 1e3 * v / steps for k, v in ms.items()},
