@@ -1,7 +1,8 @@
 // CPUID -> kernel table, in one place. An ISA level is usable when the CPU has its instructions,
 // the OS saves their register state (XCR0), and for AMX when Linux granted this process the tile
 // data state (arch_prctl(ARCH_REQ_XCOMP_PERM); without it the first tile instruction faults).
-// Entries are ordered best first; TANDEM_ISA picks one by name (for debugging and tests).
+// Entries are ordered best first; TANDEM_ISA picks one by name (for debugging and tests), and
+// names the one entry never picked by itself: amx-emu, the AMX kernels on software tiles.
 #include "dispatch.h"
 
 #include <stdexcept>
@@ -95,6 +96,7 @@ struct Entry {
   const char* name;
   const KernelTable& (*table)();  // null: this build has no kernels for the ISA
   bool (*cpu_has)();
+  bool automatic;  // false: only when named (TANDEM_ISA, tests)
 };
 
 #if defined(TANDEM_BUILD_AMX)
@@ -104,8 +106,10 @@ constexpr const KernelTable& (*kAmx)() = nullptr;
 #endif
 #if defined(TANDEM_BUILD_AVX512)
 constexpr auto kAvx512 = &avx512_kernels;
+constexpr auto kAmxEmulated = &amx_emulated_kernels;
 #else
 constexpr const KernelTable& (*kAvx512)() = nullptr;
+constexpr const KernelTable& (*kAmxEmulated)() = nullptr;
 #endif
 #if defined(TANDEM_BUILD_AVX2)
 constexpr auto kAvx2 = &avx2_kernels;
@@ -114,10 +118,12 @@ constexpr const KernelTable& (*kAvx2)() = nullptr;
 #endif
 
 constexpr Entry kEntries[] = {
-    {"amx", kAmx, &cpu_has_amx},
-    {"avx512", kAvx512, &cpu_has_avx512},
-    {"avx2", kAvx2, &cpu_has_avx2},
-    {"generic", &generic_kernels, &cpu_any},
+    {"amx", kAmx, &cpu_has_amx, true},
+    {"avx512", kAvx512, &cpu_has_avx512, true},
+    {"avx2", kAvx2, &cpu_has_avx2, true},
+    {"generic", &generic_kernels, &cpu_any, true},
+    // The AMX kernels on software tiles: slow, for testing them where the CPU has no AMX.
+    {"amx-emu", kAmxEmulated, &cpu_has_avx512, false},
 };
 
 }  // namespace
@@ -141,7 +147,7 @@ const KernelTable& select_kernels(const char* isa_override) {
     throw std::invalid_argument("TANDEM_ISA=" + std::string(want) + " is unknown; choose one of " + names);
   }
   for (const Entry& e : kEntries)
-    if (e.table != nullptr && e.cpu_has()) return e.table();
+    if (e.automatic && e.table != nullptr && e.cpu_has()) return e.table();
   return generic_kernels();
 }
 

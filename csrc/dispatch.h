@@ -9,7 +9,7 @@
 namespace tandem {
 
 // The best table this build has for this CPU, or the one named by `isa_override` (the TANDEM_ISA
-// environment variable: generic, avx2, avx512, amx). Throws std::invalid_argument when the
+// environment variable: generic, avx2, avx512, amx, amx-emu). Throws std::invalid_argument when the
 // override is unknown, not built yet, or unsupported by the CPU.
 const KernelTable& select_kernels(const char* isa_override);
 

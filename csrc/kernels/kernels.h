@@ -93,5 +93,8 @@ uint64_t amx_spin(bool bf16, long iters);
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
 const KernelTable& amx_kernels();
+// The AMX kernels on software tiles (kernels/amx/emulate.h), for tests on AVX-512 CPUs; AVX-512
+// builds only, after dispatch.cpp found AVX-512 usable.
+const KernelTable& amx_emulated_kernels();
 
 }  // namespace tandem

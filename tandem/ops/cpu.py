@@ -143,9 +143,10 @@ def create_engine(
     the multi-node path on one node this way); default: the machine's nodes from sysfs.
     spin_us: how long idle workers spin before sleeping (latency of the next submit vs. cpu time
     taken from other threads, e.g. the one driving the GPU).
-    isa: the kernels to use ("generic", "avx2", "avx512", "amx"); default: the best this CPU
-    runs, or the TANDEM_ISA environment variable (a debugging override). Raises ValueError when
-    the build or the CPU lacks it.
+    isa: the kernels to use ("generic", "avx2", "avx512", "amx", or "amx-emu": the AMX kernels
+    on software tiles, slow, for testing them on AVX-512 CPUs); default: the best this CPU runs,
+    or the TANDEM_ISA environment variable (a debugging override). Raises ValueError when the
+    build or the CPU lacks it.
     """
     allowed = sorted(os.sched_getaffinity(0))
     nodes = _default_nodes(allowed) if numa_nodes is None else _check_nodes(numa_nodes, allowed)

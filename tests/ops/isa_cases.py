@@ -20,7 +20,7 @@ ISA_VS_EMULATION = 3e-3
 
 def usable_isas() -> list[str]:
     info = cpu.isa_info()
-    return [i for i in ("avx2", "avx512", "amx") if i in info["cpu"] and i in info["built"]]
+    return [i for i in ("avx2", "avx512", "amx", "amx-emu") if i in info["cpu"] and i in info["built"]]
 
 
 def quantize_acts(x: torch.Tensor, kind: str) -> torch.Tensor:

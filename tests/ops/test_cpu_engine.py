@@ -245,7 +245,7 @@ def test_isa_override(monkeypatch):
     assert "generic" in info["built"] and "generic" in info["cpu"]
     monkeypatch.setenv("TANDEM_ISA", "generic")
     assert cpu.create_engine(n_threads=1).isa == "generic"
-    for isa in ("avx2", "avx512", "amx"):
+    for isa in ("avx2", "avx512", "amx", "amx-emu"):
         monkeypatch.setenv("TANDEM_ISA", isa)
         if isa in info["built"] and isa in info["cpu"]:
             assert cpu.create_engine(n_threads=1).isa == isa

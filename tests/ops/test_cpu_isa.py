@@ -34,7 +34,7 @@ def isa_param(isa):
     return pytest.param(isa, marks=marks, id=isa)
 
 
-ISAS = [isa_param(i) for i in ("avx2", "avx512", "amx")]
+ISAS = [isa_param(i) for i in ("avx2", "avx512", "amx", "amx-emu")]
 
 
 def need(isa):

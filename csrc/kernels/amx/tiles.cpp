@@ -7,8 +7,13 @@
 // activation rows are evenly spaced, so A tiles load straight from them. Each call covers
 // 32 rows x 32 tokens at a time in 4 accumulator tiles; partial tiles compute padding rows
 // that are never stored (activation buffers carry 32 spare rows for those reads).
-// The loop nest and its cache reasoning: see kRowBlock.
+// The loop nest and its cache reasoning: see kRowBlock. emulated.cpp builds this file again on
+// software tiles (emulate.h) as the "amx-emu" ISA, for tests on CPUs without AMX.
 #include <immintrin.h>
+
+#ifdef TANDEM_AMX_EMULATE
+#include "emulate.h"
+#endif
 
 #include "../avx512/simd.h"
 #include "amx.h"
@@ -221,7 +226,11 @@ size_t scratch_bytes(int K) { return 4 * tiled::bf16_group(R, K) + size_t(2 * 32
 
 KernelTable make_table() {
   KernelTable t = avx512_kernels();
+#ifdef TANDEM_AMX_EMULATE
+  t.isa = "amx-emu";
+#else
   t.isa = "amx";
+#endif
   t.scratch_bytes = &scratch_bytes;
   for (int i = 0; i < kFormatCount; ++i) {
     FormatKernels& k = t.fmt[i];
@@ -261,6 +270,12 @@ void bf16_tiles(const MatArgs& m) {
 
 namespace tandem {
 
+#ifdef TANDEM_AMX_EMULATE
+const KernelTable& amx_emulated_kernels() {
+  static const KernelTable table = amx::make_table();
+  return table;
+}
+#else
 const KernelTable& amx_kernels() {
   static const KernelTable table = amx::make_table();
   return table;
@@ -293,5 +308,7 @@ uint64_t amx_spin(bool bf16, long iters) {
   const uint64_t per_op = bf16 ? 2ull * 16 * 16 * 32 : 2ull * 16 * 16 * 64;
   return uint64_t(iters) * 4 * per_op;
 }
+
+#endif
 
 }  // namespace tandem
