@@ -256,5 +256,7 @@ NB_MODULE(_C, m) {
       .def_prop_ro("n_layers", &MoeEngine::n_layers)
       .def_prop_ro("isa", [](const MoeEngine& e) { return std::string(e.kernels().isa); })
       .def_prop_ro("threads_per_node", &MoeEngine::threads_per_node)
-      .def_prop_ro("pinned", &MoeEngine::pinned);
+      .def_prop_ro("pinned", &MoeEngine::pinned)
+      .def_prop_rw("prefill_rows", &MoeEngine::prefill_rows, &MoeEngine::set_prefill_rows,
+                   "Rows per task for the prefill (`big`) kernels: 0 = automatic (64-256), else a multiple of 64.");
 }

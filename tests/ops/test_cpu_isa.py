@@ -205,3 +205,36 @@ def test_isa_many_tokens_on_one_expert(isa, fmt):
     out, ref, emu, eng = run_both(isa, (fmt,) * 3, E, I, H, 300, 2, kind="one")
     assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} 600 tokens on one expert vs emulation")
     assert_matches(out, ref, bound(eng, (fmt,) * 3), f"{isa} {fmt} 600 tokens on one expert")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["INT8", "BF16", "Q4_K"])
+def test_isa_prefill_task_rows_do_not_change_results(isa, fmt):
+    """Prefill tasks of 64..512 rows (and the automatic choice) split the same sums differently
+    across workers only: every output is the same bits. Widths that are not a multiple of the
+    task's rows leave a partial last task."""
+    need(isa)
+    E, I, H = (3, 320, 256) if fmt != "Q4_K" else (3, 512, 768)
+    src, _ = layer_sources((fmt,) * 3, E, I, H)
+    x = tokens(72, H)
+    ids, w = routing(72, E, 2)
+    eng = cpu.create_engine(n_threads=2, isa=isa)
+    layer = cpu.add_layer(eng, (fmt,) * 3, *src)
+    assert "big_path" in eng.kernel_info()[fmt] or isa != "amx-emu"
+    outs = []
+    for rows in (0, 64, 128, 256, 512):
+        eng.prefill_rows = rows
+        assert eng.prefill_rows == rows
+        outs.append(cpu.wait(eng, cpu.submit(eng, layer, x, ids, w)))
+    for rows, out in zip((64, 128, 256, 512), outs[1:]):
+        assert torch.equal(out, outs[0]), f"{isa} {fmt}: prefill_rows={rows} changed the output"
+
+
+def test_prefill_rows_are_checked():
+    eng = cpu.create_engine(n_threads=1, isa="generic")
+    for bad in (-64, 32, 100, 2048):
+        with pytest.raises(ValueError, match="prefill_rows must be 0"):
+            eng.prefill_rows = bad
+    with pytest.raises(ValueError, match="must be an int"):
+        eng.prefill_rows = 64.0
+    assert eng.prefill_rows == 0
