@@ -14,8 +14,9 @@ Per row: median time of --repeats calls (after --warmup), GB/s of distinct exper
 the measured bandwidth (the best reading over the --threads counts: the machine's figure), TFLOP/s
 (2 * T * k * 3 * H * I per call), and % of the row's bound:
 max(bytes / bandwidth, FLOP / tile peak) -- the tile peak (best over --threads) is AMX-INT8 for
-kernels on int8 tiles and AMX-BF16 for bf16 tiles (INT4 and the GGUF formats expand weights to
-bf16 for prefill; see the `path` column); without AMX the bound is bandwidth only. The final table keeps the best
+kernels on int8 tiles (INT8; INT4, unpacked to bytes per 64-row block) and AMX-BF16 for bf16
+tiles (BF16; the GGUF formats expand weights to bf16 for prefill; see the `path` column;
+TANDEM_AMX_INT4=bf16 puts INT4 back on bf16 tiles); without AMX the bound is bandwidth only. The final table keeps the best
 thread count of each row. kt-kernel (if importable) runs the same rows where it has the format.
 --prefill-rows 0,64,256 times the prefill rows once per task size of the engine's prefill kernels
 (0: its automatic choice); the table keeps the best and names it in `path`.

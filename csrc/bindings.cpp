@@ -81,7 +81,7 @@ nb::dict isa_info() {
 
 // What the engine's kernel table does with each format (for reports and benchmarks).
 nb::dict kernel_info(const MoeEngine& eng) {
-  static const char* act_names[kActKinds] = {"F32", "BF16", "Q8_32", "Q8_K", "Q8_ROW"};
+  static const char* act_names[kActKinds] = {"F32", "BF16", "Q8_32", "Q8_K", "Q8_ROW", "Q8_64"};
   nb::dict d;
   const KernelTable& kt = eng.kernels();
   for (int i = 0; i < kFormatCount; ++i) {
