@@ -45,10 +45,47 @@ struct alignas(64) TileConfig {
 // the INT8 peak, both in L2 60%, activations streaming from L3 per row pair 15-25%). Here a token
 // tile's activations (32 x 512 B per K block) come from L3 once per row block and stay in L1 for
 // every row pair; the row block's weights (<= 64 rows x K, at most 1 MB) stay in L2 for every
-// token tile; C of one token tile (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per
-// 4 * kKChunks tile products.
+// token tile (prefetched there while the block before ran: Prefetch); C of one token tile
+// (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per 4 * kKChunks tile products.
 constexpr int kRowBlock = 64;
 constexpr int kKChunks = 8;
+
+// A row block's weights come from DRAM: read by the tile loads of its first token tile alone,
+// they would stall those loads in one burst while DRAM idles for the rest of the block. Instead
+// each tile step of a block prefetches a share of the next block's weights into L2, so DRAM
+// streams while the tiles run and the next block starts on L2-resident weights.
+struct Prefetch {
+  const uint8_t* p = nullptr;
+  const uint8_t* end = nullptr;
+  size_t step = 0;  // bytes per tile step (whole cache lines)
+
+  void next() {
+    const size_t left = size_t(end - p);
+    const uint8_t* e = p + (step < left ? step : left);
+    for (; p < e; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
+};
+
+// The weights of the row block after [r0, r0 + kRowBlock) (none after the last), spread over the
+// `steps` tile steps of the current block. TANDEM_AMX_PREFETCH=0 turns it off (for an A/B).
+Prefetch next_block(const MatArgs& m, int r0, long steps) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TANDEM_AMX_PREFETCH");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  Prefetch f;
+  const int next = r0 + kRowBlock;
+  if (!enabled || next >= m.n_rows) return f;
+  const int groups = (avx512::min_int(kRowBlock, m.n_rows - next) + 15) / 16;
+  f.p = m.w + size_t(next / 16) * m.group_bytes;
+  f.end = f.p + size_t(groups) * m.group_bytes;
+  const size_t lines = (size_t(f.end - f.p) + 63) / 64;
+  f.step = 64 * ((lines + size_t(steps) - 1) / size_t(steps > 0 ? steps : 1));
+  return f;
+}
+
+// Tile steps of one row block: token tiles x chunks x row pairs.
+long block_steps(int n_act, int chunks, int nr) { return long((n_act + 31) / 32) * chunks * ((nr + 31) / 32); }
 
 struct Panel {
   const uint8_t* a;  // first token row; rows sa bytes apart, chunk k at 64 k
@@ -59,6 +96,7 @@ struct Panel {
   int nr;            // rows (<= kRowBlock)
   int chunks;
   int32_t* c;        // [32][kRowBlock] 4-byte cells: one token tile (int32 or float)
+  Prefetch* pf;      // the next block's weights, a share per tile step
 };
 
 template <bool Int8, int NT, int NG>
@@ -81,6 +119,7 @@ void tile_block(const Panel& p, const uint8_t* a0, int k0, int k1, int r) {
   }
   // Each load right before its first product: the products start as soon as their tiles land.
   for (int k = k0; k < k1; ++k) {
+    p.pf->next();
     _tile_loadd(4, a0 + 64 * size_t(k), p.sa);
     _tile_loadd(6, b0 + 1024 * size_t(k), 64);
     if constexpr (Int8) _tile_dpbsud(0, 4, 6);
@@ -129,7 +168,7 @@ int32_t* c_buffer(const MatArgs& m) {
 
 inline __mmask16 row_mask(int left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
 
-Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf) {
+Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf, Prefetch* pf) {
   Panel p;
   p.a = m.act[0];
   p.sa = long(m.act_stride);
@@ -139,6 +178,7 @@ Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf)
   p.nr = avx512::min_int(kRowBlock, m.n_rows - r0);
   p.chunks = chunks;
   p.c = cbuf;
+  p.pf = pf;
   return p;
 }
 
@@ -165,7 +205,8 @@ void int8_tiles(const MatArgs& m) {
   const int chunks = tiled::int8_kp(m.K) / 64;
   for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
     const uint8_t* g = m.w + size_t(r0 / 16) * m.group_bytes;
-    const Panel p = panel_of(m, tiled::int8_codes(R), chunks, r0, cbuf);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, chunks, avx512::min_int(kRowBlock, m.n_rows - r0)));
+    const Panel p = panel_of(m, tiled::int8_codes(R), chunks, r0, cbuf, &pf);
     // y = scale[r] * d[t] * (sum code * q - 128 * sum q); row scales and masks once per row block.
     const int nq = (p.nr + 15) / 16;
     __m512 scale[kRowBlock / 16];
@@ -239,11 +280,12 @@ inline void int4_scale(const int32_t* c, const uint8_t* d0, const uint8_t* d1, c
 // of K -> acc [32][32].
 template <int NT>
 void int4_pair(const uint8_t* a0, const uint8_t* da0, long sa, const uint8_t* b0, const uint8_t* b1,
-               const uint8_t* w0, const uint8_t* w1, int chunks, int32_t* cb, float* acc) {
+               const uint8_t* w0, const uint8_t* w1, int chunks, int32_t* cb, float* acc, Prefetch& pf) {
   const uint8_t* a1 = a0 + 16 * size_t(sa);
   std::memset(acc, 0, sizeof(float) * 32 * 16 * NT);
   constexpr long ldc = 4 * 32;
   for (int k = 0; k < chunks; ++k) {
+    pf.next();
     int32_t* c = cb + (k & 1) * kCb;
     _tile_zero(0);
     _tile_zero(1);
@@ -286,6 +328,7 @@ void int4_tiles(const MatArgs& m) {
     const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
     const int ng = (nr + 15) / 16, pairs = (ng + 1) / 2;
     const uint8_t* w = m.w + size_t(r0 / 16) * m.group_bytes;
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, chunks, nr));
     for (int i = 0; i < ng; ++i) int4_unpack(w + size_t(i) * m.group_bytes, m.K, panel + size_t(i) * pg);
     // An odd group count: the pair's second group is zero codes (its outputs are never stored) and
     // borrows the first group's scales.
@@ -298,8 +341,8 @@ void int4_tiles(const MatArgs& m) {
         const uint8_t *b0 = panel + size_t(g0) * pg, *b1 = panel + size_t(g0 + 1) * pg;
         const uint8_t *w0 = w + size_t(g0) * m.group_bytes, *w1 = w + size_t(g1) * m.group_bytes;
         const uint8_t* da0 = a0 + act::q8_64_d(m.K);
-        if (nt > 16) int4_pair<2>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc);
-        else int4_pair<1>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc);
+        if (nt > 16) int4_pair<2>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc, pf);
+        else int4_pair<1>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc, pf);
         const int rows = avx512::min_int(32, nr - 32 * q);
         for (int t = 0; t < nt; ++t) {
           float* y = m.y + size_t(t0 + t) * m.y_stride + r0 + 32 * q;
@@ -312,9 +355,9 @@ void int4_tiles(const MatArgs& m) {
   _tile_release();
 }
 
-// Rows r0_w .. r0_w + nr of m's weights -> y columns r0_y ...
-void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr) {
-  Panel p = panel_of(m, 0, tiled::bf16_kp(m.K) / 32, r0_w, c_buffer(m));
+// Rows r0_w .. r0_w + nr of m's weights -> y columns r0_y ... (pf: what to prefetch meanwhile).
+void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr, Prefetch& pf) {
+  Panel p = panel_of(m, 0, tiled::bf16_kp(m.K) / 32, r0_w, c_buffer(m), &pf);
   p.nr = nr;
   token_tiles(p, m.n_act, false, [&](int t0, const int32_t* ci) {
     const float* c = reinterpret_cast<const float*>(ci);
@@ -326,7 +369,11 @@ void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr) {
 }
 
 void bf16_tiles_body(const MatArgs& m) {
-  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) bf16_rows(m, r0, r0, avx512::min_int(kRowBlock, m.n_rows - r0));
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
+    const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr));
+    bf16_rows(m, r0, r0, nr, pf);
+  }
 }
 
 // Block-scaled formats: kRowBlock rows at a time, dequantized into the scratch panel, then bf16 tiles.
@@ -337,11 +384,12 @@ void dequant_tiles(const MatArgs& m) {
   const size_t pg = tiled::bf16_group(R, m.K);
   for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
     const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr));
     for (int i = 0; i * 16 < nr; ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, panel + size_t(i) * pg);
     MatArgs sub = m;
     sub.w = panel;
     sub.group_bytes = pg;
-    bf16_rows(sub, 0, r0, nr);
+    bf16_rows(sub, 0, r0, nr, pf);
   }
   _tile_release();
 }
