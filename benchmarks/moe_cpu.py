@@ -16,7 +16,8 @@ the measured bandwidth (the best reading over the --threads counts: the machine'
 max(bytes / bandwidth, FLOP / tile peak) -- the tile peak (best over --threads) is AMX-INT8 for
 kernels on int8 tiles (INT8; INT4, unpacked to bytes per 64-row block) and AMX-BF16 for bf16
 tiles (BF16; the GGUF formats expand weights to bf16 for prefill; see the `path` column;
-TANDEM_AMX_INT4=bf16 puts INT4 back on bf16 tiles); without AMX the bound is bandwidth only. The final table keeps the best
+TANDEM_AMX_INT4=bf16 puts INT4 back on bf16 tiles, TANDEM_AMX_PREFETCH=0 stops the tile kernels
+prefetching the next row block's weights); without AMX the bound is bandwidth only. The final table keeps the best
 thread count of each row. kt-kernel (if importable) runs the same rows where it has the format.
 --prefill-rows 0,64,256 times the prefill rows once per task size of the engine's prefill kernels
 (0: its automatic choice); the table keeps the best and names it in `path`.
