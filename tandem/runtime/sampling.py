@@ -24,12 +24,23 @@ import torch
 from tandem.errors import TandemError
 
 
+# Temperatures below this sample greedily (as vLLM): dividing logits by less overflows float32
+# (1e-300 gives inf logits and NaN probabilities) and picks the argmax anyway.
+MIN_TEMPERATURE = 1e-5
+# repetition_penalty divides or multiplies logits: outside this range they overflow or vanish.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# Stop strings per request and characters per stop string: each one is matched at every token on
+# the engine's thread, so a request must not bring thousands (OpenAI allows 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks tokens and when it stops. Defaults: greedy, 256 new tokens."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; below MIN_TEMPERATURE too
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
@@ -53,14 +64,18 @@ class SamplingParams:
                  f"max_new_tokens={self.max_new_tokens!r} is invalid: use an integer >= 1.")
         _require(_is_real(self.temperature) and self.temperature >= 0,
                  f"temperature={self.temperature!r} is out of range: use a number >= 0 (0 = greedy).")
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
         _require(_is_int(self.top_k) and self.top_k >= 0,
                  f"top_k={self.top_k!r} is out of range: use an integer >= 0 (0 = off).")
         _require(_is_real(self.top_p) and 0 < self.top_p <= 1,
                  f"top_p={self.top_p!r} is out of range: use a number in (0, 1] (1 = off).")
         _require(_is_real(self.min_p) and 0 <= self.min_p <= 1,
                  f"min_p={self.min_p!r} is out of range: use a number in [0, 1] (0 = off).")
-        _require(_is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-                 f"repetition_penalty={self.repetition_penalty!r} is out of range: use a number > 0 (1 = off).")
+        lo, hi = REPETITION_PENALTY_RANGE
+        _require(_is_real(self.repetition_penalty) and lo <= self.repetition_penalty <= hi,
+                 f"repetition_penalty={self.repetition_penalty!r} is out of range: use a number in [{lo:g}, {hi:g}] "
+                 "(1 = off).")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(_is_real(value) and -2 <= value <= 2,
@@ -69,6 +84,9 @@ class SamplingParams:
                  f"seed={self.seed!r} is invalid: use an integer in [0, 2**63) or leave it unset.")
         _require(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
                  f"stop={self.stop!r} is invalid: use a list of non-empty strings.")
+        _require(len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+                 f"stop has {len(self.stop)} string(s) of up to {max(map(len, self.stop), default=0)} characters: "
+                 f"use at most {MAX_STOP_STRINGS}, each of at most {MAX_STOP_CHARS} characters.")
         _require(isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                  f"stop_token_ids={self.stop_token_ids!r} is invalid: use a list of token ids >= 0.")
         _require(isinstance(self.ignore_eos, bool), f"ignore_eos={self.ignore_eos!r} is invalid: use true or false.")
@@ -163,6 +181,11 @@ def sample(
         temps = torch.tensor([p.temperature for p in sub], device=logits.device)
         scores = _filter(logits[sampled] / temps[:, None], sub)  # [S, V]
         probs = scores.softmax(dim=-1)
+        # A row whose logits overflowed (inf / NaN probabilities) draws its argmax instead of
+        # failing the whole batch's step (no host sync: the row becomes one-hot).
+        broken = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+        argmax = torch.nn.functional.one_hot(chosen[sampled], probs.shape[-1]).to(probs.dtype)
+        probs = torch.where(broken, argmax, probs)
         for j, i in enumerate(sampled):
             chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return chosen.tolist()

@@ -139,6 +139,9 @@ class Tokenizer:
         for message in messages:
             if not isinstance(message, dict):
                 raise TandemError(f"chat message {message!r} is not a dict: use {{'role': ..., 'content': ...}}.")
+        clash = sorted(set(extra) & RESERVED_TEMPLATE_VARIABLES)
+        if clash:
+            raise TandemError(f"chat template variable(s) {', '.join(clash)} cannot be set: tandem sets them itself.")
         variables = {
             "messages": [_normalize_message(m) for m in messages],
             "tools": None,  # transformers always defines these, so `tools is defined` holds
@@ -151,8 +154,10 @@ class Tokenizer:
             return self._compiled_template.render(**variables)
         except _TemplateRaised as e:
             raise TandemError(f"the chat template rejected the conversation: {e.message}") from None
-        except jinja2.TemplateError as e:
-            raise TandemError(f"the chat template failed to render ({e}): check the messages' roles and fields.") from e
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+            # Templates run on request data: whatever they trip over is the request's problem.
+            raise TandemError(f"the chat template failed to render ({type(e).__name__}: {e}): check the messages' "
+                              "roles and fields and the template variables.") from e
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
@@ -318,6 +323,12 @@ class _GenerationTag(jinja2.ext.Extension):
 
     def _render(self, caller: Any) -> str:
         return caller()
+
+
+# Names a request's extra template variables may not take: render's own arguments and the globals
+# the templates call (tools, documents and the special tokens may be overridden, as in transformers).
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "self", "raise_exception",
+                                         "strftime_now", "namespace"})
 
 
 def _compile_template(source: str) -> jinja2.Template:

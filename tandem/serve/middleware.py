@@ -54,7 +54,8 @@ class Gate:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("/" if path == "/" else "unmatched")
-            self.metrics.count_request(scope["method"], label, status[0] if status else 500)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"  # no series per made-up method
+            self.metrics.count_request(method, label, status[0] if status else 500)
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str | None, dict[str, str]] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -63,7 +64,7 @@ class Gate:
             return (403, f"Host {host!r} is refused: this server listens on {self.settings.host} and answers to "
                          "localhost names only; restart it with --host to serve other names", None, {})
         origin = headers.get("origin")
-        if origin is not None and origin not in self.settings.allowed_origins and urlsplit(origin).netloc != host:
+        if origin is not None and origin not in self.settings.allowed_origins and _netloc(origin) != host:
             return (403, f"requests from web pages at {origin} are refused: only this server's own page may call it",
                     None, {})
         if self._key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
@@ -103,10 +104,24 @@ async def _reply(send: Send, path: str, status: int, message: str, code: str | N
     await send({"type": "http.response.body", "body": body})
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
 def _too_big(limit: int) -> str:
     return f"the request body is larger than {limit} bytes (the server's --max-body-bytes)"
 
 
 def _hostname(host: str) -> str:
-    """'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
-    return urlsplit(f"//{host}").hostname or ""
+    """'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'; '' for a malformed one ('[::1')."""
+    try:
+        return urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return ""
+
+
+def _netloc(origin: str) -> str | None:
+    """'http://localhost:8000' -> 'localhost:8000'; None for a malformed origin (a foreign one)."""
+    try:
+        return urlsplit(origin).netloc
+    except ValueError:
+        return None

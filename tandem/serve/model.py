@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from tandem.errors import TandemError
 from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.tokenizer import RESERVED_TEMPLATE_VARIABLES
 from tandem.serve.errors import APIError
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
@@ -61,6 +64,10 @@ class Delta:
     reasoning: str = ""
 
 
+# No tokenizer packs more characters than this into one token on average over a whole prompt.
+MAX_CHARS_PER_TOKEN = 64
+
+
 class ServedModel:
     def __init__(self, model: LLM | Engine, name: str | None, engine: AsyncEngine, metrics: Metrics):
         if isinstance(model, LLM):
@@ -88,15 +95,40 @@ class ServedModel:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]], **template_vars: Any) -> Prompt:
+    def chat_prompt(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None) -> Prompt:
+        """The chat rendered by the model's template (template_vars: a request's extra variables,
+        e.g. enable_thinking) and tokenized."""
+        template_vars = template_vars or {}
+        clash = sorted(set(template_vars) & RESERVED_TEMPLATE_VARIABLES)
+        if clash:
+            raise TandemError(f"chat_template_kwargs cannot set {', '.join(clash)}: tandem sets them itself")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
+        self._check_length(text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
         return Prompt(ids, self.reasoning and prompt_opens_reasoning(text))
+
+    def _check_length(self, text: str) -> None:
+        """Refuse a text that cannot fit the context window before tokenizing it: the tokenizer holds
+        the interpreter while it runs (a 4 MB prompt: ~4 s in which no other request is served)."""
+        limit = MAX_CHARS_PER_TOKEN * self.max_context
+        if len(text) > limit:
+            raise TandemError(f"the prompt has {len(text)} characters but the context window is {self.max_context} "
+                              f"tokens (at most ~{limit} characters): shorten the prompt")
+
+    async def chat_prompt_async(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None) -> Prompt:
+        """chat_prompt on a worker thread: a long conversation's template and tokenization must not
+        hold up the event loop (other requests' streams, /health)."""
+        return await anyio.to_thread.run_sync(self.chat_prompt, messages, template_vars)
+
+    async def text_prompt_async(self, prompt: str | list[int]) -> Prompt:
+        """text_prompt on a worker thread (see chat_prompt_async)."""
+        return await anyio.to_thread.run_sync(self.text_prompt, prompt)
 
     def text_prompt(self, prompt: str | list[int]) -> Prompt:
         if isinstance(prompt, str):
             if not prompt:
                 raise TandemError("the prompt is empty: give some text")
+            self._check_length(prompt)
             return Prompt(self.tokenizer.encode(prompt))
         return Prompt(list(prompt))
 

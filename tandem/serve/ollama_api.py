@@ -137,7 +137,7 @@ def ollama_router(model: ServedModel) -> APIRouter:
         if not body.messages:  # Ollama answers an empty chat by loading the model
             return _loaded(model, {"message": {"role": "assistant", "content": ""}})
         messages = [m.model_dump(exclude_none=True, exclude={"images"}) for m in body.messages]
-        return await _respond(request, model, body, model.chat_prompt(messages), chat=True)
+        return await _respond(request, model, body, await model.chat_prompt_async(messages), chat=True)
 
     @router.post("/api/generate")
     async def generate(request: Request):
@@ -149,10 +149,10 @@ def ollama_router(model: ServedModel) -> APIRouter:
         if not body.prompt:
             return _loaded(model, {"response": ""})
         if body.raw:
-            prompt = model.text_prompt(body.prompt)
+            prompt = await model.text_prompt_async(body.prompt)
         else:  # Ollama wraps the prompt in the model's template
             system = [{"role": "system", "content": body.system}] if body.system else []
-            prompt = model.chat_prompt(system + [{"role": "user", "content": body.prompt}])
+            prompt = await model.chat_prompt_async(system + [{"role": "user", "content": body.prompt}])
         return await _respond(request, model, body, prompt, chat=False)
 
     return router

@@ -66,7 +66,7 @@ def openai_router(model: ServedModel) -> APIRouter:
         body.check_supported()
         model.check_name(body.model)
         messages = [m.for_template() for m in body.messages]
-        prompt = model.chat_prompt(messages, **(body.chat_template_kwargs or {}))
+        prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs)
         return await _complete(request, model, body, prompt, body.token_limit, chat=True)
 
     @router.post("/v1/completions")
@@ -74,7 +74,7 @@ def openai_router(model: ServedModel) -> APIRouter:
         body = await parse_body(request, CompletionRequest)
         body.check_supported()
         model.check_name(body.model)
-        prompt = model.text_prompt(body.single_prompt())
+        prompt = await model.text_prompt_async(body.single_prompt())
         return await _complete(request, model, body, prompt, body.max_tokens, chat=False)
 
     return router

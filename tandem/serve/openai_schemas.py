@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from tandem.serve.errors import APIError
 
@@ -50,7 +50,7 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]  # strict: true is not a count
 
 
 class _Sampling(_Body):
@@ -60,9 +60,9 @@ class _Sampling(_Body):
     max_tokens: PositiveInt | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: StrictInt | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM's extension, as is ignore_eos
@@ -70,12 +70,28 @@ class _Sampling(_Body):
     ignore_eos: StrictBool | None = None
     n: PositiveInt = 1
     logprobs: StrictBool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    best_of: int | None = None
+    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError(400, "n > 1 is not supported: send one request per choice", param="n")
         if self.logprobs:
             raise APIError(400, "logprobs are not supported yet", param="logprobs")
+        if self.top_logprobs:
+            raise APIError(400, "top_logprobs is not supported yet (no logprobs)", param="top_logprobs")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported yet: leave it out", param="logit_bias")
+        if self.best_of is not None and self.best_of != 1:
+            raise APIError(400, "best_of > 1 is not supported: send one request per candidate", param="best_of")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported: this "
+                           "server does not constrain output to JSON; leave it out or use type 'text'",
+                           param="response_format")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
     def sampling(self) -> dict[str, Any]:
         top_k = None if self.top_k == -1 else self.top_k  # -1 means off in vLLM's API
@@ -95,12 +111,15 @@ class ChatRequest(_Sampling):
     max_completion_tokens: PositiveInt | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    functions: list[Any] | None = None  # the deprecated form of tools
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as in vLLM
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools and self.tool_choice != "none":
             raise APIError(400, "tool calling is not supported yet: leave out `tools`", param="tools")
+        if self.functions:
+            raise APIError(400, "function calling is not supported yet: leave out `functions`", param="functions")
 
     @property
     def token_limit(self) -> int | None:
@@ -108,7 +127,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr] | list[int]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt]
     echo: StrictBool = False
     suffix: StrictStr | None = None
 

@@ -201,3 +201,26 @@ def test_load_generation_defaults(tmp_path):
     path.write_text("{oops")
     with pytest.raises(TandemError, match="generation_config.json"):
         load_generation_defaults(tmp_path)
+
+
+def test_tiny_temperatures_are_greedy_and_extreme_penalties_are_refused():
+    """A temperature that would overflow float32 logits (1e-300: inf, then NaN probabilities)
+    samples greedily; repetition penalties that would overflow them are refused; a row whose
+    probabilities still come out non-finite draws its argmax and leaves the batch's other rows alone."""
+    from tandem.runtime.sampling import MIN_TEMPERATURE
+
+    assert SamplingParams(temperature=1e-300).greedy and SamplingParams(temperature=MIN_TEMPERATURE / 2).greedy
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
+    for bad in (1e-300, 1e-3, 1e3):
+        with pytest.raises(TandemError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("inf")  # an overflowed row
+    params = [SamplingParams(temperature=1.0, seed=1)] * 3
+    gens = [torch.Generator().manual_seed(1) for _ in params]
+    got = sample(logits, params, gens, [[]] * 3)
+    assert got[1] == 7 and all(0 <= t < 50 for t in got)
+    with pytest.raises(TandemError, match="at most 16"):
+        SamplingParams(stop=tuple(f"s{i}" for i in range(17)))
+    with pytest.raises(TandemError, match="at most 1024 characters"):
+        SamplingParams(stop=("x" * 1025,))

@@ -1,5 +1,6 @@
 """Bad input gets the right 4xx with an OpenAI-style body, and the server keeps serving after it."""
 
+import asyncio
 import json
 
 import httpx
@@ -56,6 +57,25 @@ def assert_openai_error(r: httpx.Response, status: int, message: str, param: str
     ("/v1/completions", {"model": "tiny", "prompt": {"text": "x"}}, 400, "prompt", None),
     ("/v1/models/gpt-4o", None, 404, "not served here", "model"),
     ("/v1/nowhere", None, 404, "no route", None),
+    # Found by fuzzing: each of these was a 500 (or silently ignored).
+    pytest.param("/v1/chat/completions", "[" * 3000, 400, "nests JSON too deeply", None, id="deep-nesting"),
+    pytest.param("/v1/chat/completions", '{"max_tokens": 1' + "0" * 5000 + "}", 400, "not valid JSON", None,
+                 id="5000-digit-number"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "\\udfff", "max_tokens": 2}', 400, "lone UTF-16 surrogate", None),
+    ("/v1/chat/completions", with_(chat_template_kwargs={"add_generation_prompt": False}), 400, "cannot set", None),
+    ("/v1/chat/completions", with_(chat_template_kwargs={"namespace": 1}), 400, "cannot set", None),
+    ("/v1/chat/completions", with_(chat_template_kwargs={"messages": []}), 400, "cannot set", None),
+    ("/v1/chat/completions", with_(chat_template_kwargs={"self": 1}), 400, "cannot set", None),
+    ("/v1/chat/completions", with_(repetition_penalty=1e-300), 400, "repetition_penalty", None),
+    ("/v1/chat/completions", with_(stop=[f"s{i}" for i in range(17)]), 400, "at most 16", None),
+    ("/v1/chat/completions", with_(response_format={"type": "json_object"}), 400, "response_format", "response_format"),
+    ("/v1/chat/completions", with_(logit_bias={"1": 5}), 400, "logit_bias", "logit_bias"),
+    ("/v1/chat/completions", with_(top_logprobs=5), 400, "top_logprobs", "top_logprobs"),
+    ("/v1/chat/completions", with_(functions=[{"name": "f"}]), 400, "function calling", "functions"),
+    ("/v1/chat/completions", with_(stream_options={"include_usage": True}), 400, "stream: true", "stream_options"),
+    ("/v1/chat/completions", with_(max_tokens=True), 400, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
+    ("/v1/completions", {"model": "tiny", "prompt": [True, False]}, 400, "prompt", None),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_goes_on(http, path, body, status, message, param):
     if body is None:
@@ -65,6 +85,21 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(http, path, body, status,
     assert_openai_error(r, status, message, param)
     ok = http.post("/v1/chat/completions", json=GOOD)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(http, server, monkeypatch):
+    """More characters than any tokenizer fits in the context window: refused without running the
+    tokenizer, which would hold the interpreter (and every other request) for seconds on megabytes."""
+    from tandem.serve.model import MAX_CHARS_PER_TOKEN
+
+    calls = []
+    tokenizer = server.app.state.model.tokenizer
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(1) or [])
+    long = "x" * (MAX_CHARS_PER_TOKEN * MAX_CONTEXT + 1)
+    assert_openai_error(http.post("/v1/completions", json={"model": "tiny", "prompt": long}), 400, "characters")
+    assert_openai_error(http.post("/v1/chat/completions", json=with_(messages=[{"role": "user", "content": long}])),
+                        400, "characters")
+    assert calls == []
 
 
 def test_too_long_prompt_in_a_stream_fails_before_streaming(http):
@@ -90,6 +125,46 @@ def test_foreign_hosts_and_cross_site_pages_are_refused(http, server):
     assert_openai_error(r, 403, "web pages")
     same_origin = server.url  # the server's own page is allowed
     assert http.post("/v1/chat/completions", json=GOOD, headers={"origin": same_origin}).status_code == 200
+
+
+def test_malformed_host_and_origin_headers_are_refused_not_500(http):
+    assert_openai_error(http.get("/v1/models", headers={"host": "[::1"}), 403, "Host")
+    assert_openai_error(http.get("/v1/models", headers={"origin": "http://["}), 403, "web pages")
+
+
+def test_a_tiny_temperature_samples_greedily_and_spares_the_batch(http):
+    """temperature 1e-300 once overflowed the logits into NaN probabilities and failed every
+    request of the engine's step; now it is greedy (as temperature 0) and answers 200."""
+    greedy = http.post("/v1/chat/completions", json=with_(max_tokens=4)).json()
+    tiny = http.post("/v1/chat/completions", json=with_(max_tokens=4, temperature=1e-300))
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy["choices"][0]["message"]
+
+
+def test_prompts_are_built_off_the_event_loop(http, server, monkeypatch):
+    """A long conversation's template and tokenization run on a worker thread, so they do not
+    stall other requests' streams (a 4 MB message held /health for 3.6 s)."""
+    model = server.app.state.model
+    original, on_loop = model.chat_prompt, []
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "chat_prompt", spy)
+    assert http.post("/v1/chat/completions", json=GOOD).status_code == 200
+    assert on_loop == [False]
+
+
+def test_made_up_methods_share_one_metrics_label(http, server):
+    for method in ("XABC", "XDEF"):
+        assert http.request(method, "/v1/models").status_code == 405
+    methods = {m for m, _, _ in server.metrics.requests}
+    assert "OTHER" in methods and not methods & {"XABC", "XDEF"}
 
 
 def test_unexpected_errors_are_500_json_and_the_server_survives(http, server, monkeypatch):
