@@ -39,8 +39,12 @@ TensorView view(const nb::ndarray<>& a, const char* what) {
   v.dtype = dtype_of(a.dtype());
   v.ndim = int(a.ndim());
   int64_t expect = 1;  // C-contiguous strides, in elements; size-1 dims may have any stride
+  bool empty = false;
   for (int i = v.ndim - 1; i >= 0; --i) {
     v.shape[i] = int64_t(a.shape(size_t(i)));
+    empty = empty || v.shape[i] == 0;
+  }
+  for (int i = v.ndim - 1; i >= 0 && !empty; --i) {  // an empty tensor's strides mean nothing
     if (v.shape[i] != 1 && a.stride(size_t(i)) != expect)
       throw std::invalid_argument(std::string(what) + " must be contiguous (call .contiguous())");
     expect *= v.shape[i];
@@ -120,6 +124,17 @@ struct BoundHostCall {
   HostCall call;
   HostFns fns{&host_submit, &host_wait, nullptr};
   nb::ndarray<> keep[4];
+
+  // A job submitted and never waited for still writes `out`: finish it before the buffers go.
+  ~BoundHostCall() {
+    if (call.ticket != 0 && call.engine != nullptr) {
+      nb::gil_scoped_release release;
+      try {
+        call.engine->wait(call.ticket);
+      } catch (const std::exception&) {  // an unknown ticket: nothing runs for it
+      }
+    }
+  }
 };
 
 }  // namespace
@@ -200,7 +215,8 @@ NB_MODULE(_C, m) {
           [](MoeEngine* self, const std::vector<std::vector<int>>& node_cpus, const std::vector<int>& threads_per_node,
              int spin_us, const std::string& isa) {
             // An explicit isa wins over TANDEM_ISA (the debugging override); both name a table.
-            const KernelTable& kt = select_kernels(isa.empty() ? std::getenv("TANDEM_ISA") : isa.c_str());
+            const KernelTable& kt = isa.empty() ? select_kernels(std::getenv("TANDEM_ISA"), "TANDEM_ISA")
+                                                : select_kernels(isa.c_str(), "isa");
             new (self) MoeEngine(node_cpus, threads_per_node, spin_us, kt);
           },
           "node_cpus"_a, "threads_per_node"_a, "spin_us"_a = 1000, "isa"_a = "")
@@ -220,8 +236,15 @@ NB_MODULE(_C, m) {
           [](MoeEngine& e, int layer, const nb::ndarray<>& x, const nb::ndarray<>& ids, const nb::ndarray<>& w,
              const nb::ndarray<>& out) {
             const TensorView xv = view(x, "x"), iv = view(ids, "ids"), wv = view(w, "w"), ov = view(out, "out");
-            nb::gil_scoped_release release;
-            return e.submit(layer, xv, iv, wv, ov);
+            uint64_t ticket;
+            {
+              nb::gil_scoped_release release;
+              ticket = e.submit(layer, xv, iv, wv, ov);
+            }
+            // The job writes `out` after we return: the engine keeps its owner until it is done. The
+            // previous owner's job has finished (submit waited for it); it is released here, with the GIL.
+            e.swap_out_owner(std::make_shared<nb::ndarray<>>(out));
+            return ticket;
           },
           "layer"_a, "x"_a, "ids"_a, "w"_a, "out"_a)
       .def(

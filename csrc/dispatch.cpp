@@ -128,7 +128,7 @@ constexpr Entry kEntries[] = {
 
 }  // namespace
 
-const KernelTable& select_kernels(const char* isa_override) {
+const KernelTable& select_kernels(const char* isa_override, const char* source) {
   if (isa_override != nullptr && *isa_override != '\0') {
     const std::string_view want(isa_override);
     std::string names;
@@ -136,15 +136,15 @@ const KernelTable& select_kernels(const char* isa_override) {
     for (const Entry& e : kEntries) {
       if (want != e.name) continue;
       if (e.table == nullptr)
-        throw std::invalid_argument("TANDEM_ISA=" + std::string(want) +
+        throw std::invalid_argument(std::string(source) + "=" + std::string(want) +
                                     ": this build has no kernels for it (its compiler lacked the flags); "
-                                    "unset TANDEM_ISA or use 'generic'");
+                                    "choose another or use 'generic'");
       if (!e.cpu_has())
-        throw std::invalid_argument("TANDEM_ISA=" + std::string(want) +
-                                    ": this CPU (or the OS) does not support it; unset TANDEM_ISA");
+        throw std::invalid_argument(std::string(source) + "=" + std::string(want) +
+                                    ": this CPU (or the OS) does not support it; choose another or leave it unset");
       return e.table();
     }
-    throw std::invalid_argument("TANDEM_ISA=" + std::string(want) + " is unknown; choose one of " + names);
+    throw std::invalid_argument(std::string(source) + "=" + std::string(want) + " is unknown; choose one of " + names);
   }
   for (const Entry& e : kEntries)
     if (e.automatic && e.table != nullptr && e.cpu_has()) return e.table();

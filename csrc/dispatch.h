@@ -11,7 +11,8 @@ namespace tandem {
 // The best table this build has for this CPU, or the one named by `isa_override` (the TANDEM_ISA
 // environment variable: generic, avx2, avx512, amx, amx-emu). Throws std::invalid_argument when the
 // override is unknown, not built yet, or unsupported by the CPU.
-const KernelTable& select_kernels(const char* isa_override);
+// `source` names where the override came from in error messages ("TANDEM_ISA" or "isa").
+const KernelTable& select_kernels(const char* isa_override, const char* source = "TANDEM_ISA");
 
 struct IsaReport {
   std::vector<std::string> cpu;    // ISA levels this CPU supports

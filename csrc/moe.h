@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -47,6 +48,11 @@ class MoeEngine {
   uint64_t submit(int layer, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
   void wait(uint64_t ticket);
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }
+  // The owner of the last submitted job's `out` (the Python binding passes its array): kept until
+  // the next submit has waited for that job, or until the engine is gone, so a caller that drops
+  // `out` early cannot free memory the workers still write. Swap it in after submit() returns and
+  // release the previous one where releasing is allowed (the binding: with the GIL held).
+  std::shared_ptr<void> swap_out_owner(std::shared_ptr<void> owner) { return std::exchange(out_owner_, std::move(owner)); }
 
   const KernelTable& kernels() const { return kt_; }
   int n_nodes() const { return int(pools_.size()); }
@@ -94,6 +100,7 @@ class MoeEngine {
   std::atomic<uint64_t> completed_{0};
   std::chrono::steady_clock::time_point launched_at_;
   std::atomic<int64_t> done_ns_{0};
+  std::shared_ptr<void> out_owner_;  // see swap_out_owner; destroyed after the pools (declared before them)
 
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // last: workers stop before the state they use
 };

@@ -3,6 +3,9 @@
 #include <chrono>
 #include <exception>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 
 #if defined(__linux__)
 #include <pthread.h>
@@ -36,16 +39,25 @@ void spin_until(const std::atomic<int>& count, int target) {
 
 ThreadPool::ThreadPool(std::vector<int> cpus, int n_workers, int spin_us) : cpus_(std::move(cpus)), spin_us_(spin_us) {
   threads_.reserve(size_t(n_workers));
-  for (int i = 0; i < n_workers; ++i) threads_.emplace_back([this, i] { worker_main(i); });
+  try {
+    for (int i = 0; i < n_workers; ++i) threads_.emplace_back([this, i] { worker_main(i); });
+  } catch (const std::system_error& e) {  // out of threads or memory: stop the ones started, then report
+    stop_workers();
+    throw std::runtime_error("could not start " + std::to_string(n_workers) + " engine threads (started " +
+                             std::to_string(threads_.size()) + "): " + e.what() + "; use fewer threads");
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   stop_.store(true);
   {
     std::lock_guard<std::mutex> lk(mu_);
     cv_.notify_all();
   }
-  for (auto& t : threads_) t.join();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
 }
 
 void ThreadPool::launch(PoolTask* task) {

@@ -55,6 +55,7 @@ class ThreadPool {
 
  private:
   void worker_main(int id);
+  void stop_workers();  // wakes every worker with stop_ set and joins them
 
   std::vector<int> cpus_;
   int spin_us_;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -115,6 +116,16 @@ void fill_row(const WeightSource& src, int K, int e, int r, int rows, int c0, in
       const auto* b = static_cast<const uint16_t*>(src.t.data) + at;
       for (int i = 0; i < K; ++i) s.f[size_t(i)] = bf16_to_f32(b[i]);
       x = s.f.data();
+    }
+    if (src.fmt == Format::INT8 || src.fmt == Format::INT4) {
+      // A NaN would vanish in the scale's max (and an inf take every other weight to 0): refuse
+      // to quantize rather than compute something the checkpoint does not say.
+      for (int i = 0; i < K; ++i)
+        if (!std::isfinite(x[i]))
+          throw std::invalid_argument(std::string("weight ") + (std::isnan(x[i]) ? "NaN" : "inf") + " at expert " +
+                                      std::to_string(e) + ", row " + std::to_string(r) + ", column " +
+                                      std::to_string(i) + ": " + f.name +
+                                      " cannot quantize it; check the checkpoint (BF16 keeps such values)");
     }
     const bool whole = c0 == 0 && c1 == K;
     if (!whole) s.q.resize(f.row_bytes(K));

@@ -129,6 +129,9 @@ class Handle:
     out: torch.Tensor
 
 
+MAX_THREADS_PER_CORE = 4  # create_engine refuses more workers than this per usable core
+
+
 def create_engine(
     n_threads: int | None = None,
     numa_nodes: list[list[int]] | None = None,
@@ -154,8 +157,12 @@ def create_engine(
         n_threads = sum(len(n) for n in nodes)
     if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < len(nodes):
         raise ValueError(f"n_threads must be an int >= the number of NUMA nodes ({len(nodes)}); got {n_threads!r}")
-    if not isinstance(spin_us, int) or spin_us < 0:
-        raise ValueError(f"spin_us must be an int >= 0; got {spin_us!r}")
+    cores = sum(len(n) for n in nodes)
+    if n_threads > MAX_THREADS_PER_CORE * cores:
+        raise ValueError(f"n_threads={n_threads} is more than {MAX_THREADS_PER_CORE} per core of the {cores} this "
+                         "engine may use: more workers than cores only take turns")
+    if not isinstance(spin_us, int) or isinstance(spin_us, bool) or not 0 <= spin_us <= 10**7:
+        raise ValueError(f"spin_us must be an int in [0, 10**7]; got {spin_us!r}")
     if isa is not None and not isinstance(isa, str):
         raise TypeError(f"isa must be a string; got {type(isa).__name__}")
     threads = _split_threads(n_threads, [len(n) for n in nodes])
@@ -179,6 +186,8 @@ def add_layer(
     prequantized: BF16/INT8/INT4 rows already in the format's row layout (csrc/quant/*.h) as
     uint8 [E, rows, row_bytes], e.g. a benchmark's random rows; nothing is quantized.
     """
+    if not isinstance(prequantized, bool):
+        raise TypeError(f"prequantized must be True or False; got {prequantized!r}")
     fmts = _formats_of(fmt)
     known = formats()
     args = []
@@ -225,6 +234,8 @@ def submit(
 
 def wait(engine: Engine, handle: Handle) -> torch.Tensor:
     """Block (without the GIL) until the job is done; returns its output [T, H]."""
+    if not isinstance(handle, Handle):
+        raise TypeError(f"wait() takes the Handle that submit() returned; got {type(handle).__name__}")
     if handle.engine is not engine:
         raise ValueError("this handle was returned by another engine's submit()")
     engine._native.wait(handle.ticket)
@@ -249,6 +260,7 @@ class HostCall:
     out: torch.Tensor
 
     addresses: tuple[int, int, int]  # (submit_fn, wait_fn, ctx) from the 'tandem.host_fns' capsule
+    layout: tuple = ()  # (data_ptr, shape) of x, ids, w, out when the call was made
 
     @property
     def error(self) -> str:
@@ -274,8 +286,21 @@ class HostCall:
     def clear_error(self) -> None:
         self.native.clear_error()
 
+    def _check_buffers(self) -> None:
+        """The call holds the buffers' addresses from when it was made: a buffer resized (or
+        swapped) in place since would be read and written at freed memory."""
+        for name, t, (ptr, shape) in zip(("x", "ids", "w", "out"), (self.x, self.ids, self.w, self.out),
+                                         self.layout):
+            if t.data_ptr() != ptr or tuple(t.shape) != shape:
+                raise ValueError(f"host_call buffer {name} moved or changed shape since the call was made "
+                                 f"({list(shape)} -> {list(t.shape)}): make a new host_call")
+
     def run(self) -> torch.Tensor:
-        """Submit and wait on this thread (what the stream would do); returns out."""
+        """Submit and wait on this thread (what the stream would do); returns out. (Stream calls
+        keep a failure in `error` until it is cleared, so replayed graphs cannot lose it; a call
+        run here reports its own.)"""
+        self._check_buffers()
+        self.native.clear_error()
         self.native.run_submit()
         self.native.run_wait()
         if self.error:
@@ -302,7 +327,8 @@ def host_call(engine: Engine, layer: int, x: torch.Tensor, ids: torch.Tensor, w:
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     fns = (ctypes.c_void_p * 3).from_address(get(native.capsule, b"tandem.host_fns"))
-    return HostCall(native, x, ids, w, out, (fns[0], fns[1], fns[2]))
+    layout = tuple((t.data_ptr(), tuple(t.shape)) for t in (x, ids, w, out))
+    return HostCall(native, x, ids, w, out, (fns[0], fns[1], fns[2]), layout)
 
 
 class Doorbell:
@@ -348,6 +374,8 @@ class Doorbell:
 
 
 def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:
+    if not isinstance(fmt, (str, list, tuple)):
+        raise ValueError(f"fmt must be a format name or a (gate, up, down) tuple of names; got {fmt!r}")
     fmts = (fmt,) * 3 if isinstance(fmt, str) else tuple(fmt)
     known = formats()
     if len(fmts) != 3 or not all(isinstance(f, str) for f in fmts):

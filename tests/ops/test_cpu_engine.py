@@ -2,6 +2,7 @@
 several threads, bad input, ISA selection, lazy import of the extension."""
 
 import os
+import subprocess
 import importlib
 import sys
 import threading
@@ -274,3 +275,116 @@ def test_importing_does_not_load_the_extension(monkeypatch):
     monkeypatch.setattr(tandem.ops, "cpu", None, raising=False)
     fresh = importlib.import_module("tandem.ops.cpu")
     assert fresh is not cpu and "tandem._C" not in sys.modules, "tandem.ops.cpu imported tandem._C at import time"
+
+
+# --- found by fuzzing the engine's API: each was a crash, a hang or a silent wrong result ---------
+
+_PRELUDE = """
+import gc, sys, time, torch
+sys.path.insert(0, {root!r})
+from tandem.ops import cpu
+from tests.ops.moe_cases import dense_weights, routing, tokens
+e = cpu.create_engine(n_threads=2, isa="generic")
+L = cpu.add_layer(e, "BF16", *dense_weights(8, 512, 1024))
+x = tokens(512, 1024); ids, w = routing(512, 8, 2)
+"""
+
+
+def _survives(body: str) -> None:
+    """Runs body after _PRELUDE in a fresh interpreter: a crash shows as a negative return code."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = _PRELUDE.format(root=root) + body
+    # Large blocks always mmapped: memory freed under a running job is unmapped, so a write into it
+    # crashes at once instead of landing in whatever reused it.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("ok"), done.stdout[-500:]
+
+
+def test_a_dropped_output_buffer_outlives_its_job():
+    """The native submit keeps `out` alive until the job is done (callers that bypass
+    tandem.ops.cpu, or a wrapper collected mid-job, used to free memory the workers wrote)."""
+    _survives("""
+for _ in range(50):
+    e._native.submit(L, x, ids, w, torch.empty(512, 1024))
+gc.collect(); time.sleep(0.2)
+print("ok")
+""")
+
+
+def test_an_engine_wrapper_collected_mid_job_keeps_the_output():
+    _survives("""
+hc = cpu.host_call(e, L, x[:1].clone(), ids[:1].clone(), w[:1].clone(), torch.empty(1, 1024))
+cpu.submit(e, L, x, ids, w)  # handle dropped
+del e; gc.collect()
+y = torch.zeros(2048, 1024); time.sleep(1.0)
+assert int((y != 0).sum()) == 0, "the job wrote into freed memory"
+print("ok")
+""")
+
+
+def test_a_host_call_dropped_before_its_wait_finishes_its_job_first():
+    _survives("""
+x, (ids, w) = tokens(4096, 1024), routing(4096, 8, 2)
+hc = cpu.host_call(e, L, x, ids, w, torch.empty(4096, 1024))
+hc.native.run_submit()
+del hc; gc.collect()
+y = torch.zeros(4096, 1024); time.sleep(1.0)
+assert int((y != 0).sum()) == 0, "the job wrote into freed memory"
+print("ok")
+""")
+
+
+def test_thread_counts_are_bounded_and_thread_exhaustion_is_an_error():
+    with pytest.raises(ValueError, match="per core"):
+        cpu.create_engine(n_threads=cpu.MAX_THREADS_PER_CORE * len(CPUS) + 1)
+    _survives("""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # room for a few hundred thread stacks
+import tandem._C as C
+try:
+    C.Engine([[0]], [4000], 1000, "generic")
+    print("created")
+except RuntimeError as err:
+    assert "could not start 4000 engine threads" in str(err), err
+print("ok")
+""")
+
+
+@pytest.mark.parametrize("fmt", ["INT8", "INT4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_where_quantized(fmt, bad):
+    g, u, d = dense_weights(2, 64, 64)
+    g[1, 5, 7] = bad
+    e = cpu.create_engine(n_threads=2, isa="generic")
+    with pytest.raises(ValueError, match="expert 1, row 5, column 7"):
+        cpu.add_layer(e, fmt, g, u, d)
+    layer = cpu.add_layer(e, "BF16", g, u, d)  # BF16 keeps the value (and the NaN shows in the output)
+    ids = torch.tensor([[1]], dtype=torch.int32)
+    out = cpu.wait(e, cpu.submit(e, layer, tokens(1, 64), ids, torch.ones(1, 1)))
+    assert not torch.isfinite(out).all()
+
+
+def test_host_call_errors_are_per_run_and_moved_buffers_are_refused():
+    e = cpu.create_engine(n_threads=2, isa="generic")
+    layer = cpu.add_layer(e, "BF16", *dense_weights(6, 64, 96))
+    x = tokens(4, 96)
+    ids, w = routing(4, 6, 2)
+    out = torch.empty(4, 96)
+    hc = cpu.host_call(e, layer, x, ids, w, out)
+    ids[0, 0] = 77
+    with pytest.raises(RuntimeError, match="out of range"):
+        hc.run()
+    ids[0, 0] = 1
+    assert torch.equal(hc.run(), cpu.wait(e, cpu.submit(e, layer, x, ids, w)))  # the old error is gone
+    out.resize_(8, 96)
+    with pytest.raises(ValueError, match="out moved or changed shape"):
+        hc.run()
+
+
+def test_isa_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="isa=avx1024 is unknown"):
+        cpu.create_engine(n_threads=1, isa="avx1024")
+    with pytest.raises(TypeError, match="prequantized must be True or False"):
+        cpu.add_layer(cpu.create_engine(n_threads=1), "BF16", *dense_weights(2, 64, 64), prequantized="no")
