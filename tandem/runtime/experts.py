@@ -125,6 +125,7 @@ def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf1
     moved = 0
     for name, module in list(model.named_modules()):
         experts = getattr(module, "experts", None)
+        raw = False  # GGUF blocks: every format's bytes are already its row layout (BF16 too)
         if isinstance(experts, TorchExperts):
             fmts = (float_format.upper(),) * 3
             tensors = (experts.w_gate.data, experts.w_up.data, experts.w_down.data)
@@ -134,11 +135,12 @@ def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf1
                 log.warning("%s: CPU engine has no kernel for %s; these experts stay on the slow torch path", name, fmts)
                 continue
             tensors = (experts.gate.data, experts.up.data, experts.down.data)
+            raw = True
         else:
             continue
         try:
-            layer = cpu.add_layer(engine, fmts, *tensors)
-        except ValueError as e:  # e.g. a row length the format's blocks do not divide
+            layer = cpu.add_layer(engine, fmts, *tensors, prequantized=raw)
+        except (ValueError, TypeError) as e:  # e.g. a row length the format's blocks do not divide
             raise TandemError(f"cannot put {name}.experts in the CPU engine as {fmts[0]}: {e}") from None
         module.experts = CpuExperts(engine, layer, fmts)
         moved += 1

@@ -44,6 +44,7 @@ from tandem.runtime.plan import (
     stored_tensors,
 )
 from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.tokenizer import check_prompt_chars
 
 Prompt = str | list[dict] | list[int]
 
@@ -172,6 +173,7 @@ class LLM:
         with open_model_files(self.model_dir, config_dir) as files:
             self.hf_config = files.hf  # None for a GGUF model without --config-dir
             cfg = files.config()
+            files.check_layer_count(cfg.num_hidden_layers)
             self.dtype = resolve_dtype(dtype, {"torch_dtype": files.stored_dtype})
             limit = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
             if max_context is not None and not 1 < max_context <= limit:
@@ -275,9 +277,12 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise TandemError("the prompt is empty: give some text")
+            check_prompt_chars(prompt, self.max_context)
             return self.tokenizer.encode(prompt)
         if prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            check_prompt_chars(text, self.max_context)
+            return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
         if all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise TandemError("a prompt is a string, a list of chat messages (dicts) or a list of token ids")

@@ -61,6 +61,10 @@ def is_gguf(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*.gguf")) and not any(path.glob("*.safetensors"))
 
 
+# A decoder layer's index in a tensor name: GGUF's blk.N., HF's model.layers.N. (any prefix).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")
+
+
 @dataclass
 class ModelFiles:
     """Where a model's config, tokenizer and weights come from. Close it (or use `with`) when loaded."""
@@ -80,6 +84,21 @@ class ModelFiles:
         if not hasattr(cls.config_class, "from_gguf"):
             raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
         return cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
+
+    def check_layer_count(self, layers: int) -> None:
+        """Refuse a config whose layer count the weights do not have, before the model is built
+        from it (a corrupt block_count of 10**8 would build layers until memory runs out)."""
+        if self.gguf is not None:
+            names = self.gguf.names()
+        else:
+            with Checkpoint.open(self.path) as ckpt:
+                names = ckpt.names()
+        found = [int(m.group(1)) for n in names if (m := _LAYER_INDEX.match(n))]
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+            raise TandemError(f"{self.path}: the config's layer count {layers!r} is not a positive integer")
+        if found and layers > max(found) + 1:
+            raise TandemError(f"{self.path}: the config says {layers} layers but the weights hold layers 0.."
+                              f"{max(found)}: the file's metadata (block_count / num_hidden_layers) is wrong")
 
     def tokenizer(self) -> Tokenizer:
         if self.hf_dir is not None:

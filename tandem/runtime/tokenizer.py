@@ -154,7 +154,8 @@ class Tokenizer:
             return self._compiled_template.render(**variables)
         except _TemplateRaised as e:
             raise TandemError(f"the chat template rejected the conversation: {e.message}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError,
+                OverflowError, MemoryError) as e:
             # Templates run on request data: whatever they trip over is the request's problem.
             raise TandemError(f"the chat template failed to render ({type(e).__name__}: {e}): check the messages' "
                               "roles and fields and the template variables.") from e
@@ -323,6 +324,20 @@ class _GenerationTag(jinja2.ext.Extension):
 
     def _render(self, caller: Any) -> str:
         return caller()
+
+
+# No tokenizer packs more characters than this into one token on average over a whole prompt.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def check_prompt_chars(text: str, max_context: int) -> None:
+    """Refuse a text that cannot fit the context window before tokenizing it: the tokenizer holds
+    the interpreter while it runs and its memory grows with the text (a 4 MB prompt: ~4 s in which
+    nothing else runs; a template that renders 200 MB exhausts memory)."""
+    limit = MAX_CHARS_PER_TOKEN * max_context
+    if len(text) > limit:
+        raise TandemError(f"the prompt has {len(text)} characters but the context window is {max_context} "
+                          f"tokens (at most ~{limit} characters): shorten the prompt")
 
 
 # Names a request's extra template variables may not take: render's own arguments and the globals

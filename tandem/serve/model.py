@@ -19,7 +19,7 @@ from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
-from tandem.runtime.tokenizer import RESERVED_TEMPLATE_VARIABLES
+from tandem.runtime.tokenizer import RESERVED_TEMPLATE_VARIABLES, check_prompt_chars
 from tandem.serve.errors import APIError
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
@@ -64,10 +64,6 @@ class Delta:
     reasoning: str = ""
 
 
-# No tokenizer packs more characters than this into one token on average over a whole prompt.
-MAX_CHARS_PER_TOKEN = 64
-
-
 class ServedModel:
     def __init__(self, model: LLM | Engine, name: str | None, engine: AsyncEngine, metrics: Metrics):
         if isinstance(model, LLM):
@@ -108,12 +104,7 @@ class ServedModel:
         return Prompt(ids, self.reasoning and prompt_opens_reasoning(text))
 
     def _check_length(self, text: str) -> None:
-        """Refuse a text that cannot fit the context window before tokenizing it: the tokenizer holds
-        the interpreter while it runs (a 4 MB prompt: ~4 s in which no other request is served)."""
-        limit = MAX_CHARS_PER_TOKEN * self.max_context
-        if len(text) > limit:
-            raise TandemError(f"the prompt has {len(text)} characters but the context window is {self.max_context} "
-                              f"tokens (at most ~{limit} characters): shorten the prompt")
+        check_prompt_chars(text, self.max_context)
 
     async def chat_prompt_async(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None) -> Prompt:
         """chat_prompt on a worker thread: a long conversation's template and tokenization must not

@@ -94,7 +94,25 @@ def _open_reader(path: Path) -> GGUFReader:
         raise TandemError(f"cannot read {path} as GGUF ({e}) — {redownload}") from None
 
 
+def _check_placement(path: Path, reader: GGUFReader) -> None:
+    """Each tensor's bytes start on the file's alignment inside the data area, and no two overlap
+    (llama.cpp's checks): a corrupt offset or type would otherwise read another tensor's bytes."""
+    spans = []
+    for t in reader.tensors:
+        start = int(t.data_offset)
+        if (start - reader.data_offset) % reader.alignment:
+            raise TandemError(f"{path.name}: tensor '{t.name}' starts at byte {start}, not on the file's "
+                              f"{reader.alignment}-byte alignment — the file is corrupt; download it again")
+        spans.append((start, start + int(t.n_bytes), t.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise TandemError(f"{path.name}: tensors '{name}' and '{other}' overlap in the file (their types "
+                              "or offsets are wrong) — the file is corrupt; download it again")
+
+
 def _tensors_of(path: Path, reader: GGUFReader) -> dict[str, GGUFTensor]:
+    _check_placement(path, reader)
     tensors, unsupported = {}, []
     for t in reader.tensors:
         fmt = _BY_GGML_TYPE.get(int(t.tensor_type))

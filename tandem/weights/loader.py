@@ -94,6 +94,12 @@ def _plan(
                 f"but the model expects {expected} for '{target}' — does config.json belong to these weights?"
             )
             continue
+        if dest.dtype.is_floating_point and not checkpoint.dtype(name).is_floating_point:
+            mismatches.append(
+                f"checkpoint tensor '{name}' is stored as {str(checkpoint.dtype(name)).replace('torch.', '')} but "
+                f"'{target}' holds floating-point weights — the file is corrupt or not this model's"
+            )
+            continue
         copies.append(_Copy(name, base, slot))
 
     missing = []

@@ -1,5 +1,7 @@
 """The Python API and the Engine on a tiny model: generation, streaming, stops, batching, errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +144,26 @@ def test_llm_chooses_its_chunk_from_the_budget(tmp_path):
     assert small.max_step_tokens == 1024 == small.engine.scheduler.max_step_tokens
     assert LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1,
                max_step_tokens=64).engine.scheduler.max_step_tokens == 64
+
+
+def test_layer_counts_the_weights_do_not_have_are_refused_before_building():
+    """A corrupt block_count of 10**8 built layers until memory ran out (fuzzing)."""
+    from types import SimpleNamespace as NS
+
+    from tandem.runtime.loader import ModelFiles
+
+    files = ModelFiles(path=Path("m.gguf"), hf=None, hf_dir=None,
+                       gguf=NS(names=lambda: ["token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_up.weight"]))
+    files.check_layer_count(2)
+    with pytest.raises(TandemError, match="says 100000000 layers but the weights hold layers 0..1"):
+        files.check_layer_count(10**8)
+    with pytest.raises(TandemError, match="not a positive integer"):
+        files.check_layer_count(0)
+
+
+def test_prompts_longer_than_any_context_are_refused_before_tokenizing():
+    from tandem.runtime.tokenizer import MAX_CHARS_PER_TOKEN, check_prompt_chars
+
+    check_prompt_chars("x" * MAX_CHARS_PER_TOKEN * 16, 16)
+    with pytest.raises(TandemError, match="characters but the context window is 16 tokens"):
+        check_prompt_chars("x" * (MAX_CHARS_PER_TOKEN * 16 + 1), 16)

@@ -90,7 +90,7 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(http, path, body, status,
 def test_a_prompt_far_over_the_context_is_refused_before_tokenizing(http, server, monkeypatch):
     """More characters than any tokenizer fits in the context window: refused without running the
     tokenizer, which would hold the interpreter (and every other request) for seconds on megabytes."""
-    from tandem.serve.model import MAX_CHARS_PER_TOKEN
+    from tandem.runtime.tokenizer import MAX_CHARS_PER_TOKEN
 
     calls = []
     tokenizer = server.app.state.model.tokenizer

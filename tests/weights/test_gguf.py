@@ -2,6 +2,7 @@
 view; and the quantized-block experts backend against plain torch experts."""
 
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -208,3 +209,21 @@ def test_block_experts_reject_blocks_that_do_not_fit_the_config():
     bad = dict(blocks, up=blocks["up"][:3])
     with pytest.raises(TandemError, match=r"up blocks must be uint8 \[4, rows, row_bytes\]"):
         BlockExperts(cfg, **{p: Blocks(b, "Q8_0", torch_dequantizer("Q8_0")) for p, b in bad.items()})
+
+
+def test_misplaced_or_overlapping_tensor_data_is_refused():
+    """A corrupt offset or type made a tensor read its neighbour's bytes (fuzzing): offsets must
+    sit on the file's alignment and tensors must not overlap, as llama.cpp checks."""
+    from types import SimpleNamespace as NS
+
+    from tandem.weights.gguf import _check_placement
+
+    def reader(*spans):
+        return NS(alignment=32, data_offset=1000,
+                  tensors=[NS(name=f"t{i}", data_offset=s, n_bytes=n) for i, (s, n) in enumerate(spans)])
+
+    _check_placement(Path("ok.gguf"), reader((1000, 64), (1064, 32), (1096, 10)))
+    with pytest.raises(TandemError, match="'t1' starts at byte 1065, not on the file's 32-byte alignment"):
+        _check_placement(Path("bad.gguf"), reader((1000, 64), (1065, 32)))
+    with pytest.raises(TandemError, match="'t0' and 't1' overlap"):
+        _check_placement(Path("bad.gguf"), reader((1000, 128), (1064, 32)))

@@ -198,3 +198,12 @@ def test_long_lists_are_capped(tmp_path):
         message = load_error(ck, {}, rename=lambda name: None, ignore=())
     assert "unexpected tensors in the checkpoint (12)" in message and "and 7 more" in message
     assert message.count("'extra.") == 5
+
+
+def test_integer_tensors_do_not_fill_float_weights(tmp_path):
+    """An int32 / bool / uint8 tensor where the model holds floats was cast silently (fuzzing)."""
+    for dtype in (torch.int32, torch.bool, torch.uint8):
+        save_file({"proj.weight": torch.ones(4, 4, dtype=dtype)}, str(tmp_path / "model.safetensors"))
+        (tmp_path / "config.json").write_text("{}")
+        with Checkpoint.open(tmp_path) as ck, pytest.raises(TandemError, match="stored as .* floating-point"):
+            load_state(ck, {"proj": torch.zeros(4, 4)}, {"proj.weight": "proj"}.get, progress=False)
