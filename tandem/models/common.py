@@ -3,6 +3,7 @@ the checkpoint names Llama-style decoders have in common, and what the runtime r
 """
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +29,38 @@ def config_from_dict(cls, hf: dict, **overrides):
         return cls(**values)
     except TypeError as e:
         raise TandemError(f"config.json does not fit {cls.__name__}: {e}") from None
+
+
+# Config fields that are sizes or counts the model divides by or allocates from: must be >= 1.
+POSITIVE_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "n_routed_experts", "num_local_experts", "num_experts", "num_experts_per_tok", "n_group",
+    "topk_group", "moe_layer_freq", "decoder_sparse_step", "q_lora_rank", "sliding_window",
+})
+
+
+def check_fields(cfg) -> None:
+    """Types and ranges of a config dataclass's numbers, whatever file they came from: ints are
+    ints (not bools, floats or strings), sizes and counts >= 1, other ints >= 0, max_position_embeddings
+    >= 2, floats finite, rms_norm_eps and rope_theta > 0. A TandemError names the field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        # f.type: a type (int, float, ...), a union (int | None) or, under postponed annotations, a string
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("int"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TandemError(f"config field {f.name} = {value!r} must be an integer")
+            low = 2 if f.name == "max_position_embeddings" else 1 if f.name in POSITIVE_FIELDS else 0
+            if value < low:
+                raise TandemError(f"config field {f.name} = {value} is out of range: it must be >= {low}")
+        elif kind.startswith("float"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TandemError(f"config field {f.name} = {value!r} must be a finite number")
+            if f.name in ("rms_norm_eps", "rope_theta") and value <= 0:
+                raise TandemError(f"config field {f.name} = {value} is out of range: it must be > 0")
 
 
 def rope_scaling_items(hf: dict) -> tuple:

@@ -19,6 +19,7 @@ from tandem.layers.linear import MLP
 from tandem.layers.moe import MoE, MoEConfig
 from tandem.layers.rope import RopeConfig
 from tandem.models.common import (
+    check_fields,
     CausalLM,
     DecoderLayer,
     Renamer,
@@ -73,6 +74,7 @@ class DeepseekConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        check_fields(self)
         if self.hidden_act != "silu":
             raise TandemError(f"hidden_act {self.hidden_act!r} is not supported for DeepSeek (only silu)")
         if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":

@@ -17,6 +17,7 @@ from tandem.layers.attention import GQAConfig, GQAttention
 from tandem.layers.moe import MoE, MoEConfig
 from tandem.layers.rope import RopeConfig
 from tandem.models.common import (
+    check_fields,
     LAYER,
     CausalLM,
     DecoderLayer,
@@ -56,6 +57,7 @@ class MixtralConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        check_fields(self)
         if self.hidden_act != "silu":
             raise TandemError(f"hidden_act {self.hidden_act!r} is not supported for Mixtral (only silu)")
 

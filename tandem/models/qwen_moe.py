@@ -17,6 +17,7 @@ from tandem.layers.linear import MLP
 from tandem.layers.moe import MoE, MoEConfig
 from tandem.layers.rope import RopeConfig
 from tandem.models.common import (
+    check_fields,
     LAYER,
     CausalLM,
     DecoderLayer,
@@ -66,6 +67,7 @@ class QwenMoeConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        check_fields(self)
         if self.hidden_act != "silu":
             raise TandemError(f"hidden_act {self.hidden_act!r} is not supported for Qwen-MoE (only silu)")
         if self.decoder_sparse_step < 1:

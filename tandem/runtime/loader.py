@@ -49,9 +49,12 @@ def read_config(model_dir: str | Path) -> dict:
     if not cfg.is_file():
         raise TandemError(f"{cfg} is missing: an HF model directory needs config.json beside its weights")
     try:
-        return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(cfg.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise TandemError(f"{cfg} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TandemError(f"{cfg} must hold a JSON object (the model's config), not a {type(data).__name__}")
+    return data
 
 
 def is_gguf(path: Path) -> bool:
@@ -79,11 +82,17 @@ class ModelFiles:
 
     def config(self):
         cls = self.model_class()
-        if self.hf is not None:
-            return cls.config_class.from_hf(self.hf)
-        if not hasattr(cls.config_class, "from_gguf"):
+        if self.hf is None and not hasattr(cls.config_class, "from_gguf"):
             raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
-        return cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
+        try:
+            if self.hf is not None:
+                return cls.config_class.from_hf(self.hf)
+            return cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            # A value of the wrong type or range in the file (the configs check what they keep).
+            where = "config.json" if self.hf is not None else "the GGUF metadata"
+            raise TandemError(f"{self.path}: {where} does not describe a {cls.__name__.replace('ForCausalLM', '')} "
+                              f"model ({type(e).__name__}: {e})") from None
 
     def check_layer_count(self, layers: int) -> None:
         """Refuse a config whose layer count the weights do not have, before the model is built
