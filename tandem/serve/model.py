@@ -99,14 +99,12 @@ class ServedModel:
         if clash:
             raise TandemError(f"chat_template_kwargs cannot set {', '.join(clash)}: tandem sets them itself")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
-        self._check_length(text)
+        check_prompt_chars(text, self.max_context)  # before the tokenizer, which holds the interpreter
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
         return Prompt(ids, self.reasoning and prompt_opens_reasoning(text))
 
-    def _check_length(self, text: str) -> None:
-        check_prompt_chars(text, self.max_context)
-
-    async def chat_prompt_async(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None) -> Prompt:
+    async def chat_prompt_async(self, messages: list[dict[str, Any]],
+                                template_vars: dict[str, Any] | None = None) -> Prompt:
         """chat_prompt on a worker thread: a long conversation's template and tokenization must not
         hold up the event loop (other requests' streams, /health)."""
         return await anyio.to_thread.run_sync(self.chat_prompt, messages, template_vars)
@@ -119,7 +117,7 @@ class ServedModel:
         if isinstance(prompt, str):
             if not prompt:
                 raise TandemError("the prompt is empty: give some text")
-            self._check_length(prompt)
+            check_prompt_chars(prompt, self.max_context)
             return Prompt(self.tokenizer.encode(prompt))
         return Prompt(list(prompt))
 
