@@ -79,7 +79,13 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
     merges = metadata.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise TandemError(f"{source}: the GGUF metadata has no tokenizer vocabulary or merges — {fix}")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TandemError(f"{source}: the GGUF tokenizer vocabulary is not a list of strings — {fix}")
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise TandemError(f"{source}: the GGUF tokenizer merges are not a list of strings — {fix}")
     types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+        raise TandemError(f"{source}: the GGUF token types are not a list of integers — {fix}")
     if len(types) != len(tokens):
         raise TandemError(f"{source}: {len(tokens)} tokens but {len(types)} token types in the GGUF metadata — {fix}")
 
@@ -90,7 +96,12 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
             raise TandemError(f"{source}: malformed GGUF merge {merge!r} — {fix}")
         pairs.append((merge[:cut], merge[cut + 1:]))
     vocab = {token: i for i, token in enumerate(tokens)}
-    backend = _HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    try:
+        bpe = models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES)
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library raises plain Exception here
+        raise TandemError(f"{source}: the GGUF tokenizer does not build ({e}; e.g. a merge of tokens the "
+                          f"vocabulary lacks) — {fix}") from None
+    backend = _HFTokenizer(bpe)
     backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
     # Control tokens are special (skipped by skip_special_tokens); user-defined ones are matched

@@ -311,3 +311,21 @@ def test_stop_strings_pick_the_earliest_stop_character_by_character():
     assert hit and emitted == "hel"
     with pytest.raises(TandemError):
         StopStrings(("",))
+
+
+def test_broken_gguf_tokenizer_metadata_is_a_clear_error():
+    """Found by fuzzing: merges of unknown tokens and arrays of the wrong type ended in raw
+    Exception / AttributeError / TypeError tracebacks."""
+    from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
+
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1]}
+    tokenizer_from_gguf(base, "ok.gguf")
+    for change, message in (
+        ({"tokenizer.ggml.merges": ["x y"]}, "does not build"),
+        ({"tokenizer.ggml.merges": [1, 2]}, "merges are not a list of strings"),
+        ({"tokenizer.ggml.tokens": [1, 2, 3]}, "vocabulary is not a list of strings"),
+        ({"tokenizer.ggml.token_type": ["x", "y", "z"]}, "token types are not a list of integers"),
+    ):
+        with pytest.raises(TandemError, match=message):
+            tokenizer_from_gguf({**base, **change}, "bad.gguf")
