@@ -374,9 +374,7 @@ class Doorbell:
 
 
 def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:
-    if not isinstance(fmt, (str, list, tuple)):
-        raise ValueError(f"fmt must be a format name or a (gate, up, down) tuple of names; got {fmt!r}")
-    fmts = (fmt,) * 3 if isinstance(fmt, str) else tuple(fmt)
+    fmts = (fmt,) * 3 if isinstance(fmt, str) else tuple(fmt) if isinstance(fmt, (list, tuple)) else ()
     known = formats()
     if len(fmts) != 3 or not all(isinstance(f, str) for f in fmts):
         raise ValueError(f"fmt must be a format name or a (gate, up, down) tuple of names; got {fmt!r}")

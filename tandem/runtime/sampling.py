@@ -184,8 +184,7 @@ def sample(
         # A row whose logits overflowed (inf / NaN probabilities) draws its argmax instead of
         # failing the whole batch's step (no host sync: the row becomes one-hot).
         broken = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
-        argmax = torch.nn.functional.one_hot(chosen[sampled], probs.shape[-1]).to(probs.dtype)
-        probs = torch.where(broken, argmax, probs)
+        probs = probs.masked_fill_(broken, 0.0).scatter_add_(1, chosen[sampled][:, None], broken.to(probs.dtype))
         for j, i in enumerate(sampled):
             chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return chosen.tolist()

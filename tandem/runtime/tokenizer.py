@@ -139,9 +139,7 @@ class Tokenizer:
         for message in messages:
             if not isinstance(message, dict):
                 raise TandemError(f"chat message {message!r} is not a dict: use {{'role': ..., 'content': ...}}.")
-        clash = sorted(set(extra) & RESERVED_TEMPLATE_VARIABLES)
-        if clash:
-            raise TandemError(f"chat template variable(s) {', '.join(clash)} cannot be set: tandem sets them itself.")
+        check_template_vars(extra)
         variables = {
             "messages": [_normalize_message(m) for m in messages],
             "tools": None,  # transformers always defines these, so `tools is defined` holds
@@ -344,6 +342,15 @@ def check_prompt_chars(text: str, max_context: int) -> None:
 # the templates call (tools, documents and the special tokens may be overridden, as in transformers).
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "self", "raise_exception",
                                          "strftime_now", "namespace"})
+
+
+def check_template_vars(names) -> None:
+    """Refuse extra chat-template variables that would replace what tandem passes (callers that
+    spread a request's dict into apply_chat_template must check before the call)."""
+    clash = sorted(set(names) & RESERVED_TEMPLATE_VARIABLES)
+    if clash:
+        raise TandemError(f"chat template variable(s) {', '.join(clash)}: tandem sets them itself, "
+                          "a caller cannot set them.")
 
 
 def _compile_template(source: str) -> jinja2.Template:

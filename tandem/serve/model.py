@@ -19,7 +19,7 @@ from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
-from tandem.runtime.tokenizer import RESERVED_TEMPLATE_VARIABLES, check_prompt_chars
+from tandem.runtime.tokenizer import check_prompt_chars, check_template_vars
 from tandem.serve.errors import APIError
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
@@ -95,9 +95,7 @@ class ServedModel:
         """The chat rendered by the model's template (template_vars: a request's extra variables,
         e.g. enable_thinking) and tokenized."""
         template_vars = template_vars or {}
-        clash = sorted(set(template_vars) & RESERVED_TEMPLATE_VARIABLES)
-        if clash:
-            raise TandemError(f"chat_template_kwargs cannot set {', '.join(clash)}: tandem sets them itself")
+        check_template_vars(template_vars)  # before the call: messages / self would collide with its arguments
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
         check_prompt_chars(text, self.max_context)  # before the tokenizer, which holds the interpreter
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials

@@ -26,19 +26,17 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
     raw = await request.body()
     try:
         data = json.loads(raw)
+        # "\ud800" escapes decode to lone surrogates, which no tokenizer (or UTF-8) can take.
+        json.dumps(data, ensure_ascii=False).encode()
     except RecursionError:
         raise APIError(400, "the request body nests JSON too deeply: send a flatter object") from None
+    except UnicodeEncodeError:  # before ValueError, which it is
+        raise APIError(400, "the request body has a string with a lone UTF-16 surrogate (an unpaired "
+                       "\\ud800-\\udfff escape): send valid Unicode text") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and numbers over Python's digit limit
         raise APIError(400, f"the request body is not valid JSON ({e}): send a JSON object") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer (or UTF-8) can take
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise APIError(400, "the request body has a string with a lone UTF-16 surrogate (an unpaired "
-                       "\\ud800-\\udfff escape): send valid Unicode text") from None
-    except RecursionError:
-        raise APIError(400, "the request body nests JSON too deeply: send a flatter object") from None
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as e:
