@@ -25,6 +25,9 @@ from tandem.ops import sdpa
 # Steps whose sequences feed at most this many new tokens each attend through the paged decode
 # kernels when the runner provides their tensors (ForwardMeta.kernels); longer ones (prefill) in torch.
 DECODE_MAX_QUERIES = 4
+# MLA prefill expands at most this many context tokens' keys and values at once (DeepSeek-V3: ~117 KB
+# a token in bf16, 0.96 GB); longer contexts attend in chunks of it. Shorter ones take torch's SDPA.
+PREFILL_KV_CHUNK = 8192
 
 
 def attn_kernels():
@@ -33,6 +36,13 @@ def attn_kernels():
     from tandem.ops.triton import attention
 
     return attention
+
+
+def prefill_kernels():
+    """ops.triton.prefill (chunked prefill attention with log-sum-exp), imported on first use."""
+    from tandem.ops.triton import prefill
+
+    return prefill
 
 
 def prefill_attention(x: torch.Tensor):
@@ -65,7 +75,9 @@ class MLAConfig:
 
 class MLAttention(nn.Module):
     # Decode steps (<= DECODE_MAX_QUERIES new tokens per sequence) attend in latent space; prefill
-    # expands K/V, which costs fewer FLOPs when many queries share the context.
+    # expands K/V, which costs fewer FLOPs when many queries share the context, kv_chunk context
+    # tokens at a time.
+    kv_chunk = PREFILL_KV_CHUNK
 
     def __init__(self, cfg: MLAConfig, layer_idx: int):
         super().__init__()
@@ -116,19 +128,40 @@ class MLAttention(nn.Module):
         out = torch.empty(n_tok, nh, dv, dtype=x.dtype, device=x.device)
         for s in range(meta.num_seqs):
             a, b = meta.query_start[s], meta.query_start[s + 1]
-            ctx = cache[meta.context_slots(s)].to(x.dtype)
-            c_ctx, kpe_ctx = ctx.split([cfg.kv_lora_rank, dr], dim=-1)
+            slots = meta.context_slots(s)
             offset = meta.context_lens[s] - (b - a)
             if b - a <= DECODE_MAX_QUERIES:
+                c_ctx, kpe_ctx = cache[slots].to(x.dtype).split([cfg.kv_lora_rank, dr], dim=-1)
                 out[a:b] = ops.mla_attention_absorbed(
                     q_nope[a:b], q_pe[a:b], c_ctx, kpe_ctx, w_kv_b[:, :dn], w_kv_b[:, dn:], self.scale, offset
                 )
             else:
-                k_nope, v = self.kv_b_proj(c_ctx).view(-1, nh, dn + dv).split([dn, dv], dim=-1)
-                k = torch.cat((k_nope, kpe_ctx[:, None, :].expand(-1, nh, dr)), dim=-1)
-                qs = torch.cat((q_nope[a:b], q_pe[a:b]), dim=-1)
-                out[a:b] = prefill_attention(x)(qs, k, v, self.scale, offset)
+                out[a:b] = self._prefill(q_nope[a:b], q_pe[a:b], cache, slots, offset)
         return self.o_proj(out.view(n_tok, nh * dv))
+
+    def _expand(self, rows: torch.Tensor, dtype: torch.dtype):
+        """Cache rows [n, latent | k_pe] -> per-head k_nope [n, nh, dn] and v [n, nh, dv], and k_pe [n, dr]."""
+        cfg = self.cfg
+        latent, k_pe = rows.to(dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(-1, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        return k_nope, v, k_pe
+
+    def _prefill(self, q_nope, q_pe, cache, slots, offset: int) -> torch.Tensor:
+        """One sequence's prompt chunk over its context with expanded keys and values, at most
+        kv_chunk context tokens of them at a time: a longer context attends chunk by chunk and
+        the chunks' outputs merge through their log-sum-exp, so memory stays bounded at any length."""
+        if len(slots) <= self.kv_chunk:
+            k_nope, v, k_pe = self._expand(cache[slots], q_nope.dtype)
+            k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.cfg.num_heads, -1)), dim=-1)
+            return prefill_attention(q_nope)(torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale, offset)
+        attend = prefill_kernels().attention_lse if q_nope.is_cuda else ops.attention_lse
+        o = lse = None
+        for start in range(0, len(slots), self.kv_chunk):
+            k_nope, v, k_pe = self._expand(cache[slots[start : start + self.kv_chunk]], q_nope.dtype)
+            o_c, lse_c = attend(q_nope, k_nope, v, self.scale, offset, start, q_pe=q_pe, k_pe=k_pe)
+            o, lse = (o_c, lse_c) if o is None else ops.merge_attention(o, lse, o_c, lse_c)
+        return o.to(q_nope.dtype)
 
 
 @dataclass(frozen=True)

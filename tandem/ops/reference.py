@@ -53,17 +53,55 @@ def attention(
     keys up to p when window is None). Grouped-query attention: nh is a multiple of nkv and query
     head h reads key/value head h // (nh // nkv), as HF's repeat_kv lays them out.
     """
+    return attention_lse(q, k, v, scale, q_offset, window=window)[0].to(q.dtype)
+
+
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_offset: int,
+    k_offset: int = 0,
+    *,
+    window: int | None = None,
+    q_pe: torch.Tensor | None = None,
+    k_pe: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention` over one chunk of a sequence's keys, with the log-sum-exp that lets chunks merge
+    (`merge_attention`): the contract of ops/triton/prefill.attention_lse.
+
+    Keys sit at positions k_offset + j. q_pe [Tq, nh, d2] / k_pe [Tk, d2]: a key part shared by
+    every head (MLA's rope key). -> o fp32 [Tq, nh, dv], lse fp32 [Tq, nh] (natural log of the
+    softmax denominator); a query that sees no key of the chunk gets o = 0 and lse = -inf.
+    """
+    if q_pe is not None:
+        q = torch.cat((q, q_pe), dim=-1)
+        k = torch.cat((k, k_pe[:, None, :].expand(-1, k.shape[1], -1)), dim=-1)
     tq, nh, tk, nkv = q.shape[0], q.shape[1], k.shape[0], k.shape[1]
     qg = q.float().view(tq, nkv, nh // nkv, q.shape[-1])
     scores = torch.einsum("qkgd,tkd->kgqt", qg, k.float()) * scale  # [nkv, g, Tq, Tk]
     pos = q_offset + torch.arange(tq, device=q.device)[:, None]
-    key = torch.arange(tk, device=q.device)[None, :]
+    key = k_offset + torch.arange(tk, device=q.device)[None, :]
     visible = key <= pos
     if window is not None:
         visible &= key > pos - window
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    out = torch.einsum("kgqt,tkd->qkgd", probs, v.float())
-    return out.reshape(tq, nh, v.shape[-1]).to(q.dtype)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [nkv, g, Tq]
+    probs = torch.where(lse.isinf()[..., None], 0.0, scores.softmax(dim=-1))  # no key seen: zeros, not NaN
+    out = torch.einsum("kgqt,tkd->qkgd", probs, v.float()).reshape(tq, nh, v.shape[-1])
+    return out, lse.permute(2, 0, 1).reshape(tq, nh)
+
+
+def merge_attention(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets from each one's (o [..., dv], lse [...]) -> the same
+    pair over their union. Sets nobody saw (lse = -inf) weigh nothing."""
+    lse = torch.logaddexp(lse1, lse2)
+    ref = torch.where(lse.isinf(), 0.0, lse)[..., None]
+    out = o1 * torch.exp(lse1[..., None] - ref) + o2 * torch.exp(lse2[..., None] - ref)
+    return out, lse
 
 
 def route(

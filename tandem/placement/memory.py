@@ -76,21 +76,32 @@ class StepShape:
     act_bytes: int  # bytes per activation element (the model dtype)
     kv_expand: int = 0  # bytes a prefill step materializes per context token (gathered cache rows;
     # MLA: keys and values expanded from the latent)
+    kv_chunk: int = 0  # a prefill step attends at most this many context tokens at a time (0: all)
+    chunk_state: int = 0  # bytes per new token of one chunk's partial output and log-sum-exp
 
 
-def workspace_bytes(s: StepShape, tokens: int, context: int, logits_rows: int, attention: str = "reference") -> int:
+def workspace_bytes(
+    s: StepShape, tokens: int, context: int, logits_rows: int, attention: str = "reference", prefill: bool = True
+) -> int:
     """Activations of one step of `tokens` new tokens attending over `context` tokens (one sequence
     at a time). attention: "reference" (plain torch: fp32 scores [heads, tokens, context] and their
     masked and softmaxed copies, plus the expanded context), "fused" (torch's SDPA on a GPU: the
-    expanded context only) or "kernel" (paged decode kernels: nothing per context token). The rest is
+    expanded context only) or "kernel" (paged decode kernels: nothing per context token). A context
+    longer than s.kv_chunk is attended by a `prefill` step that many tokens at a time, each chunk's
+    partial output merged into a running one (MLA: layers/attention.py), so only one chunk counts
+    (decode steps attend all of it at once). The rest is
     a few live [tokens, widest] and [tokens, hidden] rows (an MLP's gate, up and product; the
     residual stream) and the fp32 logits. Checked against measured peaks (tests/placement/
     test_hybrid_gpu.py, `tandem bench`'s allocated-vs-plan row)."""
+    chunked = prefill and 0 < s.kv_chunk < context and attention != "kernel"
+    if chunked:  # one chunk of the context at a time; the running output, a chunk's and their merge
+        context = s.kv_chunk
     scores = 3 * s.heads * tokens * context * 4 if attention == "reference" else 0
     expand = context * s.kv_expand if attention != "kernel" else 0
+    merge = 3 * tokens * s.chunk_state if chunked else 0
     rows = tokens * (3 * s.widest + 6 * s.hidden) * s.act_bytes
     logits = 2 * logits_rows * s.vocab * 4
-    return scores + expand + rows + logits + SLACK
+    return scores + expand + merge + rows + logits + SLACK
 
 
 def engine_float_bytes(shape: tuple[int, ...], fmt: str) -> int:
@@ -280,7 +291,7 @@ def plan_memory(
     # a decode step of max_batch tokens reads the cache through the kernels on a GPU.
     gpu = placement.device != "cpu"
     prefill = workspace_bytes(step, min(max_context, step_tokens), max_context, max_batch, "fused" if gpu else "reference")
-    decode = workspace_bytes(step, max_batch, max_context, max_batch, "kernel" if gpu else "reference")
+    decode = workspace_bytes(step, max_batch, max_context, max_batch, "kernel" if gpu else "reference", prefill=False)
     return MemoryPlan(
         rows=tuple(ordered),
         device=placement.device,

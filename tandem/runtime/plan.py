@@ -127,6 +127,7 @@ def step_shape(net: nn.Module) -> StepShape:
                if name.startswith("layers.") and isinstance(getattr(m, "weight", None), torch.Tensor)
                and m.weight.dim() == 2 and ".experts" not in name]
     heads = [layer.attn.cfg.num_heads for layer in net.layers]
+    attns = [layer.attn for layer in net.layers if hasattr(layer.attn, "kv_chunk")]  # those that chunk their context
     act = net.embed.weight.element_size()
     return StepShape(
         hidden=net.embed.embedding_dim,
@@ -135,6 +136,8 @@ def step_shape(net: nn.Module) -> StepShape:
         widest=max(linears, default=net.embed.embedding_dim),
         act_bytes=act,
         kv_expand=max(_expand_bytes(layer.attn.cfg, act) for layer in net.layers),
+        kv_chunk=min((m.kv_chunk for m in attns), default=0),
+        chunk_state=max((m.cfg.num_heads * (m.cfg.v_head_dim + 1) * 4 for m in attns), default=0),
     )
 
 

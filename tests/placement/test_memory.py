@@ -8,12 +8,15 @@ from tandem.placement.advice import available_ram, budgets
 from tandem.placement.memory import (
     ENGINE_FLOAT_FORMATS,
     GB,
+    StepShape,
     engine_float_bytes,
     format_plan,
+    workspace_bytes,
 )
 from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.loader import checkpoint_view, meta_model, open_model_files
 from tandem.runtime.plan import experts_modules, plan_model, stored_tensors
+from tandem.runtime.plan import step_shape as plan_model_step
 from tandem.testing.tiny import write_tiny
 from tandem.testing.tiny_gguf import write_tiny_gguf
 
@@ -47,6 +50,24 @@ def test_gqa_and_mla_kv_cache(tmp_path):
     assert qwen.kv.tokens == 3 * 112
     _, mla = plan_file(write_tiny(tmp_path / "d", "deepseek_v3"), dtype=torch.bfloat16)
     assert mla.kv.bytes_per_token == 3 * (32 + 8) * 2  # kv_lora_rank + rope dim per layer
+
+
+def test_prefill_workspace_counts_one_chunk_of_a_long_context(tmp_path):
+    # MLA layers attend a prefill step's context kv_chunk tokens at a time; decode steps all at once.
+    net, _ = plan_file(write_tiny(tmp_path / "v3", "deepseek_v3"))
+    attn = net.layers[0].attn
+    step = plan_model_step(net)
+    assert step.kv_chunk == attn.kv_chunk == 8192
+    assert step.chunk_state == attn.cfg.num_heads * (attn.cfg.v_head_dim + 1) * 4
+    s = StepShape(hidden=64, vocab=100, heads=4, widest=64, act_bytes=4, kv_expand=1000, kv_chunk=100, chunk_state=80)
+    for attention in ("reference", "fused"):
+        short, at, long = (workspace_bytes(s, 10, n, 1, attention) for n in (50, 100, 10_000))
+        assert short < at == long - 3 * 10 * 80  # past the chunk: only the running outputs are added
+        # decode: the whole context at once
+        assert workspace_bytes(s, 10, 10_000, 1, attention, prefill=False) - at >= (10_000 - 100) * 1000
+    assert workspace_bytes(s, 10, 10_000, 1, "kernel") == workspace_bytes(s, 10, 1, 1, "kernel")
+    gqa, _ = plan_file(write_tiny(tmp_path / "q3", "qwen3_moe"))
+    assert plan_model_step(gqa).kv_chunk == 0  # GQA attends its gathered rows in one pass
 
 
 def test_float_experts_in_the_engine_and_the_load_peak(tmp_path):

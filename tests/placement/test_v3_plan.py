@@ -103,6 +103,20 @@ def test_v3_q4_k_m_plan_lists_the_expected_bytes(v3):
     check_fits(plan)
 
 
+def test_v3_long_prompts_prefill_in_bounded_vram(v3):
+    # Issue 10: MLA prefill expands keys and values for 8192 context tokens at a time (the rest of a
+    # longer context merges through the log-sum-exp), so the workspace stops growing at 8K: 1.24 GB
+    # at 32K and at 128K (it was 4.01 and 15.51 GB with the whole context expanded at once). VRAM at
+    # 128K: 11.90 GB of weights + 9.21 GB of bf16 latent cache + 1.24 GB = 22.36 GB (was 36.63 GB).
+    options = PlacementOptions(device="cuda")
+    plans = {ctx: plan_of(v3, options, max_context=ctx, vram=40) for ctx in (8192, 32768, 131072)}
+    assert plans[32768].workspace == plans[131072].workspace < 1.25 * GB
+    assert plans[8192].workspace < plans[32768].workspace  # 8K: one chunk, no running output to merge
+    assert plans[131072].kv.bytes == (512 + 64) * LAYERS * 131072 * BF16
+    assert 22.3 * GB < plans[131072].vram < 22.4 * GB
+    assert plans[131072].longest_prompt() == 131072
+
+
 def test_v3_over_budget_is_refused_with_advice(v3):
     plan = plan_of(v3, PlacementOptions(device="cuda"), vram=12)
     with pytest.raises(DoesNotFit, match=r"needs 13.62 GB of VRAM but 12.00 GB is given by --vram-budget"):

@@ -4,6 +4,7 @@ tokens it gets alone, chunked prefill equals one-shot prefill, admission waits f
 import pytest
 import torch
 
+from tandem.layers.attention import MLAttention
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampling import SamplingParams
@@ -82,13 +83,43 @@ def test_chunked_prefill_equals_one_shot(llm):
     check_chunked_prefill(llm, 1e-5)
 
 
-def check_chunked_prefill(llm, bound: float) -> None:
+@pytest.fixture(scope="module")
+def llm_fp32_experts(tmp_path_factory):
+    # Routed experts in plain torch at fp32: the engine's bf16 experts round their activations, so
+    # a 1e-7 difference in attention would jump a logit by a bf16 ulp (~4e-3 measured) where one
+    # rounding tips.
+    path = write_tiny(tmp_path_factory.mktemp("v3f"), "deepseek_v3", seed=3)
+    return LLM(path, dtype="float32", progress=False, max_context=256, max_batch=2, experts="torch")
+
+
+@pytest.mark.parametrize("kv_chunk", [16, 40])
+def test_context_chunked_prefill_equals_one_shot(llm_fp32_experts, kv_chunk):
+    # Prompt chunks of 17 whose context is attended kv_chunk tokens at a time (16: every chunk of
+    # keys ends inside a prompt chunk; 40: some prompt chunks see one key chunk, others three).
+    check_chunked_prefill(llm_fp32_experts, 1e-5, kv_chunk)
+
+
+def _set_kv_chunk(model, kv_chunk: int | None) -> None:
+    attns = [m for m in model.modules() if isinstance(m, MLAttention)]
+    assert attns, "the model has no MLA layer"
+    for m in attns:
+        if kv_chunk is None:
+            m.__dict__.pop("kv_chunk", None)
+        else:
+            m.kv_chunk = kv_chunk
+
+
+def check_chunked_prefill(llm, bound: float, kv_chunk: int | None = None) -> None:
+    """Logits of a 90-token prompt fed in chunks of 17 tokens against one pass over all of it.
+    kv_chunk: the MLA layers attend their context that many tokens at a time in the chunked run."""
     engine = llm.engine
     tokens = _prompts(llm.tokenizer.vocab_size)[7]  # 90 tokens
     whole = engine.score(tokens)
     seq = Sequence(-1, list(tokens), SamplingParams())
     engine.cache.grow(seq.block_table, len(tokens))
     rows = []
+    if kv_chunk is not None:
+        _set_kv_chunk(engine.runner.model, kv_chunk)
     try:
         for start in range(0, len(tokens), 17):
             chunk = tokens[start : start + 17]
@@ -96,6 +127,8 @@ def check_chunked_prefill(llm, bound: float) -> None:
             seq.num_cached += len(chunk)
     finally:
         engine.cache.release(seq.block_table)
+        if kv_chunk is not None:
+            _set_kv_chunk(engine.runner.model, None)
     chunked = torch.cat(rows)
     assert chunked.dtype == torch.float32 and chunked.shape == whole.shape
     assert ((chunked - whole).abs().max() / whole.abs().max()).item() <= bound
@@ -165,6 +198,10 @@ def test_chunked_prefill_equals_one_shot_on_gpu(tmp_path, variant):
     llm = LLM(write_tiny(tmp_path, variant, seed=4), dtype="float32", device="cuda", progress=False,
               max_context=256, max_batch=2)
     check_chunked_prefill(llm, 1e-4)  # issue 10's bound (fp32, other kernels than the one-shot pass)
+    if variant == "deepseek_v3":  # the context in chunks of 16 keys: the Triton prefill kernel
+        llm = LLM(write_tiny(tmp_path / "fp32", variant, seed=4), dtype="float32", device="cuda", progress=False,
+                  max_context=256, max_batch=2, experts="torch")  # fp32 experts: see llm_fp32_experts
+        check_chunked_prefill(llm, 1e-4, kv_chunk=16)
 
 
 def _run_recording(engine, prompts, params):

@@ -7,7 +7,9 @@ quant_blocks.py: the format table and the in-kernel decoding of one 256-weight s
 attention.py: paged-KV decode attention, `mla_decode` (MLA in latent space) and `gqa_decode`
 (grouped-query, optional sliding window), flash-decoding splits merged by a second kernel; the grids
 depend only on shapes and `num_splits` (`default_splits`), so a decode step can be captured in a
-CUDA graph. fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
+CUDA graph. prefill.py: `attention_lse`, causal prefill attention over one chunk of a sequence's
+keys that also returns the log-sum-exp, so MLA's long prompts attend their context chunk by chunk.
+fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
 residual add, RoPE, MLA's norm + rope + cache write, SwiGLU's silu * up), so a decode step launches
 fewer; route.py: MoE routing (scores, DeepSeek's group choice, top-k, weights) in one kernel. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
 decode-sized steps, graph-capturable.
