@@ -25,7 +25,7 @@ from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
 from tandem.runtime.gpu_weights import bind_gpu_blocks
 from tandem.runtime.plan import cpu_block_rename, materialize
-from tandem.runtime.sampling import load_generation_defaults
+from tandem.runtime.sampling import SamplingParams, load_generation_defaults
 from tandem.runtime.tokenizer import Tokenizer
 from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
 from tandem.weights.checkpoint import Checkpoint
@@ -118,11 +118,19 @@ class ModelFiles:
         if self.hf_dir is not None:
             return load_generation_defaults(self.hf_dir)
         meta = self.gguf.metadata
-        return {
-            field: f32_decimal(value) if isinstance(value, float) else value
-            for key, field in GGUF_SAMPLING.items()
-            if (value := meta.get(f"general.sampling.{key}")) is not None
-        }
+        defaults = {}
+        for key, field in GGUF_SAMPLING.items():
+            if (value := meta.get(f"general.sampling.{key}")) is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or (field == "top_k") != isinstance(value, int):
+                raise TandemError(f"{self.path}: general.sampling.{key} is {value!r}, not "
+                                  f"{'an integer' if field == 'top_k' else 'a number'}: the file's metadata is wrong")
+            defaults[field] = f32_decimal(value) if isinstance(value, float) else value
+        try:
+            SamplingParams(**defaults)
+        except TandemError as e:
+            raise TandemError(f"{self.path}: general.sampling.*: {e}") from None
+        return defaults
 
     @property
     def stored_dtype(self) -> str | None:

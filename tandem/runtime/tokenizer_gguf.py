@@ -12,6 +12,7 @@ message says to pass the HF tokenizer with --config-dir.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from tandem.errors import TandemError
 from tandem.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # gguf-py TokenType values
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -116,7 +119,14 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
 
     def token_of(key: str) -> tuple[int, str] | None:
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return (int(i), tokens[int(i)]) if isinstance(i, int) and 0 <= i < len(tokens) else None
+        if i is None:
+            return None
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens):
+            return i, tokens[i]
+        # As llama.cpp does, go on without the token -- but say so: without eos, generation never stops on its own.
+        log.warning("%s: tokenizer.ggml.%s_token_id = %r is not a token id (the vocabulary has %d); ignored",
+                    source, key, i, len(tokens))
+        return None
 
     bos, eos = token_of("bos"), token_of("eos")
     backend.post_processor = _post_processor(

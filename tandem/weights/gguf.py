@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGUFReader
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from tandem.errors import TandemError
 from tandem.weights.quant import FORMATS, QuantFormat
@@ -86,6 +87,14 @@ def _open_reader(path: Path) -> GGUFReader:
     redownload = "the file is truncated or corrupt; download it again"
     if path.stat().st_size < 24:  # magic, version, tensor and key counts
         raise TandemError(f"{path} is too short to be a GGUF file ({path.stat().st_size} bytes) — {redownload}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    version = int.from_bytes(head[4:], "little")
+    if not version & 0xFFFF:  # a big-endian file (gguf-py reads those too)
+        version = int.from_bytes(head[4:], "big")
+    if head[:4] == b"GGUF" and version not in READER_SUPPORTED_VERSIONS:
+        raise TandemError(f"{path} is GGUF version {version}; tandem reads versions "
+                          f"{', '.join(map(str, READER_SUPPORTED_VERSIONS))} — convert it with a matching llama.cpp")
     try:
         # 'c' (copy-on-write) maps the file read-only on disk but gives writable arrays, so torch
         # can wrap them without copying or warning; nothing is ever written back.

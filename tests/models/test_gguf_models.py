@@ -9,6 +9,7 @@ weights (the quantization error) is bounded per format and printed.
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -292,6 +293,21 @@ def test_sampling_defaults_from_gguf_metadata():
     meta = {"general.sampling.temp": float(np.float32(0.6)), "general.sampling.top_k": 20, "general.sampling.mirostat": 1}
     files = ModelFiles(None, None, None, SimpleNamespace(metadata=meta))
     assert files.generation_defaults() == {"temperature": 0.6, "top_k": 20}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("temp", "hot", "not a number"), ("top_k", 2.5, "not an integer"), ("top_k", True, "not an integer"),
+    ("temp", -1.0, "temperature"), ("top_p", 7.0, "top_p"), ("penalty_repeat", 0.0, "repetition_penalty"),
+])
+def test_bad_sampling_metadata_is_refused_at_load_naming_the_file(key, value, message):
+    # They used to pass through and fail every generate call without naming the file.
+    from types import SimpleNamespace
+
+    from tandem.runtime.loader import ModelFiles
+
+    files = ModelFiles(Path("m.gguf"), None, None, SimpleNamespace(metadata={f"general.sampling.{key}": value}))
+    with pytest.raises(TandemError, match=rf"m\.gguf: general\.sampling\..*{message}"):
+        files.generation_defaults()
 
 
 def test_gguf_name_rules_for_old_layouts():

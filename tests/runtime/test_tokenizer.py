@@ -329,3 +329,20 @@ def test_broken_gguf_tokenizer_metadata_is_a_clear_error():
     ):
         with pytest.raises(TandemError, match=message):
             tokenizer_from_gguf({**base, **change}, "bad.gguf")
+
+
+def test_gguf_special_token_ids_outside_the_vocabulary_are_reported(caplog):
+    """Found by fuzzing: an eos id past the vocabulary was dropped silently, so generation never
+    stopped on its own. It is still ignored (as llama.cpp does), with a warning naming the file."""
+    from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
+
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 3]}
+    assert tokenizer_from_gguf({**base, "tokenizer.ggml.eos_token_id": 2}, "ok.gguf").eos_ids == {2}
+    assert not caplog.records
+    for bad in (3, -1, True):
+        caplog.clear()
+        tok = tokenizer_from_gguf({**base, "tokenizer.ggml.eos_token_id": bad}, "bad.gguf")
+        assert not tok.eos_ids
+        assert any("bad.gguf: tokenizer.ggml.eos_token_id" in r.getMessage() and "ignored" in r.getMessage()
+                   for r in caplog.records)

@@ -227,3 +227,17 @@ def test_misplaced_or_overlapping_tensor_data_is_refused():
         _check_placement(Path("bad.gguf"), reader((1000, 64), (1065, 32)))
     with pytest.raises(TandemError, match="'t0' and 't1' overlap"):
         _check_placement(Path("bad.gguf"), reader((1000, 128), (1064, 32)))
+
+
+def test_unsupported_gguf_versions_are_named(tmp_path):
+    """Fuzzing: a version-4 file was reported as truncated or corrupt; it is a newer format."""
+    path = write_sample(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    with GGUFCheckpoint.open(path):
+        pass
+    for version, order in ((4, "little"), (1, "little"), (4, "big")):
+        data[4:8] = version.to_bytes(4, order)
+        bad = tmp_path / f"v{version}{order}.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(TandemError, match=rf"is GGUF version {version}; tandem reads versions 2, 3"):
+            GGUFCheckpoint.open(bad)
