@@ -8,7 +8,7 @@ import sys
 
 from tandem.cli.args import hot_count, step_tokens
 from tandem.cli.bench import add_bench_parser, add_convert_parser
-from tandem.errors import TandemError
+from tandem.errors import NaNLogits, TandemError
 
 
 MODEL_HELP = "HF model directory, or a GGUF model (.gguf file, any part of a split one, or a folder of parts)"
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             return chat.run_chat(args)
         return chat.run_generate(args)
-    except TandemError as e:
+    except (TandemError, NaNLogits) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

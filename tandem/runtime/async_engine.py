@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tandem.errors import TandemError
+from tandem.errors import NaNLogits, TandemError
 from tandem.runtime.engine import Engine, StepOutput
 from tandem.runtime.sampling import SamplingParams
 
@@ -224,7 +224,7 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 self._live.pop(out.seq_id, None)
                 self._forget(req)
-            req.put(out)
+            req.put(NaNLogits() if out.finish_reason == "error" else out)
 
     def _forget(self, req: _Request) -> None:
         if req.started:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.errors import TandemError
+from tandem.errors import NaNLogits, TandemError
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.runner import Runner
-from tandem.runtime.sampling import SamplingParams, make_generator, sample
+from tandem.runtime.sampling import NAN_LOGITS, SamplingParams, make_generator, sample
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
@@ -25,7 +25,8 @@ class StepOutput:
     seq_id: int
     token: int
     text: str  # new text ready to show (may be empty while a stop string or UTF-8 char is pending)
-    finish_reason: str | None  # None while running; 'stop' (eos, stop token or string) or 'length'
+    finish_reason: str | None  # None while running; 'stop' (eos, stop token or string), 'length', or
+    # 'error': the model's logits for this sequence were NaN (token is NAN_LOGITS, text empty)
     is_prefill: bool  # the token came out of the step that finished the prompt (the first token)
 
 
@@ -114,8 +115,11 @@ class Engine:
 
     def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]
-        reason = None
-        if not p.ignore_eos and (token in self.tokenizer.eos_ids or token in p.stop_token_ids):
+        reason, text = None, ""
+        if token == NAN_LOGITS:
+            seq.output.pop()  # not a token
+            reason = "error"
+        elif not p.ignore_eos and (token in self.tokenizer.eos_ids or token in p.stop_token_ids):
             reason, text = "stop", detok.finish()
         else:
             text, hit = detok.stops.feed(detok.decoder.push(token))
@@ -144,12 +148,15 @@ class Engine:
             self.cache.release(seq.block_table)
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[StepOutput]:
-        """Run one request to completion, yielding its outputs (other requests advance too)."""
+        """Run one request to completion, yielding its outputs (other requests advance too).
+        Raises NaNLogits if the model's logits for it go NaN."""
         seq_id = self.add_request(prompt, params)
         try:
             while True:
                 for out in self.step():
                     if out.seq_id == seq_id:
+                        if out.finish_reason == "error":
+                            raise NaNLogits()
                         yield out
                         if out.finish_reason is not None:
                             return

@@ -140,6 +140,9 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return generator
 
 
+NAN_LOGITS = -1  # sample()'s token for a row of logits holding NaN
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -147,7 +150,8 @@ def sample(
     histories: Sequence[Sequence[int]],
     prompt_lens: Sequence[int] | None = None,
 ) -> list[int]:
-    """Pick one token per row of `logits` [B, V].
+    """Pick one token per row of `logits` [B, V]; NAN_LOGITS for a row holding NaN (the model's
+    output is broken: bad weights, or activations that overflowed into NaN), so its request can fail alone.
 
     histories[i]: request i's prompt + generated token ids. The repetition penalty looks at all
     of them; presence and frequency penalties only at the generated ones, `histories[i][prompt_lens[i]:]`
@@ -161,6 +165,7 @@ def sample(
         raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
 
     logits = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
+    broken_rows = logits.isnan().any(dim=-1)  # [B]; +inf is an overflowed top logit: its argmax is drawn below
     rows, changed = [], False
     for i, p in enumerate(params):
         row = view = logits[i]
@@ -187,7 +192,7 @@ def sample(
         probs = probs.masked_fill_(broken, 0.0).scatter_add_(1, chosen[sampled][:, None], broken.to(probs.dtype))
         for j, i in enumerate(sampled):
             chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return chosen.tolist()
+    return chosen.masked_fill_(broken_rows, NAN_LOGITS).tolist()  # one transfer for tokens and flags
 
 
 def _repetition_penalty(row: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:

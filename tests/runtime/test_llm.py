@@ -167,3 +167,50 @@ def test_prompts_longer_than_any_context_are_refused_before_tokenizing():
     check_prompt_chars("x" * MAX_CHARS_PER_TOKEN * 16, 16)
     with pytest.raises(TandemError, match="characters but the context window is 16 tokens"):
         check_prompt_chars("x" * (MAX_CHARS_PER_TOKEN * 16 + 1), 16)
+
+
+def test_a_request_whose_logits_go_nan_fails_alone(tmp_path):
+    """Fuzzing: a model with NaN weights emitted token 0 forever. Now the request whose logits are
+    NaN fails with NaNLogits and the others run on, with the tokens they get alone."""
+    import asyncio
+
+    from tandem.runtime.async_engine import AsyncEngine
+    from tandem.errors import NaNLogits
+
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=5), dtype="float32", progress=False, max_context=64)
+    params = llm.sampling_params(max_new_tokens=6, temperature=0, ignore_eos=True)
+    good = [5, 6, 7]
+    alone = llm.generate(good, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+    with torch.no_grad():
+        llm.model.embed.weight[9] = float("nan")  # any sequence holding token 9 goes NaN
+    with pytest.raises(NaNLogits, match="logits for this request are NaN"):
+        llm.generate([8, 9, 10], max_new_tokens=6, temperature=0.7)
+
+    engine = llm.engine
+    bad_id, good_id = engine.add_request([8, 9, 10], params), engine.add_request(good, params)
+    got: dict[int, list] = {bad_id: [], good_id: []}
+    while engine.has_work():
+        for out in engine.step():
+            got[out.seq_id].append((out.token, out.finish_reason))
+    assert got[bad_id] == [(-1, "error")]
+    assert [t for t, _ in got[good_id]] == alone and got[good_id][-1][1] == "length"
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+
+    async def run(prompt):
+        try:
+            async with async_engine.request(prompt, params) as outputs:
+                return [o.token async for o in outputs]
+        except NaNLogits as e:
+            return e
+
+    async def main():
+        return await asyncio.gather(run([8, 9, 10]), run(good))
+
+    try:
+        bad, ok = asyncio.run(main())
+    finally:
+        async_engine.close()
+    assert isinstance(bad, NaNLogits) and ok == alone

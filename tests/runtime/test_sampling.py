@@ -224,3 +224,18 @@ def test_tiny_temperatures_are_greedy_and_extreme_penalties_are_refused():
         SamplingParams(stop=tuple(f"s{i}" for i in range(17)))
     with pytest.raises(TandemError, match="at most 1024 characters"):
         SamplingParams(stop=("x" * 1025,))
+
+
+def test_rows_with_nan_logits_are_flagged():
+    from tandem.runtime.sampling import NAN_LOGITS
+
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
+    logits[1, 7] = float("nan")
+    logits[2, 9:12] = float("nan")
+    logits[3, :40] = float("-inf")  # masked entries are fine
+    greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1)
+    for params in ([greedy] * 5, [hot] * 5):
+        got = sample(logits, params, [None] * 5, [[]] * 5)
+        assert got[1] == got[2] == NAN_LOGITS
+        assert all(0 <= got[i] < 50 for i in (0, 3, 4)) and got[3] >= 40
+    assert sample(logits, [greedy] * 5, [None] * 5, [[]] * 5)[0] == int(logits[0].argmax())
