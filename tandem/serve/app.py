@@ -71,7 +71,7 @@ def create_app(model: LLM | Engine, settings: ServeSettings | None = None) -> Fa
         html = resources.files("tandem.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health() -> JSONResponse:
         alive = async_engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped", "model": served.name},

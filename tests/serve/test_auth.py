@@ -38,6 +38,8 @@ def test_routes_need_the_key(keyed, method, path, header):
 
 def test_health_and_page_are_open(keyed):
     assert httpx.get(keyed.url + "/health").json()["status"] == "ok"
+    head = httpx.head(keyed.url + "/health")  # load balancers' probe (was 405)
+    assert head.status_code == 200 and not head.content
     page = httpx.get(keyed.url + "/")
     assert page.status_code == 200 and "<title>tandem chat</title>" in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
