@@ -46,6 +46,7 @@ ThreadPool::ThreadPool(std::vector<int> cpus, int n_workers, int spin_us) : cpus
     throw std::runtime_error("could not start " + std::to_string(n_workers) + " engine threads (started " +
                              std::to_string(threads_.size()) + "): " + e.what() + "; use fewer threads");
   }
+  spin_until(pin_attempts_, n_workers);  // so pinned() reports every worker's attempt, not a race with them
 }
 
 ThreadPool::~ThreadPool() { stop_workers(); }
@@ -73,6 +74,7 @@ void ThreadPool::launch(PoolTask* task) {
 
 void ThreadPool::worker_main(int id) {
   if (!cpus_.empty() && !pin_current_thread(cpus_[size_t(id) % cpus_.size()])) pin_failures_.fetch_add(1);
+  pin_attempts_.fetch_add(1, std::memory_order_release);
   using clock = std::chrono::steady_clock;
   uint64_t seen = 0;
   for (;;) {

@@ -64,6 +64,7 @@ class ThreadPool {
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   std::atomic<int> pin_failures_{0};
+  std::atomic<int> pin_attempts_{0};  // workers past their pinning attempt; the constructor waits for all
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::thread> threads_;  // last: started once everything above exists

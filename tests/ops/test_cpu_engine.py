@@ -388,3 +388,11 @@ def test_isa_argument_errors_name_the_argument():
         cpu.create_engine(n_threads=1, isa="avx1024")
     with pytest.raises(TypeError, match="prequantized must be True or False"):
         cpu.add_layer(cpu.create_engine(n_threads=1), "BF16", *dense_weights(2, 64, 64), prequantized="no")
+
+
+def test_pinned_reports_every_workers_attempt():
+    """Engine.pinned read True before the workers had tried to pin (a race, ~1 read in 20 without
+    the fix). Cpu 9999 does not exist, so pinning fails: it must read False from the start."""
+    for _ in range(50):
+        assert cpu._ext().Engine([[9999]], [2], 0, "").pinned is False
+    assert cpu.create_engine(1).pinned is True
