@@ -30,12 +30,14 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Launch shape; the default is an untuned guess for H100/H200 at MLA's widths (d1 128, d2 64,
-    dv 128): a [64, 128] fp32 accumulator and two stages of [64, 128 + 64 + 128] bf16 tiles."""
+    """Launch shape. The default, for bf16/fp16 at MLA's widths (d1 128, d2 64, dv 128), is untuned
+    on a GPU but chosen from sm_90a compiles (ptxas -v, .dev/compile_check.py): 128 queries on 8
+    warps fit in 254 registers a thread with no spills and 64 KB of shared memory; 64 queries on 4
+    warps with 64-key tiles spilled 184 bytes."""
 
-    block_m: int = 64  # queries per program
+    block_m: int = 128  # queries per program
     block_n: int = 64  # keys per tile
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self):
@@ -43,6 +45,10 @@ class PrefillConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"PrefillConfig.{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+
+
+# fp32 (IEEE dot products, for tests and fp32 models): small tiles; 70 KB of shared memory.
+FP32_CONFIG = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
 
 
 def attention_lse(
@@ -77,13 +83,13 @@ def attention_lse(
         raise ValueError("every input's last dim must be contiguous")
     if len({t.device for t in tensors}) != 1:
         raise ValueError("q, k, v (and q_pe, k_pe) must be on one device")
-    config = config or PrefillConfig()
+    fp32 = q.dtype == torch.float32
+    config = config or (FP32_CONFIG if fp32 else PrefillConfig())
     o = torch.zeros(tq, nh, dv, dtype=torch.float32, device=q.device)
     lse = torch.full((tq, nh), float("-inf"), dtype=torch.float32, device=q.device)
     if tq == 0 or tk == 0:
         return o, lse
     qpe, kpe = (q_pe, k_pe) if d2 else (q, k[:, 0])  # placeholders, never read without HAS_PE
-    fp32 = q.dtype == torch.float32
     interpreted = isinstance(_prefill_kernel, InterpretedFunction)
     grid = (triton.cdiv(tq, config.block_m), nh)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
