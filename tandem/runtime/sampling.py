@@ -165,7 +165,6 @@ def sample(
         raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
 
     logits = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
-    broken_rows = logits.isnan().any(dim=-1)  # [B]; +inf is an overflowed top logit: its argmax is drawn below
     rows, changed = [], False
     for i, p in enumerate(params):
         row = view = logits[i]
@@ -180,6 +179,9 @@ def sample(
         logits = torch.stack(rows)  # [B, V]; without penalties the logits are used as they are
 
     chosen = logits.argmax(dim=-1)  # [B]; right for greedy rows, overwritten for sampled ones
+    # argmax propagates NaN (it lands on a row's first NaN), so one gather finds the broken rows;
+    # a +inf logit is an overflowed top logit, whose argmax is a fine draw.
+    broken_rows = logits.gather(1, chosen[:, None])[:, 0].isnan()  # [B]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         sub = [params[i] for i in sampled]
