@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tandem.errors import NaNLogits, TandemError
-from tandem.runtime.engine import Engine, StepOutput
+from tandem.runtime.engine import Engine, StepFailed, StepOutput
 from tandem.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,14 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except StepFailed as e:  # the model failed on some sequences: fail their requests, run on
+            log.error("engine step failed; aborting %d request(s), %d others continue", len(e.failed),
+                      len(self._live) - len(e.failed), exc_info=e.error)
+            for seq_id in e.failed:
+                if (req := self._live.pop(seq_id, None)) is not None:
+                    self._forget(req)
+                    req.put(e.error)
+            return
         except Exception as e:  # a bug: fail the requests in flight, keep serving the next ones
             log.exception("engine step failed; aborting %d request(s)", len(self._live))
             self._fail_all(e)

@@ -3,7 +3,8 @@
 step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample -> Scheduler.update()
 -> per-sequence detokenization, stop checks, finish. Callers add requests and pull StepOutputs.
 A step mixes decodes of running sequences with prompt chunks of new ones (continuous batching);
-only sequences that sampled a token this step produce a StepOutput.
+only sequences that sampled a token this step produce a StepOutput. A step whose model call or
+sampling raises finishes only the sequences it blames (StepFailed); the rest run on.
 """
 
 import itertools
@@ -18,6 +19,15 @@ from tandem.runtime.runner import Runner
 from tandem.runtime.sampling import NAN_LOGITS, SamplingParams, make_generator, sample
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
+
+
+class StepFailed(Exception):
+    """Engine.step() raised `error` while running the model or sampling. The sequences in `failed`
+    are finished (reason 'error'); every other one is unchanged and continues in the next step."""
+
+    def __init__(self, error: Exception, failed: list[int]):
+        super().__init__(f"a step failed ({type(error).__name__}: {error}); finished sequences {failed}")
+        self.error, self.failed = error, failed
 
 
 @dataclass(frozen=True)
@@ -96,22 +106,36 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.run(batch)
         seqs = batch.sampling  # the rest fed a middle chunk of their prompt: no logits, no output
         first = [not s.output for s in seqs]
-        tokens = (
-            sample(
-                logits,
-                [s.params for s in seqs],
-                [s.generator for s in seqs],
-                [s.tokens for s in seqs],
-                [len(s.prompt) for s in seqs],
+        try:
+            logits = self.runner.run(batch)
+            tokens = (
+                sample(
+                    logits,
+                    [s.params for s in seqs],
+                    [s.generator for s in seqs],
+                    [s.tokens for s in seqs],
+                    [len(s.prompt) for s in seqs],
+                )
+                if seqs
+                else []
             )
-            if seqs
-            else []
-        )
+        except Exception as e:  # noqa: BLE001 - handed on in StepFailed
+            raise self._fail_step(batch, e) from e
         self.scheduler.update(batch, tokens)
         return [self._emit(seq, tok, f) for seq, tok, f in zip(seqs, tokens, first)]
+
+    def _fail_step(self, batch: Batch, error: Exception) -> StepFailed:
+        """Finish the sequences a failed step blames: those that fed prompt tokens in it (a new
+        prompt is what brings new shapes and lengths), or all of them in a decode-only step. Their
+        state is as before the step, so the others simply run again in the next one."""
+        blamed = [s for s in batch.seqs if not s.prefilled] or list(batch.seqs)
+        for seq in blamed:
+            self.scheduler.finish(seq, "error")
+            self._seqs.pop(seq.seq_id, None)
+            self._detok.pop(seq.seq_id, None)
+        return StepFailed(error, [s.seq_id for s in blamed])
 
     def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]
@@ -153,7 +177,13 @@ class Engine:
         seq_id = self.add_request(prompt, params)
         try:
             while True:
-                for out in self.step():
+                try:
+                    outputs = self.step()
+                except StepFailed as e:
+                    if seq_id in e.failed:
+                        raise e.error from None
+                    continue  # another request's prompt failed; this one runs on
+                for out in outputs:
                     if out.seq_id == seq_id:
                         if out.finish_reason == "error":
                             raise NaNLogits()

@@ -214,3 +214,88 @@ def test_a_request_whose_logits_go_nan_fails_alone(tmp_path):
     finally:
         async_engine.close()
     assert isinstance(bad, NaNLogits) and ok == alone
+
+
+def test_a_failing_prompt_fails_its_request_alone(tmp_path, caplog):
+    """A step that raised used to fail every request in flight. Now a step that fed prompt tokens
+    fails only the requests whose prompts it fed; requests already decoding run on, with the tokens
+    they get alone. A decode-only step that raises fails all of its requests."""
+    import asyncio
+    import logging
+
+    from tandem.runtime.async_engine import AsyncEngine
+    from tandem.runtime.engine import StepFailed
+
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=6), dtype="float32", progress=False, max_context=64)
+    params = llm.sampling_params(max_new_tokens=6, temperature=0, ignore_eos=True)
+    good, poison = [5, 6, 7], [12, 13, 14]
+    alone = llm.generate(good, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+    engine = llm.engine
+    run = engine.runner.run
+
+    def failing(batch, all_logits=False):
+        if any(13 in fed for s, fed in zip(batch.seqs, batch.new_tokens) if not s.prefilled):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return run(batch, all_logits)
+
+    engine.runner.run = failing
+    a = engine.add_request(good, params)
+    outs = {a: [tok.token for tok in engine.step()]}  # a's prompt, alone
+    b = engine.add_request(poison, params)  # fed beside a's first decode
+    outs[b], failures = [], []
+    while engine.has_work():
+        try:
+            for out in engine.step():
+                outs[out.seq_id].append(out.token)
+        except StepFailed as e:
+            assert "out of memory" in str(e.error)
+            failures.append(e.failed)
+    assert failures == [[b]] and outs[b] == [] and outs[a] == alone
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate(poison, max_new_tokens=2)
+
+    # The server's path: the poisoned request arrives while the good one decodes.
+    long = llm.sampling_params(max_new_tokens=40, temperature=0, ignore_eos=True)
+    alone_long = llm.generate(good, max_new_tokens=40, temperature=0, ignore_eos=True).token_ids
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+
+    async def main():
+        decoding = asyncio.Event()
+
+        async def first():
+            async with async_engine.request(good, long) as outputs:
+                tokens = []
+                async for out in outputs:
+                    tokens.append(out.token)
+                    decoding.set()
+                return tokens
+
+        task = asyncio.create_task(first())
+        await decoding.wait()
+        with pytest.raises(RuntimeError, match="simulated"):
+            async with async_engine.request(poison, params) as outputs:
+                [o async for o in outputs]
+        return await task
+
+    with caplog.at_level(logging.ERROR, logger="tandem.runtime.async_engine"):
+        try:
+            ok = asyncio.run(main())
+        finally:
+            async_engine.close()
+    assert ok == alone_long
+    assert any("aborting 1 request(s), 1 others continue" in r.getMessage() for r in caplog.records)
+
+    def decode_fails(batch, all_logits=False):
+        if all(s.prefilled for s in batch.seqs):
+            raise RuntimeError("decode failed (simulated)")
+        return run(batch, all_logits)
+
+    engine.runner.run = decode_fails
+    ids = [engine.add_request(p, params) for p in ([1, 2], [3, 4])]
+    engine.step()  # both prompts
+    with pytest.raises(StepFailed) as failed:
+        engine.step()
+    assert sorted(failed.value.failed) == sorted(ids) and not engine.has_work()
+    assert engine.cache.free_blocks == engine.cache.num_blocks
