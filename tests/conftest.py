@@ -68,3 +68,14 @@ def script_module(path: Path, name: str):
         yield mod
     finally:
         sys.modules.pop(name, None)
+
+
+def triton_device(request, interpreted: bool) -> str:
+    """The `device` fixture's value for Triton kernel tests parametrized over "cpu" and "cuda": the
+    interpreter runs them on CPU tensors, CUDA compiles them; a process does one or the other
+    (TRITON_INTERPRET is read at import), so on a GPU machine run the tests twice."""
+    if request.param == "cuda" and (interpreted or not torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
+    if request.param == "cpu" and not interpreted:
+        pytest.skip("kernels are compiled for CUDA in this process; run with TRITON_INTERPRET=1 for the CPU check")
+    return request.param

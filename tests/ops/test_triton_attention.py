@@ -17,6 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tandem.ops import reference
 from tandem.ops.triton import attention as attn
+from tests.conftest import triton_device
 
 INTERPRETED = isinstance(attn._split_kernel, InterpretedFunction)
 LENGTHS = (1, 5, 37, 100)
@@ -32,11 +33,7 @@ BF16_BOUND = 1e-2
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    if request.param == "cuda" and (INTERPRETED or not torch.cuda.is_available()):
-        pytest.skip("needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
-    if request.param == "cpu" and not INTERPRETED:
-        pytest.skip("kernels are compiled for CUDA in this process; run with TRITON_INTERPRET=1 for the CPU check")
-    return request.param
+    return triton_device(request, INTERPRETED)
 
 
 class Paged:

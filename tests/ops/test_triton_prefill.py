@@ -16,6 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tandem.ops import reference
 from tandem.ops.triton import prefill
+from tests.conftest import triton_device
 
 INTERPRETED = isinstance(prefill._prefill_kernel, InterpretedFunction)
 SMALL = prefill.PrefillConfig(block_m=16, block_n=16)
@@ -27,11 +28,7 @@ BF16_BOUND = 1e-2
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    if request.param == "cuda" and (INTERPRETED or not torch.cuda.is_available()):
-        pytest.skip("needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
-    if request.param == "cpu" and not INTERPRETED:
-        pytest.skip("kernel is compiled for CUDA in this process; run with TRITON_INTERPRET=1 for the CPU check")
-    return request.param
+    return triton_device(request, INTERPRETED)
 
 
 def _poisoned(shape, extra_rows: int, g, dtype, device):
