@@ -155,7 +155,7 @@ def fractions(value: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="GGUF models (e.g. one synthesized with and one without --router-skew)")
+    p.add_argument("models", nargs="*", help="GGUF models (e.g. one synthesized with and one without --router-skew)")
     p.add_argument("--fractions", type=fractions, default=[0.0, 0.25, 0.5, 1.0],
                    help="share of each layer's experts kept hot (default 0,0.25,0.5,1; 0 always runs)")
     p.add_argument("--device", default="cuda")
@@ -166,7 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write the curve as a PNG here (needs matplotlib)")
+    p.add_argument("--from-json", help="measure nothing: print and plot the rows of an earlier --json "
+                   "(e.g. plot a GPU machine's run where matplotlib is installed)")
     args = p.parse_args(argv)
+    if args.from_json:
+        if args.models:
+            p.error("--from-json replaces the models")
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        print(table(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
+    if not args.models:
+        p.error("give the models to measure (or --from-json)")
     if args.context < 1 or args.decode_tokens < 1 or args.repeats < 1:
         p.error("--context, --decode-tokens and --repeats must be >= 1")
     start = time.perf_counter()

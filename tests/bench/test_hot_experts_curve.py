@@ -33,6 +33,10 @@ def test_curve_on_the_cpu(curve, tmp_path, capsys):
     assert all(r["tok_s"] > 0 for r in rows)
     assert "model_ms" not in rows[0]  # the CPU has no stream split: the curve alone
     assert png.stat().st_size > 0
+    # A GPU machine's JSON, replotted where matplotlib is installed.
+    again = tmp_path / "again.png"
+    assert curve.main(["--from-json", str(out), "--plot", str(again)]) == 0
+    assert "hot/layer" in capsys.readouterr().out and again.stat().st_size > 0
 
 
 def test_bad_fractions_are_refused(curve, capsys):
