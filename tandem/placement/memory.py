@@ -344,7 +344,8 @@ def format_plan(plan: MemoryPlan) -> str:
     kv = plan.kv
     lines.append(("KV cache", kv.device, "torch", f"{kv.max_batch} x {kv.max_context} tok", "-",
                   "-", size(kv.bytes), "-", "-"))
-    lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {plan.step_tokens} tok", "-", "-",
+    chunks = f", context by {plan.step.kv_chunk}" if 0 < plan.step.kv_chunk < kv.max_context else ""
+    lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {plan.step_tokens} tok{chunks}", "-", "-",
                   size(plan.workspace), "-", "-"))
     widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
     numeric = {5, 6, 8}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tandem.errors import TandemError
+from tandem.layers.attention import PREFILL_KV_CHUNK, MLAttention
 from tandem.placement.advice import DoesNotFit, budgets, check_fits
 from tandem.placement.memory import format_plan
 from tandem.placement.rules import PlacementOptions, build_placement
@@ -91,6 +92,8 @@ def _blocking_sync(index: int) -> None:
 
 
 STEP_TOKEN_CHOICES = (2048, 1024, 512)  # --max-step-tokens auto: the largest whose step workspace fits
+# prefill_kv_chunk auto: the largest whose workspace fits (MLA prefill expands this many context tokens at a time)
+KV_CHUNK_CHOICES = (PREFILL_KV_CHUNK, 4096, 2048, 1024)
 
 
 def _fits(plan) -> bool:
@@ -112,6 +115,15 @@ def _step_tokens(value: int | str, max_context: int, fits) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TandemError(f"--max-step-tokens must be a count >= 1 or 'auto', got {value!r}")
     return value
+
+
+def _kv_chunks(value: int | str) -> tuple[int, ...]:
+    """prefill_kv_chunk: a count >= 1, or "auto": KV_CHUNK_CHOICES, tried largest first."""
+    if value == "auto":
+        return KV_CHUNK_CHOICES
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TandemError(f"prefill_kv_chunk must be a count >= 1 or 'auto', got {value!r}")
+    return (value,)
 
 
 def _hot_count(gpu_experts: int | str, plan) -> int:
@@ -147,6 +159,7 @@ class LLM:
         cuda_graph: bool = True,
         gpu_experts: int | str = 0,
         calibrate: str | Path | None = None,
+        prefill_kv_chunk: int | str = "auto",
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
@@ -164,7 +177,10 @@ class LLM:
         (captured on first use); False runs every step eagerly (--no-cuda-graph).
         gpu_experts: N hot experts per MoE layer get a float copy on `device` (the N that routing
         of the `calibrate` text -- a file, default a built-in mix -- uses most); "auto": as many
-        as the VRAM budget leaves room for."""
+        as the VRAM budget leaves room for.
+        prefill_kv_chunk: MLA models' prefill expands keys and values for this many context tokens
+        at a time; "auto": the largest of KV_CHUNK_CHOICES whose workspace fits beside the chosen
+        max_step_tokens (chosen value: self.prefill_kv_chunk)."""
         if torch.device(device).type == "cuda" and experts == "cpu":
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
@@ -190,24 +206,33 @@ class LLM:
             vram, ram, sources = budgets(device, vram_budget, ram_budget)
             tensors = stored_tensors(files.gguf if files.gguf is not None else ckpt)
 
-            def plan(hot: int, step: int):
+            def plan(hot: int, step: int, kv_chunk: int):
                 return plan_model(
                     net, tensors, rename, self.placement, max_context=self.max_context, max_batch=max_batch,
                     experts_format=experts_format, derived=derived, step_tokens=step, hot_experts=hot,
-                    vram_budget=vram, ram_budget=ram, budget_sources=sources,
+                    vram_budget=vram, ram_budget=ram, budget_sources=sources, kv_chunk=kv_chunk,
                 )
 
-            self.max_step_tokens = _step_tokens(max_step_tokens, self.max_context, lambda s: _fits(plan(0, s)))
-            self.plan = plan(0, self.max_step_tokens)
+            # Prompt chunks first (longer ones feed the experts more tokens each), then the context
+            # chunk of MLA prefill (smaller ones cost only more, shorter passes).
+            kv_chunks = _kv_chunks(prefill_kv_chunk)
+            self.max_step_tokens = _step_tokens(
+                max_step_tokens, self.max_context, lambda s: any(_fits(plan(0, s, c)) for c in kv_chunks)
+            )
+            self.prefill_kv_chunk = next((c for c in kv_chunks if _fits(plan(0, self.max_step_tokens, c))), kv_chunks[-1])
+            self.plan = plan(0, self.max_step_tokens, self.prefill_kv_chunk)
             self.gpu_experts = _hot_count(gpu_experts, self.plan)
             if self.gpu_experts:
-                self.plan = plan(self.gpu_experts, self.max_step_tokens)
+                self.plan = plan(self.gpu_experts, self.max_step_tokens, self.prefill_kv_chunk)
             if files.gguf is None:
                 ckpt.close()
             if progress if show_plan is None else show_plan:
                 print(format_plan(self.plan), file=sys.stderr)
             check_fits(self.plan)
             self.model = load_model(files, self.dtype, device, progress, placement=self.placement)
+        for module in self.model.modules():
+            if isinstance(module, MLAttention):
+                module.kv_chunk = self.prefill_kv_chunk
         self.cpu_engine = None
         if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
             self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")

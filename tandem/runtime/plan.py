@@ -11,6 +11,7 @@ blocks only for experts that stay on the CPU, and `bind_cpu_engine` moves the la
 says cpu-engine into the C++ engine once the weights are in.
 """
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -167,9 +168,14 @@ def plan_model(
     vram_budget: int | None = None,
     ram_budget: int | None = None,
     budget_sources: tuple[str, str] = ("", ""),
+    kv_chunk: int | None = None,
 ) -> MemoryPlan:
-    """The memory plan of meta model `net` (dtype set, routers fp32) loaded from `tensors`."""
+    """The memory plan of meta model `net` (dtype set, routers fp32) loaded from `tensors`.
+    kv_chunk: the context chunk its MLA layers' prefill will use (default: theirs)."""
     params = name_table(net, tensors, rename, derived)
+    step = step_shape(net)
+    if kv_chunk is not None and step.kv_chunk:
+        step = dataclasses.replace(step, kv_chunk=kv_chunk)
     return plan_memory(
         params,
         placement,
@@ -177,7 +183,7 @@ def plan_model(
         max_context=max_context,
         max_batch=max_batch,
         block_size=block_size,
-        step=step_shape(net),
+        step=step,
         experts_format=experts_format,
         step_tokens=step_tokens,
         hot_experts=hot_experts,

@@ -36,12 +36,12 @@ def v3():
     return net, tensors, derived, listing
 
 
-def plan_of(v3, options: PlacementOptions, max_context=8192, max_batch=1, vram=14, ram=512):
+def plan_of(v3, options: PlacementOptions, max_context=8192, max_batch=1, vram=14, ram=512, **kw):
     net, tensors, derived, _ = v3
     placement = build_placement(options, experts_modules(net))
     return plan_model(net, tensors, net.gguf_renamer(), placement, max_context=max_context, max_batch=max_batch,
                       derived=derived, vram_budget=int(vram * GB), ram_budget=int(ram * GB),
-                      budget_sources=("given by --vram-budget", "given by --ram-budget"))
+                      budget_sources=("given by --vram-budget", "given by --ram-budget"), **kw)
 
 
 def group_bytes(plan, group: str, gpu: bool | None = None) -> int:
@@ -115,6 +115,15 @@ def test_v3_long_prompts_prefill_in_bounded_vram(v3):
     assert plans[131072].kv.bytes == (512 + 64) * LAYERS * 131072 * BF16
     assert 22.3 * GB < plans[131072].vram < 22.4 * GB
     assert plans[131072].longest_prompt() == 131072
+    # On a 24 GB card (22 GB budget) 128K fits with the context in chunks of 4096 (21.88 GB), not 8192;
+    # LLM's prefill_kv_chunk="auto" takes the largest prompt chunk, then the largest context chunk
+    # that fit: 1024-token prompt chunks, context by 2048 (21.89 GB).
+    with pytest.raises(DoesNotFit, match="needs 22.36 GB of VRAM"):
+        check_fits(plan_of(v3, options, max_context=131072, vram=22))
+    check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=4096))
+    check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=2048, step_tokens=1024))
+    with pytest.raises(DoesNotFit):
+        check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=4096, step_tokens=1024))
 
 
 def test_v3_over_budget_is_refused_with_advice(v3):

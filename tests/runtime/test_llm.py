@@ -131,6 +131,8 @@ def test_max_step_tokens_auto_takes_the_largest_chunk_that_fits():
 
 
 def test_llm_chooses_its_chunk_from_the_budget(tmp_path):
+    from tandem.layers.attention import MLAttention
+    from tandem.placement.memory import format_plan
     from tandem.testing.tiny import write_tiny
 
     path = write_tiny(tmp_path, "deepseek_v3", seed=8)
@@ -140,8 +142,18 @@ def test_llm_chooses_its_chunk_from_the_budget(tmp_path):
     fits = {s: LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, max_step_tokens=s).plan
             for s in (1024, 2048)}
     budget = (fits[1024].ram_peak + fits[2048].ram_peak) / 2 / GB
-    small = LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, ram_budget=budget)
+    small = LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, ram_budget=budget,
+                prefill_kv_chunk=8192)
     assert small.max_step_tokens == 1024 == small.engine.scheduler.max_step_tokens
+    # With the context chunk of MLA prefill chosen too, the 2048-token step fits: its context is
+    # attended 1024 tokens at a time (the reference's scores shrink with it).
+    auto = LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1, ram_budget=budget)
+    assert auto.max_step_tokens == 2048 and auto.prefill_kv_chunk == 1024 and auto.plan.step.kv_chunk == 1024
+    assert {m.kv_chunk for m in auto.model.modules() if isinstance(m, MLAttention)} == {1024}
+    assert "step <= 2048 tok, context by 1024" in format_plan(auto.plan)
+    assert llm.prefill_kv_chunk == 8192 and "context by" not in format_plan(llm.plan)  # 2048 < 8192: one pass
+    with pytest.raises(TandemError, match="prefill_kv_chunk"):
+        LLM(path, dtype="float32", progress=False, max_context=2048, prefill_kv_chunk=0)
     assert LLM(path, dtype="float32", progress=False, max_context=2048, max_batch=1,
                max_step_tokens=64).engine.scheduler.max_step_tokens == 64
 
