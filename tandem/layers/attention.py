@@ -50,6 +50,12 @@ def prefill_attention(x: torch.Tensor):
     return sdpa.attention if x.is_cuda else ops.attention
 
 
+def prefill_attention_lse(x: torch.Tensor):
+    """Attention over one chunk of the context with its log-sum-exp: the Triton kernel on a GPU, the
+    reference on the CPU."""
+    return prefill_kernels().attention_lse if x.is_cuda else ops.attention_lse
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors the decode kernels' splits are sized for (CPU: the interpreter)."""
@@ -155,7 +161,7 @@ class MLAttention(nn.Module):
             k_nope, v, k_pe = self._expand(cache[slots], q_nope.dtype)
             k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, self.cfg.num_heads, -1)), dim=-1)
             return prefill_attention(q_nope)(torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale, offset)
-        attend = prefill_kernels().attention_lse if q_nope.is_cuda else ops.attention_lse
+        attend = prefill_attention_lse(q_nope)
         o = lse = None
         for start in range(0, len(slots), self.kv_chunk):
             k_nope, v, k_pe = self._expand(cache[slots[start : start + self.kv_chunk]], q_nope.dtype)

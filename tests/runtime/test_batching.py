@@ -99,6 +99,27 @@ def test_context_chunked_prefill_equals_one_shot(llm_fp32_experts, kv_chunk):
     check_chunked_prefill(llm_fp32_experts, 1e-5, kv_chunk)
 
 
+def test_context_chunked_prefill_through_the_triton_kernel(llm_fp32_experts, monkeypatch):
+    # The GPU's chunk path (ops/triton/prefill.py) inside the model, run by Triton's interpreter on
+    # the CPU: the layer's views, strides and offsets reach the kernel as a GPU run would pass them.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from tandem.layers import attention
+    from tandem.ops.triton import prefill
+
+    if not isinstance(prefill._prefill_kernel, InterpretedFunction):
+        pytest.skip("kernels are compiled for CUDA in this process (test_chunked_prefill_equals_one_shot_on_gpu covers it)")
+    calls = []
+
+    def kernel(x):
+        calls.append(x.shape)
+        return prefill.attention_lse
+
+    monkeypatch.setattr(attention, "prefill_attention_lse", kernel)
+    check_chunked_prefill(llm_fp32_experts, 1e-5, kv_chunk=40)
+    assert calls  # the prompt chunks past 40 tokens of context went through the kernel
+
+
 def _set_kv_chunk(model, kv_chunk: int | None) -> None:
     attns = [m for m in model.modules() if isinstance(m, MLAttention)]
     assert attns, "the model has no MLA layer"
