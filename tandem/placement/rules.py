@@ -16,10 +16,12 @@ rules of a --placement file come first, then the preset's (--cpu-moe, --n-cpu-mo
 --experts torch), then a catch-all for the --device, so every name resolves.
 
 Rules file: JSON (a list of {"match": REGEX, "target": TARGET} or [REGEX, TARGET]) or text with one
-`REGEX = TARGET` per line ('#' starts a comment line). Errors name the file and line (or rule).
+`REGEX = TARGET` per line ('#' starts a comment line). Errors name the file and line (or rule). A
+rule that matches none of the model's routed experts changes nothing: a warning names it.
 """
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +29,12 @@ from pathlib import Path
 
 from tandem.errors import TandemError
 
+log = logging.getLogger(__name__)
+
 TARGETS = ("cpu-engine", "gpu", "cpu")
 EXPERTS = r"(^|\.)experts\."  # routed experts' parameters (MoE.experts); shared experts are `shared`
+# The names the rules see of a routed-experts module's weights (runtime.plan resolves these).
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,15 @@ class Rule:
             raise TandemError(f"{where}unknown placement target {self.target!r}; choose one of {', '.join(TARGETS)}")
         try:
             re.compile(self.pattern)
-        except re.error as e:
-            raise TandemError(f"{where}bad regex {self.pattern!r} ({e})") from None
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}; thousands of nested groups
+            raise TandemError(f"{where}bad regex {_short(self.pattern)} ({e})") from None
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
+
+
+def _short(pattern: str, limit: int = 80) -> str:
+    return repr(pattern) if len(pattern) <= limit else repr(pattern[:limit]) + f"... ({len(pattern)} characters)"
 
 
 def check_device(device: str) -> str:
@@ -161,13 +171,22 @@ def preset_rules(opts: PlacementOptions, experts_modules: Sequence[str]) -> tupl
 def build_placement(opts: PlacementOptions, experts_modules: Sequence[str]) -> Placement:
     """The rules file's rules (if any), then the preset's."""
     custom = read_rules_file(opts.rules_file) if opts.rules_file else ()
+    names = [f"{m}.{w}" for m in experts_modules for w in EXPERT_WEIGHTS]
+    for rule in custom:
+        # Only routed experts can be placed (every other weight runs on the --device), so a rule
+        # that matches none of them does nothing: most likely a typo or another program's names.
+        if names and not any(rule.matches(n) for n in names):
+            # A warning, not an error: one rules file may serve models of other depths.
+            log.warning("%s: '%s = %s' matches none of this model's routed experts (names like %s); only "
+                        "routed experts can be placed, other weights run on the --device",
+                        rule.origin, rule.pattern, rule.target, names[0])
     return Placement(custom + preset_rules(opts, experts_modules), opts.device)
 
 
 def read_rules_file(path: str | Path) -> tuple[Rule, ...]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark would join the first regex
     except OSError as e:
         raise TandemError(f"cannot read placement file {str(path)!r}: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -201,6 +220,8 @@ def parse_json_rules(text: str, source: str = "rules.json") -> tuple[Rule, ...]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise TandemError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # a number of 5000 digits; nesting too deep to parse
+        raise TandemError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(items, list) or not items:
         raise TandemError(f"{source}: expected a non-empty JSON list of rules")
     rules = []

@@ -12,7 +12,9 @@ the model dtype as it streams, except GPU linears and the embedding in a format 
 read (`bind_gpu_blocks`: they keep the file's blocks on the GPU).
 """
 
+import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tandem.errors import TandemError
+from tandem.layers.rope import RopeConfig, rope_frequencies
 from tandem.models.gguf_meta import f32_decimal
 from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
@@ -66,6 +69,41 @@ def is_gguf(path: Path) -> bool:
 
 # A decoder layer's index in a tensor name: GGUF's blk.N., HF's model.layers.N. (any prefix).
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")
+# Config numbers above these are corrupt (the largest real models: vocab ~2**18, hidden ~2**14,
+# ~2**7 layers); building a model from one allocates or loops for hours before any weight is read.
+MAX_CONFIG_SIZE = 2**20
+MAX_CONFIG_LAYERS = 2**12
+UNSIZED_FIELDS = frozenset({"max_position_embeddings", "sliding_window"})  # they size no tensor
+
+
+def check_config_size(name: str, value, where: str) -> None:
+    """Refuse a size or layer count no real model has (see MAX_CONFIG_SIZE); other values pass."""
+    if name in UNSIZED_FIELDS or not isinstance(value, int) or isinstance(value, bool):
+        return
+    limit = MAX_CONFIG_LAYERS if name.endswith("_layers") else MAX_CONFIG_SIZE
+    if value > limit:
+        raise TandemError(f"{where}: {name} = {value} is larger than any model has (at most {limit}): "
+                          "the file is corrupt")
+
+
+def check_rope_scaling(cfg, where: str) -> None:
+    """Compute the config's rotary frequencies once, at 2 dims (cheap): a rope_scaling value of the
+    wrong type or range (a factor of "x" or 0, original_max_position_embeddings of -1) fails here,
+    naming the file, instead of deep inside building the model or as NaN logits later."""
+    scaling = getattr(cfg, "rope_scaling", ())
+    if not scaling:
+        return
+    try:
+        rope = RopeConfig(dim=2, theta=cfg.rope_theta, scaling=scaling,
+                          max_position_embeddings=cfg.max_position_embeddings)
+        inv_freq, scale = rope_frequencies(rope)
+        finite = bool(inv_freq.isfinite().all()) and all(map(math.isfinite, (scale, rope.softmax_scale_factor())))
+    except TandemError as e:  # an unsupported kind of scaling
+        raise TandemError(f"{where}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise TandemError(f"{where}: rope_scaling {dict(scaling)} is not valid ({type(e).__name__}: {e})") from None
+    if not finite:
+        raise TandemError(f"{where}: rope_scaling {dict(scaling)} gives non-finite rotary frequencies")
 
 
 @dataclass
@@ -78,21 +116,44 @@ class ModelFiles:
     gguf: GGUFCheckpoint | None
 
     def model_class(self):
-        return model_class(self.hf) if self.hf is not None else gguf_model_class(self.gguf.metadata)
+        if self.hf is None:
+            return gguf_model_class(self.gguf.metadata)
+        archs, model_type = self.hf.get("architectures"), self.hf.get("model_type")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise TandemError(f"{self.hf_dir / 'config.json'}: architectures {archs!r} should be a list of class "
+                              'names, like ["DeepseekV3ForCausalLM"]')
+        if model_type is not None and not isinstance(model_type, str):
+            raise TandemError(f"{self.hf_dir / 'config.json'}: model_type {model_type!r} should be a name, "
+                              'like "deepseek_v3"')
+        return model_class(self.hf)
 
     def config(self):
         cls = self.model_class()
         if self.hf is None and not hasattr(cls.config_class, "from_gguf"):
             raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
+        where = "config.json" if self.hf is not None else "the GGUF metadata"
+        if self.hf is not None:
+            # Some configs build per-layer tuples while parsing: refuse a corrupt count first.
+            check_config_size("num_hidden_layers", self.hf.get("num_hidden_layers"), f"{self.path}: {where}")
         try:
             if self.hf is not None:
-                return cls.config_class.from_hf(self.hf)
-            return cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
+                cfg = cls.config_class.from_hf(self.hf)
+            else:
+                cfg = cls.config_class.from_gguf(self.gguf.metadata, self.gguf.names())
         except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as e:
             # A value of the wrong type or range in the file (the configs check what they keep).
-            where = "config.json" if self.hf is not None else "the GGUF metadata"
             raise TandemError(f"{self.path}: {where} does not describe a {cls.__name__.replace('ForCausalLM', '')} "
                               f"model ({type(e).__name__}: {e})") from None
+        except TandemError as e:  # the configs' own checks, which know no file
+            raise TandemError(f"{self.path}: {where}: {e}") from None
+        for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+            value = getattr(cfg, f.name)
+            if f.type not in (bool, "bool"):
+                check_config_size(f.name, value, f"{self.path}: {where}")
+            elif value not in (True, False):  # the configs check numbers, not flags: "false" would be true
+                raise TandemError(f"{self.path}: {where}: {f.name} = {value!r} must be true or false")
+        check_rope_scaling(cfg, f"{self.path}: {where}")
+        return cfg
 
     def check_layer_count(self, layers: int) -> None:
         """Refuse a config whose layer count the weights do not have, before the model is built
@@ -102,10 +163,13 @@ class ModelFiles:
         else:
             with Checkpoint.open(self.path) as ckpt:
                 names = ckpt.names()
-        found = [int(m.group(1)) for n in names if (m := _LAYER_INDEX.match(n))]
+        found = [int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))]
         if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
             raise TandemError(f"{self.path}: the config's layer count {layers!r} is not a positive integer")
-        if found and layers > max(found) + 1:
+        if not found:
+            raise TandemError(f"{self.path}: the config says {layers} layers but the weights hold none (no tensor "
+                              "named like model.layers.N.* or blk.N.*): these are not a decoder model's weights")
+        if layers > max(found) + 1:
             raise TandemError(f"{self.path}: the config says {layers} layers but the weights hold layers 0.."
                               f"{max(found)}: the file's metadata (block_count / num_hidden_layers) is wrong")
 

@@ -72,6 +72,16 @@ class Tokenizer:
             backend = _HFTokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
             raise TandemError(f"cannot read {tokenizer_file} ({e}): re-download the model's tokenizer.json.") from e
+        # transformers encodes without the truncation and padding a tokenizer.json may carry; so do we.
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            backend.encode("Hello, world")  # a broken model or post-processor fails on every text: say so now
+        except BaseException as e:
+            if not _backend_error(e):
+                raise
+            raise TandemError(f"{tokenizer_file} cannot encode text ({type(e).__name__}: {e}): re-download the "
+                              "model's tokenizer.json.") from None
         config = _read_json(root / "tokenizer_config.json")
         generation = _read_json(root / "generation_config.json")
 
@@ -82,15 +92,15 @@ class Tokenizer:
             backend.add_special_tokens(missing)
 
         bos_id = backend.token_to_id(special_tokens["bos_token"]) if "bos_token" in special_tokens else None
-        if bos_id is None and isinstance(generation.get("bos_token_id"), int):
+        if bos_id is None and _is_id(generation.get("bos_token_id")):
             bos_id = generation["bos_token_id"]
         eos_ids = set()
-        if "eos_token" in special_tokens:
-            eos_ids.add(backend.token_to_id(special_tokens["eos_token"]))
+        if "eos_token" in special_tokens and (eos_id := backend.token_to_id(special_tokens["eos_token"])) is not None:
+            eos_ids.add(eos_id)
         gen_eos = generation.get("eos_token_id")
         # generation_config lists extra stop ids (e.g. <|eot_id|> and <|end_of_text|> for Llama 3).
         for token_id in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if isinstance(token_id, int):
+            if _is_id(token_id):
                 eos_ids.add(token_id)
 
         return cls(
@@ -114,7 +124,18 @@ class Tokenizer:
         return self._backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str) and not text.isascii():
+                _check_utf8(text)
+            raise
+        except BaseException as e:
+            if not _backend_error(e):
+                raise
+            # e.g. a character the vocabulary lacks, with no unknown token to stand for it
+            raise TandemError(f"the tokenizer of {self._source} cannot encode this text ({type(e).__name__}: {e}): "
+                              "its tokenizer.json is broken or incomplete.") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -152,8 +173,8 @@ class Tokenizer:
             return self._compiled_template.render(**variables)
         except _TemplateRaised as e:
             raise TandemError(f"the chat template rejected the conversation: {e.message}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError,
-                OverflowError, MemoryError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, LookupError, RecursionError,
+                ArithmeticError, MemoryError) as e:
             # Templates run on request data: whatever they trip over is the request's problem.
             raise TandemError(f"the chat template failed to render ({type(e).__name__}: {e}): check the messages' "
                               "roles and fields and the template variables.") from e
@@ -172,6 +193,12 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as e:
             raise TandemError(
                 f"the chat template of {self._source} has a syntax error ({e}, line {e.lineno}): fix or replace it."
+            ) from e
+        except (SyntaxError, RecursionError, MemoryError) as e:
+            # jinja compiles templates to Python, which refuses e.g. {% break %} outside a loop;
+            # deep nesting overflows the parser.
+            raise TandemError(
+                f"the chat template of {self._source} does not compile ({type(e).__name__}: {e}): fix or replace it."
             ) from e
 
 
@@ -379,12 +406,32 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
 # --- files ----------------------------------------------------------------------------------
 
 
+def _backend_error(e: BaseException) -> bool:
+    """An error of the tokenizers library: it raises plain Exceptions, and a panic in its Rust code
+    (e.g. a post-processor naming a special token it does not define) is a PanicException, which
+    derives from BaseException."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _check_utf8(text: str) -> None:
+    """Refuse text holding lone UTF-16 surrogates (from "\\ud800" escapes), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TandemError(f"the text has a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+                          "which is not valid Unicode: fix the prompt, messages or chat template.") from None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, an int of 5000 digits
         raise TandemError(f"cannot parse {path} ({e}): re-download it from the model's repository.") from e
     if not isinstance(data, dict):
         raise TandemError(f"{path} is not a JSON object: re-download it from the model's repository.")
@@ -413,9 +460,13 @@ def _find_chat_template(root: Path, config: dict[str, Any]) -> str | None:
     # transformers 5 saves the template as chat_template.jinja, which wins over the config entry.
     jinja_file = root / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TandemError(f"cannot read {jinja_file} ({e}): re-download it from the model's repository.") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         template = named.get("default")
     return template if isinstance(template, str) else None

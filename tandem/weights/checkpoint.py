@@ -58,9 +58,13 @@ class TensorEntry:
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
     """Parse one safetensors header and check the file is long enough; entries in file order."""
-    size = path.stat().st_size
     redownload = "download it again"
-    with path.open("rb") as f:
+    try:
+        size = path.stat().st_size
+        f = path.open("rb")
+    except OSError as e:  # a directory, a dangling link, no permission
+        raise TandemError(f"cannot read {path} ({e.strerror or e}) — {redownload}") from None
+    with f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
             raise TandemError(f"{path} is truncated: {size} bytes, too short for a safetensors header — {redownload}")
@@ -77,13 +81,28 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         entries = _parse_entries(path, header)
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError: nesting too deep to parse
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise TandemError(f"{path} has a corrupt safetensors header ({e}) — {redownload}") from None
     expected = 8 + header_len + max((e.start + e.nbytes for e in entries.values()), default=0)
     if size < expected:
         raise TandemError(
             f"{path} is truncated: {size} bytes but its header declares {expected} — "
             f"the download is incomplete; {redownload}"
+        )
+    # safetensors refuses a file whose tensors leave a gap, overlap or stop short of its end, but
+    # only once it is opened (hours into loading a big model); check here with the headers.
+    end = 0
+    for name, e in entries.items():
+        if e.start != end:
+            raise TandemError(
+                f"{path} has a corrupt safetensors header (tensor '{name}' starts at byte {e.start} of the data, "
+                f"expected {end}: tensors overlap or leave a gap) — {redownload}"
+            )
+        end = e.start + e.nbytes
+    if size != 8 + header_len + end:
+        raise TandemError(
+            f"{path} has {size - 8 - header_len - end} bytes after its last tensor: the file is corrupt — {redownload}"
         )
     return entries
 
@@ -92,24 +111,40 @@ def _parse_entries(path: Path, header: dict[str, Any]) -> dict[str, TensorEntry]
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise ValueError("__metadata__ is not an object of strings")  # safetensors refuses it on opening
             continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor '{name}' is described by {info!r}, not an object")
         tag = info["dtype"]
+        if not isinstance(tag, str):
+            raise ValueError(f"tensor '{name}' has dtype {tag!r}, not a name like 'BF16'")
         if tag not in _DTYPES:
             raise TandemError(f"tensor '{name}' in {path} has dtype {tag}, which tandem cannot read yet")
         dtype = _DTYPES[tag]
-        shape = tuple(int(d) for d in info["shape"])
-        start, end = (int(o) for o in info["data_offsets"])
-        if end - start != math.prod(shape) * dtype.itemsize or start < 0:
+        shape, offsets = info["shape"], info["data_offsets"]
+        # Non-negative integers, as safetensors itself requires (it refuses 2.0 or "2" on opening).
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise ValueError(f"tensor '{name}' has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+            raise ValueError(f"tensor '{name}' has data_offsets {offsets!r}, not two non-negative integers")
+        shape = tuple(shape)
+        start, end = offsets
+        if end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor '{name}' has offsets {start}..{end} that do not fit shape {shape} {tag}")
         entries.append((name, TensorEntry(path, dtype, shape, start, end - start)))
-    entries.sort(key=lambda item: item[1].start)
+    entries.sort(key=lambda item: (item[1].start, item[1].nbytes))  # as safetensors orders them
     return dict(entries)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise TandemError(f"cannot read {what} {path} ({e}) — fix or download it again") from None
 
 
@@ -123,7 +158,7 @@ def _fp8_block(model_dir: Path) -> tuple[int, int]:
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     if block is None:
         return DEFAULT_FP8_BLOCK
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if not (isinstance(block, list) and len(block) == 2 and all(_is_size(b) and b > 0 for b in block)):
         raise TandemError(
             f"{config_path}: weight_block_size {block!r} should be two positive integers, like [128, 128]"
         )
@@ -138,6 +173,13 @@ def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise TandemError(f"{index_path} has no weight_map — download it again")
+        for name, shard in weight_map.items():
+            # A shard is a file beside the index: a bare name, never a path out of the directory.
+            if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                raise TandemError(
+                    f"{index_path} puts tensor '{name}' in {shard!r}, which is not a weight file name "
+                    "like 'model-00001-of-00002.safetensors' — download it again"
+                )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
@@ -172,7 +214,17 @@ class Checkpoint:
                     f"fp8 tensor '{name}' has no '{scale}' beside it in {model_dir} — "
                     "the download is incomplete or this fp8 format is not supported"
                 )
-            want = fp8_scale_shape(entries[name].shape, fp8_block) if len(entries[name].shape) == 2 else None
+            if len(entries[name].shape) != 2:
+                raise TandemError(
+                    f"fp8 tensor '{name}' in {entries[name].path} has shape {entries[name].shape}, but block-scaled "
+                    "fp8 weights are 2-D — the file is corrupt or this fp8 format is not supported"
+                )
+            if not entries[scale].dtype.is_floating_point or entries[scale].dtype in _FP8:
+                raise TandemError(
+                    f"fp8 scale '{scale}' in {entries[scale].path} is stored as "
+                    f"{str(entries[scale].dtype).replace('torch.', '')}, not as float32/bfloat16 — the file is corrupt"
+                )
+            want = fp8_scale_shape(entries[name].shape, fp8_block)
             if entries[scale].shape != want:
                 raise TandemError(
                     f"fp8 tensor '{name}' {entries[name].shape} has scale shape {entries[scale].shape}, but "
@@ -270,7 +322,11 @@ class Checkpoint:
         self._entry(name)
         scale = self._scales.get(name)
         if scale is not None:
-            return dequant_fp8_blocks(self._read(name), self._read(scale), self.fp8_block, dtype or torch.float32)
+            scale_inv = self._read(scale)
+            if not bool(scale_inv.isfinite().all()):  # a few values per weight: cheap to check
+                raise TandemError(f"fp8 scale '{scale}' in {self._entries[scale].path} holds NaN or infinite values "
+                                  "— the file is corrupt; download it again")
+            return dequant_fp8_blocks(self._read(name), scale_inv, self.fp8_block, dtype or torch.float32)
         tensor = self._read(name)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
 
