@@ -14,9 +14,13 @@ Per row: median time of --repeats calls (after --warmup), GB/s of distinct exper
 the measured bandwidth (the best reading over the --threads counts: the machine's figure), TFLOP/s
 (2 * T * k * 3 * H * I per call), and % of the row's bound:
 max(bytes / bandwidth, FLOP / tile peak) -- the tile peak (best over --threads) is AMX-INT8 for
-kernels on int8 tiles and AMX-BF16 for bf16 tiles (INT4 and the GGUF formats expand weights to
-bf16 for prefill; see the `path` column); without AMX the bound is bandwidth only. The final table keeps the best
+kernels on int8 tiles (INT8; INT4, unpacked to bytes per 64-row block) and AMX-BF16 for bf16
+tiles (BF16; the GGUF formats expand weights to bf16 for prefill; see the `path` column;
+TANDEM_AMX_INT4=bf16 puts INT4 back on bf16 tiles, TANDEM_AMX_PREFETCH=0 stops the tile kernels
+prefetching the next row block's weights); without AMX the bound is bandwidth only. The final table keeps the best
 thread count of each row. kt-kernel (if importable) runs the same rows where it has the format.
+--prefill-rows 0,64,256 times the prefill rows once per task size of the engine's prefill kernels
+(0: its automatic choice); the table keeps the best and names it in `path`.
 
 Example (the production Xeon, 16 cores):
     python benchmarks/moe_cpu.py --threads 14,15,16 --json moe_cpu.json
@@ -211,72 +215,85 @@ def bench_engine(shape: Shape, fmt: str, args, mach: dict, threads: int, rows: l
         print(f"\r  packing copy {c + 1}/{n_copies}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     del src
+    kinfo = eng.kernel_info()
+    k = shape.top_k
+    for T in args.tokens:
+        counts_big = T * k / E >= kinfo[types[0]].get("big_min", 1 << 30)
+        # the task size only matters to the prefill kernels
+        for prefill_rows in args.prefill_rows if counts_big else args.prefill_rows[:1]:
+            eng.prefill_rows = prefill_rows
+            bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, threads, rows)
+
+
+def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, threads, rows) -> None:
+    """One row: T tokens per call over the layer copies, timed through host calls."""
+    E = args.experts or shape.experts
+    H, I, k = shape.hidden, shape.inter, shape.top_k
+    n_copies = len(layers)
     per_expert = eng.layer_info(layers[0])["bytes"] / E
     kinfo = eng.kernel_info()
-    H, I, k = shape.hidden, shape.inter, shape.top_k
-    for T in args.tokens:
-        calls_n = args.warmup + args.repeats
-        route = routings(calls_n, T, E, k, seed=T)
-        x = torch.randn(T, H, dtype=torch.bfloat16)
-        out = torch.empty(T, H, dtype=torch.bfloat16)
-        g = torch.Generator().manual_seed(T + 1)
-        picks = torch.randint(0, n_copies, (calls_n,), generator=g).tolist()
-        calls = [(p, ids, w) for p, (ids, w) in zip(picks, route)]
-        bids, bw_ = torch.empty(T, k, dtype=torch.int32), torch.empty(T, k)
-        host = [cpu.host_call(eng, layer, x, bids, bw_, out) for layer in layers]
+    calls_n = args.warmup + args.repeats
+    route = routings(calls_n, T, E, k, seed=T)
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    out = torch.empty(T, H, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(T + 1)
+    picks = torch.randint(0, n_copies, (calls_n,), generator=g).tolist()
+    calls = [(p, ids, w) for p, (ids, w) in zip(picks, route)]
+    bids, bw_ = torch.empty(T, k, dtype=torch.int32), torch.empty(T, k)
+    host = [cpu.host_call(eng, layer, x, bids, bw_, out) for layer in layers]
 
-        def load(p, ids, w, bids=bids, bw_=bw_):
-            bids.copy_(ids)
-            bw_.copy_(w)
+    def load(p, ids, w, bids=bids, bw_=bw_):
+        bids.copy_(ids)
+        bw_.copy_(w)
 
-        def run(p, ids, w, host=host):
-            host[p].run()
+    def run(p, ids, w, host=host):
+        host[p].run()
 
-        phases: list[dict] = []
+    phases: list[dict] = []
 
-        def after(phases=phases):
-            phases.append(eng.last_phases())
+    def after(phases=phases):
+        phases.append(eng.last_phases())
 
-        times = time_calls(run, calls, args.warmup, after=after, before=load)
-        distinct = [len(torch.unique(ids)) for _, ids, _ in calls[args.warmup :]]
-        gbs = statistics.median(d * per_expert / t / 1e9 for d, t in zip(distinct, times))
-        t_med = statistics.median(times)
-        flop = 2.0 * T * k * 3 * H * I
-        counts_big = T * k / E >= kinfo[types[0]].get("big_min", 1 << 30)
-        path = kinfo[types[0]]["big_path"] if counts_big else kinfo[types[0]]["path"]
-        peak, peak_kind = tile_peak(path, mach)
-        bw = machine_best(mach, "bandwidth_gbs")
-        bytes_med = statistics.median(distinct) * per_expert
-        t_bound = bytes_med / (bw * 1e9)
-        bound_kind = "bandwidth"
-        if peak:
-            t_comp = flop / (peak * 1e12)
-            if t_comp > t_bound:
-                t_bound, bound_kind = t_comp, peak_kind
-        row = {
-            "engine": "tandem",
-            "shape": shape.name,
-            "format": fmt,
-            "types": "/".join(types),
-            "tokens": T,
-            "threads": threads,
-            "copies": n_copies,
-            "path": path,
-            "ms": t_med * 1e3,
-            "gbs": gbs,
-            "pct_bw": 100 * gbs / bw,
-            "tflops": flop / t_med / 1e12,
-            "bound": bound_kind,
-            "pct_bound": 100 * t_bound / t_med,
-            # when (ms after launch) the engine's phases ended, medians over the timed calls
-            "phases": {p: statistics.median(ph[p] for ph in phases) for p in phases[0]},
-        }
-        rows.append(row)
-        log(
-            f"  T={T:5d}  {row['ms']:9.3f} ms  {gbs:6.1f} GB/s ({row['pct_bw']:5.1f}% bw)  "
-            f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{path}]  "
-            + " ".join(f"{p}<{v:.2f}" for p, v in row["phases"].items())
-        )
+    times = time_calls(run, calls, args.warmup, after=after, before=load)
+    distinct = [len(torch.unique(ids)) for _, ids, _ in calls[args.warmup :]]
+    gbs = statistics.median(d * per_expert / t / 1e9 for d, t in zip(distinct, times))
+    t_med = statistics.median(times)
+    flop = 2.0 * T * k * 3 * H * I
+    path = kinfo[types[0]]["big_path"] if counts_big else kinfo[types[0]]["path"]
+    peak, peak_kind = tile_peak(path, mach)
+    bw = machine_best(mach, "bandwidth_gbs")
+    bytes_med = statistics.median(distinct) * per_expert
+    t_bound = bytes_med / (bw * 1e9)
+    bound_kind = "bandwidth"
+    if peak:
+        t_comp = flop / (peak * 1e12)
+        if t_comp > t_bound:
+            t_bound, bound_kind = t_comp, peak_kind
+    row = {
+        "engine": "tandem",
+        "shape": shape.name,
+        "format": fmt,
+        "types": "/".join(types),
+        "tokens": T,
+        "threads": threads,
+        "copies": n_copies,
+        "path": path + (f" rows={eng.prefill_rows or 'auto'}" if counts_big else ""),
+        "prefill_rows": eng.prefill_rows,
+        "ms": t_med * 1e3,
+        "gbs": gbs,
+        "pct_bw": 100 * gbs / bw,
+        "tflops": flop / t_med / 1e12,
+        "bound": bound_kind,
+        "pct_bound": 100 * t_bound / t_med,
+        # when (ms after launch) the engine's phases ended, medians over the timed calls
+        "phases": {p: statistics.median(ph[p] for ph in phases) for p in phases[0]},
+    }
+    rows.append(row)
+    log(
+        f"  T={T:5d}  {row['ms']:9.3f} ms  {gbs:6.1f} GB/s ({row['pct_bw']:5.1f}% bw)  "
+        f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{row['path']}]  "
+        + " ".join(f"{p}<{v:.2f}" for p, v in row["phases"].items())
+    )
 
 
 def bench_kt(shape: Shape, fmt: str, args, threads: int, rows: list) -> None:
@@ -418,7 +435,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--bw-gb", type=float, default=8.0, help="buffer for the bandwidth measurement (GB)")
-    p.add_argument("--isa", default=None, help="force the engine's kernels (generic, avx2, avx512, amx)")
+    p.add_argument("--isa", default=None, help="force the engine's kernels (generic, avx2, avx512, amx, amx-emu)")
+    p.add_argument(
+        "--prefill-rows",
+        type=int_list,
+        default=[0],
+        help="rows per task of the prefill kernels, comma list to compare (0: automatic; else multiples of 64)",
+    )
     p.add_argument("--kt", choices=("auto", "off"), default="auto", help="compare kt-kernel when importable")
     p.add_argument("--json", default=None, help="write machine, rows and table as JSON here")
     args = p.parse_args(argv)
@@ -431,6 +454,8 @@ def main(argv=None) -> int:
     for f in formats:
         if f not in FORMATS:
             p.error(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    if any(r < 0 or r % 64 or r > 1024 for r in args.prefill_rows) or not args.prefill_rows:
+        p.error("--prefill-rows takes 0 (automatic) or multiples of 64 up to 1024")
     if any(t < 1 for t in args.tokens) or args.repeats < 1 or args.warmup < 0:
         p.error("--tokens must be >= 1, --repeats >= 1, --warmup >= 0")
     if args.experts is not None:

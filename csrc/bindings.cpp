@@ -85,7 +85,7 @@ nb::dict isa_info() {
 
 // What the engine's kernel table does with each format (for reports and benchmarks).
 nb::dict kernel_info(const MoeEngine& eng) {
-  static const char* act_names[kActKinds] = {"F32", "BF16", "Q8_32", "Q8_K", "Q8_ROW"};
+  static const char* act_names[kActKinds] = {"F32", "BF16", "Q8_32", "Q8_K", "Q8_ROW", "Q8_64"};
   nb::dict d;
   const KernelTable& kt = eng.kernels();
   for (int i = 0; i < kFormatCount; ++i) {
@@ -279,5 +279,7 @@ NB_MODULE(_C, m) {
       .def_prop_ro("n_layers", &MoeEngine::n_layers)
       .def_prop_ro("isa", [](const MoeEngine& e) { return std::string(e.kernels().isa); })
       .def_prop_ro("threads_per_node", &MoeEngine::threads_per_node)
-      .def_prop_ro("pinned", &MoeEngine::pinned);
+      .def_prop_ro("pinned", &MoeEngine::pinned)
+      .def_prop_rw("prefill_rows", &MoeEngine::prefill_rows, &MoeEngine::set_prefill_rows,
+                   "Rows per task for the prefill (`big`) kernels: 0 = automatic (64-256), else a multiple of 64.");
 }

@@ -131,6 +131,13 @@ bool MoeEngine::pinned() const {
   return std::all_of(pools_.begin(), pools_.end(), [](const auto& p) { return p->pinned(); });
 }
 
+void MoeEngine::set_prefill_rows(int rows) {
+  if (rows < 0 || rows > 1024 || rows % 64 != 0)
+    throw std::invalid_argument("prefill_rows must be 0 (automatic) or a multiple of 64 up to 1024; got " +
+                                std::to_string(rows));
+  prefill_rows_.store(rows, std::memory_order_relaxed);
+}
+
 int MoeEngine::n_layers() const { return int(layers_.size()); }
 
 const Layer& MoeEngine::layer(int i) const {
@@ -226,10 +233,17 @@ void MoeEngine::wait(uint64_t ticket) {
 namespace {
 
 // Rows per task: a multiple of 64 (so of every row group) or 16, aiming at >= 8 tasks per worker
-// so that work stealing evens out the phase; prefill takes 64 so a tile kernel reuses each
-// loaded activation tile over several row groups.
-int rows_per_task(int64_t rows, int workers, bool big) {
-  if (big) return 64;
+// so that work stealing evens out the phase. Prefill (`big` kernels): a task's rows all read the
+// same activation rows (one expert's tokens for gate/up, every expert's h for down), which come
+// from L3 or DRAM once per task and from L2 for every further 64-row block, so tasks take up to
+// 256 rows while that leaves >= 4 tasks per worker (`fixed` > 0: that many rows).
+int rows_per_task(int64_t rows, int workers, bool big, int fixed) {
+  if (big) {
+    if (fixed > 0) return fixed;
+    int rb = 256;
+    while (rb > 64 && (rows + rb - 1) / rb < 4 * int64_t(workers)) rb /= 2;
+    return rb;
+  }
   const int64_t per = rows / (int64_t(workers) * 8);
   return int(std::clamp<int64_t>(per / 16 * 16, 16, 128));
 }
@@ -343,8 +357,9 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
       ns.act_down[size_t(p)] = bh + size_t(p) * sh;
     }
     const int workers = ns.n_workers;
-    ns.rb_up = rows_per_task(int64_t(n_active) * ns.width, workers, j.any_big);
-    ns.rb_down = rows_per_task(j.H, workers, j.any_big);
+    const int fixed = prefill_rows();
+    ns.rb_up = rows_per_task(int64_t(n_active) * ns.width, workers, j.any_big, fixed);
+    ns.rb_down = rows_per_task(j.H, workers, j.any_big, fixed);
     ns.blocks_per_expert = (ns.width + ns.rb_up - 1) / ns.rb_up;
     ns.n_up = n_active * ns.blocks_per_expert;
     ns.n_down = (j.H + ns.rb_down - 1) / ns.rb_down;

@@ -61,6 +61,11 @@ class MoeEngine {
   int n_layers() const;
   const Layer& layer(int i) const;
 
+  // Rows per task when experts run the `big` (prefill) kernels: 0 picks them (see moe.cpp,
+  // rows_per_task), else a multiple of 64 up to 1024. Takes effect from the next submit.
+  int prefill_rows() const { return prefill_rows_.load(std::memory_order_relaxed); }
+  void set_prefill_rows(int rows);
+
   // Where the last finished job spent its time: for each phase (prepare x, gate/up, prepare h,
   // down, node reduce), the latest moment any worker left it, in ms after the launch.
   // Call after wait(); for tuning and benchmarks.
@@ -101,6 +106,7 @@ class MoeEngine {
   std::chrono::steady_clock::time_point launched_at_;
   std::atomic<int64_t> done_ns_{0};
   std::shared_ptr<void> out_owner_;  // see swap_out_owner; destroyed after the pools (declared before them)
+  std::atomic<int> prefill_rows_{0};
 
   std::vector<std::unique_ptr<ThreadPool>> pools_;  // last: workers stop before the state they use
 };

@@ -11,6 +11,8 @@
 //           (unscaled: the integer sub-block scales of k-quants multiply them first)
 //   Q8_ROW  int8 q[Kp] (Kp = K rounded up to 64), float d, int32 sum(q): one scale per token,
 //           so a tile kernel can sum int32 over all of K (AMX-INT8 on INT8 weights)
+//   Q8_64   int8 q[Kp] (Kp = K rounded up to 64), then float d[Kp / 64]: one scale per 64,
+//           the depth of one int8 tile product (AMX-INT8 on INT4 weights, whose scales are per 64)
 // Quantization: d = max|x| / 127, q = round-to-nearest-even(x / d) (0 when d == 0).
 //
 // Functions here are `static` on purpose: ISA translation units include this header, and a
@@ -46,5 +48,9 @@ static constexpr size_t q8_k_bytes(int K) { return round_up(q8_k_s16(K) + 4 * si
 static constexpr size_t q8_row_d(int K) { return size_t(q8_k(K)); }
 static constexpr size_t q8_row_sum(int K) { return q8_row_d(K) + 4; }
 static constexpr size_t q8_row_bytes(int K) { return round_up(q8_row_sum(K) + 4, 64); }
+
+// Q8_64: offset of d[].
+static constexpr size_t q8_64_d(int K) { return size_t(q8_k(K)); }
+static constexpr size_t q8_64_bytes(int K) { return round_up(q8_64_d(K) + 4 * size_t(q8_k(K) / 64), 64); }
 
 }  // namespace tandem::act

@@ -19,8 +19,8 @@
 namespace tandem {
 
 // Activation layouts; act.h says what their bytes are.
-enum class ActKind : uint8_t { F32, BF16, Q8_32, Q8_K, Q8_ROW };
-inline constexpr int kActKinds = 5;
+enum class ActKind : uint8_t { F32, BF16, Q8_32, Q8_K, Q8_ROW, Q8_64 };
+inline constexpr int kActKinds = 6;
 
 // y[t * y_stride + r] = dot(row r of W, activation t) for r < n_rows, t < n_act.
 struct MatArgs {

@@ -101,6 +101,18 @@ class Engine:
     def pinned(self) -> bool:
         return self._native.pinned
 
+    @property
+    def prefill_rows(self) -> int:
+        """Rows of one expert projection per task for the prefill (`big`) kernels: 0 = automatic
+        (64-256: as many as keep >= 4 tasks per worker), else a multiple of 64 up to 1024."""
+        return self._native.prefill_rows
+
+    @prefill_rows.setter
+    def prefill_rows(self, rows: int) -> None:
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            raise ValueError(f"prefill_rows must be an int; got {rows!r}")
+        self._native.prefill_rows = rows
+
     def kernel_info(self) -> dict:
         """Format -> {path, act, row_group[, big_path, big_act, big_min]}: the kernels this engine
         runs for each weight format (big_*: the prefill kernel, used from big_min tokens/expert)."""

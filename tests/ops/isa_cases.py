@@ -12,7 +12,7 @@ from tandem.ops import cpu
 # max |isa - generic| / max |generic| allowed, by the activation layout the format's kernels use:
 # int8 activations (one scale per 32, 256 or K values) err ~0.5% per product, and the MoE chains
 # three of them (gate/up, then down on h); bf16 activations ~0.2%; fp32 activations only reorder sums.
-ISA_VS_GENERIC = {"F32": 1e-5, "BF16": 1.5e-2, "Q8_32": 5e-2, "Q8_K": 5e-2, "Q8_ROW": 6e-2}
+ISA_VS_GENERIC = {"F32": 1e-5, "BF16": 1.5e-2, "Q8_32": 5e-2, "Q8_K": 5e-2, "Q8_ROW": 6e-2, "Q8_64": 5e-2}
 # max |isa - emulation| / max |emulation|: summation order, and an activation of h that rounds to the
 # neighbouring int8 step when the engine's fp32 h and the float64 emulation straddle a boundary.
 ISA_VS_EMULATION = 3e-3
@@ -32,7 +32,7 @@ def quantize_acts(x: torch.Tensor, kind: str) -> torch.Tensor:
         return x.double()
     if kind == "BF16":
         return x.bfloat16().double()
-    block = {"Q8_32": 32, "Q8_K": 256, "Q8_ROW": None}[kind]
+    block = {"Q8_32": 32, "Q8_64": 64, "Q8_K": 256, "Q8_ROW": None}[kind]
     Kp = K if kind == "Q8_K" else -(-K // 64) * 64
     xp = F.pad(x, (0, Kp - K))
     blocks = xp.reshape(x.shape[0], -1, block or Kp)

@@ -5,6 +5,9 @@ catches a wrong scale that the quantization noise would hide. Each ISA skips cle
 or the build lacks it; the AMX cases carry the `amx` mark."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +131,7 @@ def test_isa_prefill_kernels_run(isa):
     need(isa)
     _, eng = engines(isa)
     info = eng.kernel_info()
-    for fmt in ("INT8", "BF16", "Q4_K"):
+    for fmt in ("INT8", "BF16", "INT4", "Q4_K"):
         E, I, H = 3, 64 if fmt != "Q4_K" else 256, 256
         out, ref, emu, _ = run_both(isa, (fmt,) * 3, E, I, H, 96, 2)
         if "big_path" in info[fmt]:
@@ -197,11 +200,64 @@ def test_usable_isas_are_reported():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["INT8", "BF16", "Q4_K"])
+@pytest.mark.parametrize("fmt", ["INT8", "BF16", "INT4", "Q4_K"])
 def test_isa_many_tokens_on_one_expert(isa, fmt):
     """More tokens on one expert than a tile kernel's token block (256): the blocks must chain."""
     need(isa)
-    E, I, H = 3, 48 if fmt != "Q4_K" else 256, 256
+    E, I, H = 3, 48 if fmt in ("INT8", "BF16") else 256, 256
     out, ref, emu, eng = run_both(isa, (fmt,) * 3, E, I, H, 300, 2, kind="one")
     assert_matches(out, emu, ISA_VS_EMULATION, f"{isa} {fmt} 600 tokens on one expert vs emulation")
     assert_matches(out, ref, bound(eng, (fmt,) * 3), f"{isa} {fmt} 600 tokens on one expert")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["INT8", "BF16", "INT4", "Q4_K"])
+def test_isa_prefill_task_rows_do_not_change_results(isa, fmt):
+    """Prefill tasks of 64..512 rows (and the automatic choice) split the same sums differently
+    across workers only: every output is the same bits. Widths that are not a multiple of the
+    task's rows leave a partial last task."""
+    need(isa)
+    E, I, H = (3, 320, 256) if fmt != "Q4_K" else (3, 512, 768)
+    src, _ = layer_sources((fmt,) * 3, E, I, H)
+    x = tokens(72, H)
+    ids, w = routing(72, E, 2)
+    eng = cpu.create_engine(n_threads=2, isa=isa)
+    layer = cpu.add_layer(eng, (fmt,) * 3, *src)
+    assert "big_path" in eng.kernel_info()[fmt] or isa != "amx-emu"
+    outs = []
+    for rows in (0, 64, 128, 256, 512):
+        eng.prefill_rows = rows
+        assert eng.prefill_rows == rows
+        outs.append(cpu.wait(eng, cpu.submit(eng, layer, x, ids, w)))
+    for rows, out in zip((64, 128, 256, 512), outs[1:]):
+        assert torch.equal(out, outs[0]), f"{isa} {fmt}: prefill_rows={rows} changed the output"
+
+
+def test_prefill_rows_are_checked():
+    eng = cpu.create_engine(n_threads=1, isa="generic")
+    for bad in (-64, 32, 100, 2048):
+        with pytest.raises(ValueError, match="prefill_rows must be 0"):
+            eng.prefill_rows = bad
+    with pytest.raises(ValueError, match="must be an int"):
+        eng.prefill_rows = 64.0
+    assert eng.prefill_rows == 0
+
+
+@pytest.mark.parametrize("isa", [isa_param("amx"), isa_param("amx-emu")])
+def test_amx_int4_bf16_path_still_matches(isa):
+    """TANDEM_AMX_INT4=bf16 (read when the kernel table is built, so in a fresh process) keeps
+    INT4 prefill on the dequantized bf16 tiles, within the same bounds as the int8 path."""
+    need(isa)
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from tests.ops.test_cpu_isa import run_both, bound, ISA_VS_EMULATION;"
+        "from tests.ops.moe_cases import rel_err;"
+        f"out, ref, emu, eng = run_both('{isa}', ('INT4',) * 3, 3, 256, 256, 96, 2);"
+        "print(eng.kernel_info()['INT4']['big_path'], rel_err(out, emu) < ISA_VS_EMULATION,"
+        " rel_err(out, ref) < bound(eng, ('INT4',) * 3))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TANDEM_AMX_INT4="bf16")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "amx-bf16 (dequantized) True True", done.stdout

@@ -1,9 +1,10 @@
 // Dequantizing one group of the tiled int layout into BF16 tile-rows, for prefill on AMX-BF16
-// tiles: the block-scaled formats (k-quants, Q8_0, Q5_0, INT4) change scale every 16-64 weights
-// along K, which int8 tiles cannot absorb (their sums run over 64 K per instruction), so the
-// weights of 64 rows (a task's row block) are expanded once per call into an L2-resident panel
-// and then reused by every token tile. The unpacking matches the AVX-512 kernels
-// (avx512/matmul.cpp).
+// tiles: the block-scaled formats (k-quants, Q8_0, Q5_0) change scale every 16-32 weights along
+// K, which int8 tiles cannot absorb (their sums run over 64 K per instruction), so the weights of
+// 64 rows (a task's row block) are expanded once per call into an L2-resident panel and then
+// reused by every token tile. (INT4's scales are per 64, one product deep: it runs on int8 tiles,
+// tiles.cpp, and comes here only with TANDEM_AMX_INT4=bf16.) The unpacking matches the AVX-512
+// kernels (avx512/matmul.cpp).
 #include <type_traits>
 
 #include "../avx512/simd.h"

@@ -3,7 +3,9 @@
 // Their code is the real kernels' code, in a namespace of its own so both builds link together.
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
 
 #define TANDEM_AMX_EMULATE

@@ -1,6 +1,8 @@
 // AMX kernels for many tokens per expert (prefill), and the AMX kernel table: the AVX-512
 // table (same tiled layout, R = 16) plus `big` kernels:
 //   INT8        int8 tiles: codes (u8) x per-token Q8 activations (s8), int32 sums over all K
+//   INT4        int8 tiles: codes unpacked per 64 rows to s8, x Q8_64 activations, each 64-deep
+//               product scaled into fp32 sums (int4_tiles)
 //   BF16        bf16 tiles straight from the weights
 //   the others  dequantized per 64 rows into a bf16 panel (dequant.cpp), then bf16 tiles
 // A tile-row of the weight layout is a B-tile row, so B tiles load straight from the weights;
@@ -10,6 +12,9 @@
 // The loop nest and its cache reasoning: see kRowBlock. emulated.cpp builds this file again on
 // software tiles (emulate.h) as the "amx-emu" ISA, for tests on CPUs without AMX.
 #include <immintrin.h>
+
+#include <cstdlib>
+#include <string_view>
 
 #ifdef TANDEM_AMX_EMULATE
 #include "emulate.h"
@@ -40,10 +45,47 @@ struct alignas(64) TileConfig {
 // the INT8 peak, both in L2 60%, activations streaming from L3 per row pair 15-25%). Here a token
 // tile's activations (32 x 512 B per K block) come from L3 once per row block and stay in L1 for
 // every row pair; the row block's weights (<= 64 rows x K, at most 1 MB) stay in L2 for every
-// token tile; C of one token tile (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per
-// 4 * kKChunks tile products.
+// token tile (prefetched there while the block before ran: Prefetch); C of one token tile
+// (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per 4 * kKChunks tile products.
 constexpr int kRowBlock = 64;
 constexpr int kKChunks = 8;
+
+// A row block's weights come from DRAM: read by the tile loads of its first token tile alone,
+// they would stall those loads in one burst while DRAM idles for the rest of the block. Instead
+// each tile step of a block prefetches a share of the next block's weights into L2, so DRAM
+// streams while the tiles run and the next block starts on L2-resident weights.
+struct Prefetch {
+  const uint8_t* p = nullptr;
+  const uint8_t* end = nullptr;
+  size_t step = 0;  // bytes per tile step (whole cache lines)
+
+  void next() {
+    const size_t left = size_t(end - p);
+    const uint8_t* e = p + (step < left ? step : left);
+    for (; p < e; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
+};
+
+// The weights of the row block after [r0, r0 + kRowBlock) (none after the last), spread over the
+// `steps` tile steps of the current block. TANDEM_AMX_PREFETCH=0 turns it off (for an A/B).
+Prefetch next_block(const MatArgs& m, int r0, long steps) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TANDEM_AMX_PREFETCH");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  Prefetch f;
+  const int next = r0 + kRowBlock;
+  if (!enabled || next >= m.n_rows) return f;
+  const int groups = (avx512::min_int(kRowBlock, m.n_rows - next) + 15) / 16;
+  f.p = m.w + size_t(next / 16) * m.group_bytes;
+  f.end = f.p + size_t(groups) * m.group_bytes;
+  const size_t lines = (size_t(f.end - f.p) + 63) / 64;
+  f.step = 64 * ((lines + size_t(steps) - 1) / size_t(steps > 0 ? steps : 1));
+  return f;
+}
+
+// Tile steps of one row block: token tiles x chunks x row pairs.
+long block_steps(int n_act, int chunks, int nr) { return long((n_act + 31) / 32) * chunks * ((nr + 31) / 32); }
 
 struct Panel {
   const uint8_t* a;  // first token row; rows sa bytes apart, chunk k at 64 k
@@ -54,6 +96,7 @@ struct Panel {
   int nr;            // rows (<= kRowBlock)
   int chunks;
   int32_t* c;        // [32][kRowBlock] 4-byte cells: one token tile (int32 or float)
+  Prefetch* pf;      // the next block's weights, a share per tile step
 };
 
 template <bool Int8, int NT, int NG>
@@ -76,6 +119,7 @@ void tile_block(const Panel& p, const uint8_t* a0, int k0, int k1, int r) {
   }
   // Each load right before its first product: the products start as soon as their tiles land.
   for (int k = k0; k < k1; ++k) {
+    p.pf->next();
     _tile_loadd(4, a0 + 64 * size_t(k), p.sa);
     _tile_loadd(6, b0 + 1024 * size_t(k), 64);
     if constexpr (Int8) _tile_dpbsud(0, 4, 6);
@@ -124,7 +168,7 @@ int32_t* c_buffer(const MatArgs& m) {
 
 inline __mmask16 row_mask(int left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
 
-Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf) {
+Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf, Prefetch* pf) {
   Panel p;
   p.a = m.act[0];
   p.sa = long(m.act_stride);
@@ -134,6 +178,7 @@ Panel panel_of(const MatArgs& m, size_t base, int chunks, int r0, int32_t* cbuf)
   p.nr = avx512::min_int(kRowBlock, m.n_rows - r0);
   p.chunks = chunks;
   p.c = cbuf;
+  p.pf = pf;
   return p;
 }
 
@@ -160,7 +205,8 @@ void int8_tiles(const MatArgs& m) {
   const int chunks = tiled::int8_kp(m.K) / 64;
   for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
     const uint8_t* g = m.w + size_t(r0 / 16) * m.group_bytes;
-    const Panel p = panel_of(m, tiled::int8_codes(R), chunks, r0, cbuf);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, chunks, avx512::min_int(kRowBlock, m.n_rows - r0)));
+    const Panel p = panel_of(m, tiled::int8_codes(R), chunks, r0, cbuf, &pf);
     // y = scale[r] * d[t] * (sum code * q - 128 * sum q); row scales and masks once per row block.
     const int nq = (p.nr + 15) / 16;
     __m512 scale[kRowBlock / 16];
@@ -188,9 +234,130 @@ void int8_tiles(const MatArgs& m) {
   _tile_release();
 }
 
-// Rows r0_w .. r0_w + nr of m's weights -> y columns r0_y ...
-void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr) {
-  Panel p = panel_of(m, 0, tiled::bf16_kp(m.K) / 32, r0_w, c_buffer(m));
+// INT4 on int8 tiles. A 64-weight chunk of every row has its own scale d, which int8 tiles cannot
+// absorb inside their sums, but a chunk is exactly one tile product deep (64 K): each chunk's
+// int32 products are scaled by their rows' d into fp32 sums right after the tiles are stored.
+// Per 64-row block the nibbles are unpacked once into signed bytes (code - 8) in the int8 tile
+// layout (a scratch panel reused by every token tile); activations are Q8_64 (s8, one scale per
+// token and 64), so y = sum over chunks of d[row][chunk] * d[token][chunk] * (int32 tile sum).
+// Row pairs x token tiles of 32 x 32 outputs: 4 accumulator tiles per chunk, stored to one half of
+// `cb` while the epilogue scales the previous chunk's half (the tile stores and the vector loads
+// of the same chunk do not follow each other).
+constexpr int kCb = 32 * 32;  // int32 cells of one chunk's 32 tokens x 32 rows
+
+// Signed codes (nibble - 8) of one 16-row group, all of K: tile-row (granule) g at 64 g.
+void int4_unpack(const uint8_t* g, int K, uint8_t* out) {
+  const __m512i eight = _mm512_set1_epi8(8);
+  for (int c = 0; c < K / 64; ++c) {
+    const uint8_t* p = g + size_t(c) * tiled::int4_chunk(R) + 64;
+    for (int i = 0; i < 8; ++i) {
+      const __m512i v = avx512::load(p + 64 * size_t(i));
+      uint8_t* o = out + 64 * size_t(16 * c + 2 * i);
+      _mm512_storeu_si512(o, _mm512_sub_epi8(avx512::low_nibbles(v), eight));
+      _mm512_storeu_si512(o + 64, _mm512_sub_epi8(avx512::high_nibbles(v), eight));
+    }
+  }
+}
+
+// acc[t][j] += d[j] * da[t] * c[t][j] for the 32 tokens (NT == 1: 16) and 32 rows of one chunk:
+// d0, d1 the rows' scales (16 each), da the first token's scale of the chunk (tokens sa apart).
+template <int NT>
+inline void int4_scale(const int32_t* c, const uint8_t* d0, const uint8_t* d1, const uint8_t* da, long sa,
+                       float* acc) {
+  const __m512 s0 = _mm512_loadu_ps(d0), s1 = _mm512_loadu_ps(d1);
+  for (int t = 0; t < 16 * NT; ++t) {
+    float* a = acc + 32 * t;
+    const __m512 dt = _mm512_set1_ps(avx512::load_f32(da + t * sa));
+    const __m512 c0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 32 * t)), dt);
+    const __m512 c1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 32 * t + 16)), dt);
+    _mm512_storeu_ps(a, _mm512_fmadd_ps(c0, s0, _mm512_loadu_ps(a)));
+    _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(c1, s1, _mm512_loadu_ps(a + 16)));
+  }
+}
+
+// One token tile (a0: its first activation row, da0: that row's chunk scales) x one row pair (b0,
+// b1: the pair's panel groups; w0, w1: the same groups in the weights, for the chunks' d) over all
+// of K -> acc [32][32].
+template <int NT>
+void int4_pair(const uint8_t* a0, const uint8_t* da0, long sa, const uint8_t* b0, const uint8_t* b1,
+               const uint8_t* w0, const uint8_t* w1, int chunks, int32_t* cb, float* acc, Prefetch& pf) {
+  const uint8_t* a1 = a0 + 16 * size_t(sa);
+  std::memset(acc, 0, sizeof(float) * 32 * 16 * NT);
+  constexpr long ldc = 4 * 32;
+  for (int k = 0; k < chunks; ++k) {
+    pf.next();
+    int32_t* c = cb + (k & 1) * kCb;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(4, a0 + 64 * size_t(k), sa);
+    _tile_loadd(6, b0 + 1024 * size_t(k), 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_loadd(7, b1 + 1024 * size_t(k), 64);
+    _tile_dpbssd(1, 4, 7);
+    if constexpr (NT == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(5, a1 + 64 * size_t(k), sa);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, c, ldc);
+    _tile_stored(1, c + 16, ldc);
+    if constexpr (NT == 2) {
+      _tile_stored(2, c + 16 * 32, ldc);
+      _tile_stored(3, c + 16 * 32 + 16, ldc);
+    }
+    if (k > 0) {
+      const size_t ch = size_t(k - 1) * tiled::int4_chunk(R);
+      int4_scale<NT>(cb + ((k - 1) & 1) * kCb, w0 + ch, w1 + ch, da0 + 4 * size_t(k - 1), sa, acc);
+    }
+  }
+  const size_t ch = size_t(chunks - 1) * tiled::int4_chunk(R);
+  int4_scale<NT>(cb + ((chunks - 1) & 1) * kCb, w0 + ch, w1 + ch, da0 + 4 * size_t(chunks - 1), sa, acc);
+}
+
+void int4_tiles(const MatArgs& m) {
+  configure_tiles();
+  const int chunks = m.K / 64;
+  const size_t pg = size_t(m.K) * 16;  // one group's unpacked codes
+  uint8_t* panel = static_cast<uint8_t*>(m.scratch);
+  int32_t* cb = c_buffer(m);
+  float* acc = reinterpret_cast<float*>(cb + 2 * kCb);
+  const long sa = long(m.act_stride);
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
+    const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    const int ng = (nr + 15) / 16, pairs = (ng + 1) / 2;
+    const uint8_t* w = m.w + size_t(r0 / 16) * m.group_bytes;
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, chunks, nr));
+    for (int i = 0; i < ng; ++i) int4_unpack(w + size_t(i) * m.group_bytes, m.K, panel + size_t(i) * pg);
+    // An odd group count: the pair's second group is zero codes (its outputs are never stored) and
+    // borrows the first group's scales.
+    if (ng % 2) std::memset(panel + size_t(ng) * pg, 0, pg);
+    for (int t0 = 0; t0 < m.n_act; t0 += 32) {
+      const uint8_t* a0 = m.act[0] + size_t(t0) * size_t(sa);
+      const int nt = avx512::min_int(32, m.n_act - t0);
+      for (int q = 0; q < pairs; ++q) {
+        const int g0 = 2 * q, g1 = g0 + 1 < ng ? g0 + 1 : g0;
+        const uint8_t *b0 = panel + size_t(g0) * pg, *b1 = panel + size_t(g0 + 1) * pg;
+        const uint8_t *w0 = w + size_t(g0) * m.group_bytes, *w1 = w + size_t(g1) * m.group_bytes;
+        const uint8_t* da0 = a0 + act::q8_64_d(m.K);
+        if (nt > 16) int4_pair<2>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc, pf);
+        else int4_pair<1>(a0, da0, sa, b0, b1, w0, w1, chunks, cb, acc, pf);
+        const int rows = avx512::min_int(32, nr - 32 * q);
+        for (int t = 0; t < nt; ++t) {
+          float* y = m.y + size_t(t0 + t) * m.y_stride + r0 + 32 * q;
+          for (int h = 0; h * 16 < rows; ++h)
+            _mm512_mask_storeu_ps(y + 16 * h, row_mask(rows - 16 * h), _mm512_loadu_ps(acc + 32 * t + 16 * h));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// Rows r0_w .. r0_w + nr of m's weights -> y columns r0_y ... (pf: what to prefetch meanwhile).
+void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr, Prefetch& pf) {
+  Panel p = panel_of(m, 0, tiled::bf16_kp(m.K) / 32, r0_w, c_buffer(m), &pf);
   p.nr = nr;
   token_tiles(p, m.n_act, false, [&](int t0, const int32_t* ci) {
     const float* c = reinterpret_cast<const float*>(ci);
@@ -202,7 +369,11 @@ void bf16_rows(const MatArgs& m, int r0_w, int r0_y, int nr) {
 }
 
 void bf16_tiles_body(const MatArgs& m) {
-  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) bf16_rows(m, r0, r0, avx512::min_int(kRowBlock, m.n_rows - r0));
+  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
+    const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr));
+    bf16_rows(m, r0, r0, nr, pf);
+  }
 }
 
 // Block-scaled formats: kRowBlock rows at a time, dequantized into the scratch panel, then bf16 tiles.
@@ -213,11 +384,12 @@ void dequant_tiles(const MatArgs& m) {
   const size_t pg = tiled::bf16_group(R, m.K);
   for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
     const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
+    Prefetch pf = next_block(m, r0, block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr));
     for (int i = 0; i * 16 < nr; ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, panel + size_t(i) * pg);
     MatArgs sub = m;
     sub.w = panel;
     sub.group_bytes = pg;
-    bf16_rows(sub, 0, r0, nr);
+    bf16_rows(sub, 0, r0, nr, pf);
   }
   _tile_release();
 }
@@ -225,6 +397,10 @@ void dequant_tiles(const MatArgs& m) {
 size_t scratch_bytes(int K) { return 4 * tiled::bf16_group(R, K) + size_t(2 * 32) * kRowBlock * 4 + 64; }
 
 KernelTable make_table() {
+  // TANDEM_AMX_INT4=bf16: INT4 prefill on bf16 tiles (dequantized) as before the int8 path, for
+  // comparing the two on one machine.
+  const char* int4_path = std::getenv("TANDEM_AMX_INT4");
+  const bool int4_bf16 = int4_path != nullptr && std::string_view(int4_path) == "bf16";
   KernelTable t = avx512_kernels();
 #ifdef TANDEM_AMX_EMULATE
   t.isa = "amx-emu";
@@ -237,7 +413,10 @@ KernelTable make_table() {
     switch (Format(i)) {
       case Format::INT8: k.big = &int8_tiles, k.big_act = ActKind::Q8_ROW, k.big_min = 8, k.big_path = "amx-int8"; break;
       case Format::BF16: k.big = &bf16_tiles, k.big_act = ActKind::BF16, k.big_min = 8, k.big_path = "amx-bf16"; break;
-      case Format::INT4: k.big = &dequant_tiles<Format::INT4>; break;
+      case Format::INT4:
+        if (int4_bf16) k.big = &dequant_tiles<Format::INT4>;
+        else k.big = &int4_tiles, k.big_act = ActKind::Q8_64, k.big_min = 8, k.big_path = "amx-int8 (int4 unpacked)";
+        break;
       case Format::Q8_0: k.big = &dequant_tiles<Format::Q8_0>; break;
       case Format::Q5_0: k.big = &dequant_tiles<Format::Q5_0>; break;
       case Format::Q4_K: k.big = &dequant_tiles<Format::Q4_K>; break;

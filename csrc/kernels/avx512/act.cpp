@@ -91,4 +91,13 @@ void prep_q8_row(const float* x, int K, uint8_t* dst) {
   std::memcpy(dst + act::q8_row_sum(K), &sum, 4);
 }
 
+void prep_q8_64(const float* x, int K, uint8_t* dst) {
+  auto* q = reinterpret_cast<int8_t*>(dst);
+  auto* d = reinterpret_cast<float*>(dst + act::q8_64_d(K));
+  for (int b = 0; b < act::q8_k(K) / 64; ++b) {
+    d[b] = amax(x, 64 * b, 64 * b + 64, K) / 127.0f;
+    quantize(x, 64 * b, 64 * b + 64, K, inverse(d[b]), q);
+  }
+}
+
 }  // namespace tandem::avx512

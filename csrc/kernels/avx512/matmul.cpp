@@ -330,6 +330,7 @@ void fill_table(KernelTable& t) {
   t.act[int(ActKind::Q8_32)] = ActKernels{&act::q8_32_bytes, &prep_q8_32};
   t.act[int(ActKind::Q8_K)] = ActKernels{&act::q8_k_bytes, &prep_q8_k};
   t.act[int(ActKind::Q8_ROW)] = ActKernels{&act::q8_row_bytes, &prep_q8_row};
+  t.act[int(ActKind::Q8_64)] = ActKernels{&act::q8_64_bytes, &prep_q8_64};
   for (int i = 0; i < kFormatCount; ++i) {
     const Format f = Format(i);
     FormatKernels k = tiled_layout(f, R);

@@ -119,6 +119,7 @@ void prep_bf16(const float* x, int K, uint8_t* dst);
 void prep_q8_32(const float* x, int K, uint8_t* dst);
 void prep_q8_k(const float* x, int K, uint8_t* dst);
 void prep_q8_row(const float* x, int K, uint8_t* dst);
+void prep_q8_64(const float* x, int K, uint8_t* dst);
 void fill_table(KernelTable& t);  // the AVX-512 kernels for every format
 
 }  // namespace tandem::avx512
