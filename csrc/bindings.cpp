@@ -119,6 +119,18 @@ nb::dict layer_info(const MoeEngine& eng, int i) {
   return d;
 }
 
+const Matrix& slab_of(const MoeEngine& e, int layer, int node, const std::string& proj) {
+  const Layer& L = e.layer(layer);
+  if (node < 0 || node >= int(L.nodes.size()))
+    throw std::invalid_argument("node " + std::to_string(node) + " does not exist; this engine has " +
+                                std::to_string(L.nodes.size()) + " node(s)");
+  const NodeSlice& s = L.nodes[size_t(node)];
+  if (proj == "gate") return s.gate;
+  if (proj == "up") return s.up;
+  if (proj == "down") return s.down;
+  throw std::invalid_argument("proj must be 'gate', 'up' or 'down'; got '" + proj + "'");
+}
+
 // A HostCall bound to Python: it keeps the four buffers alive as long as a stream may call it.
 struct BoundHostCall {
   HostCall call;
@@ -275,6 +287,32 @@ NB_MODULE(_C, m) {
       .def("last_phases", &MoeEngine::last_phases,
            "ms after launch at which the last job's phases ended (prep x, gate/up, prep h, down, reduce).")
       .def("layer_info", &layer_info, "layer"_a)
+      .def(
+          "weight_slab",
+          [](MoeEngine& e, int layer, int node, const std::string& proj) {
+            const Matrix& m = slab_of(e, layer, node, proj);
+            size_t shape[3] = {size_t(m.experts), size_t(m.groups), m.group_bytes};
+            return nb::ndarray<nb::numpy, uint8_t, nb::ndim<3>>(m.bytes.data(), 3, shape, nb::handle());
+          },
+          "layer"_a, "node"_a, "proj"_a, nb::rv_policy::reference_internal,
+          "A view of one projection's weights on one node as the kernels hold them: uint8 [E, groups,\n"
+          "group_bytes] (rows in groups of row_group, see kernels/tiled.h). Valid while the engine lives.")
+      .def(
+          "weight_slab_info",
+          [](MoeEngine& e, int layer, int node, const std::string& proj) {
+            const Matrix& m = slab_of(e, layer, node, proj);
+            const NodeSlice& s = e.layer(layer).nodes[size_t(node)];
+            nb::dict d;
+            d["format"] = format_info(m.fmt).name;
+            d["rows"] = m.rows;
+            d["cols"] = m.cols;
+            d["row_group"] = m.row_group;
+            d["groups"] = m.groups;
+            d["group_bytes"] = m.group_bytes;
+            d["slice"] = nb::make_tuple(s.i0, s.i1);
+            return d;
+          },
+          "layer"_a, "node"_a, "proj"_a, "format, rows, cols, row_group, groups, group_bytes and the node's I slice.")
       .def("kernel_info", &kernel_info, "Format -> the kernels, row group and activation layouts this engine uses.")
       .def_prop_ro("n_layers", &MoeEngine::n_layers)
       .def_prop_ro("isa", [](const MoeEngine& e) { return std::string(e.kernels().isa); })

@@ -1,0 +1,119 @@
+"""The CPU engine's weights, read on the GPU in the engine's own layout: the first piece of the
+dual-path prefill (issue 10), where a layer's experts are split between the CPU engine and the GPU
+and the GPU's share is copied from the engine's memory, with no second copy in another layout.
+
+The layout (csrc/kernels/tiled.h): per expert, rows in groups of R (16 on AVX-512 / AMX), a group
+one contiguous region holding R rows' blocks as planes: inside a plane the unit is the tile-row,
+R rows x 4 bytes, i.e. 4 consecutive codes of every row. Codes and scales per format:
+  Q8_0  per 32-block i: int8 plane (code = q + 128) of 8 tile-rows; fp16 d[i][R] after all blocks
+  Q5_0  per 32-block i: nibble plane (4 tile-rows: tile-row t holds granule 2t in low nibbles,
+        2t + 1 in high; a granule is 4 consecutive weights) + bit plane (1 tile-row: bit g of byte
+        4n + k % 4 is bit 4 of granule g's code); fp16 d[i][R] after all blocks; w = d (code - 16)
+  Q4_K  per 256-super-block: fp16 d[R], fp16 dmin[R], 12 planes of R packed scale bytes (byte b of
+        row n at b R + n, packed as in the file), nibble plane of 32 tile-rows;
+        w = (d sc_j) code - (dmin m_j), j = k / 32
+  Q6_K  per 256-super-block: 16 planes of R int8 scales, nibble plane (32 tile-rows), crumb plane
+        (16 tile-rows: bits 2 (g % 4) .. +1 of byte 4n + k % 4 are bits 4-5 of granule g's code);
+        fp16 d[i][R] after all super-blocks; w = (d sc_{k/16}) (code - 32)
+The Q4_K_M mix of routed experts uses exactly these four.
+
+dequantize(slab [E, groups, group_bytes] uint8, fmt, rows, cols) -> fp32 [E, rows, cols], one
+program per (expert, group, block): bit-equal to the file format's reference dequantizer in
+Triton's interpreter (same fp32 operations in the same order); on a GPU a fused multiply-add
+may round the last operation once instead of twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.ops.triton.fused import _check_device
+
+__all__ = ["FORMATS", "dequantize"]
+
+# name -> (weights per block, constexpr id)
+FORMATS = {"Q8_0": (32, 0), "Q5_0": (32, 1), "Q4_K": (256, 2), "Q6_K": (256, 3)}
+
+
+@triton.jit
+def _f16(ptr):
+    """fp16 at byte address ptr (any alignment), as fp32."""
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes,
+                    R: tl.constexpr, BLK: tl.constexpr, FMT: tl.constexpr):  # fmt: skip
+    eg, i = tl.program_id(0), tl.program_id(1)  # (expert * groups + group), block
+    n = tl.arange(0, R)[:, None]  # row in the group
+    k = tl.arange(0, BLK)[None, :]  # weight in the block
+    g = slab_ptr + eg.to(tl.int64) * group_bytes
+    TR: tl.constexpr = 4 * R  # bytes of one tile-row
+    lane = 4 * n + k % 4  # byte of (row n, weight k) inside a tile-row
+    gran = k // 4
+    if FMT == 0:  # Q8_0
+        code = tl.load(g + i * (32 * R) + gran * TR + lane).to(tl.int32)
+        d = _f16(g + cols * R + i * (2 * R) + 2 * n)
+        w = (code - 128).to(tl.float32) * d
+    elif FMT == 1:  # Q5_0
+        c = g + i * (20 * R)
+        low = (tl.load(c + (gran // 2) * TR + lane).to(tl.int32) >> (4 * (gran % 2))) & 15
+        high = (tl.load(c + 16 * R + (gran // 8) * TR + lane).to(tl.int32) >> (gran % 8)) & 1
+        d = _f16(g + (cols // 32) * (20 * R) + i * (2 * R) + 2 * n)
+        w = ((low | (high << 4)) - 16).to(tl.float32) * d
+    elif FMT == 2:  # Q4_K
+        c = g + i * (144 * R)
+        d = _f16(c + 2 * n)
+        dmin = _f16(c + 2 * R + 2 * n)
+        j = k // 32  # sub-block
+        scales = c + 4 * R + n
+        a = tl.load(scales + j * R).to(tl.int32)  # byte j
+        b = tl.load(scales + (j + 4) * R).to(tl.int32)  # byte j + 4
+        lo = tl.load(scales + tl.maximum(j - 4, 0) * R).to(tl.int32)  # byte j - 4 (j >= 4)
+        sc = tl.where(j < 4, a & 63, (b & 15) | ((lo >> 6) << 4))
+        m = tl.where(j < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
+        code = (tl.load(c + 16 * R + (gran // 2) * TR + lane).to(tl.int32) >> (4 * (gran % 2))) & 15
+        step = d * sc.to(tl.float32)
+        offset = dmin * m.to(tl.float32)
+        w = step * code.to(tl.float32) - offset
+    else:  # Q6_K
+        c = g + i * (208 * R)
+        sc = tl.load(c + (k // 16) * R + n).to(tl.int8, bitcast=True).to(tl.float32)
+        low = (tl.load(c + 16 * R + (gran // 2) * TR + lane).to(tl.int32) >> (4 * (gran % 2))) & 15
+        high = (tl.load(c + 144 * R + (gran // 4) * TR + lane).to(tl.int32) >> (2 * (gran % 4))) & 3
+        d = _f16(g + (cols // 256) * (208 * R) + i * (2 * R) + 2 * n)
+        w = (d * sc) * ((low | (high << 4)) - 32).to(tl.float32)
+    row = (eg % groups) * R + n
+    expert = eg // groups
+    out = out_ptr + (expert.to(tl.int64) * rows + row) * cols + i * BLK + k
+    tl.store(out, w, mask=(row < rows) & (k < BLK))
+
+
+def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: int) -> torch.Tensor:
+    """fp32 [E, rows, cols] from one projection's engine slab uint8 [E, groups, group_bytes]
+    (ops.cpu.Engine.weight_slab), laid out with `row_group` rows per group."""
+    if fmt not in FORMATS:
+        raise ValueError(f"tiled dequantize reads {', '.join(FORMATS)}; got {fmt!r}")
+    blk, fid = FORMATS[fmt]
+    if slab.dtype != torch.uint8 or slab.dim() != 3 or not slab.is_contiguous():
+        raise ValueError(f"slab must be contiguous uint8 [E, groups, group_bytes], got {slab.dtype} {tuple(slab.shape)}")
+    if row_group < 2 or row_group & (row_group - 1):
+        raise ValueError(f"the tiled layout has a power-of-two row group >= 2 (AVX2: 8, AVX-512 / AMX: 16); got "
+                         f"{row_group} (an engine on generic kernels keeps the file's rows)")
+    if cols % blk:
+        raise ValueError(f"{fmt} rows hold whole blocks of {blk} weights; got {cols} columns")
+    experts, groups, group_bytes = slab.shape
+    if groups != triton.cdiv(rows, row_group):
+        raise ValueError(f"{rows} rows in groups of {row_group} make {triton.cdiv(rows, row_group)} groups, "
+                         f"the slab has {groups}")
+    _check_device(slab)
+    out = torch.empty((experts, rows, cols), dtype=torch.float32, device=slab.device)
+    if out.numel():
+        _dequant_kernel[(experts * groups, cols // blk)](
+            slab, out, rows, cols, groups, group_bytes, R=row_group, BLK=blk, FMT=fid,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,76 @@
+"""The engine's weights read on the GPU in the engine's layout (tandem.ops.triton.tiled) against
+the file format's reference dequantizer (tandem.weights.quant), through the engine's own slabs
+(Engine.weight_slab): packing then GPU-side decoding must give back the file's weights.
+
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors: bit-equal (same fp32
+operations in the same order). With CUDA (marked gpu): a fused multiply-add may round the last
+operation once instead of twice, so |got - ref| <= 2^-22 max|ref| per projection.
+Every ISA this CPU and build have whose layout is tiled (AVX2: row groups of 8; AVX-512 / AMX: 16).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+
+from tandem.ops import cpu
+from tandem.ops.triton import tiled
+from tandem.weights.quant import format_of, quantize
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TILED_ISAS = [i for i in ("avx2", "avx512", "amx") if i in cpu.isa_info()["cpu"] and i in cpu.isa_info()["built"]]
+pytestmark = pytest.mark.gpu if CUDA else []
+
+
+def layer(isa: str, fmts: tuple[str, str, str], hidden: int, inter: int, experts: int = 3, seed: int = 0):
+    """An engine layer of random weights quantized to fmts, and the file rows it was made from."""
+    g = np.random.default_rng(seed)
+    shapes = [(experts, inter, hidden), (experts, inter, hidden), (experts, hidden, inter)]
+    raws = [quantize((g.standard_normal(s) / np.sqrt(s[2])).astype(np.float32), f) for s, f in zip(shapes, fmts)]
+    engine = cpu.create_engine(1, isa=isa)
+    index = cpu.add_layer(engine, fmts, *[torch.from_numpy(r) for r in raws])
+    return engine, index, raws
+
+
+@pytest.mark.parametrize("isa", TILED_ISAS)
+@pytest.mark.parametrize("fmts, hidden, inter", [
+    (("Q4_K", "Q4_K", "Q6_K"), 512, 256),  # Q4_K_M where I is a multiple of 256
+    (("Q4_K", "Q4_K", "Q8_0"), 512, 224),  # ... where it is not (V2-Lite: I = 1408)
+    (("Q5_0", "Q8_0", "Q5_0"), 256, 96),
+])
+def test_engine_slabs_dequantize_to_the_file_weights(isa, fmts, hidden, inter):
+    engine, index, raws = layer(isa, fmts, hidden, inter)
+    for proj, fmt, raw in zip(("gate", "up", "down"), fmts, raws):
+        info = engine._native.weight_slab_info(index, 0, proj)
+        assert info["format"] == fmt and info["slice"] == (0, inter)
+        slab = torch.from_numpy(engine._native.weight_slab(index, 0, proj)).to(DEVICE)
+        got = tiled.dequantize(slab, fmt, info["rows"], info["cols"], info["row_group"]).cpu()
+        want = torch.from_numpy(format_of(fmt).dequantize(raw))
+        assert got.shape == want.shape
+        if CUDA:
+            assert float((got - want).abs().max()) <= 2.0**-22 * float(want.abs().max()), proj
+        else:
+            assert torch.equal(got, want), proj
+
+
+def test_rejects_what_it_cannot_read():
+    engine, index, _ = layer(TILED_ISAS[0], ("Q8_0", "Q8_0", "Q8_0"), 64, 32) if TILED_ISAS else (None, None, None)
+    slab = torch.zeros(2, 2, 64, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="reads Q8_0"):
+        tiled.dequantize(slab, "BF16", 32, 32, 16)
+    with pytest.raises(ValueError, match="row group"):
+        tiled.dequantize(slab, "Q8_0", 32, 32, 1)
+    with pytest.raises(ValueError, match="whole blocks"):
+        tiled.dequantize(slab, "Q8_0", 32, 40, 16)
+    with pytest.raises(ValueError, match="groups"):
+        tiled.dequantize(slab, "Q8_0", 48, 32, 16)
+    if engine is not None:
+        with pytest.raises(ValueError, match="proj must be"):
+            engine._native.weight_slab(index, 0, "gate_up")
+        with pytest.raises(ValueError, match="node 3 does not exist"):
+            engine._native.weight_slab(index, 3, "gate")
