@@ -111,3 +111,13 @@ def stream_memops() -> str:
     except RuntimeError as e:
         return str(e)
     return ""
+
+
+def register_host(host_address: int, nbytes: int) -> None:
+    """Page-lock host memory the caller keeps (cuMemHostRegister), so copies from it to a GPU are
+    asynchronous DMA at the link's speed. Stays registered for the memory's life."""
+    lib = _driver()
+    lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    err = lib.cuMemHostRegister_v2(ctypes.c_void_p(host_address), ctypes.c_size_t(nbytes), 0)
+    if err not in (0, 712):  # 712: CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+        raise RuntimeError(f"cuMemHostRegister failed with CUDA error {err}")

@@ -1,0 +1,145 @@
+"""Prefill chunks on two paths at once (issue 10): an experts backend that wraps the CPU engine's
+(CpuExperts) and, for steps of at least `min_tokens` tokens, hands part of a layer's experts to the
+model's device, which copies their weights out of the engine's own memory (the engine's tiled
+layout: no second copy of the experts anywhere) and computes them while the engine computes the
+rest.
+
+Data path of one long step:
+    ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
+    -> the CPU engine gets ids with S masked (-1): submit, returns at once
+    -> per batch of S: copy the experts' slabs host -> device, decode them (ops/triton/tiled.py),
+       run them on their tokens (ops.reference.moe_experts with S's local ids)
+    -> wait for the engine; out = engine's part + device's part
+
+The split: an expert costs the engine max(its bytes / cpu_bw, its tokens' FLOPs / cpu_flops) and
+the device its bytes / h2d_bw (the device's compute is small beside the copy). Experts go to the
+device most-tokens first (they save the engine the most per byte copied) while each one taken
+shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defaults near the lent test machine's; the
+runtime passes its own). Shorter steps (decode) stay on the engine alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tandem.ops import reference as ops
+
+DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
+
+
+@dataclass(frozen=True)
+class DualRates:
+    cpu_bw: float = 100e9  # bytes/s the engine streams expert weights
+    cpu_flops: float = 10e12  # FLOP/s the engine computes at prefill (matrix units)
+    h2d_bw: float = 50e9  # bytes/s host -> device from the engine's (registered) memory
+
+
+def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates) -> list[int]:
+    """The experts the device takes (ids), given tokens per expert: most tokens first, while each
+    one taken shortens the layer (the later of the engine's and the device's finish)."""
+    cpu = [max(expert_bytes / rates.cpu_bw, c * flops_per_token / rates.cpu_flops) if c else 0.0 for c in counts]
+    copy = expert_bytes / rates.h2d_bw
+    order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+    left, taken = sum(cpu), []
+    for e in order:
+        if max(copy * (len(taken) + 1), left - cpu[e]) >= max(copy * len(taken), left):
+            break
+        taken.append(e)
+        left -= cpu[e]
+    return taken
+
+
+class DualExperts(nn.Module):
+    def __init__(self, cpu_experts: nn.Module, num_experts: int, hidden: int, inter: int,
+                 rates: DualRates | None = None, min_tokens: int = DUAL_MIN_TOKENS, batch_experts: int = 16):
+        super().__init__()
+        self.cpu_experts, self.num_experts, self.hidden, self.inter = cpu_experts, num_experts, hidden, inter
+        self.rates, self.min_tokens, self.batch_experts = rates or DualRates(), min_tokens, batch_experts
+        native = cpu_experts.engine._native
+        nodes = len(cpu_experts.engine.threads_per_node)
+        # Per node, per projection: (slab uint8 [E, groups, group_bytes] viewing the engine's memory, info).
+        self.slabs = [
+            {p: (torch.from_numpy(native.weight_slab(cpu_experts.layer, n, p)), native.weight_slab_info(cpu_experts.layer, n, p))
+             for p in ("gate", "up", "down")}
+            for n in range(nodes)
+        ]
+        self.expert_bytes = sum(s.shape[1] * s.shape[2] for node in self.slabs for s, _ in node.values())
+        self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
+        self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
+        self._registered = False
+
+    @staticmethod
+    def supports(cpu_experts: nn.Module) -> str:
+        """'' when the engine's layer can be read on a device (tiled layout, formats the decoder
+        knows), else why not."""
+        from tandem.ops.triton.tiled import FORMATS  # triton: imported on first use
+
+        info = cpu_experts.engine.layer_info(cpu_experts.layer)
+        if info["row_group"] < 2:
+            return "the engine's kernels keep the file's rows (generic ISA), not the tiled layout"
+        unknown = [f for f in info["formats"] if f not in FORMATS]
+        return f"no device decoder for {', '.join(unknown)}" if unknown else ""
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        if x.shape[0] < self.min_tokens or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.cpu_experts.submit(x, ids, weights), None  # the split needs a host sync
+        flat = ids.reshape(-1).long()
+        counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts).tolist()  # one host sync
+        taken = split(counts, self.expert_bytes, self.flops_per_token, self.rates)
+        self.last_split = taken
+        if not taken:
+            return self.cpu_experts.submit(x, ids, weights), None
+        lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
+        lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
+        local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
+        handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+        dev = None
+        for b0 in range(0, len(taken), self.batch_experts):  # bounded device memory per batch
+            chunk = taken[b0 : b0 + self.batch_experts]
+            in_chunk = (local >= b0) & (local < b0 + len(chunk))
+            part = ops.moe_experts(x, torch.where(in_chunk, local - b0, -1).to(torch.int32), weights,
+                                   *self._weights(chunk, x.device, x.dtype))
+            dev = part if dev is None else dev + part
+        return handle, dev
+
+    def wait(self, pending) -> torch.Tensor:
+        handle, dev = pending
+        out = self.cpu_experts.wait(handle)
+        return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
+
+    def _weights(self, experts: list[int], device: torch.device, dtype: torch.dtype):
+        """w_gate, w_up [n, I, H] and w_down [n, H, I] of these experts on `device`, from the slabs."""
+        from tandem.ops.triton.tiled import dequantize  # triton: imported on first use
+
+        if device.type == "cuda" and not self._registered:
+            self._register()
+        full = {"gate": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
+                "up": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
+                "down": torch.empty(len(experts), self.hidden, self.inter, dtype=dtype, device=device)}
+        for node in self.slabs:
+            for proj, (slab, info) in node.items():
+                staged = torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
+                for j, e in enumerate(experts):
+                    staged[j].copy_(slab[e], non_blocking=True)
+                w = dequantize(staged, info["format"], info["rows"], info["cols"], info["row_group"]).to(dtype)
+                i0, i1 = info["slice"]  # this node's share of I: gate/up rows, down columns
+                if proj == "down":
+                    full[proj][:, :, i0:i1] = w
+                else:
+                    full[proj][:, i0:i1] = w
+        return full["gate"], full["up"], full["down"]
+
+    def _register(self) -> None:
+        """Page-lock the engine's slabs once, so the copies run at the link's speed, asynchronously."""
+        from tandem.ops.cuda_host import register_host
+
+        for node in self.slabs:
+            for slab, _ in node.values():
+                register_host(slab.data_ptr(), slab.numel())
+        self._registered = True
+
+    def extra_repr(self) -> str:
+        return f"steps of >= {self.min_tokens} tokens split with the device; {self.rates}"

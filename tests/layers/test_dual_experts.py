@@ -1,0 +1,87 @@
+"""Dual-path prefill (layers/dual_experts.py): a long step's experts split between the CPU engine
+and the device, which reads its share out of the engine's own memory (ops/triton/tiled.py).
+
+Bounds, against the MoE of ops.reference in float64 on the file's dequantized weights:
+- every expert on the device: fp32 summation order only (1e-4 of max |ref|);
+- every expert on the engine: exactly CpuExperts' output;
+- split: within the engine's own bound (its ISA kernels quantize activations: isa_cases'
+  ISA_VS_GENERIC), and both sides hold experts, so a dropped or doubled share would show
+  (one expert's share of the output is far above the bound).
+Without CUDA the "device" is the CPU (Triton's interpreter decodes the slabs); on a GPU (marked),
+x lives there and the engine's slabs are copied to it.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the tiled kernel is defined
+
+from tandem.layers.cpu_experts import CpuExperts
+from tandem.layers.dual_experts import DualExperts, DualRates, split
+from tandem.ops import cpu
+from tests.ops.isa_cases import ISA_VS_GENERIC, usable_isas
+from tests.ops.moe_cases import assert_matches, gguf_blocks, reference, routing, tokens
+
+E, I, H, K, T = 8, 256, 512, 2, 40
+FMTS = ("Q4_K", "Q4_K", "Q6_K")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
+ALL_TO_DEVICE = DualRates(cpu_bw=1.0, cpu_flops=1.0, h2d_bw=1e30)
+ALL_TO_CPU = DualRates(h2d_bw=1.0)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    isas = usable_isas()
+    if not isas:
+        pytest.skip("no ISA with the tiled layout on this CPU")
+    engine = cpu.create_engine(2, isa=isas[-1])
+    blocks = [gguf_blocks(f, E, r, c, seed) for f, (r, c), seed in zip(FMTS, [(I, H), (I, H), (H, I)], (0, 1, 2))]
+    index = cpu.add_layer(engine, FMTS, *[b for b, _ in blocks])
+    return CpuExperts(engine, index, FMTS), [d for _, d in blocks]
+
+
+def run(experts, x, ids, w):
+    return experts.wait(experts.submit(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE))).cpu()
+
+
+def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
+    rates = DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=100.0)  # copying an expert costs what streaming it does
+    assert split([5, 0, 9, 1], 100, 1.0, rates) == [2]  # engine keeps 2 of 3 seconds; device 1
+    assert split([5, 0, 9, 1], 100, 1.0, DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=1e9)) == [2, 0, 3]
+    assert split([5, 0, 9, 1], 100, 1.0, DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=10.0)) == []
+    assert split([0, 0], 100, 1.0, rates) == []
+
+
+@pytest.mark.parametrize("rates, what", [(ALL_TO_DEVICE, "device"), (ALL_TO_CPU, "cpu"), (DualRates(), "split")])
+def test_dual_layer_equals_each_path(layer, rates, what):
+    experts, (gate, up, down) = layer
+    dual = DualExperts(experts, E, H, I, rates=rates, min_tokens=1, batch_experts=3)
+    x = tokens(T, H, seed=3)
+    ids, w = routing(T, E, K, seed=4)
+    got = run(dual, x, ids, w)
+    ref = reference(x, ids, w, gate, up, down).float()
+    alone = run(experts, x, ids, w)
+    used = sorted(set(ids.flatten().tolist()))
+    if what == "device":
+        assert dual.last_split and sorted(dual.last_split) == used
+        assert_matches(got, ref, 1e-4, "every expert on the device")
+    elif what == "cpu":
+        assert dual.last_split == []
+        assert torch.equal(got, alone)
+    else:
+        assert 0 < len(dual.last_split) < len(used), dual.last_split
+        assert_matches(got, ref, ISA_VS_GENERIC["Q8_K"], "split")
+    assert_matches(alone, ref, ISA_VS_GENERIC["Q8_K"], "the engine alone")
+
+
+def test_short_steps_stay_on_the_engine(layer):
+    experts, _ = layer
+    dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=T + 1)
+    x = tokens(T, H, seed=5)
+    ids, w = routing(T, E, K, seed=6)
+    assert torch.equal(run(dual, x, ids, w), run(experts, x, ids, w))
+    assert dual.last_split == []
