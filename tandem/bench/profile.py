@@ -171,8 +171,8 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     from tandem.layers.cpu_experts import CpuExperts
     from tandem.runtime.sampling import SamplingParams
 
-    experts = [m.ffn.experts for m in llm.model.layers
-               if isinstance(m.ffn, MoE) and isinstance(m.ffn.experts, CpuExperts)]
+    experts = [e for m in llm.model.layers if isinstance(m.ffn, MoE)  # CpuExperts, or inside a wrapper
+               for e in m.ffn.experts.modules() if isinstance(e, CpuExperts)]
     if not experts or llm.engine.runner.device.type != "cuda":
         return None
     params = SamplingParams(temperature=0.0, max_new_tokens=n + 1, ignore_eos=True)

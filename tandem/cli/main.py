@@ -39,6 +39,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "budget; smaller chunks delay other users' tokens less)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
+    p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
+                   help="keep long prefill steps' routed experts on the CPU engine alone (by default, with a GPU, "
+                        "each layer's experts are split between the engine and the GPU, which copies its share)")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
     p.add_argument("--cpu-moe", action="store_true",
                    help="all routed experts in the CPU engine, everything else on --device (the default)")

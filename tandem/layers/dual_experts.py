@@ -54,10 +54,12 @@ def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: D
 
 class DualExperts(nn.Module):
     def __init__(self, cpu_experts: nn.Module, num_experts: int, hidden: int, inter: int,
-                 rates: DualRates | None = None, min_tokens: int = DUAL_MIN_TOKENS, batch_experts: int = 16):
+                 rates: DualRates | None = None, min_tokens: int = DUAL_MIN_TOKENS, buffer_bytes: int = 1 << 30):
+        """buffer_bytes: device memory the device's share may use at once (the plan's dual_buffer);
+        experts go through it in batches, at least one at a time."""
         super().__init__()
         self.cpu_experts, self.num_experts, self.hidden, self.inter = cpu_experts, num_experts, hidden, inter
-        self.rates, self.min_tokens, self.batch_experts = rates or DualRates(), min_tokens, batch_experts
+        self.rates, self.min_tokens, self.buffer_bytes = rates or DualRates(), min_tokens, buffer_bytes
         native = cpu_experts.engine._native
         nodes = len(cpu_experts.engine.threads_per_node)
         # Per node, per projection: (slab uint8 [E, groups, group_bytes] viewing the engine's memory, info).
@@ -97,8 +99,9 @@ class DualExperts(nn.Module):
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
         handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
         dev = None
-        for b0 in range(0, len(taken), self.batch_experts):  # bounded device memory per batch
-            chunk = taken[b0 : b0 + self.batch_experts]
+        batch = self.batch_experts(x.dtype)
+        for b0 in range(0, len(taken), batch):  # bounded device memory per batch
+            chunk = taken[b0 : b0 + batch]
             in_chunk = (local >= b0) & (local < b0 + len(chunk))
             part = ops.moe_experts(x, torch.where(in_chunk, local - b0, -1).to(torch.int32), weights,
                                    *self._weights(chunk, x.device, x.dtype))
@@ -109,6 +112,13 @@ class DualExperts(nn.Module):
         handle, dev = pending
         out = self.cpu_experts.wait(handle)
         return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
+
+    def batch_experts(self, dtype: torch.dtype) -> int:
+        """Experts per batch in buffer_bytes: each holds its blocks, its weights in `dtype` and one
+        projection decoded in fp32 (what MemoryPlan.dual_expert_bytes counts)."""
+        numel = self.hidden * self.inter
+        one = self.expert_bytes + 3 * numel * dtype.itemsize + 4 * numel
+        return max(1, self.buffer_bytes // one)
 
     def _weights(self, experts: list[int], device: torch.device, dtype: torch.dtype):
         """w_gate, w_up [n, I, H] and w_down [n, H, I] of these experts on `device`, from the slabs."""

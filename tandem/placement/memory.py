@@ -39,6 +39,9 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 GPU_BLOCK_FORMATS = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prompts prefill in chunks
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
+# Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
+# tandem.ops.triton.tiled, which tests hold this to); layers in other formats prefill on the engine.
+DUAL_FORMATS = frozenset({"Q8_0", "Q5_0", "Q4_K", "Q6_K"})
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,11 @@ class MemoryPlan:
     vram_budget: int | None = None  # bytes; None: not checked
     ram_budget: int | None = None
     budget_sources: tuple[str, str] = ("", "")  # how each budget was found, for the table
+    # Dual-path prefill (layers/dual_experts.py): the device bytes of one expert of the largest
+    # engine layer as the device takes it (stored blocks + model-dtype weights + one projection
+    # decoded in fp32), and the buffer the device's share of a long step may use (0: no dual path).
+    dual_expert_bytes: int = 0
+    dual_buffer: int = 0
 
     def weights(self, gpu: bool) -> int:
         return sum(r.bytes for r in self.rows if r.on_gpu == gpu)
@@ -183,7 +191,7 @@ class MemoryPlan:
 
     @property
     def vram(self) -> int:
-        return self.weights(True) + (self.kv.bytes + self.workspace if self.on_gpu else 0)
+        return self.weights(True) + (self.kv.bytes + self.workspace + self.dual_buffer if self.on_gpu else 0)
 
     @property
     def ram(self) -> int:
@@ -239,8 +247,10 @@ def plan_memory(
     vram_budget: int | None = None,
     ram_budget: int | None = None,
     budget_sources: tuple[str, str] = ("", ""),
+    dual_buffer: int = 0,
 ) -> MemoryPlan:
-    """Resolve every parameter's target and add up what each device holds."""
+    """Resolve every parameter's target and add up what each device holds. dual_buffer: device
+    bytes for the dual-path prefill (at least one expert's dual_expert_bytes; 0: none)."""
     if experts_format not in ENGINE_FLOAT_FORMATS:
         raise TandemError(f"unknown experts format {experts_format!r}; choose one of {', '.join(ENGINE_FLOAT_FORMATS)}")
     resolved = []
@@ -253,8 +263,14 @@ def plan_memory(
             mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
     rows: dict[tuple, PlanRow] = {}
     float_torch, layer_engine, largest_read, one_expert = 0, {}, 0, 0
+    dual: dict = {}  # layer -> [stored bytes, weights, largest projection] of one engine expert
     for p, target, nbytes, backend, fmt in resolved:
         if p.group == ROUTED and backend == "engine":
+            per = dual.setdefault(p.layer, [0, 0, 0, True])
+            per[0] += nbytes // p.shape[0]
+            per[1] += p.numel // p.shape[0]
+            per[2] = max(per[2], p.numel // p.shape[0])
+            per[3] = per[3] and fmt in DUAL_FORMATS
             # Hot experts (--gpu-experts): a float copy of N experts per layer on the --device,
             # beside the engine's full set.
             per_expert = p.numel // p.shape[0] * p.dtype_bytes
@@ -307,6 +323,9 @@ def plan_memory(
         vram_budget=vram_budget,
         ram_budget=ram_budget,
         budget_sources=budget_sources,
+        dual_expert_bytes=max((b + n * step.act_bytes + 4 * big for b, n, big, ok in dual.values() if ok), default=0)
+        if gpu else 0,
+        dual_buffer=dual_buffer if gpu else 0,
     )
 
 
@@ -347,6 +366,9 @@ def format_plan(plan: MemoryPlan) -> str:
     chunks = f", context by {plan.step.kv_chunk}" if 0 < plan.step.kv_chunk < kv.max_context else ""
     lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {plan.step_tokens} tok{chunks}", "-", "-",
                   size(plan.workspace), "-", "-"))
+    if plan.dual_buffer:
+        lines.append(("dual-path prefill", plan.device, "torch", "experts copied", "-", "-",
+                      size(plan.dual_buffer), "-", "-"))
     widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
     numeric = {5, 6, 8}
 

@@ -145,3 +145,31 @@ def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf1
         module.experts = CpuExperts(engine, layer, fmts)
         moved += 1
     return moved
+
+
+DUAL_BUFFER_BYTES = 1 << 30  # the device memory a dual-path prefill step may use for copied experts
+
+
+def enable_dual_prefill(model: nn.Module, buffer_bytes: int) -> int:
+    """Wrap every layer's CPU-engine experts in DualExperts (long steps split with the device);
+    returns how many layers can; a layer the device cannot read stays as it is (logged)."""
+    from tandem.layers.cpu_experts import CpuExperts
+    from tandem.layers.dual_experts import DualExperts
+    from tandem.layers.moe import MoE
+
+    wrapped, kept = 0, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE) or not isinstance(module.experts, CpuExperts):
+            continue
+        why_not = DualExperts.supports(module.experts)
+        if why_not:
+            kept.setdefault(why_not, []).append(name)
+            continue
+        c = module.cfg
+        module.experts = DualExperts(module.experts, c.num_experts, c.hidden_size, c.intermediate_size,
+                                     buffer_bytes=buffer_bytes)
+        wrapped += 1
+    for why_not, names in kept.items():
+        log.warning("%d MoE layer(s) keep prefill on the CPU engine alone (%s): %s", len(names), why_not, names[0])
+    return wrapped
+

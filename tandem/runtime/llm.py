@@ -22,7 +22,7 @@ from tandem.placement.advice import DoesNotFit, budgets, check_fits
 from tandem.placement.memory import format_plan
 from tandem.placement.rules import PlacementOptions, build_placement
 from tandem.runtime.engine import Engine
-from tandem.runtime.experts import create_cpu_engine
+from tandem.runtime.experts import DUAL_BUFFER_BYTES, create_cpu_engine, enable_dual_prefill
 from tandem.runtime.hot_experts import (
     calibration_tokens,
     moved_hot_experts,
@@ -160,6 +160,7 @@ class LLM:
         gpu_experts: int | str = 0,
         calibrate: str | Path | None = None,
         prefill_kv_chunk: int | str = "auto",
+        dual_prefill: bool = True,
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
@@ -180,7 +181,12 @@ class LLM:
         as the VRAM budget leaves room for.
         prefill_kv_chunk: MLA models' prefill expands keys and values for this many context tokens
         at a time; "auto": the largest of KV_CHUNK_CHOICES whose workspace fits beside the chosen
-        max_step_tokens (chosen value: self.prefill_kv_chunk)."""
+        max_step_tokens (chosen value: self.prefill_kv_chunk).
+        dual_prefill: on a CUDA device with routed experts in the CPU engine, prefill steps of at
+        least layers.dual_experts.DUAL_MIN_TOKENS tokens split each layer's experts between the
+        engine and the GPU, which copies its share from the engine's memory; the plan reserves
+        runtime.experts.DUAL_BUFFER_BYTES for it (one expert's worth when less fits, none when not
+        even that does)."""
         if torch.device(device).type == "cuda" and experts == "cpu":
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
@@ -206,11 +212,11 @@ class LLM:
             vram, ram, sources = budgets(device, vram_budget, ram_budget)
             tensors = stored_tensors(files.gguf if files.gguf is not None else ckpt)
 
-            def plan(hot: int, step: int, kv_chunk: int):
+            def plan(hot: int, step: int, kv_chunk: int, dual: int = 0):
                 return plan_model(
                     net, tensors, rename, self.placement, max_context=self.max_context, max_batch=max_batch,
                     experts_format=experts_format, derived=derived, step_tokens=step, hot_experts=hot,
-                    vram_budget=vram, ram_budget=ram, budget_sources=sources, kv_chunk=kv_chunk,
+                    vram_budget=vram, ram_budget=ram, budget_sources=sources, kv_chunk=kv_chunk, dual_buffer=dual,
                 )
 
             # Prompt chunks first (longer ones feed the experts more tokens each), then the context
@@ -220,10 +226,19 @@ class LLM:
                 max_step_tokens, self.max_context, lambda s: any(_fits(plan(0, s, c)) for c in kv_chunks)
             )
             self.prefill_kv_chunk = next((c for c in kv_chunks if _fits(plan(0, self.max_step_tokens, c))), kv_chunks[-1])
-            self.plan = plan(0, self.max_step_tokens, self.prefill_kv_chunk)
+            step, chunk = self.max_step_tokens, self.prefill_kv_chunk
+            self.plan = plan(0, step, chunk)
+            dual = 0
+            if dual_prefill and self.plan.dual_expert_bytes and experts == "cpu":
+                one = self.plan.dual_expert_bytes
+                dual = next((b for b in (max(DUAL_BUFFER_BYTES, one), one) if _fits(plan(0, step, chunk, b))), 0)
+                if not dual:
+                    print("note: prefill stays on the CPU engine: no VRAM left to copy experts to the GPU",
+                          file=sys.stderr)
+                self.plan = plan(0, step, chunk, dual)
             self.gpu_experts = _hot_count(gpu_experts, self.plan)
             if self.gpu_experts:
-                self.plan = plan(self.gpu_experts, self.max_step_tokens, self.prefill_kv_chunk)
+                self.plan = plan(self.gpu_experts, step, chunk, dual)
             if files.gguf is None:
                 ckpt.close()
             if progress if show_plan is None else show_plan:
@@ -237,6 +252,8 @@ class LLM:
         if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
             self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")
             bind_cpu_engine(self.model, self.placement, self.cpu_engine, experts_format)
+            if self.plan.dual_buffer:
+                enable_dual_prefill(self.model, self.plan.dual_buffer)
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -281,9 +298,10 @@ class LLM:
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream
         path is (and HotExperts around it, placed later, whose decode path is two Triton kernels);
-        plain-torch experts group tokens on the host (data-dependent), so they run eagerly."""
+        plain-torch experts group tokens on the host (data-dependent), so they run eagerly. DualExperts
+        leave decode-sized (and captured) steps to the engine's stream path."""
         eager = sorted({type(m.experts).__name__ for m in self.model.modules()
-                        if hasattr(m, "experts") and type(m.experts).__name__ != "CpuExperts"})
+                        if hasattr(m, "experts") and type(m.experts).__name__ not in ("CpuExperts", "DualExperts")})
         if eager:
             print(f"note: decode runs without CUDA graphs: {', '.join(eager)} experts are not capturable",
                   file=sys.stderr)

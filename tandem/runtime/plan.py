@@ -169,6 +169,7 @@ def plan_model(
     ram_budget: int | None = None,
     budget_sources: tuple[str, str] = ("", ""),
     kv_chunk: int | None = None,
+    dual_buffer: int = 0,
 ) -> MemoryPlan:
     """The memory plan of meta model `net` (dtype set, routers fp32) loaded from `tensors`.
     kv_chunk: the context chunk its MLA layers' prefill will use (default: theirs)."""
@@ -190,6 +191,7 @@ def plan_model(
         vram_budget=vram_budget,
         ram_budget=ram_budget,
         budget_sources=budget_sources,
+        dual_buffer=dual_buffer,
     )
 
 

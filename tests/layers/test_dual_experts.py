@@ -59,7 +59,7 @@ def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
 @pytest.mark.parametrize("rates, what", [(ALL_TO_DEVICE, "device"), (ALL_TO_CPU, "cpu"), (DualRates(), "split")])
 def test_dual_layer_equals_each_path(layer, rates, what):
     experts, (gate, up, down) = layer
-    dual = DualExperts(experts, E, H, I, rates=rates, min_tokens=1, batch_experts=3)
+    dual = DualExperts(experts, E, H, I, rates=rates, min_tokens=1, buffer_bytes=1)  # one expert at a time
     x = tokens(T, H, seed=3)
     ids, w = routing(T, E, K, seed=4)
     got = run(dual, x, ids, w)

@@ -74,3 +74,9 @@ def test_rejects_what_it_cannot_read():
             engine._native.weight_slab(index, 0, "gate_up")
         with pytest.raises(ValueError, match="node 3 does not exist"):
             engine._native.weight_slab(index, 3, "gate")
+
+
+def test_the_plan_reserves_dual_buffers_for_exactly_these_formats():
+    from tandem.placement.memory import DUAL_FORMATS
+
+    assert DUAL_FORMATS == set(tiled.FORMATS)

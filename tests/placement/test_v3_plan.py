@@ -126,6 +126,20 @@ def test_v3_long_prompts_prefill_in_bounded_vram(v3):
         check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=4096, step_tokens=1024))
 
 
+def test_v3_dual_path_prefill_buffer_on_a_24_gb_card(v3):
+    # One routed expert as the dual path holds it on the GPU: its Q4_K gate/up and Q6_K down blocks
+    # (2 x 2048 rows x 4032 B + 7168 rows x 1680 B), its weights in bf16 (3 x 7168 x 2048) and one
+    # projection decoded in fp32.
+    numel = 7168 * 2048
+    base = plan_of(v3, PlacementOptions(device="cuda"), vram=22)
+    assert base.dual_expert_bytes == 2 * 2048 * 4032 + 7168 * 1680 + 3 * numel * BF16 + numel * FP32
+    assert plan_of(v3, PlacementOptions(device="cpu")).dual_expert_bytes == 0
+    dual = plan_of(v3, PlacementOptions(device="cuda"), vram=22, dual_buffer=GB)
+    assert dual.vram == base.vram + GB <= 22 * GB  # the bound with prefill streaming buffers
+    assert "dual-path prefill" in format_plan(dual) and "dual-path prefill" not in format_plan(base)
+    check_fits(dual)
+
+
 def test_v3_over_budget_is_refused_with_advice(v3):
     plan = plan_of(v3, PlacementOptions(device="cuda"), vram=12)
     with pytest.raises(DoesNotFit, match=r"needs 13.62 GB of VRAM but 12.00 GB is given by --vram-budget"):
