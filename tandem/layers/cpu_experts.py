@@ -14,6 +14,8 @@ and again for its wait). The whole step stays in one stream, so it can be captur
 (one HostCall per token count, on fixed buffers).
 """
 
+import os
+
 import torch
 from torch import nn
 
@@ -99,9 +101,14 @@ class CpuExperts(nn.Module):
         if bell is not None:
             ring, done = bell.device_words
             write_value(done, 0)  # before the copies: a result an aborted step left can never pass
-        bx.copy_(x.to(dtype), non_blocking=True)
-        bids.copy_(ids.to(torch.int32), non_blocking=True)
-        bw.copy_(weights.to(torch.float32), non_blocking=True)
+        if self._zero_copy(n):
+            from tandem.ops.triton.host_io import to_host  # triton: imported on first use
+
+            to_host(x, ids, weights, bx, bids, bw)  # one kernel writes the pinned buffers
+        else:
+            bx.copy_(x.to(dtype), non_blocking=True)
+            bids.copy_(ids.to(torch.int32), non_blocking=True)
+            bw.copy_(weights.to(torch.float32), non_blocking=True)
         if bell is not None:
             write_value(ring, bell.number(call))
         else:
@@ -118,7 +125,19 @@ class CpuExperts(nn.Module):
         else:
             _, wait_fn, ctx = call.addresses
             launch_host_func(wait_fn, ctx)
+        if self._zero_copy(call.out.shape[0]):
+            from tandem.ops.triton.host_io import from_host  # triton: imported on first use
+
+            return from_host(call.out, dtype, device)  # one kernel reads the pinned rows
         return call.out.to(device, non_blocking=True).to(dtype)
+
+    @staticmethod
+    def _zero_copy(n_tokens: int) -> bool:
+        """Decode-sized steps move x / ids / w / out with ops/triton/host_io.py's kernels (larger
+        ones, or with TANDEM_STAGING_COPIES set, with copies)."""
+        from tandem.ops.triton.host_io import HOST_IO_MAX_TOKENS  # triton: imported on first use
+
+        return n_tokens <= HOST_IO_MAX_TOKENS and not os.environ.get("TANDEM_STAGING_COPIES")
 
     def latest_call(self) -> "cpu.HostCall | None":
         """The stream call that ran last (replayed CUDA graphs run theirs without Python): profiles
