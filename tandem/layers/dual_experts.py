@@ -20,12 +20,15 @@ runtime passes its own). Shorter steps (decode) stay on the engine alone.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tandem.ops import reference as ops
+
+log = logging.getLogger(__name__)
 
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
 
@@ -143,13 +146,18 @@ class DualExperts(nn.Module):
         return full["gate"], full["up"], full["down"]
 
     def _register(self) -> None:
-        """Page-lock the engine's slabs once, so the copies run at the link's speed, asynchronously."""
+        """Page-lock the engine's slabs once (this layer's, at its first long step), so the copies
+        run at the link's speed, asynchronously. Where the driver refuses, copies still work,
+        staged through the driver's own pinned buffers (slower)."""
         from tandem.ops.cuda_host import register_host
 
-        for node in self.slabs:
-            for slab, _ in node.values():
-                register_host(slab.data_ptr(), slab.numel())
         self._registered = True
+        try:
+            for node in self.slabs:
+                for slab, _ in node.values():
+                    register_host(slab.data_ptr(), slab.numel())
+        except RuntimeError as e:
+            log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
 
     def extra_repr(self) -> str:
         return f"steps of >= {self.min_tokens} tokens split with the device; {self.rates}"
