@@ -180,6 +180,7 @@ class MemoryPlan:
     # engine layer as the device takes it (stored blocks + model-dtype weights + one projection
     # decoded in fp32), and the buffer the device's share of a long step may use (0: no dual path).
     dual_expert_bytes: int = 0
+    dual_layer_bytes: int = 0  # all experts of the largest such layer (more buffer than this is never used)
     dual_buffer: int = 0
 
     def weights(self, gpu: bool) -> int:
@@ -266,7 +267,7 @@ def plan_memory(
     dual: dict = {}  # layer -> [stored bytes, weights, largest projection] of one engine expert
     for p, target, nbytes, backend, fmt in resolved:
         if p.group == ROUTED and backend == "engine":
-            per = dual.setdefault(p.layer, [0, 0, 0, True])
+            per = dual.setdefault(p.layer, [0, 0, 0, True, p.shape[0]])
             per[0] += nbytes // p.shape[0]
             per[1] += p.numel // p.shape[0]
             per[2] = max(per[2], p.numel // p.shape[0])
@@ -323,8 +324,10 @@ def plan_memory(
         vram_budget=vram_budget,
         ram_budget=ram_budget,
         budget_sources=budget_sources,
-        dual_expert_bytes=max((b + n * step.act_bytes + 4 * big for b, n, big, ok in dual.values() if ok), default=0)
+        dual_expert_bytes=max((b + n * step.act_bytes + 4 * big for b, n, big, ok, _ in dual.values() if ok), default=0)
         if gpu else 0,
+        dual_layer_bytes=max(((b + n * step.act_bytes + 4 * big) * e for b, n, big, ok, e in dual.values() if ok),
+                             default=0) if gpu else 0,
         dual_buffer=dual_buffer if gpu else 0,
     )
 

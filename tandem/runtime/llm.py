@@ -185,8 +185,8 @@ class LLM:
         dual_prefill: on a CUDA device with routed experts in the CPU engine, prefill steps of at
         least layers.dual_experts.DUAL_MIN_TOKENS tokens split each layer's experts between the
         engine and the GPU, which copies its share from the engine's memory; the plan reserves
-        runtime.experts.DUAL_BUFFER_BYTES for it (one expert's worth when less fits, none when not
-        even that does)."""
+        runtime.experts.DUAL_BUFFER_BYTES for it (at most a whole layer's experts; one expert's worth
+        when less fits, none when not even that does)."""
         if torch.device(device).type == "cuda" and experts == "cpu":
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
@@ -231,7 +231,8 @@ class LLM:
             dual = 0
             if dual_prefill and self.plan.dual_expert_bytes and experts == "cpu":
                 one = self.plan.dual_expert_bytes
-                dual = next((b for b in (max(DUAL_BUFFER_BYTES, one), one) if _fits(plan(0, step, chunk, b))), 0)
+                want = max(min(DUAL_BUFFER_BYTES, self.plan.dual_layer_bytes), one)
+                dual = next((b for b in (want, one) if _fits(plan(0, step, chunk, b))), 0)
                 if not dual:
                     print("note: prefill stays on the CPU engine: no VRAM left to copy experts to the GPU",
                           file=sys.stderr)

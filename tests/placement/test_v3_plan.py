@@ -133,6 +133,7 @@ def test_v3_dual_path_prefill_buffer_on_a_24_gb_card(v3):
     numel = 7168 * 2048
     base = plan_of(v3, PlacementOptions(device="cuda"), vram=22)
     assert base.dual_expert_bytes == 2 * 2048 * 4032 + 7168 * 1680 + 3 * numel * BF16 + numel * FP32
+    assert base.dual_layer_bytes == 256 * base.dual_expert_bytes
     assert plan_of(v3, PlacementOptions(device="cpu")).dual_expert_bytes == 0
     dual = plan_of(v3, PlacementOptions(device="cuda"), vram=22, dual_buffer=GB)
     assert dual.vram == base.vram + GB <= 22 * GB  # the bound with prefill streaming buffers
