@@ -41,7 +41,7 @@ PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prom
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
 # Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
 # tandem.ops.triton.tiled, which tests hold this to); layers in other formats prefill on the engine.
-DUAL_FORMATS = frozenset({"Q8_0", "Q5_0", "Q4_K", "Q6_K"})
+DUAL_FORMATS = frozenset({"Q8_0", "Q5_0", "Q4_K", "Q6_K", "BF16", "INT8", "INT4"})
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def plan_memory(
             per[0] += nbytes // p.shape[0]
             per[1] += p.numel // p.shape[0]
             per[2] = max(per[2], p.numel // p.shape[0])
-            per[3] = per[3] and fmt in DUAL_FORMATS
+            per[3] = per[3] and fmt.upper() in DUAL_FORMATS
             # Hot experts (--gpu-experts): a float copy of N experts per layer on the --device,
             # beside the engine's full set.
             per_expert = p.numel // p.shape[0] * p.dtype_bytes

@@ -5,7 +5,8 @@ the file format's reference dequantizer (tandem.weights.quant), through the engi
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors: bit-equal (same fp32
 operations in the same order). With CUDA (marked gpu): a fused multiply-add may round the last
 operation once instead of twice, so |got - ref| <= 2^-22 max|ref| per projection.
-Every ISA this CPU and build have whose layout is tiled (AVX2: row groups of 8; AVX-512 / AMX: 16).
+Every ISA this CPU and build have whose layout is tiled (AVX2: row groups of 8; AVX-512 / AMX: 16);
+the GGUF formats of Q4_K_M and the engine's own formats for float checkpoints (BF16, INT8, INT4).
 """
 
 import os
@@ -58,11 +59,46 @@ def test_engine_slabs_dequantize_to_the_file_weights(isa, fmts, hidden, inter):
             assert torch.equal(got, want), proj
 
 
+def float_rows(fmt: str, shape: tuple[int, int, int], g: np.random.Generator):
+    """(what add_layer takes, the weights it stands for) for the engine's own formats: BF16 as bf16
+    floats; INT8 / INT4 as prequantized rows ([fp32 scale][int8 q]; 36-byte blocks [fp32 d][32
+    bytes: element j low nibble of byte j, element j + 32 its high nibble])."""
+    e, rows, k = shape
+    if fmt == "BF16":
+        w = torch.from_numpy(g.standard_normal(shape).astype(np.float32)).bfloat16()
+        return w, w.float()
+    if fmt == "INT8":
+        scale = (g.random((e, rows, 1)) + 0.5).astype(np.float32) / 127
+        q = g.integers(-127, 128, (e, rows, k)).astype(np.int8)
+        raw = np.concatenate([scale.view(np.uint8), q.view(np.uint8)], axis=2)
+        return torch.from_numpy(raw), torch.from_numpy(q.astype(np.float32) * scale)
+    d = (g.random((e, rows, k // 64, 1)) + 0.5).astype(np.float32) / 8
+    codes = g.integers(0, 16, (e, rows, k // 64, 64)).astype(np.uint8)
+    qs = codes[..., :32] | (codes[..., 32:] << 4)
+    raw = np.concatenate([d.view(np.uint8), qs], axis=3).reshape(e, rows, -1)
+    return torch.from_numpy(raw), torch.from_numpy((d * (codes.astype(np.float32) - 8)).reshape(e, rows, k))
+
+
+@pytest.mark.parametrize("isa", TILED_ISAS)
+@pytest.mark.parametrize("fmt, hidden, inter", [("BF16", 200, 72), ("INT8", 200, 72), ("INT4", 256, 128)])
+def test_float_checkpoint_formats(isa, fmt, hidden, inter):
+    """Hidden / intermediate sizes off the formats' padding (BF16 pads K to 32, INT8 to 64)."""
+    g = np.random.default_rng(1)
+    made = [float_rows(fmt, s, g) for s in [(3, inter, hidden), (3, inter, hidden), (3, hidden, inter)]]
+    engine = cpu.create_engine(1, isa=isa)
+    index = cpu.add_layer(engine, fmt, *[m for m, _ in made], prequantized=fmt != "BF16")
+    for proj, (_, want) in zip(("gate", "up", "down"), made):
+        info = engine._native.weight_slab_info(index, 0, proj)
+        slab = torch.from_numpy(engine._native.weight_slab(index, 0, proj)).to(DEVICE)
+        got = tiled.dequantize(slab, fmt, info["rows"], info["cols"], info["row_group"]).cpu()
+        assert torch.equal(got, want), proj  # one fp32 product or none: exact on a GPU too
+
+
 def test_rejects_what_it_cannot_read():
     engine, index, _ = layer(TILED_ISAS[0], ("Q8_0", "Q8_0", "Q8_0"), 64, 32) if TILED_ISAS else (None, None, None)
     slab = torch.zeros(2, 2, 64, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="reads Q8_0"):
-        tiled.dequantize(slab, "BF16", 32, 32, 16)
+        tiled.dequantize(slab, "Q5_K", 32, 32, 16)
     with pytest.raises(ValueError, match="row group"):
         tiled.dequantize(slab, "Q8_0", 32, 32, 1)
     with pytest.raises(ValueError, match="whole blocks"):

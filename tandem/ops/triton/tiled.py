@@ -15,7 +15,11 @@ R rows x 4 bytes, i.e. 4 consecutive codes of every row. Codes and scales per fo
   Q6_K  per 256-super-block: 16 planes of R int8 scales, nibble plane (32 tile-rows), crumb plane
         (16 tile-rows: bits 2 (g % 4) .. +1 of byte 4n + k % 4 are bits 4-5 of granule g's code);
         fp16 d[i][R] after all super-blocks; w = (d sc_{k/16}) (code - 32)
-The Q4_K_M mix of routed experts uses exactly these four.
+The Q4_K_M mix of routed experts uses exactly these four. Float checkpoints' experts, quantized
+or repacked at load (a DeepSeek FP8 checkpoint's become INT8 / INT4):
+  BF16  tile-row j holds w[n][2j], w[n][2j + 1] (K padded to 32)
+  INT8  fp32 scale[R], then an int8 plane (code = q + 128; K padded to 64); w = scale (code - 128)
+  INT4  per 64-block: fp32 d[R], nibble plane of 8 tile-rows; w = d (code - 8)
 
 dequantize(slab [E, groups, group_bytes] uint8, fmt, rows, cols) -> fp32 [E, rows, cols], one
 program per (expert, group, block): bit-equal to the file format's reference dequantizer in
@@ -33,8 +37,9 @@ from tandem.ops.triton.fused import _check_device
 
 __all__ = ["FORMATS", "dequantize"]
 
-# name -> (weights per block, constexpr id)
-FORMATS = {"Q8_0": (32, 0), "Q5_0": (32, 1), "Q4_K": (256, 2), "Q6_K": (256, 3)}
+# name -> (weights per block, constexpr id, rows must hold whole blocks)
+FORMATS = {"Q8_0": (32, 0, True), "Q5_0": (32, 1, True), "Q4_K": (256, 2, True), "Q6_K": (256, 3, True),
+           "BF16": (32, 4, False), "INT8": (64, 5, False), "INT4": (64, 6, True)}
 
 
 @triton.jit
@@ -80,17 +85,31 @@ def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes,
         step = d * sc.to(tl.float32)
         offset = dmin * m.to(tl.float32)
         w = step * code.to(tl.float32) - offset
-    else:  # Q6_K
+    elif FMT == 3:  # Q6_K
         c = g + i * (208 * R)
         sc = tl.load(c + (k // 16) * R + n).to(tl.int8, bitcast=True).to(tl.float32)
         low = (tl.load(c + 16 * R + (gran // 2) * TR + lane).to(tl.int32) >> (4 * (gran % 2))) & 15
         high = (tl.load(c + 144 * R + (gran // 4) * TR + lane).to(tl.int32) >> (2 * (gran % 4))) & 3
         d = _f16(g + (cols // 256) * (208 * R) + i * (2 * R) + 2 * n)
         w = (d * sc) * ((low | (high << 4)) - 32).to(tl.float32)
+    elif FMT == 4:  # BF16, 32 columns per program
+        at = g + (i * 16 + k // 2) * TR + 4 * n + 2 * (k % 2)
+        bits = tl.load(at).to(tl.uint32) | (tl.load(at + 1).to(tl.uint32) << 8)
+        w = (bits << 16).to(tl.float32, bitcast=True)
+    elif FMT == 5:  # INT8, 64 columns per program
+        scale = tl.load((g + 4 * n).to(tl.pointer_type(tl.float32), bitcast=True))
+        code = tl.load(g + 4 * R + (i * 16 + gran) * TR + lane).to(tl.int32)
+        w = scale * (code - 128).to(tl.float32)
+    else:  # INT4
+        c = g + i * (36 * R)
+        d = tl.load((c + 4 * n).to(tl.pointer_type(tl.float32), bitcast=True))
+        code = (tl.load(c + 4 * R + (gran // 2) * TR + lane).to(tl.int32) >> (4 * (gran % 2))) & 15
+        w = d * (code - 8).to(tl.float32)
     row = (eg % groups) * R + n
     expert = eg // groups
-    out = out_ptr + (expert.to(tl.int64) * rows + row) * cols + i * BLK + k
-    tl.store(out, w, mask=(row < rows) & (k < BLK))
+    col = i * BLK + k
+    out = out_ptr + (expert.to(tl.int64) * rows + row) * cols + col
+    tl.store(out, w, mask=(row < rows) & (col < cols))
 
 
 def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: int) -> torch.Tensor:
@@ -98,13 +117,13 @@ def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: in
     (ops.cpu.Engine.weight_slab), laid out with `row_group` rows per group."""
     if fmt not in FORMATS:
         raise ValueError(f"tiled dequantize reads {', '.join(FORMATS)}; got {fmt!r}")
-    blk, fid = FORMATS[fmt]
+    blk, fid, whole = FORMATS[fmt]
     if slab.dtype != torch.uint8 or slab.dim() != 3 or not slab.is_contiguous():
         raise ValueError(f"slab must be contiguous uint8 [E, groups, group_bytes], got {slab.dtype} {tuple(slab.shape)}")
     if row_group < 2 or row_group & (row_group - 1):
         raise ValueError(f"the tiled layout has a power-of-two row group >= 2 (AVX2: 8, AVX-512 / AMX: 16); got "
                          f"{row_group} (an engine on generic kernels keeps the file's rows)")
-    if cols % blk:
+    if whole and cols % blk:
         raise ValueError(f"{fmt} rows hold whole blocks of {blk} weights; got {cols} columns")
     experts, groups, group_bytes = slab.shape
     if groups != triton.cdiv(rows, row_group):
@@ -113,7 +132,7 @@ def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: in
     _check_device(slab)
     out = torch.empty((experts, rows, cols), dtype=torch.float32, device=slab.device)
     if out.numel():
-        _dequant_kernel[(experts * groups, cols // blk)](
+        _dequant_kernel[(experts * groups, triton.cdiv(cols, blk))](
             slab, out, rows, cols, groups, group_bytes, R=row_group, BLK=blk, FMT=fid,
         )  # fmt: skip
     return out
