@@ -137,8 +137,9 @@ class DualExperts(nn.Module):
                 staged = torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
                 for j, e in enumerate(experts):
                     staged[j].copy_(slab[e], non_blocking=True)
-                w = dequantize(staged, info["format"], info["rows"], info["cols"], info["row_group"]).to(dtype)
-                i0, i1 = info["slice"]  # this node's share of I: gate/up rows, down columns
+                w = dequantize(staged, info["format"], info["rows"], info["cols"], info["row_group"])  # fp32
+                del staged
+                i0, i1 = info["slice"]  # this node's share of I: gate/up rows, down columns; cast as copied
                 if proj == "down":
                     full[proj][:, :, i0:i1] = w
                 else:
