@@ -8,7 +8,8 @@ Data path of one long step:
     ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
     -> per batch of S: copy the experts' slabs host -> device, decode them (ops/triton/tiled.py),
-       run them on their tokens (ops.reference.moe_experts with S's local ids)
+       run them on their tokens (ops.reference.moe_experts_padded: batched matmuls over the batch's
+       experts, S's local ids)
     -> wait for the engine; out = engine's part + device's part
 
 The split: an expert costs the engine max(its bytes / cpu_bw, its tokens' FLOPs / cpu_flops) and
@@ -106,8 +107,8 @@ class DualExperts(nn.Module):
         for b0 in range(0, len(taken), batch):  # bounded device memory per batch
             chunk = taken[b0 : b0 + batch]
             in_chunk = (local >= b0) & (local < b0 + len(chunk))
-            part = ops.moe_experts(x, torch.where(in_chunk, local - b0, -1).to(torch.int32), weights,
-                                   *self._weights(chunk, x.device, x.dtype))
+            part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
+                                          *self._weights(chunk, x.device, x.dtype), [counts[e] for e in chunk])
             dev = part if dev is None else dev + part
         return handle, dev
 

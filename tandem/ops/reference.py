@@ -172,6 +172,39 @@ def moe_experts(
     return out.to(x.dtype)
 
 
+def moe_experts_padded(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    w_down: torch.Tensor, counts: list[int],
+) -> torch.Tensor:
+    """moe_experts in a fixed number of batched matmuls: each expert's tokens gathered into rows of
+    [E, max(counts), H] (padding rows compute on zeros and are dropped), so a device launches ~10
+    kernels however many experts run. counts: tokens per expert (ids' histogram), known on the host.
+    Same roundings as moe_experts (x.dtype matmuls, fp32 weighted sum); only the matmuls' internal
+    summation order may differ."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    rows = max(counts, default=0)
+    if rows == 0:
+        return out.to(x.dtype)
+    n_exp, (n_tok, k) = w_gate.shape[0], ids.shape
+    flat = ids.reshape(-1).long()
+    order = flat.argsort(stable=True)
+    valid = order[int((flat < 0).sum()):]  # padding (-1) sorts first
+    expert = flat[valid]
+    start = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
+    rank = torch.arange(valid.numel(), device=x.device) - start[expert]
+    slot = torch.full((n_exp, rows), n_tok * k, dtype=torch.long, device=x.device)  # n_tok * k: a zero row
+    slot[expert, rank] = valid
+    x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
+    tok = torch.where(slot < n_tok * k, slot // k, n_tok)  # [E, rows]
+    xs = x_pad[tok]  # [E, rows, H]
+    h = silu_mul(torch.bmm(xs, w_gate.transpose(1, 2)), torch.bmm(xs, w_up.transpose(1, 2)))
+    y = torch.bmm(h, w_down.transpose(1, 2))  # [E, rows, H]
+    summed = torch.zeros((n_tok + 1, x.shape[1]), dtype=torch.float32, device=x.device)
+    summed.index_add_(0, tok.reshape(-1), (y.float() * w_pad[slot].unsqueeze(-1)).reshape(-1, x.shape[1]))
+    return summed[:n_tok].to(x.dtype)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention-temperature correction for a context stretched by `factor`."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
