@@ -135,9 +135,11 @@ class CpuExperts(nn.Module):
     def _zero_copy(n_tokens: int) -> bool:
         """Decode-sized steps move x / ids / w / out with ops/triton/host_io.py's kernels (larger
         ones, or with TANDEM_STAGING_COPIES set, with copies)."""
+        if os.environ.get("TANDEM_STAGING_COPIES"):
+            return False
         from tandem.ops.triton.host_io import HOST_IO_MAX_TOKENS  # triton: imported on first use
 
-        return n_tokens <= HOST_IO_MAX_TOKENS and not os.environ.get("TANDEM_STAGING_COPIES")
+        return n_tokens <= HOST_IO_MAX_TOKENS
 
     def latest_call(self) -> "cpu.HostCall | None":
         """The stream call that ran last (replayed CUDA graphs run theirs without Python): profiles

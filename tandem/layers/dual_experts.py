@@ -22,6 +22,7 @@ runtime passes its own). Shorter steps (decode) stay on the engine alone.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from tandem.ops import reference as ops
 log = logging.getLogger(__name__)
 
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
+_REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up are huge-page aligned, whole pages
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,13 @@ class DualExperts(nn.Module):
         lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
         handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
-        dev = None
-        batch = self.batch_experts(x.dtype)
-        for b0 in range(0, len(taken), batch):  # bounded device memory per batch
-            chunk = taken[b0 : b0 + batch]
+        dev, b0 = None, 0
+        for chunk in self.batches(taken, counts, x.dtype):  # bounded device memory per batch
             in_chunk = (local >= b0) & (local < b0 + len(chunk))
             part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
                                           *self._weights(chunk, x.device, x.dtype), [counts[e] for e in chunk])
             dev = part if dev is None else dev + part
+            b0 += len(chunk)
         return handle, dev
 
     def wait(self, pending) -> torch.Tensor:
@@ -117,12 +118,29 @@ class DualExperts(nn.Module):
         out = self.cpu_experts.wait(handle)
         return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
 
-    def batch_experts(self, dtype: torch.dtype) -> int:
-        """Experts per batch in buffer_bytes: each holds its blocks, its weights in `dtype` and one
-        projection decoded in fp32 (what MemoryPlan.dual_expert_bytes counts)."""
+    def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
+        """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
+        blocks, its weights in `dtype` and one projection decoded in fp32 (what
+        MemoryPlan.dual_expert_bytes counts), and the padded matmuls give every expert the busiest
+        one's token count of rows (x, gate, up, h, y in `dtype`; fp32 copies of x and y, fp32 sum)."""
         numel = self.hidden * self.inter
-        one = self.expert_bytes + 3 * numel * dtype.itemsize + 4 * numel
-        return max(1, self.buffer_bytes // one)
+        per_expert = self.expert_bytes + 3 * numel * dtype.itemsize + 4 * numel
+        per_token = (2 * self.hidden + 3 * self.inter) * dtype.itemsize + 12 * self.hidden
+        return n * (per_expert + most_tokens * per_token)
+
+    def batches(self, taken: list[int], counts: list[int], dtype: torch.dtype) -> list[list[int]]:
+        """`taken` in consecutive runs that fit buffer_bytes (batch_bytes), at least one expert each.
+        The hottest experts come first, so the first runs are padded the most and hold fewer."""
+        runs: list[list[int]] = []
+        run: list[int] = []
+        for e in taken:
+            if run and self.batch_bytes(len(run) + 1, max(counts[i] for i in run + [e]), dtype) > self.buffer_bytes:
+                runs.append(run)
+                run = []
+            run.append(e)
+        if run:
+            runs.append(run)
+        return runs
 
     def _weights(self, experts: list[int], device: torch.device, dtype: torch.dtype):
         """w_gate, w_up [n, I, H] and w_down [n, H, I] of these experts on `device`, from the slabs."""
@@ -154,12 +172,39 @@ class DualExperts(nn.Module):
         from tandem.ops.cuda_host import register_host
 
         self._registered = True
+        if _PENDING:
+            _unregister([])
+        done: list[int] = []
         try:
             for node in self.slabs:
                 for slab, _ in node.values():
+                    if slab.numel() < _REGISTER_MIN_BYTES:
+                        continue  # a small slab may share pages with other allocations; its copy is cheap anyway
                     register_host(slab.data_ptr(), slab.numel())
+                    done.append(slab.data_ptr())
         except RuntimeError as e:
             log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
+        if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
+            weakref.finalize(self, _unregister, done)
 
     def extra_repr(self) -> str:
         return f"steps of >= {self.min_tokens} tokens split with the device; {self.rates}"
+
+
+_PENDING: list[int] = []  # slabs to unregister once no capture is under way
+
+
+def _unregister(addresses: list[int]) -> None:
+    """A DualExperts' finalizer (it may run in any garbage collection, even during a CUDA graph
+    capture, when neither a sync nor cuMemHostUnregister is allowed: then the next _register does it)."""
+    from tandem.ops.cuda_host import unregister_host
+
+    _PENDING.extend(addresses)
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        torch.cuda.synchronize()  # no copy may still read them
+        while _PENDING:
+            unregister_host(_PENDING.pop())
+    except RuntimeError as e:  # interpreter shutdown: the driver may be gone
+        log.debug("unregistering engine slabs: %s", e)

@@ -115,9 +115,22 @@ def stream_memops() -> str:
 
 def register_host(host_address: int, nbytes: int) -> None:
     """Page-lock host memory the caller keeps (cuMemHostRegister), so copies from it to a GPU are
-    asynchronous DMA at the link's speed. Stays registered for the memory's life."""
+    asynchronous DMA at the link's speed. The caller must unregister_host it before the memory is
+    freed: a registration outliving its memory keeps the old pages pinned, and later memory at
+    those addresses is copied from the old pages."""
     lib = _driver()
     lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     err = lib.cuMemHostRegister_v2(ctypes.c_void_p(host_address), ctypes.c_size_t(nbytes), 0)
-    if err not in (0, 712):  # 712: CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+    if err == 712:  # CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED: a registration nobody undid
+        raise RuntimeError("cuMemHostRegister: the range is already registered (stale registration?)")
+    if err != 0:
         raise RuntimeError(f"cuMemHostRegister failed with CUDA error {err}")
+
+
+def unregister_host(host_address: int) -> None:
+    """Undo register_host(host_address, ...); quiet when it is not registered or CUDA is shut down."""
+    lib = _driver()
+    lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    err = lib.cuMemHostUnregister(ctypes.c_void_p(host_address))
+    if err not in (0, 4, 713):  # 4: CUDA_ERROR_DEINITIALIZED, 713: CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+        raise RuntimeError(f"cuMemHostUnregister failed with CUDA error {err}")

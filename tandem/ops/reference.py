@@ -188,7 +188,7 @@ def moe_experts_padded(
     n_exp, (n_tok, k) = w_gate.shape[0], ids.shape
     flat = ids.reshape(-1).long()
     order = flat.argsort(stable=True)
-    valid = order[int((flat < 0).sum()):]  # padding (-1) sorts first
+    valid = order[n_tok * k - sum(counts):]  # padding (-1) sorts first; counts says how many (no host sync)
     expert = flat[valid]
     start = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
     rank = torch.arange(valid.numel(), device=x.device) - start[expert]

@@ -99,6 +99,27 @@ def test_dual_layer_equals_each_path(layer, rates, what):
     assert_matches(alone, ref, ISA_VS_GENERIC["Q8_K"], "the engine alone")
 
 
+def test_batches_hold_padding_within_the_buffer(layer):
+    """Runs of the device's experts fit the buffer with the padded matmuls' rows counted: each run
+    within buffer_bytes (or a single expert), each as long as it can be, all experts in order."""
+    experts, _ = layer
+    probe = DualExperts(experts, E, H, I, buffer_bytes=1)
+    one, row = probe.batch_bytes(1, 0, torch.bfloat16), probe.batch_bytes(1, 1, torch.bfloat16) - probe.batch_bytes(1, 0, torch.bfloat16)
+    dual = DualExperts(experts, E, H, I, buffer_bytes=4 * (one + 40 * row))  # four experts of 40 tokens
+    counts = [4000, 300, 40, 40, 40, 40, 3, 0]
+    taken = [0, 1, 2, 3, 4, 5, 6]
+    runs = dual.batches(taken, counts, torch.bfloat16)
+    assert [e for r in runs for e in r] == taken
+    assert runs[0] == [0], runs  # the hottest expert's padding leaves no room for a second
+    assert max(len(r) for r in runs) == 4, runs  # lightly loaded experts fill the weights' budget
+    for r, nxt in zip(runs, runs[1:] + [[]]):
+        fits = dual.batch_bytes(len(r), max(counts[e] for e in r), torch.bfloat16) <= dual.buffer_bytes
+        assert fits or len(r) == 1
+        if nxt:  # the next expert would not have fit
+            more = r + nxt[:1]
+            assert dual.batch_bytes(len(more), max(counts[e] for e in more), torch.bfloat16) > dual.buffer_bytes
+
+
 def test_short_steps_stay_on_the_engine(layer):
     experts, _ = layer
     dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=T + 1)

@@ -60,6 +60,8 @@ def test_from_host_reads_new_rows_each_call():
     src = host((1, 2048), torch.float32)
     src.fill_(1.0)
     first = host_io.from_host(src, torch.float32, torch.device(DEVICE))
+    if CUDA:
+        torch.cuda.synchronize()  # the launch is asynchronous: the first read must land before the rewrite
     src.fill_(2.0)  # the CPU rewrites the rows between two reads
     second = host_io.from_host(src, torch.float32, torch.device(DEVICE))
     assert float(first.sum()) == 2048 and float(second.sum()) == 4096

@@ -7,8 +7,9 @@ to_host    x [T, H] (fp32/bf16/fp16), ids [T, k] (int32/int64), w [T, k] (float)
            launch, one program per token, instead of three device-to-host copies (and casts).
 from_host  the engine's pinned out [T, H] (fp32/bf16) -> a new GPU tensor of `dtype`, rounded
            as torch's .to(dtype) rounds (to nearest even): one launch instead of a host-to-device
-           copy and a cast. Loads bypass the GPU's caches (.cv): the CPU wrote the rows since the
-           last read.
+           copy and a cast. Loads are volatile (system scope, never served from a cache): the CPU
+           wrote the rows since the last read. (Not cache_modifier=".cv": Triton's NVIDIA backend
+           ignored .cv on loads until triton-lang/triton#9936, e.g. in 3.6.)
 
 Decode-sized steps only (HOST_IO_MAX_TOKENS): every byte crosses PCIe as the SMs' own loads and
 stores, which suits a few KB, not a prefill chunk (copies stay there). No host syncs; grids from
@@ -53,7 +54,7 @@ def _from_host_kernel(src_ptr, dst_ptr, H, BLOCK_H: tl.constexpr, DTYPE: tl.cons
     cols = tl.arange(0, BLOCK_H)
     for h0 in range(0, H, BLOCK_H):
         c = h0 + cols
-        v = tl.load(src_ptr + t * H + c, mask=c < H, cache_modifier=".cv").to(tl.float32)
+        v = tl.load(src_ptr + t * H + c, mask=c < H, volatile=True).to(tl.float32)
         tl.store(dst_ptr + t * H + c, _round(v, DTYPE, EMULATE_BF16).to(DTYPE), mask=c < H)
 
 
