@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from tandem.ops import reference as ops
 log = logging.getLogger(__name__)
 
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
+PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-lock (staged by the driver)
 _REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up are huge-page aligned, whole pages
 
 
@@ -147,7 +148,7 @@ class DualExperts(nn.Module):
         from tandem.ops.triton.tiled import dequantize  # triton: imported on first use
 
         if device.type == "cuda" and not self._registered:
-            self._register()
+            self.register_slabs()
         full = {"gate": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
                 "up": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
                 "down": torch.empty(len(experts), self.hidden, self.inter, dtype=dtype, device=device)}
@@ -165,16 +166,20 @@ class DualExperts(nn.Module):
                     full[proj][:, i0:i1] = w
         return full["gate"], full["up"], full["down"]
 
-    def _register(self) -> None:
-        """Page-lock the engine's slabs once (this layer's, at its first long step), so the copies
-        run at the link's speed, asynchronously. Where the driver refuses, copies still work,
-        staged through the driver's own pinned buffers (slower)."""
+    def register_slabs(self) -> int:
+        """Page-lock the engine's slabs once (at load, enable_dual_prefill; else at the layer's
+        first long step), so the copies run at the link's speed, asynchronously; returns the bytes
+        locked. Where the driver refuses, copies still work, staged through the driver's own
+        pinned buffers, and the split counts the slower rate (PAGEABLE_H2D)."""
         from tandem.ops.cuda_host import register_host
 
+        if self._registered:
+            return 0
         self._registered = True
         if _PENDING:
             _unregister([])
         done: list[int] = []
+        locked = 0
         try:
             for node in self.slabs:
                 for slab, _ in node.values():
@@ -182,10 +187,13 @@ class DualExperts(nn.Module):
                         continue  # a small slab may share pages with other allocations; its copy is cheap anyway
                     register_host(slab.data_ptr(), slab.numel())
                     done.append(slab.data_ptr())
+                    locked += slab.numel()
         except RuntimeError as e:
             log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
+            self.rates = replace(self.rates, h2d_bw=min(self.rates.h2d_bw, PAGEABLE_H2D))
         if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
             weakref.finalize(self, _unregister, done)
+        return locked
 
     def extra_repr(self) -> str:
         return f"steps of >= {self.min_tokens} tokens split with the device; {self.rates}"
@@ -196,7 +204,7 @@ _PENDING: list[int] = []  # slabs to unregister once no capture is under way
 
 def _unregister(addresses: list[int]) -> None:
     """A DualExperts' finalizer (it may run in any garbage collection, even during a CUDA graph
-    capture, when neither a sync nor cuMemHostUnregister is allowed: then the next _register does it)."""
+    capture, when neither a sync nor cuMemHostUnregister is allowed: then the next registration does it)."""
     from tandem.ops.cuda_host import unregister_host
 
     _PENDING.extend(addresses)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -150,14 +151,16 @@ def place_experts_on_cpu(model: nn.Module, engine: Any, float_format: str = "bf1
 DUAL_BUFFER_BYTES = 1 << 30  # the device memory a dual-path prefill step may use for copied experts
 
 
-def enable_dual_prefill(model: nn.Module, buffer_bytes: int) -> int:
+def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = True) -> int:
     """Wrap every layer's CPU-engine experts in DualExperts (long steps split with the device);
-    returns how many layers can; a layer the device cannot read stays as it is (logged)."""
+    returns how many layers can; a layer the device cannot read stays as it is (logged). With
+    `register` (a CUDA run), the engine's expert memory is page-locked now, as part of loading
+    (seconds per 100 GB), not at the first long prompt."""
     from tandem.layers.cpu_experts import CpuExperts
     from tandem.layers.dual_experts import DualExperts
     from tandem.layers.moe import MoE
 
-    wrapped, kept = 0, {}
+    wrapped, kept, locked, seconds = 0, {}, 0, 0.0
     for name, module in model.named_modules():
         if not isinstance(module, MoE) or not isinstance(module.experts, CpuExperts):
             continue
@@ -169,7 +172,13 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int) -> int:
         module.experts = DualExperts(module.experts, c.num_experts, c.hidden_size, c.intermediate_size,
                                      buffer_bytes=buffer_bytes)
         wrapped += 1
+        if register:
+            t0 = time.perf_counter()
+            locked += module.experts.register_slabs()
+            seconds += time.perf_counter() - t0
     for why_not, names in kept.items():
         log.warning("%d MoE layer(s) keep prefill on the CPU engine alone (%s): %s", len(names), why_not, names[0])
+    if locked:
+        log.info("page-locked %.1f GB of expert weights for dual-path prefill in %.1f s", locked / 1e9, seconds)
     return wrapped
 

@@ -254,7 +254,7 @@ class LLM:
             self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")
             bind_cpu_engine(self.model, self.placement, self.cpu_engine, experts_format)
             if self.plan.dual_buffer:
-                enable_dual_prefill(self.model, self.plan.dual_buffer)
+                enable_dual_prefill(self.model, self.plan.dual_buffer, register=torch.device(device).type == "cuda")
         if self.tokenizer.vocab_size > self.model.embed.num_embeddings:
             raise TandemError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -127,3 +127,37 @@ def test_short_steps_stay_on_the_engine(layer):
     ids, w = routing(T, E, K, seed=6)
     assert torch.equal(run(dual, x, ids, w), run(experts, x, ids, w))
     assert dual.last_split == []
+
+
+def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeypatch):
+    """register_slabs page-locks each large slab once and the locks go when the layer goes (a lock
+    outliving its memory would serve later memory at those addresses from the old pages); where
+    the driver refuses, the split counts copies at the pageable rate."""
+    import gc
+
+    from tandem.layers import dual_experts as de
+    from tandem.ops import cuda_host
+
+    experts, _ = layer
+    locked, unlocked = [], []
+    monkeypatch.setattr(cuda_host, "register_host", lambda addr, n: locked.append(addr))
+    monkeypatch.setattr(cuda_host, "unregister_host", lambda addr: unlocked.append(addr))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(de, "_REGISTER_MIN_BYTES", 0)  # the tiny test slabs count as large
+    dual = DualExperts(experts, E, H, I)
+    slabs = {s.data_ptr() for node in dual.slabs for s, _ in node.values()}
+    assert dual.register_slabs() == sum(s.numel() for node in dual.slabs for s, _ in node.values())
+    assert dual.register_slabs() == 0  # once
+    assert set(locked) == slabs and len(locked) == len(slabs)
+    del dual
+    gc.collect()
+    assert sorted(unlocked) == sorted(locked)
+
+    def refuse(addr, n):
+        raise RuntimeError("cuMemHostRegister failed with CUDA error 1")
+
+    monkeypatch.setattr(cuda_host, "register_host", refuse)
+    dual = DualExperts(experts, E, H, I, rates=DualRates(h2d_bw=50e9))
+    assert dual.register_slabs() == 0
+    assert dual.rates.h2d_bw == de.PAGEABLE_H2D
