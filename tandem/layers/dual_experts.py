@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
 PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-lock (staged by the driver)
-_REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up are huge-page aligned, whole pages
+_REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on a 2 MiB page of their own
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ class DualExperts(nn.Module):
         try:
             for node in self.slabs:
                 for slab, _ in node.values():
-                    if slab.numel() < _REGISTER_MIN_BYTES:
-                        continue  # a small slab may share pages with other allocations; its copy is cheap anyway
+                    if slab.numel() < _REGISTER_MIN_BYTES or slab.data_ptr() % _REGISTER_MIN_BYTES:
+                        continue  # it may share pages with other allocations (small, or TANDEM_HUGEPAGES=0)
                     register_host(slab.data_ptr(), slab.numel())
                     done.append(slab.data_ptr())
                     locked += slab.numel()

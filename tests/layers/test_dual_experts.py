@@ -144,7 +144,7 @@ def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeyp
     monkeypatch.setattr(cuda_host, "unregister_host", lambda addr: unlocked.append(addr))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(de, "_REGISTER_MIN_BYTES", 0)  # the tiny test slabs count as large
+    monkeypatch.setattr(de, "_REGISTER_MIN_BYTES", 1)  # the tiny test slabs count as large and aligned
     dual = DualExperts(experts, E, H, I)
     slabs = {s.data_ptr() for node in dual.slabs for s, _ in node.values()}
     assert dual.register_slabs() == sum(s.numel() for node in dual.slabs for s, _ in node.values())
