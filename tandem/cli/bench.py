@@ -46,6 +46,7 @@ def add_bench_parser(sub) -> None:
                    help="what float-checkpoint experts become (GGUF experts keep their blocks)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="decode eagerly instead of replaying CUDA graphs")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"), help="KV cache format (default: auto)")
     p.add_argument("--max-step-tokens", type=step_tokens, default=512, metavar="N|auto",
                    help="tokens per step: prompts longer than this prefill in chunks (default 512)")
     p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
@@ -162,7 +163,7 @@ def run_bench(args: argparse.Namespace) -> int:
                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                       device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
                       experts_format=args.experts_format, cuda_graph=args.cuda_graph,
-                      max_step_tokens=args.max_step_tokens, gpu_experts=args.gpu_experts)
+                      max_step_tokens=args.max_step_tokens, gpu_experts=args.gpu_experts, kv_cache=args.kv_cache)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -38,6 +38,7 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             cuda_graph=args.cuda_graph,
             gpu_experts=args.gpu_experts,
             calibrate=args.calibrate,
+            kv_cache=args.kv_cache,
         )
     except TandemError as e:
         plan = getattr(e, "plan", None)  # placement.advice.DoesNotFit carries the memory plan

@@ -40,6 +40,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "budget; smaller chunks delay other users' tokens less)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"),
+                   help="KV cache format: auto = the model's dtype; int8 = int8 codes with a scale per 64 "
+                        "values, about half the memory of bf16 (MLA models: DeepSeek-V2/V3/R1)")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
     p.add_argument("--cpu-moe", action="store_true",
                    help="all routed experts in the CPU engine, everything else on --device (the default)")
