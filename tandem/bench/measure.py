@@ -42,6 +42,7 @@ class BenchConfig:
     max_step_tokens: int | str = 512  # the protocol's chunk; "auto" as LLM chooses
     gpu_experts: int | str = 0  # hot experts per layer on the GPU (issue 11's curve); 0 in the protocol's runs
     dual_prefill: bool = True  # long prefill steps split each layer's experts with the GPU (issue 10)
+    kv_cache: str = "auto"  # "int8": the int8 MLA cache
 
     def __post_init__(self):
         if not self.prompts or min(self.prompts) < 1:
@@ -97,7 +98,8 @@ def load(cfg: BenchConfig, progress: bool = True) -> tuple[LLM, float]:
     kw = {"dtype": cfg.dtype, "device": cfg.device, "max_context": cfg.max_context, "max_batch": max(1, cfg.users),
               "progress": progress, "cpu_threads": cfg.threads, "experts_format": cfg.experts_format,
           "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens, "gpu_experts": cfg.gpu_experts,
-          "dual_prefill": cfg.dual_prefill}
+          "dual_prefill": cfg.dual_prefill,
+          "kv_cache": cfg.kv_cache}
     if "cpu_moe" in inspect.signature(LLM.__init__).parameters:
         kw["cpu_moe"] = True  # the protocol: no routed expert on the GPU
     if torch.device(cfg.device).type == "cuda":

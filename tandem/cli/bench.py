@@ -1,10 +1,11 @@
 """`tandem convert --synth ARCH` (shape-true synthetic GGUF) and `tandem bench MODEL` (speed vs bounds)."""
 
 import argparse
+import os
 import shlex
 import sys
 
-from tandem.cli.args import hot_count, step_tokens
+from tandem.cli.args import check_output, check_path, check_threads, hot_count, step_tokens
 from tandem.errors import TandemError
 
 ARCH_NAMES = ("deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b")
@@ -47,6 +48,7 @@ def add_bench_parser(sub) -> None:
                    help="decode eagerly instead of replaying CUDA graphs")
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="prefill with the CPU engine alone (default with a GPU: each layer's experts split with it)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"), help="KV cache format (default: auto)")
     p.add_argument("--max-step-tokens", type=step_tokens, default=512, metavar="N|auto",
                    help="tokens per step: prompts longer than this prefill in chunks (default 512)")
     p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
@@ -73,6 +75,22 @@ def _prompts(text: str) -> tuple[int, ...]:
         raise TandemError(f"--prompts takes comma-separated token counts, e.g. 512,2048,8192; got {text!r}") from None
 
 
+MAX_PROBE_GB = 1024  # the DRAM probe's buffer where the RAM available is unknown
+
+
+def _check_plot_format(path: str) -> None:
+    """matplotlib writes the format the name's suffix says (no suffix: PNG); refuse others before measuring."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise TandemError("--plot needs matplotlib: pip install 'tandem[bench]'") from None
+    suffix = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise TandemError(f"--plot cannot write .{suffix} files; give a name ending in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option that differs from its default)."""
     parts = ["tandem", "bench"] + ([shlex.quote(args.model)] if args.model else [])
@@ -90,11 +108,26 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+MAX_SCALE = 256  # every architecture's shapes are at their floor by then
+MAX_ROUTER_SKEW = 1e6  # S = 8 already makes the hottest expert ~10x the uniform rate
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from tandem.testing.synth import write_synth
 
-    w = write_synth(args.output, args.synth, args.layers, args.qtype, seed=args.seed, router_skew=args.router_skew,
-                    scale=args.scale, mix_depth=args.mix_depth, threads=args.threads, progress=sys.stderr.isatty())
+    check_output("-o/--output", args.output)
+    check_threads("--threads", args.threads)
+    if not 0 <= args.router_skew <= MAX_ROUTER_SKEW:  # also refuses nan
+        raise TandemError(f"--router-skew must be in 0..{MAX_ROUTER_SKEW:g}, got {args.router_skew}")
+    if not 0 <= args.seed < 2**32:  # the file records it as a uint32
+        raise TandemError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    if not 1 <= args.scale <= MAX_SCALE:
+        raise TandemError(f"--scale must be in 1..{MAX_SCALE} (shapes stop shrinking before that), got {args.scale}")
+    try:
+        w = write_synth(args.output, args.synth, args.layers, args.qtype, seed=args.seed, router_skew=args.router_skew,
+                        scale=args.scale, mix_depth=args.mix_depth, threads=args.threads, progress=sys.stderr.isatty())
+    except OSError as e:  # cannot create or fill the file (a read-only place, a full disk): the writer cleaned up
+        raise TandemError(f"cannot write {args.output}: {e.strerror}") from None
     m = w.model
     print(f"wrote {w.path}: {m.arch} {m.layers}/{m.full_layers} layers ({m.dense_layers} dense, {m.moe_layers} MoE), "
           f"{m.qtype}, {len(m.tensors)} tensors, {w.nbytes / 1e9:.2f} GB in {w.seconds:.1f} s ({w.gb_per_s:.2f} GB/s)")
@@ -105,17 +138,35 @@ def run_bench(args: argparse.Namespace) -> int:
     from tandem.bench import report
     from tandem.bench.measure import BenchConfig
     from tandem.bench.suite import bench
+    from tandem.placement.advice import available_ram
+    from tandem.placement.rules import check_device
 
     if (args.model is None) == (args.extrapolate is None):
         raise TandemError("give a MODEL, or --extrapolate A.gguf B.gguf (not both)")
-    if args.bw_gb <= 0:
-        raise TandemError("--bw-gb must be > 0")
+    for path in [args.model, *(args.extrapolate or ())]:
+        check_path("model path", path)
+    ram = available_ram()
+    limit = ram / 1e9 if ram else MAX_PROBE_GB
+    if not 0 < args.bw_gb <= limit:  # also refuses nan and inf
+        raise TandemError(f"--bw-gb must be > 0 and fit in the RAM available ({limit:.1f} GB), got {args.bw_gb}")
+    if args.full_layers is not None and args.extrapolate is None:
+        raise TandemError("--full-layers (the full model's layer count) goes with --extrapolate A.gguf B.gguf")
+    if args.full_layers is not None and args.full_layers < 1:
+        raise TandemError(f"--full-layers must be >= 1 (the full model's layer count), got {args.full_layers}")
+    if args.seed < 0:
+        raise TandemError(f"--seed must be >= 0, got {args.seed}")
+    check_device(args.device)
+    check_threads("--threads", args.threads)
+    check_output("--json", args.json)
+    check_output("--plot", args.plot)
+    if args.plot:
+        _check_plot_format(args.plot)
     cfg = BenchConfig(model=args.model or args.extrapolate[0], prompts=_prompts(args.prompts), context=args.context,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                       device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
                       experts_format=args.experts_format, cuda_graph=args.cuda_graph,
                       max_step_tokens=args.max_step_tokens, gpu_experts=args.gpu_experts,
-                      dual_prefill=args.dual_prefill)
+                      dual_prefill=args.dual_prefill, kv_cache=args.kv_cache)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -123,9 +174,12 @@ def run_bench(args: argparse.Namespace) -> int:
     result = bench(cfg, extrapolate=tuple(args.extrapolate) if args.extrapolate else None, profile=args.profile,
                    peer=args.peer, llama_bench=args.llama_bench, full_layers=args.full_layers,
                    bw_bytes=int(args.bw_gb * 1e9), progress=sys.stderr.isatty(), command=_command(args), log=log)
-    if args.json:
-        report.write_json(result, args.json)
-    if args.plot:
-        report.plot(result, args.plot)
+    try:
+        if args.json:
+            report.write_json(result, args.json)
+        if args.plot:
+            report.plot(result, args.plot)
+    except OSError as e:  # checked before measuring; this is the disk filling up or the folder going away
+        raise TandemError(f"cannot write {e.filename or 'the results'}: {e.strerror}") from None
     print(report.table(result))
     return 0

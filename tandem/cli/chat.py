@@ -39,6 +39,7 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             dual_prefill=args.dual_prefill,
             gpu_experts=args.gpu_experts,
             calibrate=args.calibrate,
+            kv_cache=args.kv_cache,
         )
     except TandemError as e:
         plan = getattr(e, "plan", None)  # placement.advice.DoesNotFit carries the memory plan

@@ -7,11 +7,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tandem.cli.args import check_output, check_path
 from tandem.cli.main import read_text_file
 from tandem.errors import TandemError
 from tandem.runtime.demo import demo_model_dir
 from tandem.runtime.evaluate import perplexity, quality_variants, set_experts_per_token
 from tandem.runtime.llm import LLM
+from tandem.runtime.loader import read_config
 
 
 def add_eval_parser(sub) -> None:
@@ -33,7 +35,9 @@ def add_eval_parser(sub) -> None:
 
 def load_text(args: argparse.Namespace, model: Path) -> str:
     if args.text:
-        return read_text_file(args.text)
+        return read_text_file(args.text, "text file")
+    if not model.exists():
+        raise TandemError(f"model path {str(model)!r} does not exist")
     default = model / "heldout.txt" if model.is_dir() else None
     if default is None or not default.is_file():
         raise TandemError(f"{model} ships no heldout.txt: give a text file with --text")
@@ -45,7 +49,21 @@ def tokens_of(llm: LLM, text: str, max_tokens: int | None) -> list[int]:
     return ids[:max_tokens] if max_tokens else ids
 
 
+def check_eval_options(args: argparse.Namespace) -> None:
+    check_path("model path", args.model)
+    check_path("--text", args.text)
+    if args.window < 2:
+        raise TandemError(f"--window must be >= 2 tokens, got {args.window}")
+    if args.stride is not None and not 1 <= args.stride <= args.window:
+        raise TandemError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise TandemError(f"--max-tokens must be >= 2 (perplexity scores each token after the first), "
+                          f"got {args.max_tokens}")
+    check_output("--json", getattr(args, "json", None))
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    check_eval_options(args)
     model = Path(args.model) if args.model else demo_model_dir()
     text = load_text(args, model)
     progress = sys.stderr.isatty()
@@ -62,9 +80,13 @@ def run_compare(args: argparse.Namespace, model: Path, text: str, progress: bool
 
     if not (model / "config.json").is_file():
         raise TandemError("eval compare converts from an HF model directory; give one (GGUF input is not supported)")
+    top_k = read_config(model).get("num_experts_per_tok")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise TandemError(f"{model / 'config.json'}: num_experts_per_tok is {top_k!r}; eval compare needs an MoE "
+                          "model whose config gives its experts per token (an integer >= 1)")
     rows, ids, base = [], None, None
     with tempfile.TemporaryDirectory(prefix="tandem-eval-") as tmp:
-        for variant in quality_variants(top_k=json.loads((model / "config.json").read_text())["num_experts_per_tok"]):
+        for variant in quality_variants(top_k=top_k):
             path = model if variant.weights == "model" else write_gguf(model, Path(tmp) / f"{variant.weights}.gguf", variant.weights)
             llm = LLM(path, max_context=args.window, progress=False, **variant.llm)
             if variant.experts_per_token:
@@ -81,5 +103,8 @@ def run_compare(args: argparse.Namespace, model: Path, text: str, progress: bool
         print(f"{row['variant']:<28} {row['ppl']:>11.4f} {row['vs_baseline_pct']:>+11.2f}%")
     print(f"({rows[0]['tokens']} tokens scored, window {args.window}, model {model})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "window": args.window, "rows": rows}, indent=2))
+        try:
+            Path(args.json).write_text(json.dumps({"model": str(model), "window": args.window, "rows": rows}, indent=2))
+        except OSError as e:  # checked before scoring; this is the disk filling up or the folder going away
+            raise TandemError(f"cannot write --json {args.json!r}: {e.strerror}") from None
     return 0

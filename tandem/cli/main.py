@@ -4,9 +4,10 @@ User errors (TandemError) print one line and exit with status 2, without a trace
 """
 
 import argparse
+import os
 import sys
 
-from tandem.cli.args import hot_count, step_tokens
+from tandem.cli.args import check_path, check_threads, hot_count, step_tokens
 from tandem.cli.bench import add_bench_parser, add_convert_parser
 from tandem.errors import NaNLogits, TandemError
 
@@ -42,6 +43,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="keep long prefill steps' routed experts on the CPU engine alone (by default, with a GPU, "
                         "each layer's experts are split between the engine and the GPU, which copies its share)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"),
+                   help="KV cache format: auto = the model's dtype; int8 = int8 codes with a scale per 64 "
+                        "values, about half the memory of bf16 (MLA models: DeepSeek-V2/V3/R1)")
     # Placement (tandem.placement): routed experts in CPU RAM, the rest on --device; see the plan table.
     p.add_argument("--cpu-moe", action="store_true",
                    help="all routed experts in the CPU engine, everything else on --device (the default)")
@@ -71,11 +75,23 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+MAX_BUDGET_GB = 1e6  # a petabyte: more is a typo (and inf or 1e308 GB overflow a byte count)
+
+
 def check_model_options(args: argparse.Namespace) -> None:
     """Refuse bad engine sizes before loading (which may take minutes); the runtime checks them again."""
+    from tandem.placement.rules import check_device
+
+    check_path("model path", args.model)
+    check_path("--config-dir", args.config_dir)
+    check_device(args.device)
+    check_threads("--threads", args.threads)
     if args.max_step_tokens != "auto" and args.max_step_tokens < 1:
         raise TandemError(f"--max-step-tokens must be >= 1 or auto, got {args.max_step_tokens}: it is the number "
                           "of tokens one step may feed the model")
+    for flag, gb in (("--vram-budget", args.vram_budget), ("--ram-budget", args.ram_budget)):
+        if gb is not None and not 0 < gb <= MAX_BUDGET_GB:
+            raise TandemError(f"{flag} must be a positive number of GB, at most {MAX_BUDGET_GB:g}, got {gb}")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -150,45 +166,56 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_server(open_model(args, path), settings, sock)
 
 
-def read_text_file(path: str) -> str:
+def read_text_file(path: str, what: str = "prompt file") -> str:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise TandemError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+        raise TandemError(f"cannot read {what} {path!r}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise TandemError(f"prompt file {path!r} is not UTF-8 text") from None
+        raise TandemError(f"{what} {path!r} is not UTF-8 text") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        from tandem.runtime.inspect import describe, format_description
+
+        check_path("model path", args.model)
+        check_path("--config-dir", args.config_dir)
+        print(format_description(describe(args.model, args.config_dir)))
+        return 0
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command in ("bench", "convert"):
+        from tandem.cli.bench import run_bench, run_convert
+
+        return run_bench(args) if args.command == "bench" else run_convert(args)
+    if args.command == "eval":
+        from tandem.cli.evaluate import run_eval
+
+        return run_eval(args)
+    from tandem.cli import chat
+
+    if args.command == "chat":
+        return chat.run_chat(args)
+    return chat.run_generate(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "inspect":
-            from tandem.runtime.inspect import describe, format_description
-
-            print(format_description(describe(args.model, args.config_dir)))
-            return 0
-        if args.command == "serve":
-            return run_serve(args)
-        if args.command in ("bench", "convert"):
-            from tandem.cli.bench import run_bench, run_convert
-
-            return run_bench(args) if args.command == "bench" else run_convert(args)
-        if args.command == "eval":
-            from tandem.cli.evaluate import run_eval
-
-            return run_eval(args)
-        from tandem.cli import chat
-
-        if args.command == "chat":
-            return chat.run_chat(args)
-        return chat.run_generate(args)
+        status = run_command(args)
+        sys.stdout.flush()  # a reader that left shows here, not as a second error at exit
+        return status
     except (TandemError, NaNLogits) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tandem generate ... | head`: the reader left, as with any Unix filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter the pipe stopped
 
 
 if __name__ == "__main__":

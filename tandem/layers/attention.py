@@ -84,6 +84,7 @@ class MLAttention(nn.Module):
     # expands K/V, which costs fewer FLOPs when many queries share the context, kv_chunk context
     # tokens at a time.
     kv_chunk = PREFILL_KV_CHUNK
+    kv_int8 = False  # cache rows of int8 codes + fp32 scales (ops.reference.mla_int8_layout)
 
     def __init__(self, cfg: MLAConfig, layer_idx: int):
         super().__init__()
@@ -102,6 +103,17 @@ class MLAttention(nn.Module):
         self.rope = Rope(cfg.rope)
         self.scale = qk_dim**-0.5 * cfg.rope.softmax_scale_factor()
 
+    @property
+    def cache_width(self) -> int:
+        c, dr = self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
+        return ops.mla_int8_layout(c, dr)[2] if self.kv_int8 else c + dr
+
+    def _cache_values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Cache rows -> [n, latent | k_pe] in dtype."""
+        if self.kv_int8:
+            return ops.mla_int8_values(rows, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim).to(dtype)
+        return rows.to(dtype)
+
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         n_tok, nh, dn, dr, dv = x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -117,7 +129,10 @@ class MLAttention(nn.Module):
         else:
             latent, k_pe = kv.split([cfg.kv_lora_rank, dr], dim=-1)
             latent, k_pe = norm(latent), self.rope(k_pe, cos, sin)
-            cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+            if self.kv_int8:
+                cache[meta.slot_mapping] = ops.mla_int8_rows(latent, k_pe)
+            else:
+                cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
 
         w_kv_b = self.kv_b_proj.weight.view(nh, dn + dv, cfg.kv_lora_rank)
         if meta.kernels and meta.max_query_len <= DECODE_MAX_QUERIES:
@@ -137,7 +152,7 @@ class MLAttention(nn.Module):
             slots = meta.context_slots(s)
             offset = meta.context_lens[s] - (b - a)
             if b - a <= DECODE_MAX_QUERIES:
-                c_ctx, kpe_ctx = cache[slots].to(x.dtype).split([cfg.kv_lora_rank, dr], dim=-1)
+                c_ctx, kpe_ctx = self._cache_values(cache[slots], x.dtype).split([cfg.kv_lora_rank, dr], dim=-1)
                 out[a:b] = ops.mla_attention_absorbed(
                     q_nope[a:b], q_pe[a:b], c_ctx, kpe_ctx, w_kv_b[:, :dn], w_kv_b[:, dn:], self.scale, offset
                 )
@@ -148,7 +163,7 @@ class MLAttention(nn.Module):
     def _expand(self, rows: torch.Tensor, dtype: torch.dtype):
         """Cache rows [n, latent | k_pe] -> per-head k_nope [n, nh, dn] and v [n, nh, dv], and k_pe [n, dr]."""
         cfg = self.cfg
-        latent, k_pe = rows.to(dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self._cache_values(rows, dtype).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(latent).view(-1, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         return k_nope, v, k_pe
@@ -199,6 +214,10 @@ class GQAConfig:
 
 
 class GQAttention(nn.Module):
+    @property
+    def cache_width(self) -> int:
+        return self.cfg.cache_width
+
     def __init__(self, cfg: GQAConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx

@@ -160,4 +160,18 @@ class CausalLM(nn.Module):
         return self.lm_head(x).float()
 
     def cache_widths(self) -> list[int]:
-        return [layer.attn.cfg.cache_width for layer in self.layers]
+        """Elements of one cache row per layer (bytes, for an int8 MLA cache)."""
+        return [layer.attn.cache_width for layer in self.layers]
+
+    def cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model running in `dtype`: uint8 rows when its MLA layers keep
+        an int8 cache (set_kv_int8), else `dtype`."""
+        return torch.uint8 if any(getattr(layer.attn, "kv_int8", False) for layer in self.layers) else dtype
+
+    def set_kv_int8(self) -> None:
+        """Keep the KV cache in int8 (MLA: ops.reference.mla_int8_layout; about half of bf16). Call
+        before the cache is made."""
+        if not all(hasattr(layer.attn, "kv_int8") for layer in self.layers):
+            raise TandemError("an int8 KV cache is implemented for MLA models (DeepSeek-V2/V3/R1) only")
+        for layer in self.layers:
+            layer.attn.kv_int8 = True

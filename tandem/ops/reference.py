@@ -210,6 +210,52 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+KV_INT8_GROUP = 64  # latent values per scale in the int8 MLA cache (the rope key has one scale)
+
+
+def mla_int8_layout(c: int, dr: int) -> tuple[int, int, int]:
+    """(groups, scale byte offset, row bytes) of an int8 MLA cache row: c + dr int8 values
+    (latent | rope key), padded to 4 bytes, then fp32 scales: one per KV_INT8_GROUP latent values
+    (ceil(c / 64) of them) and one for the rope key. DeepSeek-V2/V3 (c 512, dr 64): 612 bytes, not 1152."""
+    groups = -(-c // KV_INT8_GROUP)
+    offset = -(-(c + dr) // 4) * 4
+    return groups, offset, offset + 4 * (groups + 1)
+
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., g] fp32 -> int8 codes and one fp32 scale per row of g: code = round(x / scale) (half
+    away from zero), scale = max|x| / 127 (1 for a zero row). The kernels compute the same ops."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    y = x / scale
+    return (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8), scale
+
+
+def mla_int8_rows(latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+    """latent [n, c], k_pe [n, dr] (already normalized / rotated and rounded to the model's dtype)
+    -> int8 cache rows uint8 [n, row bytes] (mla_int8_layout)."""
+    n, c, dr = latent.shape[0], latent.shape[1], k_pe.shape[1]
+    groups, offset, width = mla_int8_layout(c, dr)
+    lat = torch.nn.functional.pad(latent.float(), (0, groups * KV_INT8_GROUP - c)).view(n, groups, KV_INT8_GROUP)
+    lat_q, lat_s = _quantize_int8(lat)
+    pe_q, pe_s = _quantize_int8(k_pe.float())
+    rows = torch.zeros(n, width, dtype=torch.uint8, device=latent.device)
+    rows[:, :c] = lat_q.view(n, -1)[:, :c].view(torch.uint8)
+    rows[:, c : c + dr] = pe_q.view(torch.uint8)
+    rows[:, offset:] = torch.cat((lat_s[..., 0], pe_s), dim=1).contiguous().view(torch.uint8)
+    return rows
+
+
+def mla_int8_values(rows: torch.Tensor, c: int, dr: int) -> torch.Tensor:
+    """int8 cache rows uint8 [n, row bytes] -> fp32 [n, c + dr] (latent | rope key), code x scale."""
+    groups, offset, _ = mla_int8_layout(c, dr)
+    codes = rows[:, : c + dr].contiguous().view(torch.int8).float()
+    scales = rows[:, offset : offset + 4 * (groups + 1)].contiguous().view(torch.float32)  # [n, groups + 1]
+    per_value = torch.cat((scales[:, :groups].repeat_interleave(KV_INT8_GROUP, dim=1)[:, :c],
+                           scales[:, groups:].expand(-1, dr)), dim=1)
+    return codes * per_value
+
+
 def mla_attention_absorbed(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,

@@ -68,7 +68,7 @@ class Engine:
     ):
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         num_blocks = max_batch * -(-max_context // block_size)
-        self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, dtype, device)
+        self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, model.cache_dtype(dtype), device)
         self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens)
         self.runner = Runner(model, self.cache, device, cuda_graphs=cuda_graphs, max_context=max_context)
         self._ids = itertools.count()

@@ -161,6 +161,7 @@ class LLM:
         calibrate: str | Path | None = None,
         prefill_kv_chunk: int | str = "auto",
         dual_prefill: bool = True,
+        kv_cache: str = "auto",
     ):
         """experts: 'cpu' runs routed experts in the C++ CPU engine (float checkpoints repacked to
         `experts_format`: bf16, int8 or int4; GGUF experts keep their blocks), 'torch' in plain torch.
@@ -186,7 +187,11 @@ class LLM:
         least layers.dual_experts.DUAL_MIN_TOKENS tokens split each layer's experts between the
         engine and the GPU, which copies its share from the engine's memory; the plan reserves
         runtime.experts.DUAL_BUFFER_BYTES for it (at most a whole layer's experts; one expert's worth
-        when less fits, none when not even that does)."""
+        when less fits, none when not even that does).
+        kv_cache: "auto" (the model's dtype) or "int8" (MLA models: int8 codes with a scale per 64
+        values, about half of bf16's bytes; --kv-cache int8)."""
+        if kv_cache not in ("auto", "int8"):
+            raise TandemError(f"--kv-cache must be auto or int8, got {kv_cache!r}")
         if torch.device(device).type == "cuda" and experts == "cpu":
             _blocking_sync(torch.device(device).index or 0)
         options = PlacementOptions(device=device, experts=experts, cpu_moe=cpu_moe, n_cpu_moe_layers=n_cpu_moe_layers,
@@ -207,6 +212,8 @@ class LLM:
             self.defaults = files.generation_defaults()
             # Plan on the meta model, from headers alone: refuse before any big allocation.
             net = meta_model(files.model_class(), cfg, self.dtype)
+            if kv_cache == "int8":
+                net.set_kv_int8()  # the plan counts the int8 rows
             self.placement = build_placement(options, experts_modules(net))
             ckpt, rename, _, derived = checkpoint_view(files, net)
             vram, ram, sources = budgets(device, vram_budget, ram_budget)
@@ -249,6 +256,8 @@ class LLM:
         for module in self.model.modules():
             if isinstance(module, MLAttention):
                 module.kv_chunk = self.prefill_kv_chunk
+        if kv_cache == "int8":
+            self.model.set_kv_int8()
         self.cpu_engine = None
         if any(t.backend == "engine" for t in experts_targets(self.model, self.placement).values()):
             self.cpu_engine = create_cpu_engine(cpu_threads, gpu=torch.device(device).type == "cuda")

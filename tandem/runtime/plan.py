@@ -180,7 +180,7 @@ def plan_model(
     return plan_memory(
         params,
         placement,
-        kv_bytes_per_token=sum(net.cache_widths()) * net.embed.weight.element_size(),
+        kv_bytes_per_token=sum(net.cache_widths()) * net.cache_dtype(net.embed.weight.dtype).itemsize,
         max_context=max_context,
         max_batch=max_batch,
         block_size=block_size,

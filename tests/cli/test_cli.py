@@ -194,3 +194,15 @@ def test_cuda_graph_and_gpu_experts_flags_reach_the_llm(model, monkeypatch):
     assert run(argv) == 0
     assert (seen[0]["cuda_graph"], seen[0]["gpu_experts"]) == (False, "auto")
     assert (seen[1]["cuda_graph"], seen[1]["gpu_experts"]) == (True, 0)
+
+
+def test_kv_cache_int8_flag(model, capsys, tmp_path):
+    from tandem.runtime.llm import LLM
+
+    expected = LLM(model, progress=False, kv_cache="int8").generate("def f(x):", max_new_tokens=6, temperature=0).text
+    assert run(["generate", model, "--prompt", "def f(x):", "--max-new-tokens", "6", "--temperature", "0",
+                "--kv-cache", "int8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    qwen = write_tiny(tmp_path, "qwen3_moe", seed=4)
+    assert run(["generate", qwen, "--prompt", "x", "--kv-cache", "int8"]) == 2
+    assert "int8 KV cache is implemented for MLA models" in capsys.readouterr().err

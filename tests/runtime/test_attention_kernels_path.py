@@ -20,9 +20,11 @@ VARIANTS = ["deepseek_v3", "deepseek_v2_lite", "qwen3_moe", "mixtral_window"]
 LENGTHS = [5, 37, 12]  # three sequences, prompts of different lengths
 
 
-def run_steps(model, device: str, kernels: bool, prompts: list[list[int]], steps: list[list[int]]) -> list[torch.Tensor]:
-    """Prefill every prompt, then feed steps[i] (new tokens per sequence) as one batch each; logits per step."""
-    cache = PagedKVCache(model.cache_widths(), 24, 8, torch.float32, device)
+def run_steps(model, device: str, kernels: bool, prompts: list[list[int]], steps: list[list[int]],
+              dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Prefill every prompt, then feed steps[i] (new tokens per sequence) as one batch each; logits per step.
+    dtype: the cache's (uint8: an int8 MLA cache)."""
+    cache = PagedKVCache(model.cache_widths(), 24, 8, dtype, device)
     runner = Runner(model, cache, device, kernels=kernels, max_context=96)
     seqs = [Sequence(i, p, SamplingParams()) for i, p in enumerate(prompts)]
     # Shuffled block ids: the kernels must follow the block tables, not assume contiguity.

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from tandem.ops.reference import KV_INT8_GROUP, mla_int8_layout
+
 _LOG2E = 1.4426950408889634
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,9 +53,13 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.min_chunk must be >= 1, got {self.min_chunk}")
 
 
-def default_config(head_dim: int) -> DecodeConfig:
+def default_config(head_dim: int, int8: bool = False) -> DecodeConfig:
     """Tile sizes by the width of one key (MLA: kv_lora_rank; GQA: head_dim). Untuned guesses for
     H100/H200; `benchmarks/gpu_attention.py --tune` measures alternatives."""
+    if head_dim >= 256 and int8:
+        # int8 rows dequantized in registers: 16-key tiles on 8 warps compile without spills for
+        # sm_90a (32-key tiles spilled 140 bytes a thread; .dev/compile_check.py).
+        return DecodeConfig(block_h=16, block_n=16, num_warps=8, num_stages=2)
     if head_dim >= 256:
         # MLA latent: [16, 512] fp32 accumulator + [32, 512] tiles need 8 warps to stay near 120
         # registers a thread (4 warps: ~210); two stages of tiles are ~56 KB of shared memory.
@@ -110,11 +116,15 @@ def mla_decode(
     c, dr = q_lat.shape[-1], q_pe.shape[-1]
     if q_pe.dim() != 3 or q_pe.shape[:2] != q_lat.shape[:2]:
         raise ValueError(f"q_pe {tuple(q_pe.shape)} must be [T, nh, dr] matching q_lat {tuple(q_lat.shape)}")
-    _check_common(q_lat, cache, block_tables, seq_of_token, positions, block_size, num_splits, c + dr, "c + dr")
-    config = config or default_config(c)
+    int8 = cache.dtype == torch.uint8  # rows of int8 codes and fp32 scales (reference.mla_int8_layout)
+    groups, scale_col, width = mla_int8_layout(c, dr) if int8 else (0, 0, c + dr)
+    _check_common(q_lat, cache, block_tables, seq_of_token, positions, block_size, num_splits, width,
+                  "int8 row bytes" if int8 else "c + dr")
+    config = config or default_config(c, int8)
     return _launch(
         q_lat, q_pe, cache, block_tables, seq_of_token, positions, block_size, scale, num_splits, config,
         num_kv_heads=1, d1=c, d2=dr, dv=c, k_col_per_head=0, v_is_k=True, v_col=0, v_col_per_head=0, window=None,
+        scale_col=scale_col, groups=groups,
     )
 
 
@@ -161,8 +171,9 @@ def _check_common(q, cache, block_tables, seq_of_token, positions, block_size, n
     n_tok = q.shape[0]
     if cache.dim() != 2 or cache.shape[1] != width:
         raise ValueError(f"cache must be [rows, {width_name} = {width}], got {tuple(cache.shape)}")
-    if cache.dtype not in _CACHE_DTYPES or q.dtype not in _CACHE_DTYPES:
-        raise ValueError(f"query/cache dtypes must be fp32, bf16 or fp16, got {q.dtype} / {cache.dtype}")
+    if cache.dtype not in _CACHE_DTYPES + (torch.uint8,) or q.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"query dtype must be fp32, bf16 or fp16 and the cache's those or uint8 (int8 MLA rows), "
+                         f"got {q.dtype} / {cache.dtype}")
     if cache.stride(1) != 1:
         raise ValueError("cache rows must be contiguous (stride 1 along the width)")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:
@@ -192,10 +203,12 @@ def _block_h(config: DecodeConfig, group: int) -> int:
 
 def _launch(
     q, q_pe, cache, block_tables, seq_of_token, positions, block_size, scale, num_splits, config,
-    *, num_kv_heads, d1, d2, dv, k_col_per_head, v_is_k, v_col, v_col_per_head, window,
+    *, num_kv_heads, d1, d2, dv, k_col_per_head, v_is_k, v_col, v_col_per_head, window, scale_col=0, groups=0,
 ):
     """Keys: columns [kvh * k_col_per_head, +d1) (+ rope columns [d1, d1 + d2) when q_pe is given);
-    values: the key columns themselves (v_is_k, MLA) or [v_col + kvh * v_col_per_head, +dv)."""
+    values: the key columns themselves (v_is_k, MLA) or [v_col + kvh * v_col_per_head, +dv).
+    A uint8 cache holds int8 MLA rows: codes in those columns (bytes), fp32 scales from byte
+    scale_col (one per INT8_GROUP key columns, then the rope key's)."""
     n_tok, nh = q.shape[:2]
     group = nh // num_kv_heads
     block_h = _block_h(config, group)
@@ -214,6 +227,7 @@ def _launch(
     has_pe = q_pe is not None
     qpe = q_pe if has_pe else q
     fp32 = q.dtype == torch.float32 or cache.dtype == torch.float32
+    int8 = cache.dtype == torch.uint8
     interpreted = isinstance(_split_kernel, InterpretedFunction)
     # Triton launches on the current GPU, which need not be q's.
     # Head rows and dims are padded to powers of two (tl.arange needs them); masks hide the padding.
@@ -227,11 +241,11 @@ def _launch(
             o_part, o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse, lse.stride(0), lse.stride(1),
             scale * _LOG2E, window or 0, group, num_splits,
-            d1, d2, dv, k_col_per_head, d1, v_col, v_col_per_head,
+            d1, d2, dv, k_col_per_head, d1, v_col, v_col_per_head, scale_col, groups,
             BLOCK_SIZE=block_size, BLOCK_H=block_h, BLOCK_N=block_n, MIN_CHUNK=min_chunk,
             BLOCK_D1=_pow2(d1), BLOCK_D2=_pow2(d2), BLOCK_DV=_pow2(dv),
             HAS_PE=has_pe, V_IS_K=v_is_k, HAS_WINDOW=window is not None,
-            DIRECT=direct, FP32=fp32, DOT_PRECISION="ieee" if fp32 else "tf32",
+            DIRECT=direct, FP32=fp32, KV_INT8=int8, INT8_GROUP=KV_INT8_GROUP, DOT_PRECISION="ieee" if fp32 else "tf32",
             DOT_UPCAST=interpreted and not fp32, WHILE_LOOP=interpreted,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -260,12 +274,12 @@ def _split_kernel(
     o_ptr, o_st, o_sh, o_ss,  # DIRECT: out [T, nh, DV]; else fp32 partials [T, nh, S, DV]
     lse_ptr, lse_st, lse_sh,  # [T, nh, S] fp32, log2 units
     qk_scale, window, group, num_splits,
-    D1, D2, DV, k_col_per_head, pe_col, v_col, v_col_per_head,
+    D1, D2, DV, k_col_per_head, pe_col, v_col, v_col_per_head, scale_col, groups,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PE: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DIRECT: tl.constexpr, FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    DIRECT: tl.constexpr, FP32: tl.constexpr, KV_INT8: tl.constexpr, INT8_GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     # Head blocks vary fastest in launch order, so the programs reading one chunk run together
     # and the heads beyond the first block find its tiles in L2.
@@ -293,7 +307,7 @@ def _split_kernel(
         q_ptr + t64 * q_st + heads[:, None] * q_sh + d1[None, :] * q_sd,
         mask=h_mask[:, None] & (d1[None, :] < D1), other=0.0,
     )  # [BLOCK_H, BLOCK_D1]
-    cdt = cache_ptr.dtype.element_ty
+    cdt = q_ptr.dtype.element_ty if KV_INT8 else cache_ptr.dtype.element_ty  # int8 rows: dequantized to q's
     q = q.to(tl.float32) if FP32 else q.to(cdt)
     qpe = q  # placeholder when there is no rope part
     if HAS_PE:
@@ -317,16 +331,18 @@ def _split_kernel(
         while start < hi:
             m_i, l_i, acc = _attend_tile(
                 start, hi, m_i, l_i, acc, q, qpe, cache_ptr, cache_sr, bt_row, qk_scale,
-                D1, D2, DV, k_col, pe_col, v_col_h,
-                BLOCK_SIZE, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, HAS_PE, V_IS_K, FP32, DOT_PRECISION, DOT_UPCAST,
+                D1, D2, DV, k_col, pe_col, v_col_h, scale_col, groups,
+                BLOCK_SIZE, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, HAS_PE, V_IS_K, FP32, KV_INT8, INT8_GROUP,
+                DOT_PRECISION, DOT_UPCAST,
             )
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 start, hi, m_i, l_i, acc, q, qpe, cache_ptr, cache_sr, bt_row, qk_scale,
-                D1, D2, DV, k_col, pe_col, v_col_h,
-                BLOCK_SIZE, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, HAS_PE, V_IS_K, FP32, DOT_PRECISION, DOT_UPCAST,
+                D1, D2, DV, k_col, pe_col, v_col_h, scale_col, groups,
+                BLOCK_SIZE, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, HAS_PE, V_IS_K, FP32, KV_INT8, INT8_GROUP,
+                DOT_PRECISION, DOT_UPCAST,
             )
 
     dv = tl.arange(0, BLOCK_DV)
@@ -347,11 +363,11 @@ def _split_kernel(
 @triton.jit
 def _attend_tile(
     start, hi, m_i, l_i, acc, q, qpe, cache_ptr, cache_sr, bt_row, qk_scale,
-    D1, D2, DV, k_col, pe_col, v_col,
+    D1, D2, DV, k_col, pe_col, v_col, scale_col, groups,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_PE: tl.constexpr, V_IS_K: tl.constexpr, FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    HAS_PE: tl.constexpr, V_IS_K: tl.constexpr, FP32: tl.constexpr, KV_INT8: tl.constexpr,
+    INT8_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One tile of keys start..start+BLOCK_N-1 (those < hi) folded into the online softmax."""
     n = start + tl.arange(0, BLOCK_N)
@@ -360,13 +376,27 @@ def _attend_tile(
     row = cache_ptr + (blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE) * cache_sr  # [BLOCK_N]
     # Masked keys load as zeros, so stale or NaN rows past the context never reach the sums.
     d1 = tl.arange(0, BLOCK_D1)
-    k = tl.load(row[:, None] + k_col + d1[None, :], mask=n_mask[:, None] & (d1[None, :] < D1), other=0.0)
-    k = k.to(tl.float32) if FP32 else k
+    k_mask = n_mask[:, None] & (d1[None, :] < D1)
+    if KV_INT8:  # code x its group's scale, in the query's dtype
+        codes = tl.load(row[:, None] + k_col + d1[None, :], mask=k_mask, other=0).to(tl.int8, bitcast=True)
+        scales = tl.load((row[:, None] + scale_col + 4 * (d1[None, :] // INT8_GROUP)).to(
+            tl.pointer_type(tl.float32), bitcast=True), mask=k_mask, other=0.0)
+        k = (codes.to(tl.float32) * scales).to(q.dtype)
+    else:
+        k = tl.load(row[:, None] + k_col + d1[None, :], mask=k_mask, other=0.0)
+        k = k.to(tl.float32) if FP32 else k
     s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST)  # [BLOCK_H, BLOCK_N]
     if HAS_PE:
         d2 = tl.arange(0, BLOCK_D2)
-        kpe = tl.load(row[:, None] + pe_col + d2[None, :], mask=n_mask[:, None] & (d2[None, :] < D2), other=0.0)
-        kpe = kpe.to(tl.float32) if FP32 else kpe
+        pe_mask = n_mask[:, None] & (d2[None, :] < D2)
+        if KV_INT8:
+            codes = tl.load(row[:, None] + pe_col + d2[None, :], mask=pe_mask, other=0).to(tl.int8, bitcast=True)
+            pe_scale = tl.load((row + scale_col + 4 * groups).to(tl.pointer_type(tl.float32), bitcast=True),
+                               mask=n_mask, other=0.0)
+            kpe = (codes.to(tl.float32) * pe_scale[:, None]).to(qpe.dtype)
+        else:
+            kpe = tl.load(row[:, None] + pe_col + d2[None, :], mask=pe_mask, other=0.0)
+            kpe = kpe.to(tl.float32) if FP32 else kpe
         s += _dot(qpe, tl.trans(kpe), DOT_PRECISION, DOT_UPCAST)
     s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key

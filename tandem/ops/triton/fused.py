@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from tandem.ops.reference import KV_INT8_GROUP, mla_int8_layout
+
 __all__ = ["mla_cache_write", "rms_norm", "rope", "silu_mul"]
 
 _FLOATS = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -155,9 +157,10 @@ def _mla_cache_write_kernel(
     cos_ptr, cos_st, sin_ptr, sin_st,  # [T, HALF]
     cache_ptr, cache_st,  # [slots, C + 2 * HALF], stride 1 along the width
     slot_ptr,  # [T]
-    eps, C, HALF,
+    eps, C, HALF, scale_col,  # scale_col: int8 rows' first scale byte
     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM_DTYPE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    INTERLEAVED: tl.constexpr, EMULATE_BF16: tl.constexpr, INT8: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -171,17 +174,43 @@ def _mla_cache_write_kernel(
         mask = cols < C
         x = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
         latent = _round(_normalize(x, w_ptr, cols, mask, C, eps, kv_dtype, EMULATE_BF16), NORM_DTYPE, EMULATE_BF16)
-        tl.store(dst + cols, _round(latent, cache_dtype, EMULATE_BF16).to(cache_dtype), mask=mask)
+        if INT8:  # reference.mla_int8_rows: a scale per GROUP values, codes rounded half away from zero
+            g = tl.arange(0, BLOCK_G)
+            in_group = (cols[None, :] // GROUP == g[:, None]) & mask[None, :]  # [BLOCK_G, BLOCK_C]
+            amax = tl.max(tl.where(in_group, tl.abs(latent)[None, :], 0.0), axis=1)  # [BLOCK_G]
+            scale = tl.where(amax > 0, amax / 127.0, 1.0)
+            per_col = tl.sum(tl.where(in_group, scale[:, None], 0.0), axis=0)  # [BLOCK_C]
+            tl.store(dst + cols, _int8_code(latent, tl.where(mask, per_col, 1.0)), mask=mask)
+            tl.store((dst + scale_col + 4 * g).to(tl.pointer_type(tl.float32), bitcast=True), scale,
+                     mask=g < tl.cdiv(C, GROUP))
+        else:
+            tl.store(dst + cols, _round(latent, cache_dtype, EMULATE_BF16).to(cache_dtype), mask=mask)
         # Rope key: rotated in fp32, rounded to kv's dtype as the reference's apply_rope returns it.
         i = tl.arange(0, BLOCK_HALF)
         pmask = i < HALF
         c = tl.load(cos_ptr + t * cos_st + i, mask=pmask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + t * sin_st + i, mask=pmask, other=0.0).to(tl.float32)
         o1, o2, col1, col2 = _rotate(row + C, c, s, i, pmask, HALF, INTERLEAVED)
-        o1 = _round(_round(o1, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
-        o2 = _round(_round(o2, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
-        tl.store(dst + C + col1, o1.to(cache_dtype), mask=pmask)
-        tl.store(dst + C + col2, o2.to(cache_dtype), mask=pmask)
+        if INT8:
+            o1, o2 = _round(o1, kv_dtype, EMULATE_BF16), _round(o2, kv_dtype, EMULATE_BF16)
+            amax = tl.maximum(tl.max(tl.where(pmask, tl.abs(o1), 0.0)), tl.max(tl.where(pmask, tl.abs(o2), 0.0)))
+            scale = tl.where(amax > 0, amax / 127.0, 1.0)
+            tl.store(dst + C + col1, _int8_code(o1, scale), mask=pmask)
+            tl.store(dst + C + col2, _int8_code(o2, scale), mask=pmask)
+            tl.store((dst + scale_col + 4 * tl.cdiv(C, GROUP)).to(tl.pointer_type(tl.float32), bitcast=True), scale)
+        else:
+            o1 = _round(_round(o1, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
+            o2 = _round(_round(o2, kv_dtype, EMULATE_BF16), cache_dtype, EMULATE_BF16)
+            tl.store(dst + C + col1, o1.to(cache_dtype), mask=pmask)
+            tl.store(dst + C + col2, o2.to(cache_dtype), mask=pmask)
+
+
+@triton.jit
+def _int8_code(x, scale):
+    """round(x / scale) half away from zero, clamped to +-127, as the uint8 bits of an int8."""
+    y = x / scale
+    code = tl.minimum(tl.maximum(tl.where(y < 0, -1.0, 1.0) * tl.floor(tl.abs(y) + 0.5), -127.0), 127.0)
+    return code.to(tl.int8).to(tl.uint8, bitcast=True)
 
 
 _INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction)  # fixed when the kernels were defined
@@ -298,7 +327,8 @@ def mla_cache_write(
     A negative slot writes nothing (padding tokens)."""
     _check_float("kv", kv)
     _check_float("norm_weight", norm_weight)
-    _check_float("cache", cache)
+    if cache.dtype != torch.uint8:  # uint8: int8 rows
+        _check_float("cache", cache)
     c = kv_lora_rank
     if kv.dim() != 2 or not 0 < c < kv.shape[1] or (kv.shape[1] - c) % 2:
         raise ValueError(f"kv must be [T, kv_lora_rank={c} + even rope dim], got {tuple(kv.shape)}")
@@ -307,8 +337,10 @@ def mla_cache_write(
     n_tok, half = kv.shape[0], (kv.shape[1] - c) // 2
     if norm_weight.shape != (c,):
         raise ValueError(f"norm_weight must be [{c}], got {tuple(norm_weight.shape)}")
-    if cache.dim() != 2 or cache.shape[1] != kv.shape[1]:
-        raise ValueError(f"cache must be [slots, {kv.shape[1]}], got {tuple(cache.shape)}")
+    int8 = cache.dtype == torch.uint8  # int8 rows (reference.mla_int8_layout)
+    groups, scale_col, width = mla_int8_layout(c, kv.shape[1] - c) if int8 else (1, 0, kv.shape[1])
+    if cache.dim() != 2 or cache.shape[1] != width:
+        raise ValueError(f"cache must be [slots, {width}], got {tuple(cache.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape != (n_tok,):
         raise ValueError(
             f"slot_mapping must be int32/int64 [{n_tok}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
@@ -329,10 +361,11 @@ def mla_cache_write(
             cos, cos.stride(0), sin, sin.stride(0),
             cache, cache.stride(0),
             slot_mapping.contiguous(),
-            float(eps), c, half,
+            float(eps), c, half, scale_col,
             BLOCK_C=block_c, BLOCK_HALF=triton.next_power_of_2(half),
             NORM_DTYPE=_FLOATS[torch.promote_types(norm_weight.dtype, kv.dtype)],
-            INTERLEAVED=bool(interleaved), EMULATE_BF16=_INTERPRETED, num_warps=_warps(block_c),
+            INTERLEAVED=bool(interleaved), EMULATE_BF16=_INTERPRETED, INT8=int8, GROUP=KV_INT8_GROUP,
+            BLOCK_G=triton.next_power_of_2(groups), num_warps=_warps(block_c),
         )  # fmt: skip
 
 

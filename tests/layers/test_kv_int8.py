@@ -1,0 +1,146 @@
+"""The int8 MLA cache (--kv-cache int8): rows of int8 codes with an fp32 scale per 64 latent values
+and one for the rope key (ops.reference.mla_int8_layout), written by the reference and by the fused
+cache-write kernel, read by the decode kernel and the torch paths, through whole tiny models.
+
+The kernels run in Triton's interpreter here (tests/conftest.py); the GPU-marked test compiles them.
+Bounds: a code is within half a scale step of its value (1/254 of its group's largest); logits of
+a model on the int8 cache against the same model on an fp32 cache: median row 1e-2, and greedy tokens
+agree wherever the fp32 run's margin exceeds 10x that (the margin rule).
+"""
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from tandem.errors import TandemError
+from tandem.layers import norm
+from tandem.ops import reference as ref
+from tandem.ops.triton import attention as attn
+from tandem.ops.triton import fused
+from tandem.runtime.llm import LLM
+from tandem.testing.tiny import write_tiny
+from tests.conftest import margin_steps, rel_err
+from tests.runtime.test_attention_kernels_path import run_steps
+
+INTERPRETED = isinstance(attn._split_kernel, InterpretedFunction)
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="kernels are compiled for CUDA in this process")
+
+
+def test_layout_and_round_trip():
+    assert ref.mla_int8_layout(512, 64) == (8, 576, 612)  # DeepSeek-V2/V3: 612 bytes a row, bf16 takes 1152
+    assert ref.mla_int8_layout(19, 6) == (1, 28, 36)  # padded to 4 bytes before the scales
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(50, 130, generator=g) * torch.linspace(0.01, 5, 130)  # three groups, uneven sizes
+    k_pe = torch.randn(50, 10, generator=g) * 40
+    latent[3] = 0.0  # a zero group keeps scale 1 and codes 0
+    rows = ref.mla_int8_rows(latent, k_pe)
+    assert rows.dtype == torch.uint8 and rows.shape == (50, ref.mla_int8_layout(130, 10)[2])
+    back = ref.mla_int8_values(rows, 130, 10)
+    for got, want in ((back[:, :130], latent), (back[:, 130:], k_pe)):
+        groups = want.split(64, dim=1) if want is latent else (want,)
+        for i, part in enumerate(groups):
+            cols = slice(64 * i, 64 * i + part.shape[1]) if want is latent else slice(None)
+            step = part.abs().amax(dim=1, keepdim=True) / 127
+            assert ((got[:, cols] - part).abs() <= step / 2 * (1 + 1e-6) + 1e-12).all()
+    assert (back[3, :130] == 0).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("c, dr, dtype", [(32, 8, torch.float32), (19, 6, torch.float32), (512, 64, torch.bfloat16)])
+def test_fused_write_matches_the_reference_rows(c, dr, dtype):
+    g = torch.Generator().manual_seed(1)
+    kv = (torch.randn(5, c + dr, generator=g) * 3).to(dtype)
+    weight = (torch.rand(c, generator=g) + 0.5).to(dtype)
+    cos, sin = torch.randn(5, dr // 2, generator=g).to(dtype), torch.randn(5, dr // 2, generator=g).to(dtype)
+    cache = torch.zeros(20, ref.mla_int8_layout(c, dr)[2], dtype=torch.uint8)
+    slots = torch.tensor([3, 7, -1, 0, 12])
+    fused.mla_cache_write(kv, weight, 1e-6, cos, sin, cache, slots, c, True)
+    want = ref.mla_int8_rows(ref.rms_norm(kv[:, :c], weight, 1e-6), ref.apply_rope(kv[:, c:], cos, sin, True))
+    got = cache[slots[slots >= 0]]
+    want = want[slots >= 0]
+    # The kernel's fp32 norm may differ from torch's in the last bit: a code may then move by one.
+    codes = lambda rows: rows[:, : c + dr].view(torch.int8).int()  # noqa: E731
+    assert (codes(got) - codes(want)).abs().max() <= 1
+    assert rel_err(ref.mla_int8_values(got, c, dr), ref.mla_int8_values(want, c, dr)) <= 1e-2
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert (cache[untouched] == 0).all()  # the padding token (-1) wrote nothing
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel_reads_int8_rows(splits):
+    # fp32 queries: the kernel's dequantized tiles are the reference's values exactly.
+    c, dr, nh, bs = 19, 6, 3, 8
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(12 * bs, c + dr, generator=g)
+    cache = ref.mla_int8_rows(values[:, :c], values[:, c:])
+    tables = torch.tensor([[3, 7, 1, 0, 0], [2, 5, 9, 11, 4]], dtype=torch.int32)
+    q_lat, q_pe = torch.randn(2, nh, c, generator=g), torch.randn(2, nh, dr, generator=g)
+    seq, pos = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([4, 36])
+    config = attn.DecodeConfig(block_h=16, block_n=16, min_chunk=16)
+    got = attn.mla_decode(q_lat, q_pe, cache, tables, seq, pos, bs, 0.3, splits, config=config)
+    want = attn.mla_decode(q_lat, q_pe, ref.mla_int8_values(cache, c, dr), tables, seq, pos, bs, 0.3, splits,
+                           config=config)
+    assert torch.equal(got, want)
+
+
+def _two(tmp_path, variant: str, **kw):
+    path = write_tiny(tmp_path, variant, seed=3)
+    common = dict(dtype="float32", progress=False, max_context=256, max_batch=1, experts="torch", **kw)
+    return LLM(path, **common), LLM(path, kv_cache="int8", **common)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2_lite"])
+def test_int8_cache_follows_the_float_cache(tmp_path, variant):
+    plain, int8 = _two(tmp_path, variant)
+    assert int8.engine.cache.kv[0].dtype == torch.uint8
+    c, dr = int8.model.layers[0].attn.cfg.kv_lora_rank, int8.model.layers[0].attn.cfg.qk_rope_head_dim
+    assert int8.plan.kv.bytes == int8.plan.kv.tokens * len(int8.model.layers) * ref.mla_int8_layout(c, dr)[2]
+    tokens = torch.randint(0, plain.tokenizer.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    want, got = plain.engine.score(tokens), int8.engine.score(tokens)
+    # A few rows jump where a routing choice tips (top-k of near-equal scores): the median row counts.
+    rows = (got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1)
+    assert rows.median() <= 1e-2
+    checked, bad = margin_steps(got, want, 1e-2)
+    assert checked >= 16 and not bad, (checked, bad)
+
+
+@needs_interpreter
+def test_kernel_paths_on_the_int8_cache(tmp_path, monkeypatch):
+    # The fused cache write and the decode kernel (interpreted) against the torch paths, both on int8 rows.
+    _, int8 = _two(tmp_path, "deepseek_v3")
+    vocab = int8.model.embed.num_embeddings
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 37, 12)]
+    steps = [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in shape] for shape in ([1, 1, 1], [3, 1, 4])]
+    want = run_steps(int8.model, "cpu", False, prompts, steps, dtype=torch.uint8)
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    got = run_steps(int8.model, "cpu", True, prompts, steps, dtype=torch.uint8)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-4  # measured 4.4e-7: the same codes, other summation orders
+
+
+def test_int8_cache_is_for_mla_models(tmp_path):
+    with pytest.raises(TandemError, match="int8 KV cache is implemented for MLA models"):
+        LLM(write_tiny(tmp_path, "qwen3_moe", seed=3), dtype="float32", progress=False, kv_cache="int8")
+    with pytest.raises(TandemError, match="--kv-cache must be auto or int8"):
+        LLM(write_tiny(tmp_path / "b", "deepseek_v3", seed=3), dtype="float32", progress=False, kv_cache="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and compiled kernels")
+def test_int8_cache_on_gpu(tmp_path):
+    plain, int8 = _two(tmp_path, "deepseek_v3", device="cuda")
+    tokens = torch.randint(0, plain.tokenizer.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    want, got = plain.engine.score(tokens), int8.engine.score(tokens)
+    rows = (got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1)
+    assert rows.median() <= 1e-2
+    checked, bad = margin_steps(got, want, 1e-2)
+    assert checked >= 16 and not bad, (checked, bad)
+    # Decode steps through the CUDA graph read the same rows.
+    prompt = tokens[:20]
+    assert int8.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == \
+        LLM(int8.model_dir, dtype="float32", device="cuda", progress=False, max_context=256, max_batch=1,
+            experts="torch", kv_cache="int8", cuda_graph=False).generate(
+            prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
