@@ -115,6 +115,10 @@ def bench(cfg: BenchConfig, *, extrapolate: tuple[str, str] | None = None, profi
         check_pair(facts[0]["shape"], facts[1]["shape"], facts[0]["dense"], facts[1]["dense"])
         if facts[0]["shape"].moe_layers == facts[1]["shape"].moe_layers:
             raise TandemError("the two truncations have the same number of MoE layers: give two different depths")
+        deeper = facts[0]["dense"] + facts[0]["shape"].moe_layers
+        if full_layers is not None and full_layers <= deeper:
+            raise TandemError(f"--full-layers {full_layers} is not deeper than the deeper truncation ({deeper} "
+                              "layers): it is the full model's depth the two are extrapolated to")
     cuda = torch.device(cfg.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise TandemError("--device cuda, but torch sees no CUDA GPU")

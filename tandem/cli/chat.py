@@ -90,11 +90,14 @@ def run_chat(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     sampling = sampling_kwargs(args)
+    first = read_text_file(args.prompt_file) if args.prompt_file else None  # checked before the model loads
+    if first is not None and not first.strip():
+        raise TandemError(f"the prompt file {args.prompt_file!r} is empty: it is sent as the first message")
     llm = open_model(args, path)
     llm.sampling_params(**sampling)  # reject bad sampling flags before the first prompt
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    pending = read_text_file(args.prompt_file) if args.prompt_file else None
+    pending = first
     interactive = sys.stdin.isatty()
     print(f"tandem chat: {path} ({HELP})", file=sys.stderr)
     while True:

@@ -25,6 +25,21 @@ class RopeConfig:
             raise TandemError(f"unsupported rope scaling type {kind!r}; tandem supports: default, yarn")
         if self.dim % 2:
             raise TandemError(f"rope dim must be even, got {self.dim}")
+        if kind == "yarn":
+            self._check_yarn()
+
+    def _check_yarn(self) -> None:
+        """YaRN's numbers in range (a factor of -1 or 0 gave negative or infinite frequencies)."""
+        p = self.params
+        for key, low in (("factor", 0.0), ("beta_fast", 0.0), ("beta_slow", 0.0), ("attention_factor", 0.0),
+                         ("mscale", None), ("mscale_all_dim", None), ("original_max_position_embeddings", 1.0)):
+            value = p.get(key)
+            if value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (low is not None and (value <= low if low == 0.0 else value < low)):
+                need = "a finite number" + ("" if low is None else " > 0" if low == 0.0 else f" >= {low:g}")
+                raise TandemError(f"rope_scaling {key} = {value!r} must be {need}")
 
     @property
     def params(self) -> dict:

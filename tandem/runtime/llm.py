@@ -211,7 +211,10 @@ class LLM:
             self.tokenizer = files.tokenizer()
             self.defaults = files.generation_defaults()
             # Plan on the meta model, from headers alone: refuse before any big allocation.
-            net = meta_model(files.model_class(), cfg, self.dtype)
+            try:
+                net = meta_model(files.model_class(), cfg, self.dtype)
+            except TandemError as e:  # the layers' checks of the config's numbers, which know no file
+                raise TandemError(f"{self.model_dir}: {e}") from None
             if kv_cache == "int8":
                 net.set_kv_int8()  # the plan counts the int8 rows
             self.placement = build_placement(options, experts_modules(net))

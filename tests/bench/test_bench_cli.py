@@ -60,6 +60,10 @@ def test_bench_user_errors(truncations, capsys):
     assert main(["bench", str(truncations[0]), "--prompts", "a,b"]) == 2
     assert main(["bench", "--extrapolate", str(truncations[0]), str(truncations[0]), *FAST]) == 2
     assert capsys.readouterr().err.count("error:") == 3
+    # A full depth not beyond the deeper truncation fails before measuring (it failed after, with an
+    # internal message about a negative layer count).
+    assert main(["bench", "--extrapolate", *map(str, truncations), "--full-layers", "1", *FAST]) == 2
+    assert "--full-layers 1 is not deeper than the deeper truncation" in capsys.readouterr().err
 
 
 def test_bench_with_hot_experts(truncations, tmp_path, capsys):

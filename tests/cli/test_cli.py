@@ -206,3 +206,10 @@ def test_kv_cache_int8_flag(model, capsys, tmp_path):
     qwen = write_tiny(tmp_path, "qwen3_moe", seed=4)
     assert run(["generate", qwen, "--prompt", "x", "--kv-cache", "int8"]) == 2
     assert "int8 KV cache is implemented for MLA models" in capsys.readouterr().err
+
+
+def test_chat_refuses_an_empty_prompt_file_before_loading(model, monkeypatch, capsys, tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text(" \n")
+    assert run(["chat", model, "--prompt-file", f], monkeypatch, "") == 2
+    assert "is empty" in capsys.readouterr().err

@@ -311,3 +311,16 @@ def test_a_failing_prompt_fails_its_request_alone(tmp_path, caplog):
         engine.step()
     assert sorted(failed.value.failed) == sorted(ids) and not engine.has_work()
     assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_config_values_the_layers_refuse_name_the_model(tmp_path):
+    # The layers check what the config checks cannot (fuzzing: they named no file).
+    import json
+
+    from tandem.testing.tiny import write_tiny
+
+    path = write_tiny(tmp_path, "deepseek_v3", seed=1)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 100}))
+    with pytest.raises(TandemError, match=rf"^{path}: experts per token \(100\) must be in 1\.\.16"):
+        LLM(path, progress=False)
