@@ -92,6 +92,11 @@ def check_model_options(args: argparse.Namespace) -> None:
     for flag, gb in (("--vram-budget", args.vram_budget), ("--ram-budget", args.ram_budget)):
         if gb is not None and not 0 < gb <= MAX_BUDGET_GB:
             raise TandemError(f"{flag} must be a positive number of GB, at most {MAX_BUDGET_GB:g}, got {gb}")
+    if args.calibrate is not None:
+        if not args.gpu_experts:
+            raise TandemError("--calibrate chooses which experts --gpu-experts keeps on the GPU: give --gpu-experts "
+                              "N or auto too (alone it would change nothing)")
+        read_text_file(args.calibrate, "--calibrate file")  # readable UTF-8, before the model loads
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

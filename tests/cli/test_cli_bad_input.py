@@ -118,3 +118,16 @@ def test_a_reader_that_leaves_early_is_no_traceback(argv, model):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_calibrate_needs_gpu_experts_and_a_readable_file(tmp_path, capsys):
+    # It was read only with --gpu-experts: alone, or naming a missing file, it passed silently.
+    from tandem.cli.main import main
+    from tandem.testing.tiny import write_tiny
+
+    model = write_tiny(tmp_path / "m", "deepseek_v3", seed=4)
+    assert main(["generate", str(model), "--prompt", "x", "--calibrate", str(tmp_path / "none.txt")]) == 2
+    assert "give --gpu-experts" in capsys.readouterr().err
+    assert main(["generate", str(model), "--prompt", "x", "--gpu-experts", "1", "--calibrate",
+                 str(tmp_path / "none.txt")]) == 2
+    assert "cannot read --calibrate file" in capsys.readouterr().err
