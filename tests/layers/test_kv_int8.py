@@ -100,6 +100,14 @@ def test_int8_cache_follows_the_float_cache(tmp_path, variant):
     _check_follows(plain, int8)
 
 
+def _prompts_and_steps(vocab: int):
+    """Three prompts, then a decode step and a step of 3 / 1 / 4 new tokens (run_steps' input)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 37, 12)]
+    steps = [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in shape] for shape in ([1, 1, 1], [3, 1, 4])]
+    return prompts, steps
+
+
 def _check_follows(plain: LLM, int8: LLM) -> None:
     """200 teacher-forced tokens scored on both caches."""
     tokens = torch.randint(0, plain.tokenizer.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -115,10 +123,7 @@ def _check_follows(plain: LLM, int8: LLM) -> None:
 def test_kernel_paths_on_the_int8_cache(tmp_path, monkeypatch):
     # The fused cache write and the decode kernel (interpreted) against the torch paths, both on int8 rows.
     _, int8 = _two(tmp_path, "deepseek_v3")
-    vocab = int8.model.embed.num_embeddings
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 37, 12)]
-    steps = [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in shape] for shape in ([1, 1, 1], [3, 1, 4])]
+    prompts, steps = _prompts_and_steps(int8.model.embed.num_embeddings)
     want = run_steps(int8.model, "cpu", False, prompts, steps, dtype=torch.uint8)
     monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
     got = run_steps(int8.model, "cpu", True, prompts, steps, dtype=torch.uint8)
@@ -139,10 +144,7 @@ def test_int8_cache_on_gpu(tmp_path):
     plain, int8 = _two(tmp_path, "deepseek_v3", device="cuda", cuda_graph=False)
     _check_follows(plain, int8)  # prefill: the torch paths on the GPU
     # Decode steps: the compiled fused write and decode kernel against the torch paths, on int8 rows.
-    vocab = int8.model.embed.num_embeddings
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 37, 12)]
-    steps = [[torch.randint(0, vocab, (n,), generator=g).tolist() for n in shape] for shape in ([1, 1, 1], [3, 1, 4])]
+    prompts, steps = _prompts_and_steps(int8.model.embed.num_embeddings)
     want = run_steps(int8.model, "cuda", False, prompts, steps, dtype=torch.uint8)
     got = run_steps(int8.model, "cuda", True, prompts, steps, dtype=torch.uint8)
     for a, b in zip(got, want):
