@@ -90,8 +90,15 @@ def measure(path: str, n_hot: int, args, rng: np.random.Generator) -> dict:
             torch.cuda.empty_cache()
 
 
-def curve(path: str, args) -> list[dict]:
-    """The budgets in ascending order, 0 first (its run gives the expert count and t_CPU / t_GPU)."""
+def save(args, rows: list[dict]) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "slack": SLACK, "rows": rows}, indent=1))
+
+
+def curve(path: str, args, done: list[dict]) -> list[dict]:
+    """The budgets in ascending order, 0 first (its run gives the expert count and t_CPU / t_GPU).
+    Every row is saved to --json as soon as it is measured (`done`: the other models' rows), so a
+    run cut short keeps what it measured."""
     rng = np.random.default_rng(args.seed)
     rows: list[dict] = []
     for fraction in sorted({0.0, *args.fractions}):
@@ -100,13 +107,13 @@ def curve(path: str, args) -> list[dict]:
         row = measure(path, n_hot, args, rng)
         row["fraction"] = fraction
         rows.append(row)
-        log(f"  {row['tok_s']:.1f} tok/s, s = {row['s']:.2f}")
-    base = rows[0]
-    for r in rows:
+        base = rows[0]
         if "t_cpu_ms" in base:
-            r["model_ms"] = base["t_gpu_ms"] + (1 - r["s"]) * base["t_cpu_ms"]
-            r["ratio"] = r["ms_per_token"] / r["model_ms"]
-            r["within"] = r["ratio"] <= SLACK
+            row["model_ms"] = base["t_gpu_ms"] + (1 - row["s"]) * base["t_cpu_ms"]
+            row["ratio"] = row["ms_per_token"] / row["model_ms"]
+            row["within"] = row["ratio"] <= SLACK
+        log(f"  {row['tok_s']:.1f} tok/s, s = {row['s']:.2f}" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""))
+        save(args, done + rows)
     return rows
 
 
@@ -182,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.context < 1 or args.decode_tokens < 1 or args.repeats < 1:
         p.error("--context, --decode-tokens and --repeats must be >= 1")
     start = time.perf_counter()
-    rows = [r for path in args.models for r in curve(path, args)]
+    rows: list[dict] = []
+    for path in args.models:
+        rows += curve(path, args, rows)
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "slack": SLACK, "rows": rows}, indent=1))
+    save(args, rows)
     if args.plot:
         plot(rows, args.plot)
     log(f"done in {time.perf_counter() - start:.0f} s")

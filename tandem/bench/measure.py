@@ -167,6 +167,8 @@ def run(llm: LLM, cfg: BenchConfig, log=print) -> Measured:
         for p in cfg.prompts:
             timer.prefill(p)
         timer.decode(min(cfg.context, 64), min(cfg.decode_tokens, 8))
+        if cfg.users:  # the batch's CUDA graph is captured on its first step: not in a timed pass
+            timer.users(cfg.users, min(cfg.context, 64), min(cfg.decode_tokens, 8))
     for p in cfg.prompts:
         times = [timer.prefill(p) for _ in range(cfg.repeats)]
         m.samples[f"ttft_{p}"] = times
