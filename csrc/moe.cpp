@@ -7,6 +7,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -67,6 +68,12 @@ struct MoeEngine::NodeState {
   std::vector<const uint8_t*> act_gate, act_up, act_down;  // [n_pos] rows the kernels read
   std::vector<GrowBuf> scratch;  // per worker: kernel scratch, fp32 row, then [max_count, rb] outputs
   std::vector<std::array<int64_t, 5>> phase_ns;  // per worker: when it left each phase (last_phases)
+  // Flow mode (jobs without `big` kernels: decode): per active expert instead of phase barriers.
+  bool flow = false;
+  size_t flow_cap = 0;
+  std::unique_ptr<std::atomic<int>[]> px_left;  // its positions' activations not yet prepared
+  std::unique_ptr<std::atomic<int>[]> up_left;  // its gate/up tasks not yet done
+  std::unique_ptr<std::atomic<int>[]> h_ready;  // 1: its h rows are in down's activation layout
 };
 
 // The running job and its staging buffers (reused from job to job).
@@ -253,6 +260,15 @@ Route route_of(const FormatKernels& f, int count) {
   return Route{f.matmul, f.act};
 }
 
+// TANDEM_FLOW=0 puts decode jobs back on the phase barriers (an A/B switch for benchmarks).
+bool flow_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("TANDEM_FLOW");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 // Tile kernels may read up to this many rows past an expert's last activation row.
 constexpr int kTilePadRows = 32;
 
@@ -369,6 +385,26 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     const size_t outs = act::round_up(size_t(j.max_count) * size_t(std::max(ns.rb_up, ns.rb_down)) * 4, 64);
     ns.worker_scratch = ns.kernel_scratch + row_f32 + outs;
     for (auto& s : ns.scratch) s.grow(ns.worker_scratch);
+    // Decode-sized jobs flow: a gate/up task starts once its expert's activations are prepared,
+    // the worker finishing an expert's last gate/up task prepares its h rows, and down tasks take
+    // the experts in order as their h is ready. Nobody waits at a phase barrier for the slowest
+    // worker (wake-up skew, the last task's tail); prefill keeps the barriers (its prep_h of an
+    // expert's many tokens is work for every worker).
+    ns.flow = !j.any_big && flow_enabled();
+    if (ns.flow) {
+      if (ns.flow_cap < size_t(n_active)) {
+        ns.flow_cap = size_t(n_active);
+        ns.px_left.reset(new std::atomic<int>[ns.flow_cap]);
+        ns.up_left.reset(new std::atomic<int>[ns.flow_cap]);
+        ns.h_ready.reset(new std::atomic<int>[ns.flow_cap]);
+      }
+      for (int a = 0; a < n_active; ++a) {
+        ns.px_left[size_t(a)].store(ns.width > 0 ? j.active_off[size_t(a) + 1] - j.active_off[size_t(a)] : 0,
+                                    std::memory_order_relaxed);
+        ns.up_left[size_t(a)].store(ns.blocks_per_expert, std::memory_order_relaxed);
+        ns.h_ready[size_t(a)].store(0, std::memory_order_relaxed);
+      }
+    }
     ns.next_px.v.store(0, std::memory_order_relaxed);
     ns.arrived_px.v.store(0, std::memory_order_relaxed);
     ns.next_up.v.store(0, std::memory_order_relaxed);
@@ -392,6 +428,24 @@ void MoeEngine::run_node(int node, int worker) {
     stamp[size_t(phase)] =
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - launched_at_).count();
   };
+  if (ns.flow) {  // see stage: per-expert readiness instead of the barriers below
+    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) {
+      prep_x_task(node, t, scratch);
+      ns.px_left[size_t(j.pos_active[size_t(t)])].fetch_sub(1, std::memory_order_release);
+    }
+    mark(0);
+    for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) {
+      const int a = t / ns.blocks_per_expert;
+      spin_while_positive(ns.px_left[size_t(a)]);  // claimed by running workers: it reaches 0
+      gate_up_task(node, t, scratch);
+      if (ns.up_left[size_t(a)].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the expert's h is whole
+        for (int p = j.active_off[size_t(a)]; p < j.active_off[size_t(a) + 1]; ++p) prep_h_task(node, p);
+        ns.h_ready[size_t(a)].store(1, std::memory_order_release);
+      }
+    }
+    mark(1);
+    mark(2);
+  } else {
   // Each phase reads what any worker of the node wrote in the one before: a barrier between.
   for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch);
   mark(0);
@@ -405,6 +459,7 @@ void MoeEngine::run_node(int node, int worker) {
   mark(2);
   ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_ph.v, ns.n_workers);
+  }
   for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
   mark(3);
   if (pools_.size() > 1) {
@@ -485,6 +540,7 @@ void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
     std::memset(ns.acc + size_t(t) * size_t(j.H) + size_t(h0), 0, size_t(nr) * sizeof(float));
   if (ns.width > 0) {
     for (size_t a = 0; a < j.active.size(); ++a) {
+      if (ns.flow) spin_until(ns.h_ready[a], 1);  // the experts come ready in this order, about
       const int e = j.active[a], off = j.active_off[a], cnt = j.active_off[a + 1] - off;
       const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
                       cnt, y, size_t(nr), scratch};

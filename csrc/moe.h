@@ -7,6 +7,10 @@
 //           phase 2  tasks (positions): h -> down's activation layout
 //           phase 3  tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
 //           (several nodes) all workers: out = sum of node partials, in node order
+//   Phases are separated by barriers for prefill jobs. Decode jobs (no `big` kernels) flow instead:
+//   a gate/up task waits only for its expert's activations, the worker ending an expert's last
+//   gate/up task prepares its h (phase 2), and down tasks take the experts in order as they are
+//   ready (TANDEM_FLOW=0: barriers for these too, an A/B switch).
 //   wait:   blocks until the job's last worker marks it complete
 // Experts with few tokens run the kernels' `matmul` (decode: all workers stream disjoint rows of
 // the active experts); experts with many run `big` (prefill: matrix units) where the ISA has it.
