@@ -233,6 +233,31 @@ def test_isa_prefill_task_rows_do_not_change_results(isa, fmt):
         assert torch.equal(out, outs[0]), f"{isa} {fmt}: prefill_rows={rows} changed the output"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_v2_lite_q4_k_m_prefill_tasks(isa):
+    """DeepSeek-V2-Lite's Q4_K_M experts at their real H and I (2048, 1408: Q8_0 down with
+    K = 22 * 64, no multiple of 256; 1408 rows leave a partial last task of 128 at 256 rows) through
+    the prefill kernels at each task size moe_cpu.py compares, bf16 in and out as its host calls use
+    them: the same bits at every size, within the bound of the generic kernels."""
+    need(isa)
+    fmts = MIXES["V2-Lite Q4_K_M"]
+    E, I, H, T = 2, 1408, 2048, 24
+    src, _ = layer_sources(fmts, E, I, H)
+    gen, _ = engines(isa)
+    eng = cpu.create_engine(n_threads=2, isa=isa)
+    layer, lg = cpu.add_layer(eng, fmts, *src), cpu.add_layer(gen, fmts, *src)
+    x = tokens(T, H, dtype=torch.bfloat16)
+    ids, w = routing(T, E, 2)  # every token on both experts: 24 rows each, the prefill kernels
+    ref = cpu.wait(gen, cpu.submit(gen, lg, x, ids, w, out_dtype=torch.float32))
+    outs = []
+    for rows in (64, 128, 256):
+        eng.prefill_rows = rows
+        outs.append(cpu.wait(eng, cpu.submit(eng, layer, x, ids, w, out_dtype=torch.float32)))
+    for rows, out in zip((128, 256), outs[1:]):
+        assert torch.equal(out, outs[0]), f"{isa}: prefill_rows={rows} changed the output"
+    assert_matches(outs[0], ref, bound(eng, fmts), f"{isa} V2-Lite Q4_K_M prefill")
+
+
 def test_prefill_rows_are_checked():
     eng = cpu.create_engine(n_threads=1, isa="generic")
     for bad in (-64, 32, 100, 2048):
