@@ -102,3 +102,13 @@ def test_scaled_debug_variant_keeps_the_mix_classes():
     shape, fmt = t["blk.1.ffn_down_exps.weight"]
     assert shape[-1] % 32 == 0 and shape[-1] % 256 and fmt == "Q8_0"
     assert t["blk.0.attn_k_b.weight"][1] == "Q5_0"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scaled_special_ids_stay_in_the_vocabulary(arch):
+    # --scale 48 on deepseek-v2-lite put bos / eos at negative ids (struct.error writing the file).
+    full = plan(arch, 2).config
+    for scale in (2, 8, 48, 64, 1000):
+        c = plan(arch, 2, scale=scale).config
+        assert 0 <= c["bos"] < c["vocab_size"] and 0 <= c["eos"] < c["vocab_size"], (scale, c["bos"], c["eos"])
+        assert (c["bos"] == c["eos"]) == (full["bos"] == full["eos"])

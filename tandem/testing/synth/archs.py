@@ -173,10 +173,11 @@ def scaled_config(cfg: dict, s: int) -> dict:
     e = max(cfg["n_routed_experts"] // s, 2 * k, 2 * groups)
     cfg["n_routed_experts"] = -(-e // groups) * groups
     vocab = max(1024, cfg["vocab_size"] // s // 256 * 256)
-    # Special ids keep their distance from the end of the vocabulary.
+    # Special ids keep their distance from the end of the vocabulary, folded into its last half
+    # when the narrower vocabulary is shorter than that distance (distinct ids stay distinct).
     for key in ("bos", "eos"):
         if cfg[key] >= vocab:
-            cfg[key] = vocab - (cfg["vocab_size"] - cfg[key])
+            cfg[key] = vocab - 1 - (cfg["vocab_size"] - cfg[key] - 1) % (vocab // 2)
     cfg["vocab_size"], cfg["scale"] = vocab, s
     return cfg
 
