@@ -18,7 +18,9 @@ kernels on int8 tiles (INT8; INT4, unpacked to bytes per 64-row block) and AMX-B
 tiles (BF16; the GGUF formats expand weights to bf16 for prefill; see the `path` column;
 TANDEM_AMX_INT4=bf16 puts INT4 back on bf16 tiles, TANDEM_AMX_PREFETCH=0 stops the tile kernels
 prefetching the next row block's weights); without AMX the bound is bandwidth only. The final table keeps the best
-thread count of each row. kt-kernel (if importable) runs the same rows where it has the format.
+thread count of each row. kt-kernel (if importable) runs the same rows where it has the format,
+in a process of its own: a crash there (a heap error surfaced right after its BF16 row on the
+H200 box) costs its rows, never tandem's.
 --prefill-rows 0,64,256 times the prefill rows once per task size of the engine's prefill kernels
 (0: its automatic choice); the table keeps the best and names it in `path`.
 
@@ -36,6 +38,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -296,6 +299,51 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
     )
 
 
+KT_CHILD_TIMEOUT = 1800  # seconds one kt-kernel process may take for its rows
+
+
+def bench_kt_isolated(shape_key: str, fmt: str, argv: list[str], threads: int, rows: list) -> None:
+    """bench_kt in a child process (this script with --kt-child): its rows come back as JSON lines
+    on stdout as they are measured; if the process dies, the rows it finished are kept and a
+    skipped row says how it ended."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--kt-child", f"{shape_key},{fmt},{threads}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=KT_CHILD_TIMEOUT)
+        out, code, err = done.stdout, done.returncode, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        out, code, err = exc.stdout or "", f"a timeout after {KT_CHILD_TIMEOUT} s", ""
+        out = out.decode() if isinstance(out, bytes) else out
+    got = 0
+    for line in out.splitlines():
+        if line.startswith(KT_ROW):
+            rows.append(json.loads(line[len(KT_ROW):]))
+            got += 1
+    for line in err.splitlines():
+        if "kt-kernel" in line:
+            print(line, file=sys.stderr, flush=True)  # the child's own log line, timestamp and all
+    if code != 0:
+        why = f"kt-kernel's process ended with {code if isinstance(code, str) else f'exit code {code}'} after {got} rows"
+        rows.append({"engine": "kt-kernel", "shape": SHAPES[shape_key].name, "format": fmt, "threads": threads,
+                     "skipped": why})
+        log(f"  kt-kernel {SHAPES[shape_key].name} {fmt}: {why}")
+
+
+KT_ROW = "KT-ROW "  # prefix of a row on the child's stdout
+
+
+def kt_argv(argv: list[str]) -> list[str]:
+    """This run's arguments for a kt-kernel child: the same ones, less where the parent writes."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
 def bench_kt(shape: Shape, fmt: str, args, threads: int, rows: list) -> None:
     """kt-kernel on the same rows. API facts from its public benchmarks (bench/bench_moe_amx.py):
     kt_kernel_ext.CPUInfer(threads); moe.MOEConfig(E, k, H, I, 0) with gate/up/down bf16 data
@@ -444,7 +492,15 @@ def main(argv=None) -> int:
     )
     p.add_argument("--kt", choices=("auto", "off"), default="auto", help="compare kt-kernel when importable")
     p.add_argument("--json", default=None, help="write machine, rows and table as JSON here")
+    p.add_argument("--kt-child", default=None, help=argparse.SUPPRESS)  # internal: shape,format,threads
     args = p.parse_args(argv)
+    if args.kt_child:  # one kt-kernel process (bench_kt_isolated): rows to stdout, nothing else
+        shape_key, fmt, t = args.kt_child.split(",")
+        rows: list = []
+        bench_kt(SHAPES[shape_key], fmt, args, int(t), rows)
+        for r in rows:
+            print(KT_ROW + json.dumps(r), flush=True)
+        return 0
 
     shapes = [s for s in args.shapes.split(",") if s]
     formats = [f for f in args.formats.split(",") if f]
@@ -472,7 +528,7 @@ def main(argv=None) -> int:
             for t in threads:
                 bench_engine(SHAPES[s], f, args, mach, t, rows)
                 if args.kt == "auto":
-                    bench_kt(SHAPES[s], f, args, t, rows)
+                    bench_kt_isolated(s, f, kt_argv(argv if argv is not None else sys.argv[1:]), t, rows)
     print_table(rows, mach)
     if args.json:
         result = {

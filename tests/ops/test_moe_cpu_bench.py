@@ -105,3 +105,23 @@ def _row_layout(fmt: str, w: torch.Tensor) -> torch.Tensor:
     packed = nib[..., :32] | (nib[..., 32:] << 4)
     blocks = torch.cat([d.view(torch.uint8), packed], dim=-1)
     return blocks.reshape(*w.shape[:-1], -1).contiguous()
+
+
+def test_a_dying_kt_kernel_process_costs_only_its_rows(bench, monkeypatch):
+    # kt-kernel runs in a child process: its rows come back as it measures them, and a crash (the
+    # H200 box saw a heap error right after its BF16 row) becomes a skipped row, not a dead benchmark.
+    import subprocess
+
+    row = {"engine": "kt-kernel", "shape": "Qwen3-30B-A3B", "format": "bf16", "tokens": 1, "threads": 2, "ms": 1.5}
+    seen = {}
+
+    def died(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, -6, stdout=bench.KT_ROW + json.dumps(row) + "\nnoise\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", died)
+    rows = []
+    bench.bench_kt_isolated("qwen3", "bf16", bench.kt_argv(["--tokens", "1,8", "--json", "x.json"]), 2, rows)
+    assert rows[0] == row
+    assert rows[1]["skipped"] == "kt-kernel's process ended with exit code -6 after 1 rows"
+    assert "--json" not in seen["cmd"] and seen["cmd"][-2:] == ["--kt-child", "qwen3,bf16,2"]
