@@ -71,8 +71,8 @@ struct MoeEngine::NodeState {
   // Flow mode (jobs without `big` kernels: decode): per active expert instead of phase barriers.
   bool flow = false;
   size_t flow_cap = 0;
-  std::unique_ptr<std::atomic<int>[]> px_left;  // its positions' activations not yet prepared
-  std::unique_ptr<std::atomic<int>[]> up_left;  // its gate/up tasks not yet done
+  std::unique_ptr<std::atomic<int>[]> px_done;  // its positions whose activations are prepared
+  std::unique_ptr<std::atomic<int>[]> up_done;  // its gate/up tasks done
   std::unique_ptr<std::atomic<int>[]> h_ready;  // 1: its h rows are in down's activation layout
 };
 
@@ -394,15 +394,14 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     if (ns.flow) {
       if (ns.flow_cap < size_t(n_active)) {
         ns.flow_cap = size_t(n_active);
-        ns.px_left.reset(new std::atomic<int>[ns.flow_cap]);
-        ns.up_left.reset(new std::atomic<int>[ns.flow_cap]);
+        ns.px_done.reset(new std::atomic<int>[ns.flow_cap]);
+        ns.up_done.reset(new std::atomic<int>[ns.flow_cap]);
         ns.h_ready.reset(new std::atomic<int>[ns.flow_cap]);
       }
-      for (int a = 0; a < n_active; ++a) {
-        ns.px_left[size_t(a)].store(ns.width > 0 ? j.active_off[size_t(a) + 1] - j.active_off[size_t(a)] : 0,
-                                    std::memory_order_relaxed);
-        ns.up_left[size_t(a)].store(ns.blocks_per_expert, std::memory_order_relaxed);
-        ns.h_ready[size_t(a)].store(0, std::memory_order_relaxed);
+      for (size_t a = 0; a < size_t(n_active); ++a) {
+        ns.px_done[a].store(0, std::memory_order_relaxed);
+        ns.up_done[a].store(0, std::memory_order_relaxed);
+        ns.h_ready[a].store(0, std::memory_order_relaxed);
       }
     }
     ns.next_px.v.store(0, std::memory_order_relaxed);
@@ -431,14 +430,16 @@ void MoeEngine::run_node(int node, int worker) {
   if (ns.flow) {  // see stage: per-expert readiness instead of the barriers below
     for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) {
       prep_x_task(node, t, scratch);
-      ns.px_left[size_t(j.pos_active[size_t(t)])].fetch_sub(1, std::memory_order_release);
+      ns.px_done[size_t(j.pos_active[size_t(t)])].fetch_add(1, std::memory_order_release);
     }
     mark(0);
     for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) {
       const int a = t / ns.blocks_per_expert;
-      spin_while_positive(ns.px_left[size_t(a)]);  // claimed by running workers: it reaches 0
+      // Its positions' tasks are all claimed by running workers: the count gets there.
+      spin_until(ns.px_done[size_t(a)], j.active_off[size_t(a) + 1] - j.active_off[size_t(a)]);
       gate_up_task(node, t, scratch);
-      if (ns.up_left[size_t(a)].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the expert's h is whole
+      // The worker ending the expert's last gate/up task: its h is whole.
+      if (ns.up_done[size_t(a)].fetch_add(1, std::memory_order_acq_rel) == ns.blocks_per_expert - 1) {
         for (int p = j.active_off[size_t(a)]; p < j.active_off[size_t(a) + 1]; ++p) prep_h_task(node, p);
         ns.h_ready[size_t(a)].store(1, std::memory_order_release);
       }

@@ -37,13 +37,6 @@ void spin_until(const std::atomic<int>& count, int target) {
   }
 }
 
-void spin_while_positive(const std::atomic<int>& count) {
-  for (int spins = 0; count.load(std::memory_order_acquire) > 0; ++spins) {
-    if (spins < 4096) cpu_relax();
-    else std::this_thread::yield();
-  }
-}
-
 ThreadPool::ThreadPool(std::vector<int> cpus, int n_workers, int spin_us) : cpus_(std::move(cpus)), spin_us_(spin_us) {
   threads_.reserve(size_t(n_workers));
   try {

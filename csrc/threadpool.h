@@ -37,8 +37,6 @@ inline void cpu_relax() {
 
 // Spin (then yield, so oversubscribed threads still progress) until count >= target.
 void spin_until(const std::atomic<int>& count, int target);
-// The same until count <= 0.
-void spin_while_positive(const std::atomic<int>& count);
 
 class ThreadPool {
  public:
