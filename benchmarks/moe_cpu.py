@@ -300,6 +300,7 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
 
 
 KT_CHILD_TIMEOUT = 1800  # seconds one kt-kernel process may take for its rows
+KT_ROW = "KT-ROW "  # prefix of a row on the child's stdout
 
 
 def bench_kt_isolated(shape_key: str, fmt: str, argv: list[str], threads: int, rows: list) -> None:
@@ -309,26 +310,22 @@ def bench_kt_isolated(shape_key: str, fmt: str, argv: list[str], threads: int, r
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--kt-child", f"{shape_key},{fmt},{threads}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=KT_CHILD_TIMEOUT)
-        out, code, err = done.stdout, done.returncode, done.stderr
+        out, err = done.stdout, done.stderr
+        ended = f"exit code {done.returncode}" if done.returncode else ""
     except subprocess.TimeoutExpired as exc:
-        out, code, err = exc.stdout or "", f"a timeout after {KT_CHILD_TIMEOUT} s", ""
+        out, err = exc.stdout or b"", ""  # captured output of a timeout comes as bytes
         out = out.decode() if isinstance(out, bytes) else out
-    got = 0
-    for line in out.splitlines():
-        if line.startswith(KT_ROW):
-            rows.append(json.loads(line[len(KT_ROW):]))
-            got += 1
+        ended = f"a timeout after {KT_CHILD_TIMEOUT} s"
+    got = [json.loads(line[len(KT_ROW):]) for line in out.splitlines() if line.startswith(KT_ROW)]
+    rows += got
     for line in err.splitlines():
         if "kt-kernel" in line:
             print(line, file=sys.stderr, flush=True)  # the child's own log line, timestamp and all
-    if code != 0:
-        why = f"kt-kernel's process ended with {code if isinstance(code, str) else f'exit code {code}'} after {got} rows"
+    if ended:
+        why = f"kt-kernel's process ended with {ended} after {len(got)} rows"
         rows.append({"engine": "kt-kernel", "shape": SHAPES[shape_key].name, "format": fmt, "threads": threads,
                      "skipped": why})
         log(f"  kt-kernel {SHAPES[shape_key].name} {fmt}: {why}")
-
-
-KT_ROW = "KT-ROW "  # prefix of a row on the child's stdout
 
 
 def kt_argv(argv: list[str]) -> list[str]:
