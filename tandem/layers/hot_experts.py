@@ -10,7 +10,9 @@ Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) ->
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
 ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
-stream calls); longer steps (prefill chunks) and CPU devices group tokens in torch.
+stream calls); longer steps (prefill chunks) and CPU devices group tokens in torch. The split
+itself is one kernel on a GPU (ops/triton/moe.py's hot_split): it runs before the CPU call can
+start. A layer whose experts are all hot never calls the wrapped backend.
 
 Routing is counted online (`counts` [E] on the device: a tally with one more slot for the padding
 id -1, so a call adds its ids as they are, captured in graphs too), so the runtime can re-place
@@ -63,9 +65,19 @@ class HotExperts(nn.Module):
         dev = self.lookup.device
         self.lookup[torch.tensor(hot_ids, device=dev)] = torch.arange(len(hot_ids), device=dev)
 
+    @property
+    def all_hot(self) -> bool:
+        """Every expert of the layer is here: the wrapped backend is never called."""
+        return len(self.hot_ids) == self.num_experts
+
     def split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cold ids with hot slots -1, local hot index with cold slots -1), both int32 [T, k]."""
-        ids = ids.long().to(self.lookup.device)
+        ids = ids.to(self.lookup.device)
+        if fused_path(ids):  # one launch instead of six: it sits before the CPU call, on its path
+            from tandem.ops.triton.moe import hot_split  # triton: imported on first use
+
+            return hot_split(ids, self.lookup, self._tally)
+        ids = ids.long()
         flat = torch.where(ids < 0, self.num_experts, ids).view(-1)
         self._tally.index_add_(0, flat, torch.ones_like(flat))
         local = self.lookup[flat].view(ids.shape)
@@ -74,7 +86,7 @@ class HotExperts(nn.Module):
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         cold_ids, local = self.split(ids)
-        handle = self.cold.submit(x, cold_ids.to(ids.device), weights)
+        handle = None if self.all_hot else self.cold.submit(x, cold_ids.to(ids.device), weights)
         xd, wd = x.to(self.w_gate.device), weights.to(self.w_gate.device)
         if fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16:
             from tandem.ops.triton.moe import moe_decode  # triton: imported on first use
@@ -82,10 +94,12 @@ class HotExperts(nn.Module):
             hot = moe_decode(xd, local, wd, self.w_gate, self.w_up, self.w_down)
         else:
             hot = ops.moe_experts(xd, local, wd, self.w_gate, self.w_up, self.w_down)
-        return handle, hot
+        return handle, hot, x
 
     def wait(self, pending) -> torch.Tensor:
-        handle, hot = pending
+        handle, hot, x = pending
+        if handle is None:  # all hot
+            return hot.to(device=x.device, dtype=x.dtype)
         cold = self.cold.wait(handle)
         return cold + hot.to(device=cold.device, dtype=cold.dtype)
 

@@ -183,3 +183,40 @@ def test_replace_checks_its_input(tiny):
         layer.replace([0, 0], *w)
     with pytest.raises(TandemError, match="must be"):
         layer.replace([0, 1], w[0][:1], *w[1:])
+
+
+def test_hot_split_kernel_equals_the_torch_split(monkeypatch):
+    # The GPU path's one-launch split (Triton interpreter) against the torch ops it replaces.
+    from tandem.layers import norm
+
+    w = torch.zeros(3, 4, 4)
+    torch_side, kernel_side = HotExperts(None, 6, [1, 4, 5], w, w, w), HotExperts(None, 6, [1, 4, 5], w, w, w)
+    ids = torch.tensor([[1, 0, -1], [4, 4, 2], [5, 3, -1], [0, 1, 5]], dtype=torch.int32)
+    want = torch_side.split(ids)
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    got = kernel_side.split(ids)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+    assert torch.equal(kernel_side._tally, torch_side._tally)
+    assert kernel_side.counts.tolist() == [2, 2, 1, 1, 2, 2] and int(kernel_side._tally[6]) == 2
+
+
+def test_all_hot_layer_never_calls_its_backend():
+    class Refuses:
+        def submit(self, *a):
+            raise AssertionError("the wrapped backend was called")
+
+    g = torch.Generator().manual_seed(0)
+    w_gate, w_up, w_down = (torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, 16, generator=g),
+                            torch.randn(4, 16, 8, generator=g))
+    layer = HotExperts(Refuses(), 4, [0, 1, 2, 3], w_gate, w_up, w_down)
+    x = torch.randn(3, 16, generator=g)
+    ids = torch.tensor([[0, 2], [3, 1], [2, -1]], dtype=torch.int32)
+    weights = torch.rand(3, 2, generator=g)
+    from tandem.ops import reference
+
+    out = layer.wait(layer.submit(x, ids, weights))
+    assert torch.allclose(out, reference.moe_experts(x, ids, weights, w_gate, w_up, w_down), atol=1e-6)
+    partial = HotExperts(Refuses(), 5, [0, 1, 2, 3], w_gate, w_up, w_down)
+    with pytest.raises(AssertionError, match="wrapped backend"):
+        partial.submit(x, ids, weights)

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _on, _round
 
-__all__ = ["moe_decode"]
+__all__ = ["hot_split", "moe_decode"]
 
 _MAX_SLOTS = 16  # k: a token's slots in one block of the down kernel
 _BLOCK_I, _BLOCK_H = 16, 256  # gate/up: rows of I x columns of H per step
@@ -151,6 +151,25 @@ def _down_kernel(
     tl.store(out_ptr + t * H + rows, _round(out, out_dtype, EMULATE_BF16).to(out_dtype), mask=rmask)
 
 
+@triton.jit
+def _hot_split_kernel(
+    ids_ptr,  # contiguous [S] int32 or int64 (S = T * k)
+    lookup_ptr,  # [N + 1] int64: an expert's slot among the hot ones, -1 if cold; entry N for id -1
+    tally_ptr,  # [N + 1] int64 routing counts, entry N counting padding ids
+    cold_ptr, local_ptr,  # contiguous [S] int32 outputs
+    S, N,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < S
+    e = tl.load(ids_ptr + i, mask=m, other=-1).to(tl.int64)
+    flat = tl.where((e >= 0) & (e < N), e, N)
+    tl.atomic_add(tally_ptr + flat, 1, mask=m)  # integer counts: the order of adds does not matter
+    local = tl.load(lookup_ptr + flat, mask=m, other=-1)
+    tl.store(cold_ptr + i, tl.where(local >= 0, -1, e).to(tl.int32), mask=m)
+    tl.store(local_ptr + i, local.to(tl.int32), mask=m)
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -225,3 +244,28 @@ def moe_decode(
             EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
     return out
+
+
+def hot_split(ids: torch.Tensor, lookup: torch.Tensor, tally: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """layers.hot_experts.HotExperts.split in one launch: ids [T, k] (int32/int64; -1 padding),
+    lookup int64 [N + 1] (an expert's index among the hot ones, -1 for a cold one and for the
+    padding entry N), tally int64 [N + 1] (routing counts, added to in place; padding and ids
+    outside 0..N-1 count in entry N) -> (cold ids with the hot slots -1, local hot index with the
+    cold slots -1), both int32 [T, k]."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32/int64 [T, k], got {ids.dtype} {tuple(ids.shape)}")
+    if lookup.dtype != torch.int64 or tally.dtype != torch.int64 or lookup.dim() != 1 or lookup.shape != tally.shape:
+        raise ValueError(f"lookup and tally must be int64 [N + 1], got {tuple(lookup.shape)} and {tuple(tally.shape)}")
+    if not (lookup.is_contiguous() and tally.is_contiguous()):
+        raise ValueError("lookup and tally must be contiguous")
+    _check_device(ids, lookup, tally)
+    ids = ids.contiguous()
+    cold = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
+    local = torch.empty(ids.shape, dtype=torch.int32, device=ids.device)
+    n = ids.numel()
+    if n:
+        block = min(1024, triton.next_power_of_2(n))
+        with _on(ids):
+            _hot_split_kernel[(triton.cdiv(n, block),)](ids, lookup, tally, cold, local, n, lookup.numel() - 1,
+                                                       BLOCK=block, num_warps=4)
+    return cold, local
