@@ -61,6 +61,7 @@ class CpuExperts(nn.Module):
         # nothing; a layer's output is consumed (added to the residual) before its next call.
         self._out = torch.empty(0)
         self._calls: dict[tuple[int, int], cpu.HostCall] = {}  # (staging generation, T) -> call
+        self.last_stream_call: cpu.HostCall | None = None  # the call the last stream submit enqueued
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         if x.is_cuda:
@@ -97,6 +98,7 @@ class CpuExperts(nn.Module):
             call = self._calls[(staging.generation, n)] = cpu.host_call(self.engine, self.layer, bx, bids, bw, bout)
         elif call.error:
             raise RuntimeError(f"CPU experts of engine layer {self.layer} failed in a stream call: {call.error}")
+        self.last_stream_call = call
         bell = self.engine.doorbell
         if bell is not None:
             ring, done = bell.device_words

@@ -15,13 +15,18 @@ Data path of one long step:
 The split: an expert costs the engine max(its bytes / cpu_bw, its tokens' FLOPs / cpu_flops) and
 the device its bytes / h2d_bw (the device's compute is small beside the copy). Experts go to the
 device most-tokens first (they save the engine the most per byte copied) while each one taken
-shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defaults near the lent test machine's; the
-runtime passes its own). Shorter steps (decode) stay on the engine alone.
+shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defaults near the lent
+test machine's), then learned at run time: after each long step each side's measured time (the
+engine job's own timestamps; CUDA events around the device's share) against what the split
+predicted moves that side's rates halfway (in log scale) toward what it achieved, kept per
+power-of-two step length, so the split follows the machine, the format and the chunk length. Shorter steps (decode) stay on the engine
+alone.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -44,10 +49,15 @@ class DualRates:
     h2d_bw: float = 50e9  # bytes/s host -> device from the engine's (registered) memory
 
 
+def cpu_seconds(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates) -> list[float]:
+    """What each expert costs the engine at `rates`: streaming its bytes or computing its tokens."""
+    return [max(expert_bytes / rates.cpu_bw, c * flops_per_token / rates.cpu_flops) if c else 0.0 for c in counts]
+
+
 def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates) -> list[int]:
     """The experts the device takes (ids), given tokens per expert: most tokens first, while each
     one taken shortens the layer (the later of the engine's and the device's finish)."""
-    cpu = [max(expert_bytes / rates.cpu_bw, c * flops_per_token / rates.cpu_flops) if c else 0.0 for c in counts]
+    cpu = cpu_seconds(counts, expert_bytes, flops_per_token, rates)
     copy = expert_bytes / rates.h2d_bw
     order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
     left, taken = sum(cpu), []
@@ -57,6 +67,24 @@ def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: D
         taken.append(e)
         left -= cpu[e]
     return taken
+
+
+LEARN_MIN_SECONDS = 1e-4  # shares measured shorter than this teach nothing (timer and launch noise)
+
+
+def learned(rates: DualRates, cpu: tuple[float, float] | None, device: tuple[float, float] | None) -> DualRates:
+    """`rates` moved halfway (geometric mean) toward what each side achieved in a step: cpu /
+    device = (predicted seconds, measured seconds) of that side's share, or None when it had none
+    or was not measured. A side measured under LEARN_MIN_SECONDS keeps its rates; one step moves
+    a rate by at most sqrt(10)x."""
+
+    def factor(side):
+        if side is None or not side[0] > 0 or not side[1] >= LEARN_MIN_SECONDS:
+            return 1.0
+        return min(10.0, max(0.1, side[0] / side[1])) ** 0.5
+
+    fc, fd = factor(cpu), factor(device)
+    return replace(rates, cpu_bw=rates.cpu_bw * fc, cpu_flops=rates.cpu_flops * fc, h2d_bw=rates.h2d_bw * fd)
 
 
 class DualExperts(nn.Module):
@@ -79,6 +107,13 @@ class DualExperts(nn.Module):
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
         self._registered = False
+        self._step: dict | None = None  # the last long step's predictions and timers, until learned from
+        # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
+        # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones.
+        self.learned_rates: dict[int, DualRates] = {}
+
+    def rates_for(self, tokens: int) -> DualRates:
+        return self.learned_rates.get(tokens.bit_length(), self.rates)
 
     @staticmethod
     def supports(cpu_experts: nn.Module) -> str:
@@ -97,14 +132,27 @@ class DualExperts(nn.Module):
             return self.cpu_experts.submit(x, ids, weights), None  # the split needs a host sync
         flat = ids.reshape(-1).long()
         counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts).tolist()  # one host sync
-        taken = split(counts, self.expert_bytes, self.flops_per_token, self.rates)
+        self.learn()  # the sync above ran the stream past this layer's previous long step
+        rates = self.rates_for(x.shape[0])
+        taken = split(counts, self.expert_bytes, self.flops_per_token, rates)
         self.last_split = taken
+        cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
+        step = self._step = {"cpu": sum(cpu_s) - sum(cpu_s[e] for e in taken), "cpu_measured": None,
+                             "t0": time.monotonic_ns(),  # steady_clock, as the engine's timestamps
+                             "device": len(taken) * self.expert_bytes / rates.h2d_bw, "events": None,
+                             "bucket": x.shape[0].bit_length(), "rates": rates}
         if not taken:
-            return self.cpu_experts.submit(x, ids, weights), None
+            handle = self.cpu_experts.submit(x, ids, weights)
+            step["call"] = self._stream_call(x)
+            return handle, None
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
         lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
         handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+        step["call"] = self._stream_call(x)
+        if x.is_cuda:
+            step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            step["events"][0].record()
         dev, b0 = None, 0
         for chunk in self.batches(taken, counts, x.dtype):  # bounded device memory per batch
             in_chunk = (local >= b0) & (local < b0 + len(chunk))
@@ -112,12 +160,37 @@ class DualExperts(nn.Module):
                                           *self._weights(chunk, x.device, x.dtype), [counts[e] for e in chunk])
             dev = part if dev is None else dev + part
             b0 += len(chunk)
+        if step["events"]:
+            step["events"][1].record()
         return handle, dev
 
     def wait(self, pending) -> torch.Tensor:
         handle, dev = pending
         out = self.cpu_experts.wait(handle)
+        step = self._step
+        if step is not None and step["call"] is None and step["cpu_measured"] is None:
+            step["cpu_measured"] = self.cpu_experts.engine.last_phases()["done"] / 1e3  # a synchronous engine job
         return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
+
+    def _stream_call(self, x: torch.Tensor):
+        """The HostCall a stream submit just enqueued (its engine timestamps are read later), or None."""
+        return getattr(self.cpu_experts, "last_stream_call", None) if x.is_cuda else None
+
+    def learn(self) -> None:
+        """Fold the last long step's measured times into the rates (see `learned`); once per step."""
+        step, self._step = self._step, None
+        if step is None:
+            return
+        cpu_measured = step["cpu_measured"]
+        if step.get("call") is not None:
+            launch, done = step["call"].engine_ns
+            cpu_measured = (done - launch) / 1e9 if done > launch >= step["t0"] else None
+        device_measured = None
+        if step["events"] is not None and step["events"][1].query():
+            device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3
+        self.learned_rates[step["bucket"]] = learned(
+            step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
+            (step["device"], device_measured) if device_measured else None)
 
     def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
         """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
@@ -191,6 +264,7 @@ class DualExperts(nn.Module):
         except RuntimeError as e:
             log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
             self.rates = replace(self.rates, h2d_bw=min(self.rates.h2d_bw, PAGEABLE_H2D))
+            self.learned_rates = {b: replace(r, h2d_bw=min(r.h2d_bw, PAGEABLE_H2D)) for b, r in self.learned_rates.items()}
         if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
             weakref.finalize(self, _unregister, done)
         return locked

@@ -161,3 +161,37 @@ def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeyp
     dual = DualExperts(experts, E, H, I, rates=DualRates(h2d_bw=50e9))
     assert dual.register_slabs() == 0
     assert dual.rates.h2d_bw == de.PAGEABLE_H2D
+
+
+def test_rates_learn_toward_what_each_side_achieved():
+    from tandem.layers.dual_experts import LEARN_MIN_SECONDS, learned
+
+    r = DualRates(cpu_bw=100.0, cpu_flops=1000.0, h2d_bw=50.0)
+    slow_cpu = learned(r, (0.01, 0.04), None)  # the engine took 4x what the split predicted
+    assert (slow_cpu.cpu_bw, slow_cpu.cpu_flops, slow_cpu.h2d_bw) == pytest.approx((50.0, 500.0, 50.0))
+    fast_device = learned(r, None, (0.02, 0.01))
+    assert fast_device.h2d_bw == pytest.approx(50.0 * 2**0.5) and fast_device.cpu_bw == 100.0
+    assert learned(r, (1.0, LEARN_MIN_SECONDS / 2), (0.01, 0.0)) == r  # too short to tell; not measured
+    assert learned(r, (0.01, 100.0), None).cpu_bw == pytest.approx(100.0 * 0.1**0.5)  # at most 10x a step
+
+
+def test_a_slower_engine_than_predicted_hands_the_device_more(layer):
+    # The engine is told it is ~1e3x faster than it is: it keeps every expert at first; after each
+    # step its measured time pulls its rates down (at most sqrt(10)x a step), and within a few
+    # long steps the device takes experts.
+    experts, _ = layer
+    fast = DualRates(cpu_bw=1e13, cpu_flops=1e14, h2d_bw=1e11)
+    dual = DualExperts(experts, E, H, I, rates=fast, min_tokens=1)
+    x = tokens(T, H, seed=5)
+    ids, w = routing(T, E, K, seed=6)
+    run(dual, x, ids, w)
+    assert dual.last_split == []
+    seen = []
+    for _ in range(12):
+        run(dual, x, ids, w)
+        seen.append(len(dual.last_split))
+        if seen[-1]:
+            break  # the device's share runs in Triton's interpreter here: slow
+    learned_rates = dual.rates_for(T)
+    assert learned_rates.cpu_flops < fast.cpu_flops / 5 and max(seen) > 0, (learned_rates, seen)
+    assert dual.rates == fast and dual.rates_for(4 * T) == fast  # other step lengths learn on their own
