@@ -355,3 +355,29 @@ def test_cuda_graph_replay_follows_new_ids():
     torch.cuda.synchronize()
     check(out, ref.moe_experts(x, ids, weights, *w), (x, ids, weights, *w))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("n_tok, k", [(1, 6), (5, 8), (300, 8)])  # 300 x 8: more than one block
+def test_hot_split_equals_the_torch_ops(device, n_tok, k):
+    n_exp = 64
+    g = gen(20 + n_tok)
+    ids = torch.randint(-1, n_exp, (n_tok, k), generator=g, dtype=torch.int32)
+    hot = torch.randperm(n_exp, generator=g)[:16]
+    lookup = torch.full((n_exp + 1,), -1, dtype=torch.long)
+    lookup[hot] = torch.arange(16)
+    flat = torch.where(ids < 0, n_exp, ids.long()).view(-1)
+    want_tally = torch.bincount(flat, minlength=n_exp + 1) + 7
+    want_local = lookup[flat].view(ids.shape).int()
+    want_cold = torch.where(want_local >= 0, -1, ids).int()
+    tally = torch.full((n_exp + 1,), 7, dtype=torch.long, device=device)
+    cold, local = moe.hot_split(ids.to(device), lookup.to(device), tally)
+    assert torch.equal(cold.cpu(), want_cold) and torch.equal(local.cpu(), want_local)
+    assert torch.equal(tally.cpu(), want_tally)
+
+
+def test_hot_split_checks_its_input():
+    lookup = torch.full((5,), -1, dtype=torch.long)
+    with pytest.raises(ValueError, match="int32/int64"):
+        moe.hot_split(torch.zeros(2, 2), lookup, lookup.clone())
+    with pytest.raises(ValueError, match="int64"):
+        moe.hot_split(torch.zeros(2, 2, dtype=torch.int32), lookup.int(), lookup.clone())
