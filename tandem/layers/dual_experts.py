@@ -7,9 +7,10 @@ rest.
 Data path of one long step:
     ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
-    -> per batch of S: copy the experts' slabs host -> device, decode them (ops/triton/tiled.py),
-       run them on their tokens (ops.reference.moe_experts_padded: batched matmuls over the batch's
-       experts, S's local ids)
+    -> per batch of S: copy the experts' slabs host -> device on a copy stream (the next batch's
+       copies start before this one computes: double buffering), decode them straight into the
+       model's dtype (ops/triton/tiled.py), run them on their tokens
+       (ops.reference.moe_experts_padded: batched matmuls over the batch's experts, S's local ids)
     -> wait for the engine; out = engine's part + device's part
 
 The split: an expert costs the engine max(its bytes / cpu_bw, its tokens' FLOPs / cpu_flops) and
@@ -19,12 +20,13 @@ shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defa
 test machine's), then learned at run time: after each long step each side's measured time (the
 engine job's own timestamps; CUDA events around the device's share) against what the split
 predicted moves that side's rates halfway (in log scale) toward what it achieved, kept per
-power-of-two step length, so the split follows the machine, the format and the chunk length. Shorter steps (decode) stay on the engine
-alone.
+power-of-two step length, so the split follows the machine, the format and the chunk length.
+Shorter steps (decode) stay on the engine alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
 PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-lock (staged by the driver)
 _REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on a 2 MiB page of their own
+_COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the slabs' copy stream
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class DualExperts(nn.Module):
         self.expert_bytes = sum(s.shape[1] * s.shape[2] for node in self.slabs for s, _ in node.values())
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
+        self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
         self._registered = False
         self._step: dict | None = None  # the last long step's predictions and timers, until learned from
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
@@ -154,12 +158,24 @@ class DualExperts(nn.Module):
             step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             step["events"][0].record()
         dev, b0 = None, 0
-        for chunk in self.batches(taken, counts, x.dtype):  # bounded device memory per batch
+        runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+        staged = self._stage(runs[0], x.device)
+        for i, chunk in enumerate(runs):
+            # Double buffering: the next run's copies start before this run computes, when both
+            # fit the buffer (batch_bytes counts a run's worth of blocks for it).
+            nxt = runs[i + 1] if i + 1 < len(runs) else None
+            ahead = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
+                                         - len(chunk) * self.expert_bytes + len(nxt) * self.expert_bytes
+                                         <= self.buffer_bytes)
+            following = self._stage(nxt, x.device) if ahead else None
+            self.prefetched += bool(ahead)
             in_chunk = (local >= b0) & (local < b0 + len(chunk))
             part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
-                                          *self._weights(chunk, x.device, x.dtype), [counts[e] for e in chunk])
+                                          *self._decode(len(chunk), staged, x.device, x.dtype),
+                                          [counts[e] for e in chunk])
             dev = part if dev is None else dev + part
             b0 += len(chunk)
+            staged = following if ahead else (self._stage(nxt, x.device) if nxt is not None else None)
         if step["events"]:
             step["events"][1].record()
         return handle, dev
@@ -194,11 +210,13 @@ class DualExperts(nn.Module):
 
     def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
         """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
-        blocks, its weights in `dtype` and one projection decoded in fp32 (what
-        MemoryPlan.dual_expert_bytes counts), and the padded matmuls give every expert the busiest
-        one's token count of rows (x, gate, up, h, y in `dtype`; fp32 copies of x and y, fp32 sum)."""
+        blocks, its weights in `dtype` (decoded in place) and as many blocks again for the next
+        batch's copies (double buffering) - within what MemoryPlan.dual_expert_bytes counts (blocks,
+        weights and one projection decoded in fp32) - and the padded matmuls give every expert the
+        busiest one's token count of rows (x, gate, up, h, y in `dtype`; fp32 copies of x and y,
+        fp32 sum)."""
         numel = self.hidden * self.inter
-        per_expert = self.expert_bytes + 3 * numel * dtype.itemsize + 4 * numel
+        per_expert = 2 * self.expert_bytes + 3 * numel * dtype.itemsize
         per_token = (2 * self.hidden + 3 * self.inter) * dtype.itemsize + 12 * self.hidden
         return n * (per_expert + most_tokens * per_token)
 
@@ -216,27 +234,55 @@ class DualExperts(nn.Module):
             runs.append(run)
         return runs
 
-    def _weights(self, experts: list[int], device: torch.device, dtype: torch.dtype):
-        """w_gate, w_up [n, I, H] and w_down [n, H, I] of these experts on `device`, from the slabs."""
-        from tandem.ops.triton.tiled import dequantize  # triton: imported on first use
+    def _copy_stream(self, device: torch.device):
+        """The device's stream for the slabs' copies (one per device, shared by the layers), or None
+        off CUDA."""
+        if device.type != "cuda":
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = _COPY_STREAMS.get(index)
+        if stream is None:
+            stream = _COPY_STREAMS[index] = torch.cuda.Stream(device=index)
+        return stream
 
+    def _stage(self, experts: list[int], device: torch.device):
+        """Start copying these experts' blocks to `device` (on the copy stream, so the copies run
+        while the compute stream works): {(node, proj): uint8 [n, groups, group_bytes]} and the
+        event that marks them copied (None off CUDA)."""
         if device.type == "cuda" and not self._registered:
             self.register_slabs()
-        full = {"gate": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
-                "up": torch.empty(len(experts), self.inter, self.hidden, dtype=dtype, device=device),
-                "down": torch.empty(len(experts), self.hidden, self.inter, dtype=dtype, device=device)}
-        for node in self.slabs:
-            for proj, (slab, info) in node.items():
-                staged = torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
-                for j, e in enumerate(experts):
-                    staged[j].copy_(slab[e], non_blocking=True)
-                w = dequantize(staged, info["format"], info["rows"], info["cols"], info["row_group"])  # fp32
-                del staged
-                i0, i1 = info["slice"]  # this node's share of I: gate/up rows, down columns; cast as copied
-                if proj == "down":
-                    full[proj][:, :, i0:i1] = w
-                else:
-                    full[proj][:, i0:i1] = w
+        stream = self._copy_stream(device)  # waits for nothing: the slabs never change, and blocks
+        staged = {}  # the compute stream used are handed out again only after it (record_stream)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for n, node in enumerate(self.slabs):
+                for proj, (slab, _) in node.items():
+                    blocks = torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
+                    for j, e in enumerate(experts):
+                        blocks[j].copy_(slab[e], non_blocking=True)
+                    staged[(n, proj)] = blocks
+            done = stream.record_event() if stream is not None else None
+        return staged, done
+
+    def _decode(self, n: int, staged, device: torch.device, dtype: torch.dtype):
+        """w_gate, w_up [n, I, H] and w_down [n, H, I] in `dtype` from staged blocks (_stage): each
+        node's slice decoded straight into place (ops/triton/tiled.py)."""
+        from tandem.ops.triton.tiled import dequantize  # triton: imported on first use
+
+        blocks, done = staged
+        if done is not None:
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(done)
+            for b in blocks.values():
+                b.record_stream(stream)  # freed after this stream's use, not the copy stream's
+        full = {"gate": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
+                "up": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
+                "down": torch.empty(n, self.hidden, self.inter, dtype=dtype, device=device)}
+        for node_index, node in enumerate(self.slabs):
+            for proj, (_, info) in node.items():
+                i0, i1 = info["slice"]  # this node's share of I: gate/up rows, down columns
+                into = full[proj][:, :, i0:i1] if proj == "down" else full[proj][:, i0:i1]
+                dequantize(blocks[(node_index, proj)], info["format"], info["rows"], info["cols"], info["row_group"],
+                           out=into)
         return full["gate"], full["up"], full["down"]
 
     def register_slabs(self) -> int:

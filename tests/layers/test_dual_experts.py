@@ -195,3 +195,21 @@ def test_a_slower_engine_than_predicted_hands_the_device_more(layer):
     learned_rates = dual.rates_for(T)
     assert learned_rates.cpu_flops < fast.cpu_flops / 5 and max(seen) > 0, (learned_rates, seen)
     assert dual.rates == fast and dual.rates_for(4 * T) == fast  # other step lengths learn on their own
+
+
+def test_double_buffered_runs_equal_one_run(layer):
+    # A buffer of about three experts: several runs, each next run's copies started before the
+    # run before computes (prefetched), and the same output as one run holding every expert.
+    experts, _ = layer
+    x = tokens(T, H, seed=8)
+    ids, w = routing(T, E, K, seed=9)
+    probe = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1)
+    flat = ids.flatten().long()
+    most = int(torch.bincount(flat[flat >= 0]).max())
+    whole = run(probe, x, ids, w)
+    assert probe.prefetched == 0  # one run: nothing to prefetch
+    dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1,
+                       buffer_bytes=probe.batch_bytes(3, most, torch.float32))
+    got = run(dual, x, ids, w)
+    assert dual.prefetched >= 2, dual.prefetched
+    assert_matches(got, whole, 1e-6, "double-buffered runs")

@@ -94,6 +94,25 @@ def test_float_checkpoint_formats(isa, fmt, hidden, inter):
         assert torch.equal(got, want), proj  # one fp32 product or none: exact on a GPU too
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_into_a_strided_slice_rounds_as_torch_casts(dtype):
+    """out=: written straight into a column slice of a wider tensor (a node's share of a layer's
+    down projection), rounded to nearest even as the fp32 weights' torch cast; the rest untouched."""
+    if not TILED_ISAS:
+        pytest.skip("no ISA with the tiled layout on this CPU")
+    engine, index, _ = layer(TILED_ISAS[-1], ("Q4_K", "Q4_K", "Q8_0"), 512, 224)
+    info = engine._native.weight_slab_info(index, 0, "down")
+    slab = torch.from_numpy(engine._native.weight_slab(index, 0, "down")).to(DEVICE)
+    want = tiled.dequantize(slab, "Q8_0", info["rows"], info["cols"], info["row_group"])
+    full = torch.full((want.shape[0], want.shape[1], want.shape[2] + 40), 7.0, dtype=dtype, device=DEVICE)
+    got = tiled.dequantize(slab, "Q8_0", info["rows"], info["cols"], info["row_group"], out=full[:, :, 24:-16])
+    assert got.data_ptr() == full[:, :, 24:-16].data_ptr()
+    assert torch.equal(full[:, :, 24:-16].cpu(), want.to(dtype).cpu())
+    assert bool((full[:, :, :24] == 7).all()) and bool((full[:, :, -16:] == 7).all())
+    with pytest.raises(ValueError, match="out must be"):
+        tiled.dequantize(slab, "Q8_0", info["rows"], info["cols"], info["row_group"], out=full)
+
+
 def test_rejects_what_it_cannot_read():
     engine, index, _ = layer(TILED_ISAS[0], ("Q8_0", "Q8_0", "Q8_0"), 64, 32) if TILED_ISAS else (None, None, None)
     slab = torch.zeros(2, 2, 64, dtype=torch.uint8, device=DEVICE)

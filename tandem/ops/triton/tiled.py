@@ -24,7 +24,9 @@ or repacked at load (a DeepSeek FP8 checkpoint's become INT8 / INT4):
 dequantize(slab [E, groups, group_bytes] uint8, fmt, rows, cols) -> fp32 [E, rows, cols], one
 program per (expert, group, block): bit-equal to the file format's reference dequantizer in
 Triton's interpreter (same fp32 operations in the same order); on a GPU a fused multiply-add
-may round the last operation once instead of twice.
+may round the last operation once instead of twice. With `out` (any float dtype, any strides,
+e.g. one node's column slice of a layer's weights) it writes there instead, rounding the fp32
+weights to out's dtype to nearest even as torch's cast does: no fp32 copy in between.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.ops.triton.fused import _check_device
+from tandem.ops.triton.fused import _INTERPRETED, _check_device, _round
 
 __all__ = ["FORMATS", "dequantize"]
 
@@ -51,8 +53,8 @@ def _f16(ptr):
 
 
 @triton.jit
-def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes,
-                    R: tl.constexpr, BLK: tl.constexpr, FMT: tl.constexpr):  # fmt: skip
+def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes, out_se, out_sr, out_sc,
+                    R: tl.constexpr, BLK: tl.constexpr, FMT: tl.constexpr, EMULATE_BF16: tl.constexpr):  # fmt: skip
     eg, i = tl.program_id(0), tl.program_id(1)  # (expert * groups + group), block
     n = tl.arange(0, R)[:, None]  # row in the group
     k = tl.arange(0, BLK)[None, :]  # weight in the block
@@ -108,13 +110,16 @@ def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes,
     row = (eg % groups) * R + n
     expert = eg // groups
     col = i * BLK + k
-    out = out_ptr + (expert.to(tl.int64) * rows + row) * cols + col
-    tl.store(out, w, mask=(row < rows) & (col < cols))
+    out = out_ptr + expert.to(tl.int64) * out_se + row.to(tl.int64) * out_sr + col * out_sc
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out, _round(w, out_dtype, EMULATE_BF16).to(out_dtype), mask=(row < rows) & (col < cols))
 
 
-def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: int) -> torch.Tensor:
+def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [E, rows, cols] from one projection's engine slab uint8 [E, groups, group_bytes]
-    (ops.cpu.Engine.weight_slab), laid out with `row_group` rows per group."""
+    (ops.cpu.Engine.weight_slab), laid out with `row_group` rows per group; or written into `out`
+    ([E, rows, cols], fp32 / bf16 / fp16, any strides; returned)."""
     if fmt not in FORMATS:
         raise ValueError(f"tiled dequantize reads {', '.join(FORMATS)}; got {fmt!r}")
     blk, fid, whole = FORMATS[fmt]
@@ -129,10 +134,14 @@ def dequantize(slab: torch.Tensor, fmt: str, rows: int, cols: int, row_group: in
     if groups != triton.cdiv(rows, row_group):
         raise ValueError(f"{rows} rows in groups of {row_group} make {triton.cdiv(rows, row_group)} groups, "
                          f"the slab has {groups}")
-    _check_device(slab)
-    out = torch.empty((experts, rows, cols), dtype=torch.float32, device=slab.device)
+    if out is None:
+        out = torch.empty((experts, rows, cols), dtype=torch.float32, device=slab.device)
+    elif out.shape != (experts, rows, cols) or out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"out must be fp32/bf16/fp16 [{experts}, {rows}, {cols}], got {out.dtype} {tuple(out.shape)}")
+    _check_device(slab, out)
     if out.numel():
         _dequant_kernel[(experts * groups, triton.cdiv(cols, blk))](
-            slab, out, rows, cols, groups, group_bytes, R=row_group, BLK=blk, FMT=fid,
+            slab, out, rows, cols, groups, group_bytes, *out.stride(),
+            R=row_group, BLK=blk, FMT=fid, EMULATE_BF16=_INTERPRETED,
         )  # fmt: skip
     return out
