@@ -2,11 +2,19 @@
 and one for the rope key (ops.reference.mla_int8_layout), written by the reference and by the fused
 cache-write kernel, read by the decode kernel and the torch paths, through whole tiny models.
 
-The kernels run in Triton's interpreter here (tests/conftest.py); the GPU-marked test compiles them.
+The kernels run in Triton's interpreter here (tests/conftest.py); the GPU-marked test compiles them,
+and one test compiles them for sm_90 without a GPU to check their PTX's accesses to the cache rows.
 Bounds: a code is within half a scale step of its value (1/254 of its group's largest); logits of
 a model on the int8 cache against the same model on an fp32 cache: median row 1e-2, and greedy tokens
 agree wherever the fp32 run's margin exceeds 10x that (the margin rule).
 """
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +157,170 @@ def test_int8_cache_on_gpu(tmp_path):
     got = run_steps(int8.model, "cuda", True, prompts, steps, dtype=torch.uint8)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-4
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU and compiled kernels")
+@pytest.mark.parametrize("splits", [1, 32])
+def test_kernels_on_612_byte_rows_on_gpu(splits):
+    # DeepSeek-V2/V3's rows (c 512, dr 64): 612 bytes, so rows at slots that are not multiples of 4
+    # start only 4-byte aligned (the tiny models' rows of 48 bytes are all 16-byte aligned). 70 keys
+    # cover every slot residue; 32 splits as in a CUDA graph at 8K context.
+    c, dr, nh, bs, n = 512, 64, 16, 16, 70
+    g = torch.Generator().manual_seed(4)
+    kv = (torch.randn(n, c + dr, generator=g) * 3).to(torch.bfloat16).cuda()
+    weight = (torch.rand(c, generator=g) + 0.5).to(torch.bfloat16).cuda()
+    cos, sin = (torch.randn(n, dr // 2, generator=g).to(torch.bfloat16).cuda() for _ in range(2))
+    table = torch.randperm(12, generator=g)[: -(-n // bs)].to(torch.int32)
+    slots = (table.long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs).cuda()
+    cache = torch.zeros(12 * bs, ref.mla_int8_layout(c, dr)[2], dtype=torch.uint8, device="cuda")
+    fused.mla_cache_write(kv, weight, 1e-6, cos, sin, cache, slots, c, True)
+    want_rows = ref.mla_int8_rows(ref.rms_norm(kv[:, :c], weight, 1e-6), ref.apply_rope(kv[:, c:], cos, sin, True))
+    assert rel_err(ref.mla_int8_values(cache[slots], c, dr), ref.mla_int8_values(want_rows, c, dr)) <= 1e-2
+    q_lat, q_pe = torch.randn(1, nh, c, generator=g).cuda(), torch.randn(1, nh, dr, generator=g).cuda()
+    tables, pos = table[None].cuda(), torch.tensor([n - 1]).cuda()
+    seq = torch.zeros(1, dtype=torch.int32, device="cuda")
+    config = attn.default_config(c, int8=True)
+    got = attn.mla_decode(q_lat, q_pe, cache, tables, seq, pos, bs, 0.1, splits, config=config)
+    want = attn.mla_decode(q_lat, q_pe, ref.mla_int8_values(cache, c, dr), tables, seq, pos, bs, 0.1, splits,
+                           config=config)
+    torch.cuda.synchronize()
+    assert rel_err(got, want) <= 1e-5
+
+
+# ---------------------------------------------------------------- compiled memory accesses (no GPU)
+# A V2/V3 int8 row is 612 bytes: rows start only 4-byte aligned. A compiled kernel must never move
+# more than 4 bytes at once through a cache pointer. Triton without triton-lang/triton#9297 took the
+# decode kernel's rows as 16-byte aligned and loaded codes 16 bytes at a time (misaligned address on
+# an H200 once decode read rows at slots that are not multiples of 4). The kernels are compiled for
+# sm_90 here as Triton's launcher would specialize them for the bench's shapes, and the PTX's global
+# accesses whose address derives from the cache pointer are checked.
+
+_WIDE = re.compile(r"\.v[248]\.|\.b64|\.b128|\.[usf]64")
+
+
+def _specialize(fn, args: tuple, kwargs: dict):
+    """(signature, constexprs, attrs, index of each kept parameter) as Triton's launcher specializes
+    these arguments: a pointer 16-byte aligned and an int divisible by 16 get tt.divisibility 16,
+    an int equal to 1 becomes a constant."""
+    names = fn.arg_names
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+              torch.int32: "i32", torch.int64: "i64"}
+    sig, const, attrs, ptx_param = {}, {}, {}, {}
+    for i, name in enumerate(names):
+        v = values[name]
+        aligned = False
+        if fn.params[i].is_constexpr:
+            sig[name], const[name] = "constexpr", v
+            continue
+        if isinstance(v, torch.Tensor):
+            sig[name], aligned = "*" + dtypes[v.dtype], v.data_ptr() % 16 == 0
+        elif isinstance(v, bool):
+            sig[name] = "u1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], const[name] = "constexpr", 1
+                continue
+            sig[name], aligned = ("i32" if -(2**31) <= v < 2**31 else "i64"), v % 16 == 0
+        else:
+            sig[name] = "fp32"
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        ptx_param[name] = len(ptx_param)
+    return sig, const, attrs, ptx_param
+
+
+def _derived_accesses(ptx: str, kernel: str, param: int) -> list[str]:
+    """Global loads / stores / async copies of `ptx` whose address derives from `kernel`'s pointer
+    parameter number `param` (registers computed from it, to a fixed point through loops)."""
+    lines = [line.split("//")[0].strip() for line in ptx.splitlines()]
+    reg = re.compile(r"%[a-z]+\d+")
+    tainted = {m.group(1) for line in lines
+               if (m := re.match(rf"ld\.param\.\w+\s+(%\w+),\s*\[{kernel}_param_{param}\]", line))}
+    changed = True
+    while changed:
+        changed = False
+        for line in lines:
+            body = re.sub(r"^@!?%p\d+\s+", "", line)
+            if not body or body[0] in ".{}$" or re.match(r"(ld|st|cp\.async|bra|ret)\b", body):
+                continue
+            regs = reg.findall(body)
+            if len(regs) >= 2 and regs[0] not in tainted and any(r in tainted for r in regs[1:]):
+                tainted.add(regs[0])
+                changed = True
+    found = []
+    for line in lines:
+        body = re.sub(r"^@!?%p\d+\s+", "", line)
+        op = re.match(r"((?:ld|st)\.global[\w.]*|cp\.async[\w.]*)\s", body)
+        addrs = re.findall(r"\[\s*(%\w+)", body)
+        if op and op.group(1).startswith("cp.async"):
+            addrs = addrs[1:]  # [shared destination], [global source]
+        if op and addrs and addrs[0] in tainted:
+            size = re.search(r"\],\s*(0x[0-9a-f]+|\d+)", body) if op.group(1).startswith("cp.async") else None
+            found.append(op.group(1) + (f" {int(size.group(1), 0)}B" if size else ""))
+    return found
+
+
+def _compiled_accesses() -> dict:
+    """{kernel: {argument: [access shapes]}} of the int8 cache write and decode kernels compiled for
+    sm_90 at DeepSeek-V2-Lite's shapes (c 512, dr 64, 16 heads, blocks of 16, bf16, 32 splits as
+    in a CUDA graph). Runs without TRITON_INTERPRET (see the test)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    c, dr, nh, bs = 512, 64, 16, 16
+    calls = {}
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.setdefault(self.fn.__name__, (self.fn, args, kwargs))
+
+    attn._split_kernel, attn._reduce_kernel = Recorder(attn._split_kernel), Recorder(attn._reduce_kernel)
+    fused._mla_cache_write_kernel = Recorder(fused._mla_cache_write_kernel)
+    fused._check_device = lambda *tensors: None  # CPU tensors stand in for the GPU's
+    cache = torch.zeros(64 * bs, ref.mla_int8_layout(c, dr)[2], dtype=torch.uint8)
+    kv, w = torch.zeros(1, c + dr, dtype=torch.bfloat16), torch.ones(c, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(1, dr // 2, dtype=torch.bfloat16)
+    fused.mla_cache_write(kv, w, 1e-6, cos, sin, cache, torch.tensor([5]), c, True)
+    q_lat = torch.zeros(nh, 1, c, dtype=torch.bfloat16).transpose(0, 1)
+    q_pe = torch.zeros(1, nh, dr, dtype=torch.bfloat16)
+    tables, seq, pos = torch.zeros(1, 512, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), torch.tensor([64])
+    attn.mla_decode(q_lat, q_pe, cache, tables, seq, pos, bs, 0.1, 32)
+    out = {}
+    watched = {"_split_kernel": ("cache_ptr", "q_ptr"), "_mla_cache_write_kernel": ("cache_ptr", "kv_ptr")}
+    for name, watch in watched.items():
+        fn, args, kwargs = calls[name]
+        sig, const, attrs, ptx_param = _specialize(fn, args, kwargs)
+        options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=options)
+        out[name] = {arg: _derived_accesses(k.asm["ptx"], name, ptx_param[arg]) for arg in watch}
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_kernels_move_int8_rows_in_words_at_most():
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's CUDA backend is not installed")
+    # A fresh process: the kernels here may be interpreted; TRITON_INTERPRET=0 keeps conftest from
+    # choosing the interpreter there.
+    code = ("import json, sys; sys.path.insert(0, '.'); from tests.layers.test_kv_int8 import _compiled_accesses;"
+            "print('ACCESSES', json.dumps(_compiled_accesses()))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.split("ACCESSES", 1)[1])
+    for kernel, args in found.items():
+        cache = args["cache_ptr"]
+        assert cache, f"{kernel}: no access through the cache pointer found in the PTX"
+        wide = [a for a in cache if _WIDE.search(a) or re.search(r"\b(8|16)B$", a)]
+        assert not wide, f"{kernel}: accesses wider than 4 bytes on 4-aligned int8 rows: {sorted(set(wide))}"
+        # The scan sees vector accesses where they are legal (16-aligned bf16 rows of q / kv).
+        other = [a for name, acc in args.items() if name != "cache_ptr" for a in acc]
+        assert any(_WIDE.search(a) or re.search(r"\b(8|16)B$", a) for a in other), (kernel, other)

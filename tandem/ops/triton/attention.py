@@ -120,6 +120,10 @@ def mla_decode(
     groups, scale_col, width = mla_int8_layout(c, dr) if int8 else (0, 0, c + dr)
     _check_common(q_lat, cache, block_tables, seq_of_token, positions, block_size, num_splits, width,
                   "int8 row bytes" if int8 else "c + dr")
+    if int8 and (cache.stride(0) % 4 or cache.data_ptr() % 4):
+        # The kernel reads codes and fp32 scales as 4-byte words (_attend_tile).
+        raise ValueError(f"int8 cache rows must start on 4-byte boundaries, got row stride {cache.stride(0)} "
+                         f"and data pointer {cache.data_ptr():#x}")
     config = config or default_config(c, int8)
     return _launch(
         q_lat, q_pe, cache, block_tables, seq_of_token, positions, block_size, scale, num_splits, config,
@@ -373,7 +377,16 @@ def _attend_tile(
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < hi
     blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0)
-    row = cache_ptr + (blk.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE) * cache_sr  # [BLOCK_N]
+    # Row pointers: the block's first row and the row within the block are scaled by the stride
+    # apart. Triton without triton-lang/triton#9297 (AxisInfo of add) takes the sum
+    # blk * BLOCK_SIZE + n % BLOCK_SIZE as a multiple of BLOCK_SIZE in every element, so it took
+    # every row as 16-byte aligned whatever the stride and loaded 16 bytes of codes at once: a
+    # misaligned address on int8 rows of 612 bytes, only 4-aligned. Each term here has a sound
+    # divisibility (bf16 rows of 1152 bytes still load in 16-byte vectors). int8 rows are whole
+    # 4-byte words (mla_int8_layout; mla_decode checks), which lets codes load as words.
+    if KV_INT8:
+        cache_sr = cache_sr // 4 * 4  # the same stride, known to Triton as a multiple of 4
+    row = cache_ptr + blk.to(tl.int64) * BLOCK_SIZE * cache_sr + (n % BLOCK_SIZE) * cache_sr  # [BLOCK_N]
     # Masked keys load as zeros, so stale or NaN rows past the context never reach the sums.
     d1 = tl.arange(0, BLOCK_D1)
     k_mask = n_mask[:, None] & (d1[None, :] < D1)
