@@ -51,20 +51,22 @@ struct Route {
 
 // One node's share of the running job.
 struct MoeEngine::NodeState {
-  PaddedCounter next_px, arrived_px, next_up, arrived_up, next_ph, arrived_ph, next_down;
+  PaddedCounter next_px, arrived_px, next_up, arrived_up, next_ph, arrived_ph, next_down, arrived_down, next_sum;
   int n_workers = 0;
   int width = 0;  // this node's slice of I
   int rb_up = 0, rb_down = 0;  // rows per gate/up and per down task
   int blocks_per_expert = 0;   // gate/up tasks per active expert
+  int down_blocks = 0;         // down tasks per active expert (prefill jobs; see split_down)
   int n_up = 0, n_down = 0;
   float* h = nullptr;    // [n_pos, width]: silu(gate x) * up x, one row per (token, expert) pair
   float* acc = nullptr;  // [T, H]: this node's partial output (the caller's out when direct)
+  float* y = nullptr;    // [n_pos, H]: down's output per position (prefill jobs: split_down)
   size_t x_stride[2] = {0, 0};  // activation rows of gate's / up's x; up shares gate's when equal
   bool up_shares = true;
   size_t h_stride = 0;
   size_t kernel_scratch = 0, worker_scratch = 0;
   GrowBuf ax[2], ah;  // activation rows [n_pos (+ tile padding)] for gate, up, down
-  std::vector<float> h_buf, partial;
+  std::vector<float> h_buf, partial, y_buf;
   std::vector<const uint8_t*> act_gate, act_up, act_down;  // [n_pos] rows the kernels read
   std::vector<GrowBuf> scratch;  // per worker: kernel scratch, fp32 row, then [max_count, rb] outputs
   std::vector<std::array<int64_t, 5>> phase_ns;  // per worker: when it left each phase (last_phases)
@@ -93,9 +95,15 @@ struct MoeEngine::Job {
   std::vector<int> pos_tok;       // (token, expert) pairs grouped by expert, tokens ascending
   std::vector<int> pos_active;    // [n_pos] index into active
   std::vector<float> pos_w;
+  std::vector<int> tok_off, tok_pos;  // prefill jobs: token t's positions, ascending, at tok_off[t]..[t + 1]
   std::vector<Route> gate, up, down;  // [n_active]
   int n_pos = 0, max_count = 0;
   bool any_big = false;
+  // Prefill jobs: down tasks are (expert, rows of H) writing each position's output, then each
+  // token sums its positions (down_expert_task, sum_token). Decode jobs: tasks are rows of H
+  // looping over the experts (down_task), which reads every expert's activations once per task:
+  // few bytes for a few tokens, but with many tokens per expert those reads outgrow the weights'.
+  bool split_down = false;
 
   int total_workers = 0;
   PaddedCounter workers_left, arrived_all, next_reduce;
@@ -272,6 +280,15 @@ bool flow_enabled() {
 // Tile kernels may read up to this many rows past an expert's last activation row.
 constexpr int kTilePadRows = 32;
 
+// o += w * y: the one place down's outputs are weighted and summed, whichever task shape ran.
+void add_scaled(float* o, float w, const float* y, int n) {
+  for (int r = 0; r < n; ++r) o[r] += w * y[r];
+}
+
+void to_bf16(const float* x, uint16_t* out, int n) {
+  for (int r = 0; r < n; ++r) out[r] = f32_to_bf16(x[r]);
+}
+
 }  // namespace
 
 void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
@@ -334,6 +351,17 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   }
   for (size_t a = 0; a < j.active.size(); ++a)
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
+  j.split_down = j.any_big;
+  if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums
+    j.tok_off.assign(size_t(j.T) + 1, 0);
+    for (int p = 0; p < n_pos; ++p) ++j.tok_off[size_t(j.pos_tok[size_t(p)]) + 1];
+    for (int t = 0; t < j.T; ++t) j.tok_off[size_t(t) + 1] += j.tok_off[size_t(t)];
+    grow(j.tok_pos, size_t(n_pos));
+    std::vector<int>& fill = j.start;  // reused as a cursor per token
+    grow(fill, size_t(j.T));
+    std::copy(j.tok_off.begin(), j.tok_off.end() - 1, fill.begin());
+    for (int p = 0; p < n_pos; ++p) j.tok_pos[size_t(fill[size_t(j.pos_tok[size_t(p)])]++)] = p;
+  }
 
   const int n_active = int(j.active.size());
   const size_t rows_pad = size_t(n_pos) + kTilePadRows;
@@ -375,10 +403,18 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     const int workers = ns.n_workers;
     const int fixed = prefill_rows();
     ns.rb_up = rows_per_task(int64_t(n_active) * ns.width, workers, j.any_big, fixed);
-    ns.rb_down = rows_per_task(j.H, workers, j.any_big, fixed);
     ns.blocks_per_expert = (ns.width + ns.rb_up - 1) / ns.rb_up;
     ns.n_up = n_active * ns.blocks_per_expert;
-    ns.n_down = (j.H + ns.rb_down - 1) / ns.rb_down;
+    if (j.split_down) {
+      ns.rb_down = rows_per_task(int64_t(n_active) * j.H, workers, true, fixed);
+      ns.down_blocks = (j.H + ns.rb_down - 1) / ns.rb_down;
+      ns.n_down = ns.width > 0 ? n_active * ns.down_blocks : 0;
+      grow(ns.y_buf, size_t(n_pos) * size_t(j.H));
+      ns.y = ns.y_buf.data();
+    } else {
+      ns.rb_down = rows_per_task(j.H, workers, j.any_big, fixed);
+      ns.n_down = (j.H + ns.rb_down - 1) / ns.rb_down;
+    }
     const int max_k = std::max(j.H, ns.width);
     ns.kernel_scratch = act::round_up(kt_.scratch_bytes(max_k), 64);
     const size_t row_f32 = act::f32_bytes(max_k);
@@ -411,6 +447,8 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     ns.next_ph.v.store(0, std::memory_order_relaxed);
     ns.arrived_ph.v.store(0, std::memory_order_relaxed);
     ns.next_down.v.store(0, std::memory_order_relaxed);
+    ns.arrived_down.v.store(0, std::memory_order_relaxed);
+    ns.next_sum.v.store(0, std::memory_order_relaxed);
   }
   j.workers_left.v.store(j.total_workers, std::memory_order_relaxed);
   j.arrived_all.v.store(0, std::memory_order_relaxed);
@@ -448,7 +486,12 @@ void MoeEngine::run_node(int node, int worker) {
     mark(2);
   } else {
   // Each phase reads what any worker of the node wrote in the one before: a barrier between.
-  for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch);
+  if (j.split_down) {
+    for (int t; n_pos > 0 && (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < j.T;)
+      prep_token_task(node, t, scratch);
+  } else {
+    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch);
+  }
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
@@ -461,7 +504,15 @@ void MoeEngine::run_node(int node, int worker) {
   ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
-  for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
+  if (j.split_down) {
+    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;)
+      down_expert_task(node, t, scratch);
+    ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
+    spin_until(ns.arrived_down.v, ns.n_workers);
+    for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) sum_token(node, t);
+  } else {
+    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
+  }
   mark(3);
   if (pools_.size() > 1) {
     j.arrived_all.v.fetch_add(1, std::memory_order_acq_rel);
@@ -480,27 +531,49 @@ std::vector<double> MoeEngine::last_phases() const {
   return ms;
 }
 
+// Token t's row of x as float32 (bfloat16 input converted into the worker's scratch).
+const float* MoeEngine::x_row(int node, int t, uint8_t* scratch) const {
+  const Job& j = *job_;
+  if (j.x_dtype == DType::F32) return reinterpret_cast<const float*>(j.x.data()) + size_t(t) * size_t(j.H);
+  auto* f = reinterpret_cast<float*>(scratch + nodes_[size_t(node)].kernel_scratch);
+  const auto* b = reinterpret_cast<const uint16_t*>(j.x.data()) + size_t(t) * size_t(j.H);
+  for (int i = 0; i < j.H; ++i) f[i] = bf16_to_f32(b[i]);
+  return f;
+}
+
 // Position p's token -> gate's (and, if its layout differs, up's) activation row.
 void MoeEngine::prep_x_task(int node, int p, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
-  const size_t t = size_t(j.pos_tok[size_t(p)]);
-  const float* x;
-  if (j.x_dtype == DType::F32) {
-    x = reinterpret_cast<const float*>(j.x.data()) + t * size_t(j.H);
-  } else {
-    auto* f = reinterpret_cast<float*>(scratch + ns.kernel_scratch);
-    const auto* b = reinterpret_cast<const uint16_t*>(j.x.data()) + t * size_t(j.H);
-    for (int i = 0; i < j.H; ++i) f[i] = bf16_to_f32(b[i]);
-    x = f;
-  }
+  const float* x = x_row(node, j.pos_tok[size_t(p)], scratch);
   const int a = j.pos_active[size_t(p)];
-  const ActKind kg = j.gate[size_t(a)].act;
-  kernels_of(kt_, kg).prep(x, j.H, const_cast<uint8_t*>(ns.act_gate[size_t(p)]));
-  if (!ns.up_shares) {
-    const ActKind ku = j.up[size_t(a)].act;
-    kernels_of(kt_, ku).prep(x, j.H, const_cast<uint8_t*>(ns.act_up[size_t(p)]));
-  }
+  kernels_of(kt_, j.gate[size_t(a)].act).prep(x, j.H, const_cast<uint8_t*>(ns.act_gate[size_t(p)]));
+  if (!ns.up_shares)
+    kernels_of(kt_, j.up[size_t(a)].act).prep(x, j.H, const_cast<uint8_t*>(ns.act_up[size_t(p)]));
+}
+
+// Prefill: token t -> the activation rows of all its positions, each layout prepared once and
+// copied to the token's other positions that use it (a token has k positions; preparing is the
+// cost, copying a row is not).
+void MoeEngine::prep_token_task(int node, int t, uint8_t* scratch) {
+  const Job& j = *job_;
+  NodeState& ns = nodes_[size_t(node)];
+  const float* x = x_row(node, t, scratch);
+  const int i0 = j.tok_off[size_t(t)], i1 = j.tok_off[size_t(t) + 1];
+  const auto rows = [&](const std::vector<Route>& route, std::vector<const uint8_t*>& act) {
+    for (int i = i0; i < i1; ++i) {
+      const int p = j.tok_pos[size_t(i)];
+      const ActKind kind = route[size_t(j.pos_active[size_t(p)])].act;
+      auto* dst = const_cast<uint8_t*>(act[size_t(p)]);
+      int q = i0;  // an earlier position of t with this layout
+      while (q < i && route[size_t(j.pos_active[size_t(j.tok_pos[size_t(q)])])].act != kind) ++q;
+      const ActKernels& ak = kernels_of(kt_, kind);
+      if (q < i) std::memcpy(dst, act[size_t(j.tok_pos[size_t(q)])], ak.bytes(j.H));
+      else ak.prep(x, j.H, dst);
+    }
+  };
+  rows(j.gate, ns.act_gate);
+  if (!ns.up_shares) rows(j.up, ns.act_up);
 }
 
 void MoeEngine::prep_h_task(int node, int p) {
@@ -546,21 +619,47 @@ void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
       const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
                       cnt, y, size_t(nr), scratch};
       j.down[a].fn(d);
-      for (int i = 0; i < cnt; ++i) {
-        const float wt = j.pos_w[size_t(off + i)];
-        float* o = ns.acc + size_t(j.pos_tok[size_t(off + i)]) * size_t(j.H) + size_t(h0);
-        const float* yr = y + size_t(i) * size_t(nr);
-        for (int r = 0; r < nr; ++r) o[r] += wt * yr[r];
-      }
+      for (int i = 0; i < cnt; ++i)
+        add_scaled(ns.acc + size_t(j.pos_tok[size_t(off + i)]) * size_t(j.H) + size_t(h0), j.pos_w[size_t(off + i)],
+                   y + size_t(i) * size_t(nr), nr);
     }
   }
   if (pools_.size() == 1 && !j.direct) {  // one node, bfloat16 out: convert the block we own
-    auto* out = static_cast<uint16_t*>(j.out);
     for (int t = 0; t < j.T; ++t) {
       const size_t at = size_t(t) * size_t(j.H) + size_t(h0);
-      for (int r = 0; r < nr; ++r) out[at + size_t(r)] = f32_to_bf16(ns.acc[at + size_t(r)]);
+      to_bf16(ns.acc + at, static_cast<uint16_t*>(j.out) + at, nr);
     }
   }
+}
+
+// Prefill: one expert's rows h0.. of down for all its positions, into their rows of y (no other
+// task writes them).
+void MoeEngine::down_expert_task(int node, int task, uint8_t* scratch) {
+  const Job& j = *job_;
+  NodeState& ns = nodes_[size_t(node)];
+  const NodeSlice& sl = j.layer->nodes[size_t(node)];
+  const int a = task / ns.down_blocks, h0 = (task % ns.down_blocks) * ns.rb_down;
+  const int nr = std::min(ns.rb_down, j.H - h0);
+  const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
+  const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
+                  cnt, ns.y + size_t(off) * size_t(j.H) + size_t(h0), size_t(j.H), scratch};
+  j.down[size_t(a)].fn(d);
+}
+
+// Prefill: acc[t] = sum of w * y over token t's positions in ascending order (the experts' order,
+// the same sums as down_task's).
+void MoeEngine::sum_token(int node, int t) {
+  const Job& j = *job_;
+  NodeState& ns = nodes_[size_t(node)];
+  const size_t at = size_t(t) * size_t(j.H);
+  float* o = ns.acc + at;
+  std::memset(o, 0, size_t(j.H) * sizeof(float));
+  if (ns.width > 0)
+    for (int i = j.tok_off[size_t(t)]; i < j.tok_off[size_t(t) + 1]; ++i) {
+      const int p = j.tok_pos[size_t(i)];
+      add_scaled(o, j.pos_w[size_t(p)], ns.y + size_t(p) * size_t(j.H), j.H);
+    }
+  if (pools_.size() == 1 && !j.direct) to_bf16(o, static_cast<uint16_t*>(j.out) + at, j.H);
 }
 
 // out[t] = sum of the nodes' partials, in node order (deterministic).

@@ -1,11 +1,13 @@
 // The CPU expert engine: routed-expert MoE for one layer at a time, run on per-NUMA-node pools.
 //
 //   submit: copy x/ids/w into staging, group tokens by expert, launch every node's pool
-//   node n: phase 0  tasks (positions = (token, expert) pairs): x -> the kernels' activation
-//                    layout, once per call (e.g. Q8 blocks; see kernels/act.h)
+//   node n: phase 0  tasks (positions = (token, expert) pairs; prefill: tokens): x -> the
+//                    kernels' activation layout, once per call (e.g. Q8 blocks; kernels/act.h)
 //           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
 //           phase 2  tasks (positions): h -> down's activation layout
-//           phase 3  tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
+//           phase 3  decode: tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
+//                    prefill: tasks (expert, rows of H): y[pos] = down_slice h; then, after a
+//                    barrier, tasks (tokens): acc[t] = sum of w * y over t's positions, same order
 //           (several nodes) all workers: out = sum of node partials, in node order
 //   Phases are separated by barriers for prefill jobs. Decode jobs (no `big` kernels) flow instead:
 //   a gate/up task waits only for its expert's activations, the worker ending an expert's last
@@ -88,10 +90,14 @@ class MoeEngine {
   void wait_idle();
   void stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
   void run_node(int node, int worker);
+  const float* x_row(int node, int t, uint8_t* scratch) const;
   void prep_x_task(int node, int pos, uint8_t* scratch);
+  void prep_token_task(int node, int t, uint8_t* scratch);
   void prep_h_task(int node, int pos);
   void gate_up_task(int node, int task, uint8_t* scratch);
   void down_task(int node, int task, uint8_t* scratch);
+  void down_expert_task(int node, int task, uint8_t* scratch);
+  void sum_token(int node, int t);
   void reduce_rows(int t);
   void finish_job();
 

@@ -27,10 +27,10 @@ CPUS = sorted(os.sched_getaffinity(0))
 FAKE_NODES = [[CPUS[0]], [CPUS[1]]] if len(CPUS) > 1 else None
 
 
-def _two_node_engine():
+def _two_node_engine(isa="generic"):
     if FAKE_NODES is None:
         pytest.skip("needs two cpus to inject a two-node topology")
-    return cpu.create_engine(n_threads=2, numa_nodes=FAKE_NODES, isa="generic")
+    return cpu.create_engine(n_threads=2, numa_nodes=FAKE_NODES, isa=isa)
 
 
 def _layer_sources(fmts, E, I, H, seed=0):
@@ -72,6 +72,36 @@ def test_fake_two_nodes_equal_one_node(fmts, E, I, H):
     assert_matches(out2, reference(x, ids, w, *held), TOL_F32)
     out2_bf16 = cpu.wait(two, cpu.submit(two, l2, x.bfloat16(), ids, w))
     assert_matches(out2_bf16.float(), reference(x.bfloat16(), ids, w, *held), 8e-3)
+
+
+@pytest.mark.parametrize("isa", ["amx", "amx-emu"])
+@pytest.mark.parametrize(
+    "fmts,E,I,H",
+    [
+        (("INT8",) * 3, 5, 96, 72),
+        (("Q4_K", "Q4_K", "Q6_K"), 4, 512, 256),
+        (("Q4_K", "Q4_K", "Q6_K"), 4, 256, 256),  # one node gets an empty slice
+    ],
+)
+def test_fake_two_nodes_prefill_equal_one_node(isa, fmts, E, I, H):
+    """Many tokens per expert (the prefill kernels; down per expert, then a sum per token) on two
+    nodes: the same sums as one node, partials added in node order. (INT8 quantizes down's
+    activations per row of a node's slice, so its two nodes round differently from one.)"""
+    if isa not in cpu.isa_info()["cpu"] or isa not in cpu.isa_info()["built"]:
+        pytest.skip(f"{isa} is not available here")
+    src, held = _layer_sources(fmts, E, I, H)
+    one = cpu.create_engine(n_threads=2, numa_nodes=[CPUS], isa=isa)
+    two = _two_node_engine(isa)
+    l1, l2 = cpu.add_layer(one, fmts, *src), cpu.add_layer(two, fmts, *src)
+    x = tokens(64, H)
+    ids, w = routing(64, E, 3, kind="padded")
+    assert "big_path" in one.kernel_info()[fmts[0]]
+    for dtype in (torch.float32, torch.bfloat16):
+        out1 = cpu.wait(one, cpu.submit(one, l1, x.to(dtype), ids, w))
+        out2 = cpu.wait(two, cpu.submit(two, l2, x.to(dtype), ids, w))
+        tol = 3e-2 if fmts[0] == "INT8" else 1e-5 if dtype == torch.float32 else 8e-3
+        assert_matches(out2.float(), out1.float(), tol, f"{isa} 2 nodes vs 1")
+    assert_matches(out2.float(), reference(x.bfloat16(), ids, w, *held), 3e-2, f"{isa} 2 nodes vs the reference")
 
 
 def test_threads_split_over_nodes():
