@@ -289,6 +289,26 @@ void to_bf16(const float* x, uint16_t* out, int n) {
   for (int r = 0; r < n; ++r) out[r] = f32_to_bf16(x[r]);
 }
 
+// What a call on rows r0.. (nr of them) of expert e of `m`, over cnt activation rows from `act`
+// (stride apart), reads first: see NextCall.
+NextCall first_reads(const Matrix& m, int e, int r0, int nr, const uint8_t* act, size_t stride, int cnt) {
+  const int groups = (std::min(nr, kBigRowBlock) + m.row_group - 1) / m.row_group;
+  return NextCall{m.at(e, r0), size_t(groups) * m.group_bytes, act, size_t(std::min(cnt, 32)) * stride};
+}
+
+// Runs tasks 0..n-1 of counter c, holding the task after the running one (claimed ahead) so the
+// running one can prefetch what it reads first: run(task, next task or -1). Prefill phases only:
+// a held task may lengthen the phase's tail by one task.
+template <class F>
+void claim_ahead(PaddedCounter& c, int n, F&& run) {
+  int t = c.v.fetch_add(1, std::memory_order_relaxed);
+  while (t < n) {
+    const int next = c.v.fetch_add(1, std::memory_order_relaxed);
+    run(t, next < n ? next : -1);
+    t = next;
+  }
+}
+
 }  // namespace
 
 void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
@@ -475,7 +495,7 @@ void MoeEngine::run_node(int node, int worker) {
       const int a = t / ns.blocks_per_expert;
       // Its positions' tasks are all claimed by running workers: the count gets there.
       spin_until(ns.px_done[size_t(a)], j.active_off[size_t(a) + 1] - j.active_off[size_t(a)]);
-      gate_up_task(node, t, scratch);
+      gate_up_task(node, t, -1, scratch);
       // The worker ending the expert's last gate/up task: its h is whole.
       if (ns.up_done[size_t(a)].fetch_add(1, std::memory_order_acq_rel) == ns.blocks_per_expert - 1) {
         for (int p = j.active_off[size_t(a)]; p < j.active_off[size_t(a) + 1]; ++p) prep_h_task(node, p);
@@ -495,7 +515,10 @@ void MoeEngine::run_node(int node, int worker) {
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
-  for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) gate_up_task(node, t, scratch);
+  if (j.split_down)
+    claim_ahead(ns.next_up, ns.n_up, [&](int t, int next) { gate_up_task(node, t, next, scratch); });
+  else
+    for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) gate_up_task(node, t, -1, scratch);
   mark(1);
   ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_up.v, ns.n_workers);
@@ -505,8 +528,7 @@ void MoeEngine::run_node(int node, int worker) {
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
   if (j.split_down) {
-    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;)
-      down_expert_task(node, t, scratch);
+    claim_ahead(ns.next_down, ns.n_down, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
     ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(ns.arrived_down.v, ns.n_workers);
     for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) sum_token(node, t);
@@ -583,7 +605,8 @@ void MoeEngine::prep_h_task(int node, int p) {
   kernels_of(kt_, kd).prep(ns.h + size_t(p) * size_t(ns.width), ns.width, const_cast<uint8_t*>(ns.act_down[size_t(p)]));
 }
 
-void MoeEngine::gate_up_task(int node, int task, uint8_t* scratch) {
+// Gate/up task `task` (the worker's next one: `next`, or -1) -> h rows.
+void MoeEngine::gate_up_task(int node, int task, int next, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
   const NodeSlice& sl = j.layer->nodes[size_t(node)];
@@ -593,11 +616,18 @@ void MoeEngine::gate_up_task(int node, int task, uint8_t* scratch) {
   const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
   auto* up = reinterpret_cast<float*>(scratch + ns.kernel_scratch + act::f32_bytes(std::max(j.H, ns.width)));
   float* h = ns.h + size_t(off) * size_t(ns.width) + size_t(r0);
-  const MatArgs g{sl.gate.at(e, r0), sl.gate.group_bytes, nr, j.H, ns.act_gate.data() + off, ns.x_stride[0], cnt,
-                  h, size_t(ns.width), scratch};
+  MatArgs g{sl.gate.at(e, r0), sl.gate.group_bytes, nr, j.H, ns.act_gate.data() + off, ns.x_stride[0], cnt,
+            h, size_t(ns.width), scratch, NextCall{}};
+  g.next = first_reads(sl.up, e, r0, nr, ns.up_shares ? nullptr : ns.act_up[size_t(off)], ns.x_stride[1], cnt);
   j.gate[size_t(a)].fn(g);
-  const MatArgs u{sl.up.at(e, r0), sl.up.group_bytes, nr, j.H, ns.act_up.data() + off, ns.x_stride[1], cnt,
-                  up, size_t(nr), scratch};
+  MatArgs u{sl.up.at(e, r0), sl.up.group_bytes, nr, j.H, ns.act_up.data() + off, ns.x_stride[1], cnt,
+            up, size_t(nr), scratch, NextCall{}};
+  if (next >= 0) {
+    const int na = next / ns.blocks_per_expert, nr0 = (next % ns.blocks_per_expert) * rb;
+    const int noff = j.active_off[size_t(na)];
+    u.next = first_reads(sl.gate, j.active[size_t(na)], nr0, std::min(rb, ns.width - nr0), ns.act_gate[size_t(noff)],
+                         ns.x_stride[0], j.active_off[size_t(na) + 1] - noff);
+  }
   j.up[size_t(a)].fn(u);
   for (int i = 0; i < cnt; ++i) kt_.swiglu(h + size_t(i) * size_t(ns.width), up + size_t(i) * size_t(nr), nr);
 }
@@ -617,7 +647,7 @@ void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
       if (ns.flow) spin_until(ns.h_ready[a], 1);  // the experts come ready in this order, about
       const int e = j.active[a], off = j.active_off[a], cnt = j.active_off[a + 1] - off;
       const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
-                      cnt, y, size_t(nr), scratch};
+                      cnt, y, size_t(nr), scratch, NextCall{}};
       j.down[a].fn(d);
       for (int i = 0; i < cnt; ++i)
         add_scaled(ns.acc + size_t(j.pos_tok[size_t(off + i)]) * size_t(j.H) + size_t(h0), j.pos_w[size_t(off + i)],
@@ -634,15 +664,24 @@ void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
 
 // Prefill: one expert's rows h0.. of down for all its positions, into their rows of y (no other
 // task writes them).
-void MoeEngine::down_expert_task(int node, int task, uint8_t* scratch) {
+void MoeEngine::down_expert_task(int node, int task, int next, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
   const NodeSlice& sl = j.layer->nodes[size_t(node)];
-  const int a = task / ns.down_blocks, h0 = (task % ns.down_blocks) * ns.rb_down;
-  const int nr = std::min(ns.rb_down, j.H - h0);
+  const auto rows = [&](int t) {  // (active index, first row of H) of task t
+    return std::pair<int, int>(t / ns.down_blocks, (t % ns.down_blocks) * ns.rb_down);
+  };
+  const auto [a, h0] = rows(task);
   const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
-  const MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, nr, ns.width, ns.act_down.data() + off, ns.h_stride,
-                  cnt, ns.y + size_t(off) * size_t(j.H) + size_t(h0), size_t(j.H), scratch};
+  MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, std::min(ns.rb_down, j.H - h0), ns.width,
+            ns.act_down.data() + off, ns.h_stride, cnt, ns.y + size_t(off) * size_t(j.H) + size_t(h0), size_t(j.H),
+            scratch, NextCall{}};
+  if (next >= 0) {
+    const auto [na, nh0] = rows(next);
+    const int noff = j.active_off[size_t(na)];
+    d.next = first_reads(sl.down, j.active[size_t(na)], nh0, std::min(ns.rb_down, j.H - nh0), ns.act_down[size_t(noff)],
+                         ns.h_stride, j.active_off[size_t(na) + 1] - noff);
+  }
   j.down[size_t(a)].fn(d);
 }
 

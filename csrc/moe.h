@@ -94,9 +94,9 @@ class MoeEngine {
   void prep_x_task(int node, int pos, uint8_t* scratch);
   void prep_token_task(int node, int t, uint8_t* scratch);
   void prep_h_task(int node, int pos);
-  void gate_up_task(int node, int task, uint8_t* scratch);
+  void gate_up_task(int node, int task, int next, uint8_t* scratch);
   void down_task(int node, int task, uint8_t* scratch);
-  void down_expert_task(int node, int task, uint8_t* scratch);
+  void down_expert_task(int node, int task, int next, uint8_t* scratch);
   void sum_token(int node, int t);
   void reduce_rows(int t);
   void finish_job();

@@ -22,6 +22,19 @@ namespace tandem {
 enum class ActKind : uint8_t { F32, BF16, Q8_32, Q8_K, Q8_ROW, Q8_64 };
 inline constexpr int kActKinds = 6;
 
+// `big` kernels work through a call's rows in blocks of this many.
+inline constexpr int kBigRowBlock = 64;
+
+// What a caller reads right after a call, for `big` kernels to prefetch into L2 during their last
+// row block as they do their own next block: the next call's first weights (its first
+// kBigRowBlock rows) and its first activation rows. Empty ranges (null) prefetch nothing.
+struct NextCall {
+  const uint8_t* w;
+  size_t w_bytes;
+  const uint8_t* act;
+  size_t act_bytes;
+};
+
 // y[t * y_stride + r] = dot(row r of W, activation t) for r < n_rows, t < n_act.
 struct MatArgs {
   const uint8_t* w;          // the first row group the call covers
@@ -34,6 +47,7 @@ struct MatArgs {
   float* y;
   size_t y_stride;
   void* scratch;  // scratch_bytes(K) bytes owned by the calling worker, 64-byte aligned
+  NextCall next;  // read by `big` kernels only
 };
 
 using MatFn = void (*)(const MatArgs&);

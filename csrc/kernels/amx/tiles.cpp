@@ -47,39 +47,49 @@ struct alignas(64) TileConfig {
 // every row pair; the row block's weights (<= 64 rows x K, at most 1 MB) stay in L2 for every
 // token tile (prefetched there while the block before ran: Prefetch); C of one token tile
 // (32 x 64 x 4 B) stays in L1. Parking C costs 8 tile moves per 4 * kKChunks tile products.
-constexpr int kRowBlock = 64;
+constexpr int kRowBlock = kBigRowBlock;
 constexpr int kKChunks = 8;
 
 // A row block's weights come from DRAM: read by the tile loads of its first token tile alone,
 // they would stall those loads in one burst while DRAM idles for the rest of the block. Instead
 // each tile step of a block prefetches a share of the next block's weights into L2, so DRAM
-// streams while the tiles run and the next block starts on L2-resident weights.
+// streams while the tiles run and the next block starts on L2-resident weights. The call's last
+// block prefetches what the caller runs next (MatArgs::next: the next call's first block and
+// first activation rows), so a call does not start cold either.
 struct Prefetch {
-  const uint8_t* p = nullptr;
-  const uint8_t* end = nullptr;
+  const uint8_t* p[2] = {nullptr, nullptr};  // ranges [p, end), prefetched in order
+  const uint8_t* end[2] = {nullptr, nullptr};
   size_t step = 0;  // bytes per tile step (whole cache lines)
 
   void next() {
-    const size_t left = size_t(end - p);
-    const uint8_t* e = p + (step < left ? step : left);
-    for (; p < e; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+    size_t budget = step;
+    for (int i = 0; i < 2 && budget > 0; ++i)
+      for (; p[i] < end[i] && budget > 0; p[i] += 64, budget -= 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p[i]), _MM_HINT_T1);
   }
 };
 
-// The weights of the row block after [r0, r0 + kRowBlock) (none after the last), spread over the
-// `steps` tile steps of the current block. TANDEM_AMX_PREFETCH=0 turns it off (for an A/B).
+// The weights of the row block after [r0, r0 + kRowBlock) (after the last: m.next), spread over
+// the `steps` tile steps of the current block. TANDEM_AMX_PREFETCH=0 turns it off (for an A/B).
 Prefetch next_block(const MatArgs& m, int r0, long steps) {
   static const bool enabled = [] {
     const char* v = std::getenv("TANDEM_AMX_PREFETCH");
     return v == nullptr || std::string_view(v) != "0";
   }();
   Prefetch f;
+  if (!enabled) return f;
   const int next = r0 + kRowBlock;
-  if (!enabled || next >= m.n_rows) return f;
-  const int groups = (avx512::min_int(kRowBlock, m.n_rows - next) + 15) / 16;
-  f.p = m.w + size_t(next / 16) * m.group_bytes;
-  f.end = f.p + size_t(groups) * m.group_bytes;
-  const size_t lines = (size_t(f.end - f.p) + 63) / 64;
+  if (next < m.n_rows) {
+    const int groups = (avx512::min_int(kRowBlock, m.n_rows - next) + 15) / 16;
+    f.p[0] = m.w + size_t(next / 16) * m.group_bytes;
+    f.end[0] = f.p[0] + size_t(groups) * m.group_bytes;
+  } else {
+    f.p[0] = m.next.w, f.end[0] = m.next.w ? m.next.w + m.next.w_bytes : nullptr;
+    f.p[1] = m.next.act, f.end[1] = m.next.act ? m.next.act + m.next.act_bytes : nullptr;
+  }
+  size_t bytes = 0;
+  for (int i = 0; i < 2; ++i) bytes += size_t(f.end[i] - f.p[i]);
+  const size_t lines = (bytes + 63) / 64;
   f.step = 64 * ((lines + size_t(steps) - 1) / size_t(steps > 0 ? steps : 1));
   return f;
 }
