@@ -65,6 +65,7 @@ struct MoeEngine::NodeState {
   bool up_shares = true;
   size_t h_stride = 0;
   size_t kernel_scratch = 0, worker_scratch = 0;
+  size_t outs = 0;  // bytes of one [max_count, rows per task] fp32 block in a worker's scratch
   GrowBuf ax[2], ah;  // activation rows [n_pos (+ tile padding)] for gate, up, down
   std::vector<float> h_buf, partial, y_buf;
   std::vector<const uint8_t*> act_gate, act_up, act_down;  // [n_pos] rows the kernels read
@@ -104,6 +105,9 @@ struct MoeEngine::Job {
   // looping over the experts (down_task), which reads every expert's activations once per task:
   // few bytes for a few tokens, but with many tokens per expert those reads outgrow the weights'.
   bool split_down = false;
+  // Prefill jobs, per active expert: down reads bf16 activations, which a gate/up task writes for
+  // its rows itself (bf16 is per value: a row's slices convert alone), so phase 2 skips them.
+  std::vector<uint8_t> fused_h;
 
   int total_workers = 0;
   PaddedCounter workers_left, arrived_all, next_reduce;
@@ -372,6 +376,8 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   for (size_t a = 0; a < j.active.size(); ++a)
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
   j.split_down = j.any_big;
+  j.fused_h.assign(j.active.size(), 0);
+  for (size_t a = 0; j.split_down && a < j.active.size(); ++a) j.fused_h[a] = j.down[a].act == ActKind::BF16;
   if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums
     j.tok_off.assign(size_t(j.T) + 1, 0);
     for (int p = 0; p < n_pos; ++p) ++j.tok_off[size_t(j.pos_tok[size_t(p)]) + 1];
@@ -438,8 +444,9 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     const int max_k = std::max(j.H, ns.width);
     ns.kernel_scratch = act::round_up(kt_.scratch_bytes(max_k), 64);
     const size_t row_f32 = act::f32_bytes(max_k);
-    const size_t outs = act::round_up(size_t(j.max_count) * size_t(std::max(ns.rb_up, ns.rb_down)) * 4, 64);
-    ns.worker_scratch = ns.kernel_scratch + row_f32 + outs;
+    ns.outs = act::round_up(size_t(j.max_count) * size_t(std::max(ns.rb_up, ns.rb_down)) * 4, 64);
+    // up's outputs, and for experts whose h goes straight to bf16 (fused_h) gate's too
+    ns.worker_scratch = ns.kernel_scratch + row_f32 + (j.split_down ? 2 : 1) * ns.outs;
     for (auto& s : ns.scratch) s.grow(ns.worker_scratch);
     // Decode-sized jobs flow: a gate/up task starts once its expert's activations are prepared,
     // the worker finishing an expert's last gate/up task prepares its h rows, and down tasks take
@@ -522,7 +529,8 @@ void MoeEngine::run_node(int node, int worker) {
   mark(1);
   ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_up.v, ns.n_workers);
-  for (int t; (t = ns.next_ph.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_h_task(node, t);
+  for (int t; (t = ns.next_ph.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;)
+    if (!j.fused_h[size_t(j.pos_active[size_t(t)])]) prep_h_task(node, t);
   mark(2);
   ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_ph.v, ns.n_workers);
@@ -615,9 +623,13 @@ void MoeEngine::gate_up_task(int node, int task, int next, uint8_t* scratch) {
   const int nr = std::min(rb, ns.width - r0);
   const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
   auto* up = reinterpret_cast<float*>(scratch + ns.kernel_scratch + act::f32_bytes(std::max(j.H, ns.width)));
-  float* h = ns.h + size_t(off) * size_t(ns.width) + size_t(r0);
+  const bool fused = j.fused_h[size_t(a)];
+  // h rows: this task's columns of ns.h, or (fused) a scratch block after up's, nr wide
+  float* h = fused ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(up) + ns.outs)
+                   : ns.h + size_t(off) * size_t(ns.width) + size_t(r0);
+  const size_t hs = fused ? size_t(nr) : size_t(ns.width);
   MatArgs g{sl.gate.at(e, r0), sl.gate.group_bytes, nr, j.H, ns.act_gate.data() + off, ns.x_stride[0], cnt,
-            h, size_t(ns.width), scratch, NextCall{}};
+            h, hs, scratch, NextCall{}};
   g.next = first_reads(sl.up, e, r0, nr, ns.up_shares ? nullptr : ns.act_up[size_t(off)], ns.x_stride[1], cnt);
   j.gate[size_t(a)].fn(g);
   MatArgs u{sl.up.at(e, r0), sl.up.group_bytes, nr, j.H, ns.act_up.data() + off, ns.x_stride[1], cnt,
@@ -629,7 +641,11 @@ void MoeEngine::gate_up_task(int node, int task, int next, uint8_t* scratch) {
                          ns.x_stride[0], j.active_off[size_t(na) + 1] - noff);
   }
   j.up[size_t(a)].fn(u);
-  for (int i = 0; i < cnt; ++i) kt_.swiglu(h + size_t(i) * size_t(ns.width), up + size_t(i) * size_t(nr), nr);
+  for (int i = 0; i < cnt; ++i) {
+    kt_.swiglu(h + size_t(i) * hs, up + size_t(i) * size_t(nr), nr);
+    if (fused)  // its columns of down's bf16 row (r0 is a multiple of 64; the last task pads)
+      kernels_of(kt_, ActKind::BF16).prep(h + size_t(i) * hs, nr, const_cast<uint8_t*>(ns.act_down[size_t(off + i)]) + 2 * size_t(r0));
+  }
 }
 
 void MoeEngine::down_task(int node, int task, uint8_t* scratch) {

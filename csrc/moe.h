@@ -4,7 +4,8 @@
 //   node n: phase 0  tasks (positions = (token, expert) pairs; prefill: tokens): x -> the
 //                    kernels' activation layout, once per call (e.g. Q8 blocks; kernels/act.h)
 //           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
-//           phase 2  tasks (positions): h -> down's activation layout
+//           phase 2  tasks (positions): h -> down's activation layout (prefill jobs whose down
+//                    reads bf16: done by the phase-1 tasks, each converting its own columns)
 //           phase 3  decode: tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
 //                    prefill: tasks (expert, rows of H): y[pos] = down_slice h; then, after a
 //                    barrier, tasks (tokens): acc[t] = sum of w * y over t's positions, same order
