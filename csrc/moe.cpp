@@ -281,6 +281,16 @@ bool flow_enabled() {
   return on;
 }
 
+// TANDEM_SPLIT_DOWN=0 puts prefill jobs back on the decode jobs' down tasks (rows of H over every
+// expert, x prepared per position, h converted in phase 2): an A/B switch for benchmarks.
+bool split_down_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("TANDEM_SPLIT_DOWN");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 // Tile kernels may read up to this many rows past an expert's last activation row.
 constexpr int kTilePadRows = 32;
 
@@ -375,7 +385,7 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   }
   for (size_t a = 0; a < j.active.size(); ++a)
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
-  j.split_down = j.any_big;
+  j.split_down = j.any_big && split_down_enabled();
   j.fused_h.assign(j.active.size(), 0);
   for (size_t a = 0; j.split_down && a < j.active.size(); ++a) j.fused_h[a] = j.down[a].act == ActKind::BF16;
   if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums

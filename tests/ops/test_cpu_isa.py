@@ -286,3 +286,42 @@ def test_amx_int4_bf16_path_still_matches(isa):
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "amx-bf16 (dequantized) True True", done.stdout
+
+
+_AB_CODE = """
+import sys, torch
+sys.path.insert(0, '.')
+from tandem.ops import cpu
+from tests.ops.test_cpu_isa import MIXES, layer_sources
+from tests.ops.moe_cases import routing, tokens
+outs = []
+for isa, fmts, T in (({isa!r}, MIXES['V2-Lite Q4_K_M'], 40), ({isa!r}, ('INT8',) * 3, 40), ({isa!r}, ('BF16',) * 3, 3)):
+    E, I, H = 3, 320, 512
+    src, _ = layer_sources(fmts, E, I, H)
+    eng = cpu.create_engine(n_threads=2, isa=isa)
+    layer = cpu.add_layer(eng, fmts, *src)
+    ids, w = routing(T, E, 2, kind='padded')
+    for x in (tokens(T, H), tokens(T, H, dtype=torch.bfloat16)):
+        outs.append(cpu.wait(eng, cpu.submit(eng, layer, x, ids, w)))
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", [isa_param("amx"), isa_param("amx-emu"), isa_param("avx512")])
+def test_ab_switches_give_the_same_bits(isa, tmp_path):
+    """TANDEM_SPLIT_DOWN=0 (prefill jobs on the decode jobs' down tasks) and TANDEM_FLOW=0 (decode
+    jobs on phase barriers) are benchmark switches: the sums keep their order, so every output is
+    the same bits as with the defaults (prefill rows: 40 tokens on 3 experts; decode: 3 tokens)."""
+    need(isa)
+    root = Path(__file__).resolve().parents[2]
+    runs = {}
+    for name, extra in (("default", {}), ("switched", {"TANDEM_SPLIT_DOWN": "0", "TANDEM_FLOW": "0"})):
+        env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_SPLIT_DOWN", "TANDEM_FLOW")}
+        path = tmp_path / f"{name}.pt"
+        done = subprocess.run([sys.executable, "-c", _AB_CODE.format(isa=isa), str(path)], cwd=root,
+                              env=dict(env, **extra), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = torch.load(path)
+    assert len(runs["default"]) == 6
+    for i, (a, b) in enumerate(zip(runs["default"], runs["switched"])):
+        assert torch.equal(a, b), f"{isa} case {i}: the switches changed the output"
