@@ -105,8 +105,9 @@ struct MoeEngine::Job {
   // looping over the experts (down_task), which reads every expert's activations once per task:
   // few bytes for a few tokens, but with many tokens per expert those reads outgrow the weights'.
   bool split_down = false;
-  // Prefill jobs, per active expert: down reads bf16 activations, which a gate/up task writes for
-  // its rows itself (bf16 is per value: a row's slices convert alone), so phase 2 skips them.
+  // Prefill jobs, per active expert: down's activations are bf16 or Q8_64, which a gate/up task
+  // writes for its own columns (bf16 is per value, Q8_64 per 64 values: a row's slices at
+  // multiples of 64 prepare alone, write_h_slice), so phase 2 skips them.
   std::vector<uint8_t> fused_h;
 
   int total_workers = 0;
@@ -387,7 +388,8 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
   j.split_down = j.any_big && split_down_enabled();
   j.fused_h.assign(j.active.size(), 0);
-  for (size_t a = 0; j.split_down && a < j.active.size(); ++a) j.fused_h[a] = j.down[a].act == ActKind::BF16;
+  for (size_t a = 0; j.split_down && a < j.active.size(); ++a)
+    j.fused_h[a] = j.down[a].act == ActKind::BF16 || j.down[a].act == ActKind::Q8_64;
   if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums
     j.tok_off.assign(size_t(j.T) + 1, 0);
     for (int p = 0; p < n_pos; ++p) ++j.tok_off[size_t(j.pos_tok[size_t(p)]) + 1];
@@ -653,8 +655,9 @@ void MoeEngine::gate_up_task(int node, int task, int next, uint8_t* scratch) {
   j.up[size_t(a)].fn(u);
   for (int i = 0; i < cnt; ++i) {
     kt_.swiglu(h + size_t(i) * hs, up + size_t(i) * size_t(nr), nr);
-    if (fused)  // its columns of down's bf16 row (r0 is a multiple of 64; the last task pads)
-      kernels_of(kt_, ActKind::BF16).prep(h + size_t(i) * hs, nr, const_cast<uint8_t*>(ns.act_down[size_t(off + i)]) + 2 * size_t(r0));
+    if (fused)
+      write_h_slice(j.down[size_t(a)].act, h + size_t(i) * hs, r0, nr, ns.width,
+                    const_cast<uint8_t*>(ns.act_down[size_t(off + i)]), scratch);
   }
 }
 
@@ -686,6 +689,21 @@ void MoeEngine::down_task(int node, int task, uint8_t* scratch) {
       to_bf16(ns.acc + at, static_cast<uint16_t*>(j.out) + at, nr);
     }
   }
+}
+
+// Columns r0 .. r0 + nr of one h row (r0 a multiple of 64; the row is `width` wide) -> their part of
+// the row in down's `kind` layout (BF16 or Q8_64), the same bytes as preparing the whole row; the
+// slice ending the row writes its padding. tmp: kernel scratch (q8_64_bytes(nr) bytes).
+void MoeEngine::write_h_slice(ActKind kind, const float* h, int r0, int nr, int width, uint8_t* row,
+                              uint8_t* tmp) const {
+  const ActKernels& ak = kernels_of(kt_, kind);
+  if (kind == ActKind::BF16) {
+    ak.prep(h, nr, row + 2 * size_t(r0));
+    return;
+  }
+  ak.prep(h, nr, tmp);  // Q8_64: codes, then one scale per 64
+  std::memcpy(row + r0, tmp, size_t(act::q8_k(nr)));
+  std::memcpy(row + act::q8_64_d(width) + 4 * size_t(r0 / 64), tmp + act::q8_64_d(nr), 4 * size_t(act::q8_k(nr) / 64));
 }
 
 // Prefill: one expert's rows h0.. of down for all its positions, into their rows of y (no other

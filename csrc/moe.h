@@ -5,7 +5,7 @@
 //                    kernels' activation layout, once per call (e.g. Q8 blocks; kernels/act.h)
 //           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
 //           phase 2  tasks (positions): h -> down's activation layout (prefill jobs whose down
-//                    reads bf16: done by the phase-1 tasks, each converting its own columns)
+//                    reads bf16 or Q8_64: done by the phase-1 tasks, each its own columns)
 //           phase 3  decode: tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
 //                    prefill: tasks (expert, rows of H): y[pos] = down_slice h; then, after a
 //                    barrier, tasks (tokens): acc[t] = sum of w * y over t's positions, same order
@@ -98,6 +98,7 @@ class MoeEngine {
   void gate_up_task(int node, int task, int next, uint8_t* scratch);
   void down_task(int node, int task, uint8_t* scratch);
   void down_expert_task(int node, int task, int next, uint8_t* scratch);
+  void write_h_slice(ActKind kind, const float* h, int r0, int nr, int width, uint8_t* row, uint8_t* tmp) const;
   void sum_token(int node, int t);
   void reduce_rows(int t);
   void finish_job();
