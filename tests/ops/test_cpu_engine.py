@@ -74,7 +74,7 @@ def test_fake_two_nodes_equal_one_node(fmts, E, I, H):
     assert_matches(out2_bf16.float(), reference(x.bfloat16(), ids, w, *held), 8e-3)
 
 
-@pytest.mark.parametrize("isa", ["amx", "amx-emu"])
+@pytest.mark.parametrize("isa", [pytest.param("amx", marks=pytest.mark.amx), "amx-emu"])
 @pytest.mark.parametrize(
     "fmts,E,I,H",
     [
