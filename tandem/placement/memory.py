@@ -81,6 +81,7 @@ class StepShape:
     # MLA: keys and values expanded from the latent)
     kv_chunk: int = 0  # a prefill step attends at most this many context tokens at a time (0: all)
     chunk_state: int = 0  # bytes per new token of one chunk's partial output and log-sum-exp
+    engine_per_token: int = 0  # CPU RAM the engine's buffers take per token of a step (engine_staging_bytes)
 
 
 def workspace_bytes(
@@ -105,6 +106,15 @@ def workspace_bytes(
     rows = tokens * (3 * s.widest + 6 * s.hidden) * s.act_bytes
     logits = 2 * logits_rows * s.vocab * 4
     return scores + expand + merge + rows + logits + SLACK
+
+
+def engine_staging_bytes(hidden: int, inter: int, top_k: int) -> int:
+    """CPU RAM the engine's buffers hold per token of a step (csrc/moe.cpp; they only grow, so the
+    longest step sets them): the input's copy and the summed output (fp32 rows of `hidden`), and
+    per (token, expert) pair its activation rows for gate/up and down (bf16 or smaller on the
+    AVX-512/AMX kernels), h (fp32 rows of `inter`) and, in prefill jobs, down's output (fp32 rows
+    of `hidden`) before each token sums its experts'."""
+    return 8 * hidden + top_k * (6 * hidden + 6 * inter)
 
 
 def engine_float_bytes(shape: tuple[int, ...], fmt: str) -> int:
@@ -182,6 +192,7 @@ class MemoryPlan:
     dual_expert_bytes: int = 0
     dual_layer_bytes: int = 0  # all experts of the largest such layer (more buffer than this is never used)
     dual_buffer: int = 0
+    engine_workspace: int = 0  # CPU RAM of the engine's buffers at the longest step (0: no engine layers)
 
     def weights(self, gpu: bool) -> int:
         return sum(r.bytes for r in self.rows if r.on_gpu == gpu)
@@ -197,7 +208,7 @@ class MemoryPlan:
     @property
     def ram(self) -> int:
         """RAM once loaded."""
-        return self.weights(False) + (0 if self.on_gpu else self.kv.bytes + self.workspace)
+        return self.weights(False) + self.engine_workspace + (0 if self.on_gpu else self.kv.bytes + self.workspace)
 
     @property
     def ram_peak(self) -> int:
@@ -309,7 +320,9 @@ def plan_memory(
     gpu = placement.device != "cpu"
     prefill = workspace_bytes(step, min(max_context, step_tokens), max_context, max_batch, "fused" if gpu else "reference")
     decode = workspace_bytes(step, max_batch, max_context, max_batch, "kernel" if gpu else "reference", prefill=False)
+    engine = any(r.backend == "engine" for r in ordered)
     return MemoryPlan(
+        engine_workspace=step.engine_per_token * max(min(max_context, step_tokens), max_batch) if engine else 0,
         rows=tuple(ordered),
         device=placement.device,
         kv=KVPlan(kv_tokens, kv_bytes_per_token, placement.device, max_context, max_batch),
@@ -369,6 +382,9 @@ def format_plan(plan: MemoryPlan) -> str:
     chunks = f", context by {plan.step.kv_chunk}" if 0 < plan.step.kv_chunk < kv.max_context else ""
     lines.append(("workspace (estimate)", plan.device, "torch", f"step <= {plan.step_tokens} tok{chunks}", "-", "-",
                   size(plan.workspace), "-", "-"))
+    if plan.engine_workspace:
+        lines.append(("engine workspace (estimate)", "cpu", "engine", f"step <= {plan.step_tokens} tok", "-", "-",
+                      size(plan.engine_workspace), "-", "-"))
     if plan.dual_buffer:
         lines.append(("dual-path prefill", plan.device, "torch", "experts copied", "-", "-",
                       size(plan.dual_buffer), "-", "-"))

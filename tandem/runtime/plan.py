@@ -27,6 +27,7 @@ from tandem.placement.memory import (
     MemoryPlan,
     ParamInfo,
     StepShape,
+    engine_staging_bytes,
     plan_memory,
 )
 from tandem.placement.rules import Placement, Target
@@ -130,6 +131,7 @@ def step_shape(net: nn.Module) -> StepShape:
     heads = [layer.attn.cfg.num_heads for layer in net.layers]
     attns = [layer.attn for layer in net.layers if hasattr(layer.attn, "kv_chunk")]  # those that chunk their context
     act = net.embed.weight.element_size()
+    moes = [m.cfg for m in net.modules() if isinstance(m, MoE)]
     return StepShape(
         hidden=net.embed.embedding_dim,
         vocab=net.embed.num_embeddings,
@@ -139,6 +141,7 @@ def step_shape(net: nn.Module) -> StepShape:
         kv_expand=max(_expand_bytes(layer.attn.cfg, act) for layer in net.layers),
         kv_chunk=min((m.kv_chunk for m in attns), default=0),
         chunk_state=max((m.cfg.num_heads * (m.cfg.v_head_dim + 1) * 4 for m in attns), default=0),
+        engine_per_token=max((engine_staging_bytes(c.hidden_size, c.intermediate_size, c.top_k) for c in moes), default=0),
     )
 
 

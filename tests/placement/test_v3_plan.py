@@ -89,7 +89,11 @@ def test_v3_q4_k_m_plan_lists_the_expected_bytes(v3):
     assert {r.format for r in plan.rows if r.group == "routed experts"} == {"Q4_K", "Q4_K+Q6_K"}
     assert 390 * GB < experts < 400 * GB
     assert plan.kv.bytes == (512 + 64) * LAYERS * 8192 * BF16  # MLA: latent + rope key per layer and token
-    assert plan.ram == experts
+    # Beside them, the engine's buffers for a 512-token step (the input, h and, for prefill, each
+    # (token, expert) pair's down output: 8 experts per token at H 7168, I 2048).
+    assert plan.engine_workspace == 512 * (8 * H + 8 * (6 * H + 6 * 2048))
+    assert plan.ram == experts + plan.engine_workspace
+    assert "engine workspace (estimate)" in format_plan(plan)
 
     # GPU weights in their blocks (Q4_K / Q6_K kernels), kv_b in bf16, a 512-token prefill chunk at
     # 8K of context (MLA expands keys and values: 1.14 GB of workspace): 13.62 GB, inside 14 GB.
