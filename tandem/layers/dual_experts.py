@@ -152,32 +152,46 @@ class DualExperts(nn.Module):
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
         lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
-        handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
-        step["call"] = self._stream_call(x)
-        if x.is_cuda:
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        if stream is not None:
             step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            step["events"][0].record()
-        dev, b0 = None, 0
+            step["events"][0].record(stream)
         runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+        # The first run's copies are queued before the engine's submit, so they do not wait behind
+        # its copy of x to the host (the other direction of the link: the two overlap).
         staged = self._stage(runs[0], x.device)
-        for i, chunk in enumerate(runs):
-            # Double buffering: the next run's copies start before this run computes, when both
-            # fit the buffer (batch_bytes counts a run's worth of blocks for it).
-            nxt = runs[i + 1] if i + 1 < len(runs) else None
-            ahead = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
-                                         - len(chunk) * self.expert_bytes + len(nxt) * self.expert_bytes
-                                         <= self.buffer_bytes)
-            following = self._stage(nxt, x.device) if ahead else None
-            self.prefetched += bool(ahead)
-            in_chunk = (local >= b0) & (local < b0 + len(chunk))
-            part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
-                                          *self._decode(len(chunk), staged, x.device, x.dtype),
-                                          [counts[e] for e in chunk])
-            dev = part if dev is None else dev + part
-            b0 += len(chunk)
-            staged = following if ahead else (self._stage(nxt, x.device) if nxt is not None else None)
+        handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+        step["call"] = call = self._stream_call(x)
+        step["calls"] = call.calls if call is not None else None
+        dev, b0, following = None, 0, None
+        try:
+            for i, chunk in enumerate(runs):
+                # Double buffering: the next run's copies start before this run computes, when both
+                # fit the buffer (batch_bytes counts a run's worth of blocks for it).
+                nxt = runs[i + 1] if i + 1 < len(runs) else None
+                ahead = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
+                                             - len(chunk) * self.expert_bytes + len(nxt) * self.expert_bytes
+                                             <= self.buffer_bytes)
+                following = self._stage(nxt, x.device) if ahead else None
+                self.prefetched += bool(ahead)
+                in_chunk = (local >= b0) & (local < b0 + len(chunk))
+                part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
+                                              *self._decode(len(chunk), staged, x.device, x.dtype),
+                                              [counts[e] for e in chunk])
+                dev = part if dev is None else dev + part
+                b0 += len(chunk)
+                # This run's blocks go back to the compute stream's pool (in its order) before the
+                # next run is staged, so at most two runs of blocks are held at once.
+                staged = None
+                staged, following = (following if ahead else (self._stage(nxt, x.device) if nxt is not None else None)), None
+        finally:
+            if stream is not None and (staged is not None or following is not None):
+                # A run staged but never decoded (an error): its copies may still be writing
+                # blocks the pool would hand out again; queue the compute stream after them.
+                stream.wait_stream(self._copy_stream(x.device))
         if step["events"]:
-            step["events"][1].record()
+            step["events"][1].record(stream)
+            step["recorded"] = True
         return handle, dev
 
     def wait(self, pending) -> torch.Tensor:
@@ -201,8 +215,10 @@ class DualExperts(nn.Module):
         if step.get("call") is not None:
             launch, done = step["call"].engine_ns
             cpu_measured = (done - launch) / 1e9 if done > launch >= step["t0"] else None
+        if step.get("call") is not None and step["call"].calls != step["calls"]:
+            cpu_measured = None  # the call ran again since (a decode graph of this length): not this step's times
         device_measured = None
-        if step["events"] is not None and step["events"][1].query():
+        if step["events"] is not None and step.get("recorded") and step["events"][1].query():
             device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3
         self.learned_rates[step["bucket"]] = learned(
             step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
@@ -211,8 +227,8 @@ class DualExperts(nn.Module):
     def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
         """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
         blocks, its weights in `dtype` (decoded in place) and as many blocks again for the next
-        batch's copies (double buffering) - within what MemoryPlan.dual_expert_bytes counts (blocks,
-        weights and one projection decoded in fp32) - and the padded matmuls give every expert the
+        batch's copies (double buffering) - what MemoryPlan.dual_expert_bytes counts - and the
+        padded matmuls give every expert the
         busiest one's token count of rows (x, gate, up, h, y in `dtype`; fp32 copies of x and y,
         fp32 sum)."""
         numel = self.hidden * self.inter
@@ -251,15 +267,20 @@ class DualExperts(nn.Module):
         event that marks them copied (None off CUDA)."""
         if device.type == "cuda" and not self._registered:
             self.register_slabs()
-        stream = self._copy_stream(device)  # waits for nothing: the slabs never change, and blocks
-        staged = {}  # the compute stream used are handed out again only after it (record_stream)
+        stream = self._copy_stream(device)
+        # The blocks come from the compute stream's pool, which hands memory out again in that
+        # stream's order (bounded like the buffer: a copy stream's own pool would hold a third run
+        # while events drain); the copies wait for the work queued on it so far, which may still
+        # read that memory, and the compute stream waits for the copies in _decode.
+        staged = {(n, proj): torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
+                  for n, node in enumerate(self.slabs) for proj, (slab, _) in node.items()}
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for n, node in enumerate(self.slabs):
                 for proj, (slab, _) in node.items():
-                    blocks = torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
                     for j, e in enumerate(experts):
-                        blocks[j].copy_(slab[e], non_blocking=True)
-                    staged[(n, proj)] = blocks
+                        staged[(n, proj)][j].copy_(slab[e], non_blocking=True)
             done = stream.record_event() if stream is not None else None
         return staged, done
 
@@ -270,10 +291,7 @@ class DualExperts(nn.Module):
 
         blocks, done = staged
         if done is not None:
-            stream = torch.cuda.current_stream(device)
-            stream.wait_event(done)
-            for b in blocks.values():
-                b.record_stream(stream)  # freed after this stream's use, not the copy stream's
+            torch.cuda.current_stream(device).wait_event(done)
         full = {"gate": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
                 "up": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
                 "down": torch.empty(n, self.hidden, self.inter, dtype=dtype, device=device)}

@@ -4,6 +4,7 @@ Stateless functions only. Shapes use T = tokens of a step (all sequences flatten
 size, E = experts, k = experts per token.
 """
 
+import itertools
 import math
 
 import torch
@@ -190,7 +191,10 @@ def moe_experts_padded(
     order = flat.argsort(stable=True)
     valid = order[n_tok * k - sum(counts):]  # padding (-1) sorts first; counts says how many (no host sync)
     expert = flat[valid]
-    start = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
+    # Each expert's first row, from the host's counts: through pinned memory on a GPU, so the
+    # copy is queued like the kernels around it (a pageable source would make the host wait).
+    start = torch.tensor(list(itertools.accumulate([0] + counts[:-1])), pin_memory=x.is_cuda)
+    start = start.to(x.device, non_blocking=True)
     rank = torch.arange(valid.numel(), device=x.device) - start[expert]
     slot = torch.full((n_exp, rows), n_tok * k, dtype=torch.long, device=x.device)  # n_tok * k: a zero row
     slot[expert, rank] = valid

@@ -187,8 +187,9 @@ class MemoryPlan:
     ram_budget: int | None = None
     budget_sources: tuple[str, str] = ("", "")  # how each budget was found, for the table
     # Dual-path prefill (layers/dual_experts.py): the device bytes of one expert of the largest
-    # engine layer as the device takes it (stored blocks + model-dtype weights + one projection
-    # decoded in fp32), and the buffer the device's share of a long step may use (0: no dual path).
+    # engine layer as the device takes it (its stored blocks twice: one run's and the next run's
+    # copies; its weights decoded into the model dtype), and the buffer the device's share of a
+    # long step may use (0: no dual path).
     dual_expert_bytes: int = 0
     dual_layer_bytes: int = 0  # all experts of the largest such layer (more buffer than this is never used)
     dual_buffer: int = 0
@@ -275,14 +276,13 @@ def plan_memory(
             mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
     rows: dict[tuple, PlanRow] = {}
     float_torch, layer_engine, largest_read, one_expert = 0, {}, 0, 0
-    dual: dict = {}  # layer -> [stored bytes, weights, largest projection] of one engine expert
+    dual: dict = {}  # layer -> [stored bytes, weights, device-readable, experts] of one engine expert
     for p, target, nbytes, backend, fmt in resolved:
         if p.group == ROUTED and backend == "engine":
-            per = dual.setdefault(p.layer, [0, 0, 0, True, p.shape[0]])
+            per = dual.setdefault(p.layer, [0, 0, True, p.shape[0]])
             per[0] += nbytes // p.shape[0]
             per[1] += p.numel // p.shape[0]
-            per[2] = max(per[2], p.numel // p.shape[0])
-            per[3] = per[3] and fmt.upper() in DUAL_FORMATS
+            per[2] = per[2] and fmt.upper() in DUAL_FORMATS
             # Hot experts (--gpu-experts): a float copy of N experts per layer on the --device,
             # beside the engine's full set.
             per_expert = p.numel // p.shape[0] * p.dtype_bytes
@@ -337,9 +337,9 @@ def plan_memory(
         vram_budget=vram_budget,
         ram_budget=ram_budget,
         budget_sources=budget_sources,
-        dual_expert_bytes=max((b + n * step.act_bytes + 4 * big for b, n, big, ok, _ in dual.values() if ok), default=0)
+        dual_expert_bytes=max((2 * b + n * step.act_bytes for b, n, ok, _ in dual.values() if ok), default=0)
         if gpu else 0,
-        dual_layer_bytes=max(((b + n * step.act_bytes + 4 * big) * e for b, n, big, ok, e in dual.values() if ok),
+        dual_layer_bytes=max(((2 * b + n * step.act_bytes) * e for b, n, ok, e in dual.values() if ok),
                              default=0) if gpu else 0,
         dual_buffer=dual_buffer if gpu else 0,
     )

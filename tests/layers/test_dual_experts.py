@@ -213,3 +213,55 @@ def test_double_buffered_runs_equal_one_run(layer):
     got = run(dual, x, ids, w)
     assert dual.prefetched >= 2, dual.prefetched
     assert_matches(got, whole, 1e-6, "double-buffered runs")
+
+
+def test_engine_times_of_a_call_that_ran_again_teach_nothing(layer):
+    # A long step's engine call can run again before the step is learned from (a decode graph of
+    # the same length replays it): its timestamps are then another job's, and the engine's rates
+    # stay; the device's share still teaches.
+    experts, _ = layer
+    dual = DualExperts(experts, E, H, I, min_tokens=1)
+
+    class Call:
+        calls, engine_ns = 7, (2_000_000_000, 3_000_000_000)  # 1 s: far from the prediction
+
+    class Events:
+        def __init__(self):
+            self.ended = Call()
+
+        def query(self):
+            return True
+
+        def elapsed_time(self, _end):
+            return 10.0  # ms
+
+    step = {"cpu": 0.01, "cpu_measured": None, "t0": 1_000_000_000, "device": 0.001, "bucket": T.bit_length(),
+            "rates": dual.rates, "call": Call(), "calls": 6, "events": (Events(), Events()), "recorded": True}
+    dual._step = dict(step)
+    dual.learn()
+    got = dual.rates_for(T)
+    assert got.cpu_bw == dual.rates.cpu_bw and got.h2d_bw < dual.rates.h2d_bw
+    dual._step = dict(step, calls=7)  # the call's last run is this step's: its times count
+    dual.learn()
+    assert dual.rates_for(T).cpu_bw < dual.rates.cpu_bw
+    dual.learned_rates.clear()
+    dual._step = dict(step, calls=7, recorded=False)  # an error before the end event: no device time
+    dual.learn()
+    assert dual.rates_for(T).h2d_bw == dual.rates.h2d_bw
+
+
+def test_an_error_in_the_device_share_fails_the_step_only(layer, monkeypatch):
+    experts, held = layer
+    dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1)
+    x = tokens(T, H, seed=10)
+    ids, w = routing(T, E, K, seed=11)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device share failed")
+
+    monkeypatch.setattr("tandem.ops.reference.moe_experts_padded", broken)
+    with pytest.raises(RuntimeError, match="device share failed"):
+        run(dual, x, ids, w)
+    monkeypatch.undo()
+    dual.learn()  # the failed step's timers must not break the next one
+    assert_matches(run(dual, x, ids, w), reference(x, ids, w, *held), 1e-4, "the step after a failed one")

@@ -110,7 +110,7 @@ def _dequant_kernel(slab_ptr, out_ptr, rows, cols, groups, group_bytes, out_se, 
     row = (eg % groups) * R + n
     expert = eg // groups
     col = i * BLK + k
-    out = out_ptr + expert.to(tl.int64) * out_se + row.to(tl.int64) * out_sr + col * out_sc
+    out = out_ptr + expert.to(tl.int64) * out_se + row.to(tl.int64) * out_sr + col.to(tl.int64) * out_sc
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out, _round(w, out_dtype, EMULATE_BF16).to(out_dtype), mask=(row < rows) & (col < cols))
 
