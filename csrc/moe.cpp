@@ -56,11 +56,11 @@ struct MoeEngine::NodeState {
   int width = 0;  // this node's slice of I
   int rb_up = 0, rb_down = 0;  // rows per gate/up and per down task
   int blocks_per_expert = 0;   // gate/up tasks per active expert
-  int down_blocks = 0;         // down tasks per active expert (prefill jobs; see split_down)
+  int down_blocks = 0;         // down tasks per active expert (see split_down)
   int n_up = 0, n_down = 0;
   float* h = nullptr;    // [n_pos, width]: silu(gate x) * up x, one row per (token, expert) pair
   float* acc = nullptr;  // [T, H]: this node's partial output (the caller's out when direct)
-  float* y = nullptr;    // [n_pos, H]: down's output per position (prefill jobs: split_down)
+  float* y = nullptr;    // [n_pos, H]: down's output per position (split_down)
   size_t x_stride[2] = {0, 0};  // activation rows of gate's / up's x; up shares gate's when equal
   bool up_shares = true;
   size_t h_stride = 0;
@@ -96,14 +96,15 @@ struct MoeEngine::Job {
   std::vector<int> pos_tok;       // (token, expert) pairs grouped by expert, tokens ascending
   std::vector<int> pos_active;    // [n_pos] index into active
   std::vector<float> pos_w;
-  std::vector<int> tok_off, tok_pos;  // prefill jobs: token t's positions, ascending, at tok_off[t]..[t + 1]
+  std::vector<int> tok_off, tok_pos;  // split_down: token t's positions, ascending, at tok_off[t]..[t + 1]
   std::vector<Route> gate, up, down;  // [n_active]
   int n_pos = 0, max_count = 0;
   bool any_big = false;
-  // Prefill jobs: down tasks are (expert, rows of H) writing each position's output, then each
-  // token sums its positions (down_expert_task, sum_token). Decode jobs: tasks are rows of H
-  // looping over the experts (down_task), which reads every expert's activations once per task:
-  // few bytes for a few tokens, but with many tokens per expert those reads outgrow the weights'.
+  // Down tasks are (expert, rows of H) writing each position's output, then each token sums its
+  // positions (down_expert_task, sum_token): an expert's activations are read once per task, and
+  // each task streams one expert's rows. TANDEM_SPLIT_DOWN=0: tasks are rows of H looping over
+  // every expert (down_task), which reads all the experts' activations in each task (with many
+  // tokens per expert more bytes than the weights') and streams six short pieces at decode.
   bool split_down = false;
   // Prefill jobs, per active expert: down's activations are bf16 or Q8_64, which a gate/up task
   // writes for its own columns (bf16 is per value, Q8_64 per 64 values: a row's slices at
@@ -282,8 +283,8 @@ bool flow_enabled() {
   return on;
 }
 
-// TANDEM_SPLIT_DOWN=0 puts prefill jobs back on the decode jobs' down tasks (rows of H over every
-// expert, x prepared per position, h converted in phase 2): an A/B switch for benchmarks.
+// TANDEM_SPLIT_DOWN=0 puts jobs back on down tasks of rows of H over every expert, with x prepared
+// per position and (prefill) h converted in phase 2: an A/B switch for benchmarks.
 bool split_down_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("TANDEM_SPLIT_DOWN");
@@ -291,6 +292,9 @@ bool split_down_enabled() {
   }();
   return on;
 }
+
+// Columns per task of the per-token sum (split_down jobs).
+constexpr int kSumCols = 512;
 
 // Tile kernels may read up to this many rows past an expert's last activation row.
 constexpr int kTilePadRows = 32;
@@ -386,9 +390,9 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   }
   for (size_t a = 0; a < j.active.size(); ++a)
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
-  j.split_down = j.any_big && split_down_enabled();
+  j.split_down = split_down_enabled();
   j.fused_h.assign(j.active.size(), 0);
-  for (size_t a = 0; j.split_down && a < j.active.size(); ++a)
+  for (size_t a = 0; j.split_down && j.any_big && a < j.active.size(); ++a)
     j.fused_h[a] = j.down[a].act == ActKind::BF16 || j.down[a].act == ActKind::Q8_64;
   if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums
     j.tok_off.assign(size_t(j.T) + 1, 0);
@@ -444,7 +448,7 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
     ns.blocks_per_expert = (ns.width + ns.rb_up - 1) / ns.rb_up;
     ns.n_up = n_active * ns.blocks_per_expert;
     if (j.split_down) {
-      ns.rb_down = rows_per_task(int64_t(n_active) * j.H, workers, true, fixed);
+      ns.rb_down = rows_per_task(int64_t(n_active) * j.H, workers, j.any_big, fixed);
       ns.down_blocks = (j.H + ns.rb_down - 1) / ns.rb_down;
       ns.n_down = ns.width > 0 ? n_active * ns.down_blocks : 0;
       grow(ns.y_buf, size_t(n_pos) * size_t(j.H));
@@ -534,7 +538,7 @@ void MoeEngine::run_node(int node, int worker) {
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
-  if (j.split_down)
+  if (j.any_big && j.split_down)
     claim_ahead(ns.next_up, ns.n_up, [&](int t, int next) { gate_up_task(node, t, next, scratch); });
   else
     for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) gate_up_task(node, t, -1, scratch);
@@ -548,10 +552,15 @@ void MoeEngine::run_node(int node, int worker) {
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
   if (j.split_down) {
-    claim_ahead(ns.next_down, ns.n_down, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
+    if (j.any_big)
+      claim_ahead(ns.next_down, ns.n_down, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
+    else
+      for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;)
+        down_expert_task(node, t, -1, scratch);
     ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(ns.arrived_down.v, ns.n_workers);
-    for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) sum_token(node, t);
+    const int sums = j.T * ((j.H + kSumCols - 1) / kSumCols);  // (token, columns): decode's one token too
+    for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < sums;) sum_token(node, t);
   } else {
     for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
   }
@@ -706,8 +715,8 @@ void MoeEngine::write_h_slice(ActKind kind, const float* h, int r0, int nr, int 
   std::memcpy(row + act::q8_64_d(width) + 4 * size_t(r0 / 64), tmp + act::q8_64_d(nr), 4 * size_t(act::q8_k(nr) / 64));
 }
 
-// Prefill: one expert's rows h0.. of down for all its positions, into their rows of y (no other
-// task writes them).
+// One expert's rows h0.. of down for all its positions, into their rows of y (no other task
+// writes them).
 void MoeEngine::down_expert_task(int node, int task, int next, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
@@ -716,6 +725,7 @@ void MoeEngine::down_expert_task(int node, int task, int next, uint8_t* scratch)
     return std::pair<int, int>(t / ns.down_blocks, (t % ns.down_blocks) * ns.rb_down);
   };
   const auto [a, h0] = rows(task);
+  if (ns.flow) spin_until(ns.h_ready[size_t(a)], 1);  // tasks go expert by expert, as the experts come ready
   const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
   MatArgs d{sl.down.at(e, h0), sl.down.group_bytes, std::min(ns.rb_down, j.H - h0), ns.width,
             ns.act_down.data() + off, ns.h_stride, cnt, ns.y + size_t(off) * size_t(j.H) + size_t(h0), size_t(j.H),
@@ -729,20 +739,22 @@ void MoeEngine::down_expert_task(int node, int task, int next, uint8_t* scratch)
   j.down[size_t(a)].fn(d);
 }
 
-// Prefill: acc[t] = sum of w * y over token t's positions in ascending order (the experts' order,
-// the same sums as down_task's).
-void MoeEngine::sum_token(int node, int t) {
+// acc[t] = sum of w * y over token t's positions in ascending order (the experts' order, the
+// same sums as down_task's), for the columns of sum task `task` (token t, kSumCols columns).
+void MoeEngine::sum_token(int node, int task) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
-  const size_t at = size_t(t) * size_t(j.H);
+  const int blocks = (j.H + kSumCols - 1) / kSumCols, t = task / blocks, c0 = (task % blocks) * kSumCols;
+  const int n = std::min(kSumCols, j.H - c0);
+  const size_t at = size_t(t) * size_t(j.H) + size_t(c0);
   float* o = ns.acc + at;
-  std::memset(o, 0, size_t(j.H) * sizeof(float));
+  std::memset(o, 0, size_t(n) * sizeof(float));
   if (ns.width > 0)
     for (int i = j.tok_off[size_t(t)]; i < j.tok_off[size_t(t) + 1]; ++i) {
       const int p = j.tok_pos[size_t(i)];
-      add_scaled(o, j.pos_w[size_t(p)], ns.y + size_t(p) * size_t(j.H), j.H);
+      add_scaled(o, j.pos_w[size_t(p)], ns.y + size_t(p) * size_t(j.H) + size_t(c0), n);
     }
-  if (pools_.size() == 1 && !j.direct) to_bf16(o, static_cast<uint16_t*>(j.out) + at, j.H);
+  if (pools_.size() == 1 && !j.direct) to_bf16(o, static_cast<uint16_t*>(j.out) + at, n);
 }
 
 // out[t] = sum of the nodes' partials, in node order (deterministic).

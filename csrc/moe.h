@@ -1,19 +1,21 @@
 // The CPU expert engine: routed-expert MoE for one layer at a time, run on per-NUMA-node pools.
 //
 //   submit: copy x/ids/w into staging, group tokens by expert, launch every node's pool
-//   node n: phase 0  tasks (positions = (token, expert) pairs; prefill: tokens): x -> the
+//   node n: phase 0  tasks (tokens; decode flow: positions = (token, expert) pairs): x -> the
 //                    kernels' activation layout, once per call (e.g. Q8 blocks; kernels/act.h)
 //           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
 //           phase 2  tasks (positions): h -> down's activation layout (prefill jobs whose down
 //                    reads bf16 or Q8_64: done by the phase-1 tasks, each its own columns)
-//           phase 3  decode: tasks (rows of H): acc[t] += w * down_slice h, experts in ascending order
-//                    prefill: tasks (expert, rows of H): y[pos] = down_slice h; then, after a
-//                    barrier, tasks (tokens): acc[t] = sum of w * y over t's positions, same order
+//           phase 3  tasks (expert, rows of H): y[pos] = down_slice h; then, after a barrier,
+//                    tasks (token, columns): acc[t] = sum of w * y over t's positions, in ascending
+//                    expert order (TANDEM_SPLIT_DOWN=0: tasks (rows of H) loop over the experts,
+//                    acc[t] += w * down_slice h, the same sums)
 //           (several nodes) all workers: out = sum of node partials, in node order
 //   Phases are separated by barriers for prefill jobs. Decode jobs (no `big` kernels) flow instead:
 //   a gate/up task waits only for its expert's activations, the worker ending an expert's last
 //   gate/up task prepares its h (phase 2), and down tasks take the experts in order as they are
-//   ready (TANDEM_FLOW=0: barriers for these too, an A/B switch).
+//   ready; only the per-token sums wait at a barrier (TANDEM_FLOW=0: barriers for these too, an
+//   A/B switch).
 //   wait:   blocks until the job's last worker marks it complete
 // Experts with few tokens run the kernels' `matmul` (decode: all workers stream disjoint rows of
 // the active experts); experts with many run `big` (prefill: matrix units) where the ISA has it.
@@ -99,7 +101,7 @@ class MoeEngine {
   void down_task(int node, int task, uint8_t* scratch);
   void down_expert_task(int node, int task, int next, uint8_t* scratch);
   void write_h_slice(ActKind kind, const float* h, int r0, int nr, int width, uint8_t* row, uint8_t* tmp) const;
-  void sum_token(int node, int t);
+  void sum_token(int node, int task);
   void reduce_rows(int t);
   void finish_job();
 
