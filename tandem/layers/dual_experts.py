@@ -12,6 +12,8 @@ Data path of one long step:
        model's dtype (ops/triton/tiled.py), run them on their tokens
        (ops.reference.moe_experts_padded: batched matmuls over the batch's experts, S's local ids)
     -> wait for the engine; out = engine's part + device's part
+    -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's first run of its last long step, so
+       the link works through that layer's attention and routing; it takes that run first
 
 The split: an expert costs the engine max(its bytes / cpu_bw, its tokens' FLOPs / cpu_flops) and
 the device its bytes / h2d_bw (the device's compute is small beside the copy). Experts go to the
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +49,13 @@ _REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on 
 _COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the slabs' copy stream
 
 
+def prestage_enabled() -> bool:
+    """TANDEM_DUAL_PRESTAGE=1: a layer's long step also starts copying the next layer's first run
+    (the experts that layer's device took first in its last long step), so the link keeps working
+    through the next layer's attention and routing. Off by default until measured."""
+    return os.environ.get("TANDEM_DUAL_PRESTAGE", "0") == "1"
+
+
 @dataclass(frozen=True)
 class DualRates:
     cpu_bw: float = 100e9  # bytes/s the engine streams expert weights
@@ -57,17 +68,23 @@ def cpu_seconds(counts: list[int], expert_bytes: int, flops_per_token: float, ra
     return [max(expert_bytes / rates.cpu_bw, c * flops_per_token / rates.cpu_flops) if c else 0.0 for c in counts]
 
 
-def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates) -> list[int]:
-    """The experts the device takes (ids), given tokens per expert: most tokens first, while each
-    one taken shortens the layer (the later of the engine's and the device's finish)."""
+def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates,
+          on_device: Sequence[int] = ()) -> list[int]:
+    """The experts the device takes (ids), given tokens per expert: those already copied to it
+    (`on_device`, first and in their order, whatever their tokens), then most tokens first while
+    each one taken shortens the layer (the later of the engine's and the device's finish)."""
     cpu = cpu_seconds(counts, expert_bytes, flops_per_token, rates)
     copy = expert_bytes / rates.h2d_bw
-    order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-    left, taken = sum(cpu), []
+    taken = list(on_device)
+    left = sum(cpu) - sum(cpu[e] for e in taken)
+    copies = 0  # the device's copies so far (the ones already made cost nothing)
+    ahead = set(taken)
+    order = sorted((e for e, c in enumerate(counts) if c and e not in ahead), key=lambda e: -counts[e])
     for e in order:
-        if max(copy * (len(taken) + 1), left - cpu[e]) >= max(copy * len(taken), left):
+        if max(copy * (copies + 1), left - cpu[e]) >= max(copy * copies, left):
             break
         taken.append(e)
+        copies += 1
         left -= cpu[e]
     return taken
 
@@ -109,7 +126,11 @@ class DualExperts(nn.Module):
         self.expert_bytes = sum(s.shape[1] * s.shape[2] for node in self.slabs for s, _ in node.values())
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
+        self.last_runs: list[list[int]] = []  # ... in their runs
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
+        self.next_layer: DualExperts | None = None  # the model's next dual layer (enable_dual_prefill)
+        self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
+        self.prestaged = 0  # long steps whose first run the layer before had copied (tests, profiles)
         self._registered = False
         self._step: dict | None = None  # the last long step's predictions and timers, until learned from
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
@@ -138,16 +159,18 @@ class DualExperts(nn.Module):
         counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts).tolist()  # one host sync
         self.learn()  # the sync above ran the stream past this layer's previous long step
         rates = self.rates_for(x.shape[0])
-        taken = split(counts, self.expert_bytes, self.flops_per_token, rates)
+        ahead = self._take_ahead(counts, x)
+        taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
         step = self._step = {"cpu": sum(cpu_s) - sum(cpu_s[e] for e in taken), "cpu_measured": None,
                              "t0": time.monotonic_ns(),  # steady_clock, as the engine's timestamps
-                             "device": len(taken) * self.expert_bytes / rates.h2d_bw, "events": None,
+                             "device": (len(taken) - (len(ahead[0]) if ahead else 0)) * self.expert_bytes / rates.h2d_bw,
+                             "events": None,
                              "bucket": x.shape[0].bit_length(), "rates": rates}
         if not taken:
             handle = self.cpu_experts.submit(x, ids, weights)
-            step["call"] = self._stream_call(x)
+            self._note_call(step, x)
             return handle, None
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
         lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
@@ -156,13 +179,18 @@ class DualExperts(nn.Module):
         if stream is not None:
             step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             step["events"][0].record(stream)
-        runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
-        # The first run's copies are queued before the engine's submit, so they do not wait behind
-        # its copy of x to the host (the other direction of the link: the two overlap).
-        staged = self._stage(runs[0], x.device)
+        if ahead:  # the first run is the one the layer before copied
+            runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
+            staged = ahead[1]
+            self.prestaged += 1
+        else:
+            runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+            # The first run's copies are queued before the engine's submit, so they do not wait
+            # behind its copy of x to the host (the other direction of the link: the two overlap).
+            staged = self._stage(runs[0], x.device)
+        self.last_runs = runs
         handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
-        step["call"] = call = self._stream_call(x)
-        step["calls"] = call.calls if call is not None else None
+        self._note_call(step, x)
         dev, b0, following = None, 0, None
         try:
             for i, chunk in enumerate(runs):
@@ -192,19 +220,50 @@ class DualExperts(nn.Module):
         if step["events"]:
             step["events"][1].record(stream)
             step["recorded"] = True
+        if prestage_enabled() and self.next_layer is not None:
+            self.next_layer.stage_ahead(x)
         return handle, dev
+
+    def stage_ahead(self, x: torch.Tensor) -> None:
+        """Start copying this layer's likely first run of a step like x's: the first run of its
+        last long step (none yet: nothing). Its copies queue behind the device work queued so far."""
+        self.drop_ahead()
+        if self.last_runs and x.shape[0] >= self.min_tokens:
+            self._ahead = (list(self.last_runs[0]), self._stage(self.last_runs[0], x.device), x.device)
+
+    def drop_ahead(self) -> None:
+        """Let go of blocks staged ahead and not used; the compute stream first waits for their copies
+        (the pool hands their memory out again in that stream's order)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[1][1] is not None:
+            torch.cuda.current_stream(ahead[2]).wait_event(ahead[1][1])
+
+    def _take_ahead(self, counts: list[int], x: torch.Tensor):
+        """The run staged ahead for this step, if it still fits the buffer with these counts (as
+        batches() allows, one expert always does)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        run = ahead[0]
+        if len(run) > 1 and self.batch_bytes(len(run), max(counts[e] for e in run), x.dtype) > self.buffer_bytes:
+            self._ahead = ahead
+            self.drop_ahead()
+            return None
+        return ahead
 
     def wait(self, pending) -> torch.Tensor:
         handle, dev = pending
         out = self.cpu_experts.wait(handle)
         step = self._step
-        if step is not None and step["call"] is None and step["cpu_measured"] is None:
+        if step is not None and step.get("call") is None and step["cpu_measured"] is None:
             step["cpu_measured"] = self.cpu_experts.engine.last_phases()["done"] / 1e3  # a synchronous engine job
         return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
 
-    def _stream_call(self, x: torch.Tensor):
-        """The HostCall a stream submit just enqueued (its engine timestamps are read later), or None."""
-        return getattr(self.cpu_experts, "last_stream_call", None) if x.is_cuda else None
+    def _note_call(self, step: dict, x: torch.Tensor) -> None:
+        """Keep the HostCall a stream submit just enqueued (its engine timestamps are read later)
+        and its run count, or None off CUDA."""
+        call = getattr(self.cpu_experts, "last_stream_call", None) if x.is_cuda else None
+        step["call"], step["calls"] = call, call.calls if call is not None else None
 
     def learn(self) -> None:
         """Fold the last long step's measured times into the rates (see `learned`); once per step."""
@@ -215,7 +274,7 @@ class DualExperts(nn.Module):
         if step.get("call") is not None:
             launch, done = step["call"].engine_ns
             cpu_measured = (done - launch) / 1e9 if done > launch >= step["t0"] else None
-        if step.get("call") is not None and step["call"].calls != step["calls"]:
+        if step.get("call") is not None and step["call"].calls != step.get("calls"):
             cpu_measured = None  # the call ran again since (a decode graph of this length): not this step's times
         device_measured = None
         if step["events"] is not None and step.get("recorded") and step["events"][1].query():

@@ -160,7 +160,7 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = Tr
     from tandem.layers.dual_experts import DualExperts
     from tandem.layers.moe import MoE
 
-    wrapped, kept, locked, seconds = 0, {}, 0, 0.0
+    wrapped, kept, locked, seconds, last = 0, {}, 0, 0.0, None
     for name, module in model.named_modules():
         if not isinstance(module, MoE) or not isinstance(module.experts, CpuExperts):
             continue
@@ -171,6 +171,9 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = Tr
         c = module.cfg
         module.experts = DualExperts(module.experts, c.num_experts, c.hidden_size, c.intermediate_size,
                                      buffer_bytes=buffer_bytes)
+        if last is not None:
+            last.next_layer = module.experts  # layers run in module order (TANDEM_DUAL_PRESTAGE)
+        last = module.experts
         wrapped += 1
         if register:
             t0 = time.perf_counter()

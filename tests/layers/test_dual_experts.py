@@ -75,6 +75,9 @@ def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
     assert split([5, 0, 9, 1], 100, 1.0, DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=1e9)) == [2, 0, 3]
     assert split([5, 0, 9, 1], 100, 1.0, DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=10.0)) == []
     assert split([0, 0], 100, 1.0, rates) == []
+    # Experts already copied to the device (staged ahead) come first, whatever their tokens, and
+    # cost no copy: here the device then takes the busiest other expert as if it had none yet.
+    assert split([5, 0, 9, 1], 100, 1.0, rates, on_device=[1, 3]) == [1, 3, 2]
 
 
 @pytest.mark.parametrize("rates, what", [(ALL_TO_DEVICE, "device"), (ALL_TO_CPU, "cpu"), (DualRates(), "split")])
@@ -265,3 +268,37 @@ def test_an_error_in_the_device_share_fails_the_step_only(layer, monkeypatch):
     monkeypatch.undo()
     dual.learn()  # the failed step's timers must not break the next one
     assert_matches(run(dual, x, ids, w), reference(x, ids, w, *held), 1e-4, "the step after a failed one")
+
+
+def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
+    # TANDEM_DUAL_PRESTAGE=1: a long step through layer A starts the copies of layer B's first run
+    # of its last long step; B's next long step takes that run first (whatever its counts say) and
+    # copies only the rest. The output stays within the engine's bound; the run is used once.
+    experts, held = layer
+    monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "1")
+    a = DualExperts(experts, E, H, I, rates=DualRates(), min_tokens=1, buffer_bytes=1)
+    b = DualExperts(experts, E, H, I, rates=DualRates(), min_tokens=1, buffer_bytes=1)
+    a.next_layer = b
+    x = tokens(T, H, seed=12)
+    ids, w = routing(T, E, K, seed=13)
+    ids2, w2 = routing(T, E, K, seed=14)
+    run(a, x, ids, w)
+    assert b._ahead is None  # B has no long step yet: nothing to predict
+    run(b, x, ids, w)
+    first = list(b.last_runs[0])
+    run(a, x, ids, w)
+    assert b._ahead is not None and b._ahead[0] == first
+    got = run(b, x, ids2, w2)  # other routing: the staged run is still taken first
+    assert b.prestaged == 1 and b.last_split[: len(first)] == first and b._ahead is None
+    assert_matches(got, reference(x, ids2, w2, *held).float(), ISA_VS_GENERIC["Q8_K"], "prestaged run")
+    # A staged run that no longer fits the buffer with the new counts is let go, not used.
+    b.buffer_bytes = b.batch_bytes(3, T, torch.float32)
+    run(b, x, ids, w)
+    assert len(b.last_runs[0]) > 1
+    run(a, x, ids, w)
+    b.buffer_bytes = 1
+    run(b, x, ids2, w2)
+    assert b.prestaged == 1 and b._ahead is None
+    monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "0")
+    run(a, x, ids, w)
+    assert b._ahead is None  # off: nothing staged

@@ -99,3 +99,18 @@ def test_cpu_experts_reuse_their_output_rows(tmp_path):
     again = experts.wait(experts.submit(x[:3], ids[:3], w[:3]))
     assert again.data_ptr() == experts._out.data_ptr()  # no new output tensor on the hot path
     assert torch.equal(again, first[:3])
+
+
+def test_dual_prefill_layers_know_the_next_one_in_model_order(tmp_path):
+    """enable_dual_prefill links each dual layer to the next (the layer a long step stages ahead
+    for, TANDEM_DUAL_PRESTAGE), in the order the model runs them."""
+    from tandem.layers.dual_experts import DualExperts
+    from tandem.runtime.experts import enable_dual_prefill
+
+    llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=3), dtype="float32", progress=False, max_context=64, max_batch=1)
+    wrapped = enable_dual_prefill(llm.model, 1 << 24, register=False)
+    duals = [m for m in llm.model.modules() if isinstance(m, DualExperts)]
+    if not duals:
+        pytest.skip("the engine's kernels here keep the file's rows: no dual path")
+    assert wrapped == len(duals) >= 2
+    assert [d.next_layer for d in duals] == duals[1:] + [None]
