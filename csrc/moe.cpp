@@ -603,7 +603,7 @@ void MoeEngine::prep_x_task(int node, int p, uint8_t* scratch) {
     kernels_of(kt_, j.up[size_t(a)].act).prep(x, j.H, const_cast<uint8_t*>(ns.act_up[size_t(p)]));
 }
 
-// Prefill: token t -> the activation rows of all its positions, each layout prepared once and
+// Jobs on barriers: token t -> the activation rows of all its positions, each layout prepared once and
 // copied to the token's other positions that use it (a token has k positions; preparing is the
 // cost, copying a row is not).
 void MoeEngine::prep_token_task(int node, int t, uint8_t* scratch) {
