@@ -36,8 +36,10 @@ inline void emit_pair(uint8_t* out, int gi, __m512i lo, __m512i hi, __m512 scale
   emit(out, gi + 1, hi, scale, bias);
 }
 
-void int4(const uint8_t* g, int K, uint8_t* out) {
-  for (int c = 0; c < K / 64; ++c) {
+// Each function expands K-units [u0, u1) of the group (kDequantUnit weights of every row each;
+// the last unit may be partial): the same bytes in any split into ranges.
+void int4(const uint8_t* g, int K, uint8_t* out, int u0, int u1) {
+  for (int c = 4 * u0; c < avx512::min_int(4 * u1, K / 64); ++c) {
     const uint8_t* p = g + size_t(c) * int4_chunk(R);
     const __m512 d = _mm512_loadu_ps(p);
     const __m512 bias = _mm512_mul_ps(d, _mm512_set1_ps(8.0f));
@@ -49,8 +51,8 @@ void int4(const uint8_t* g, int K, uint8_t* out) {
 }
 
 template <bool five>
-void block32(const uint8_t* g, int K, uint8_t* out) {
-  for (int b = 0; b < K / 32; ++b) {
+void block32(const uint8_t* g, int K, uint8_t* out, int u0, int u1) {
+  for (int b = 8 * u0; b < avx512::min_int(8 * u1, K / 32); ++b) {
     const int gi = 8 * b;
     if constexpr (five) {
       const __m512 d = avx512::f16x16(g + q5_0_dplane(R, K) + 32 * size_t(b));
@@ -73,9 +75,9 @@ void block32(const uint8_t* g, int K, uint8_t* out) {
 }
 
 template <bool five>
-void kquant45(const uint8_t* g, int K, uint8_t* out) {
+void kquant45(const uint8_t* g, int K, uint8_t* out, int u0, int u1) {
   using namespace avx512;
-  for (int sb = 0; sb < K / 256; ++sb) {
+  for (int sb = u0; sb < min_int(u1, K / 256); ++sb) {
     const uint8_t* p = g + size_t(sb) * (five ? q5_k_chunk(R) : q4_k_chunk(R));
     const __m512 d = f16x16(p), dmin = f16x16(p + qk_dmin(R));
     for (int j = 0; j < 8; ++j) {
@@ -100,9 +102,9 @@ void kquant45(const uint8_t* g, int K, uint8_t* out) {
   }
 }
 
-void q6_k(const uint8_t* g, int K, uint8_t* out) {
+void q6_k(const uint8_t* g, int K, uint8_t* out, int u0, int u1) {
   using namespace avx512;
-  for (int sb = 0; sb < K / 256; ++sb) {
+  for (int sb = u0; sb < min_int(u1, K / 256); ++sb) {
     const uint8_t* p = g + size_t(sb) * q6_k_chunk(R);
     const __m512 d = f16x16(g + q6_k_dplane(R, K) + 32 * size_t(sb));
     for (int j = 0; j < 16; ++j) {
@@ -120,17 +122,21 @@ void q6_k(const uint8_t* g, int K, uint8_t* out) {
 
 }  // namespace
 
-void dequant_group(Format fmt, const uint8_t* group, int K, uint8_t* out) {
+void dequant_units(Format fmt, const uint8_t* group, int K, uint8_t* out, int u0, int u1) {
   switch (fmt) {
-    case Format::INT4: int4(group, K, out); break;
-    case Format::Q8_0: block32<false>(group, K, out); break;
-    case Format::Q5_0: block32<true>(group, K, out); break;
-    case Format::Q4_K: kquant45<false>(group, K, out); break;
-    case Format::Q5_K: kquant45<true>(group, K, out); break;
-    case Format::Q6_K: q6_k(group, K, out); break;
+    case Format::INT4: int4(group, K, out, u0, u1); break;
+    case Format::Q8_0: block32<false>(group, K, out, u0, u1); break;
+    case Format::Q5_0: block32<true>(group, K, out, u0, u1); break;
+    case Format::Q4_K: kquant45<false>(group, K, out, u0, u1); break;
+    case Format::Q5_K: kquant45<true>(group, K, out, u0, u1); break;
+    case Format::Q6_K: q6_k(group, K, out, u0, u1); break;
     case Format::BF16:
     case Format::INT8: break;  // read by their own tile kernels, never expanded
   }
+}
+
+void dequant_group(Format fmt, const uint8_t* group, int K, uint8_t* out) {
+  dequant_units(fmt, group, K, out, 0, dequant_unit_count(K));
 }
 
 }  // namespace tandem::amx

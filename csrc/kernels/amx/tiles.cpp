@@ -56,16 +56,38 @@ constexpr int kKChunks = 8;
 // streams while the tiles run and the next block starts on L2-resident weights. The call's last
 // block prefetches what the caller runs next (MatArgs::next: the next call's first block and
 // first activation rows), so a call does not start cold either.
+// Expanding the next row block of a block-scaled format into the other bf16 panel, a few
+// K-units per tile step of the current block (dequant_tiles): the vector units expand while the
+// tile unit multiplies, instead of one waiting for the other at every block.
+struct Expand {
+  Format fmt = Format::BF16;
+  const uint8_t* w = nullptr;  // the block's first group
+  size_t gb = 0;               // its group bytes
+  uint8_t* out = nullptr;      // the panel: group i at out + i * pg
+  size_t pg = 0;
+  int K = 0, units = 0;        // units per group
+  int done = 0, total = 0, per_step = 0;
+
+  void run(int n) {
+    for (const int end = avx512::min_int(total, done + n); done < end; ++done) {
+      const int g = done / units, u = done % units;
+      dequant_units(fmt, w + size_t(g) * gb, K, out + size_t(g) * pg, u, u + 1);
+    }
+  }
+};
+
 struct Prefetch {
   const uint8_t* p[2] = {nullptr, nullptr};  // ranges [p, end), prefetched in order
   const uint8_t* end[2] = {nullptr, nullptr};
   size_t step = 0;  // bytes per tile step (whole cache lines)
+  Expand* expand = nullptr;  // a next block to expand meanwhile (dequant_tiles), or none
 
   void next() {
     size_t budget = step;
     for (int i = 0; i < 2 && budget > 0; ++i)
       for (; p[i] < end[i] && budget > 0; p[i] += 64, budget -= 64)
         _mm_prefetch(reinterpret_cast<const char*>(p[i]), _MM_HINT_T1);
+    if (expand != nullptr && expand->done < expand->total) expand->run(expand->per_step);
   }
 };
 
@@ -386,25 +408,66 @@ void bf16_tiles_body(const MatArgs& m) {
   }
 }
 
-// Block-scaled formats: kRowBlock rows at a time, dequantized into the scratch panel, then bf16 tiles.
+// Block-scaled formats: kRowBlock rows at a time, dequantized into a bf16 panel, then bf16 tiles.
+// Where two panels fit beside L2's other load (K <= kOverlapMaxK), the next block is expanded into
+// the second panel during the current block's tile steps (Expand), and the weights prefetched are
+// the block after it; TANDEM_AMX_OVERLAP=0 expands each block before its tiles (the A/B).
+constexpr int kOverlapMaxK = 3072;  // two panels of 64 rows: <= 768 KB
+
+bool overlap_for(int K) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TANDEM_AMX_OVERLAP");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  return enabled && K <= kOverlapMaxK;
+}
+
+size_t c_area_bytes() { return size_t(2 * 32) * kRowBlock * 4 + 64; }
+
 template <Format F>
 void dequant_tiles(const MatArgs& m) {
   configure_tiles();
-  uint8_t* panel = static_cast<uint8_t*>(m.scratch);
   const size_t pg = tiled::bf16_group(R, m.K);
-  for (int r0 = 0; r0 < m.n_rows; r0 += kRowBlock) {
+  const bool overlap = overlap_for(m.K);
+  uint8_t* panels[2] = {static_cast<uint8_t*>(m.scratch), static_cast<uint8_t*>(m.scratch)};
+  if (overlap) panels[1] += 4 * pg + c_area_bytes();  // after the first panel and the C buffers
+  const auto groups_of = [&](int r0) { return (avx512::min_int(kRowBlock, m.n_rows - r0) + 15) / 16; };
+  const auto expand_all = [&](int r0, uint8_t* out) {
+    for (int i = 0; i < groups_of(r0); ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, out + size_t(i) * pg);
+  };
+  if (overlap) expand_all(0, panels[0]);
+  for (int r0 = 0, b = 0; r0 < m.n_rows; r0 += kRowBlock, ++b) {
     const int nr = avx512::min_int(kRowBlock, m.n_rows - r0);
-    Prefetch pf = next_block(m, r0, block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr));
-    for (int i = 0; i * 16 < nr; ++i) dequant_group(F, m.w + size_t(r0 / 16 + i) * m.group_bytes, m.K, panel + size_t(i) * pg);
+    uint8_t* panel = panels[b & 1];
+    const long steps = block_steps(m.n_act, tiled::bf16_kp(m.K) / 32, nr);
+    Expand ex;
+    Prefetch pf;
+    if (overlap) {
+      pf = next_block(m, r0 + kRowBlock, steps);  // the block after the one expanded meanwhile (or m.next)
+      if (r0 + kRowBlock < m.n_rows) {
+        ex.fmt = F, ex.w = m.w + size_t((r0 + kRowBlock) / 16) * m.group_bytes, ex.gb = m.group_bytes;
+        ex.out = panels[(b + 1) & 1], ex.pg = pg, ex.K = m.K, ex.units = dequant_unit_count(m.K);
+        ex.total = groups_of(r0 + kRowBlock) * ex.units;
+        ex.per_step = int((ex.total + steps - 1) / (steps > 0 ? steps : 1));
+        pf.expand = &ex;
+      }
+    } else {
+      pf = next_block(m, r0, steps);
+      expand_all(r0, panel);
+    }
     MatArgs sub = m;
     sub.w = panel;
     sub.group_bytes = pg;
     bf16_rows(sub, 0, r0, nr, pf);
+    ex.run(ex.total);  // what the tile steps left (none when they outnumber the units)
   }
   _tile_release();
 }
 
-size_t scratch_bytes(int K) { return 4 * tiled::bf16_group(R, K) + size_t(2 * 32) * kRowBlock * 4 + 64; }
+size_t scratch_bytes(int K) {
+  const size_t panel = 4 * tiled::bf16_group(R, K);
+  return panel + c_area_bytes() + (overlap_for(K) ? panel : 0);
+}
 
 KernelTable make_table() {
   // TANDEM_AMX_INT4=bf16: INT4 prefill on bf16 tiles (dequantized) as before the int8 path, for
