@@ -99,6 +99,7 @@ class CpuExperts(nn.Module):
         elif call.error:
             raise RuntimeError(f"CPU experts of engine layer {self.layer} failed in a stream call: {call.error}")
         self.last_stream_call = call
+        self.last_stream_runs = call.calls + 1  # its run count once this submit ran (earlier ones ran: synced)
         bell = self.engine.doorbell
         if bell is not None:
             ring, done = bell.device_words

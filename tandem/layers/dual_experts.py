@@ -127,6 +127,7 @@ class DualExperts(nn.Module):
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
         self.last_runs: list[list[int]] = []  # ... in their runs
+        self.next_first: list[list[int]] = []  # the run stage_ahead copies (the last step's own first choice)
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
         self.next_layer: DualExperts | None = None  # the model's next dual layer (enable_dual_prefill)
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
@@ -179,20 +180,25 @@ class DualExperts(nn.Module):
         if stream is not None:
             step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             step["events"][0].record(stream)
-        if ahead:  # the first run is the one the layer before copied
-            runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
-            staged = ahead[1]
-            self.prestaged += 1
-        else:
-            runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
-            # The first run's copies are queued before the engine's submit, so they do not wait
-            # behind its copy of x to the host (the other direction of the link: the two overlap).
-            staged = self._stage(runs[0], x.device)
-        self.last_runs = runs
-        handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
-        self._note_call(step, x)
-        dev, b0, following = None, 0, None
+        staged = following = None
         try:
+            if ahead:  # the first run is the one the layer before copied
+                staged = ahead[1]
+                runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
+                self.prestaged += 1
+                # what to stage ahead next time: this step's own first choice, not the staged run again
+                self.next_first = self.batches(split(counts, self.expert_bytes, self.flops_per_token, rates),
+                                               counts, x.dtype)[:1]
+            else:
+                runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+                self.next_first = runs[:1]
+                # The first run's copies are queued before the engine's submit, so they do not wait
+                # behind its copy of x to the host (the other direction of the link: the two overlap).
+                staged = self._stage(runs[0], x.device)
+            self.last_runs = runs
+            handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+            self._note_call(step, x)
+            dev, b0 = None, 0
             for i, chunk in enumerate(runs):
                 # Double buffering: the next run's copies start before this run computes, when both
                 # fit the buffer (batch_bytes counts a run's worth of blocks for it).
@@ -228,8 +234,8 @@ class DualExperts(nn.Module):
         """Start copying this layer's likely first run of a step like x's: the first run of its
         last long step (none yet: nothing). Its copies queue behind the device work queued so far."""
         self.drop_ahead()
-        if self.last_runs and x.shape[0] >= self.min_tokens:
-            self._ahead = (list(self.last_runs[0]), self._stage(self.last_runs[0], x.device), x.device)
+        if self.next_first and x.shape[0] >= self.min_tokens:
+            self._ahead = (list(self.next_first[0]), self._stage(self.next_first[0], x.device), x.device)
 
     def drop_ahead(self) -> None:
         """Let go of blocks staged ahead and not used; the compute stream first waits for their copies
@@ -263,7 +269,9 @@ class DualExperts(nn.Module):
         """Keep the HostCall a stream submit just enqueued (its engine timestamps are read later)
         and its run count, or None off CUDA."""
         call = getattr(self.cpu_experts, "last_stream_call", None) if x.is_cuda else None
-        step["call"], step["calls"] = call, call.calls if call is not None else None
+        # the run count once this submit ran, read before the stream could run it (reading
+        # call.calls here races with the stream's host function / doorbell thread)
+        step["call"], step["calls"] = call, self.cpu_experts.last_stream_runs if call is not None else None
 
     def learn(self) -> None:
         """Fold the last long step's measured times into the rates (see `learned`); once per step."""

@@ -182,10 +182,9 @@ def moe_experts_padded(
     kernels however many experts run. counts: tokens per expert (ids' histogram), known on the host.
     Same roundings as moe_experts (x.dtype matmuls, fp32 weighted sum); only the matmuls' internal
     summation order may differ."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = max(counts, default=0)
     if rows == 0:
-        return out.to(x.dtype)
+        return torch.zeros_like(x)
     n_exp, (n_tok, k) = w_gate.shape[0], ids.shape
     flat = ids.reshape(-1).long()
     order = flat.argsort(stable=True)

@@ -290,6 +290,11 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     assert b._ahead is not None and b._ahead[0] == first
     got = run(b, x, ids2, w2)  # other routing: the staged run is still taken first
     assert b.prestaged == 1 and b.last_split[: len(first)] == first and b._ahead is None
+    # What B stages next is its own first choice for this step's counts, not the staged run again.
+    flat = ids2.flatten().long()
+    counts2 = torch.bincount(flat[flat >= 0], minlength=E).tolist()
+    own = split(counts2, b.expert_bytes, b.flops_per_token, b.rates_for(T))
+    assert b.next_first == b.batches(own, counts2, torch.float32)[:1]
     assert_matches(got, reference(x, ids2, w2, *held).float(), ISA_VS_GENERIC["Q8_K"], "prestaged run")
     # A staged run that no longer fits the buffer with the new counts is let go, not used.
     b.buffer_bytes = b.batch_bytes(3, T, torch.float32)
