@@ -295,9 +295,9 @@ class DualExperts(nn.Module):
         """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
         blocks, its weights in `dtype` (decoded in place) and as many blocks again for the next
         batch's copies (double buffering) - what MemoryPlan.dual_expert_bytes counts - and the
-        padded matmuls give every expert the
-        busiest one's token count of rows (x, gate, up, h, y in `dtype`; fp32 copies of x and y,
-        fp32 sum)."""
+        padded matmuls give every expert the busiest one's token count of rows (x, gate, up, h, y
+        in `dtype`; fp32 copies of x and y). What a step holds whatever its runs (the padded input,
+        the fp32 sum, the parts) is MemoryPlan.dual_step, outside the buffer."""
         numel = self.hidden * self.inter
         per_expert = 2 * self.expert_bytes + 3 * numel * dtype.itemsize
         per_token = (2 * self.hidden + 3 * self.inter) * dtype.itemsize + 12 * self.hidden

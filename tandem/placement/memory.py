@@ -193,6 +193,9 @@ class MemoryPlan:
     dual_expert_bytes: int = 0
     dual_layer_bytes: int = 0  # all experts of the largest such layer (more buffer than this is never used)
     dual_buffer: int = 0
+    # ... and, beside the buffer, what a long step's device share holds whatever its runs: the
+    # padded input, each run's part and the running total in the model dtype, the fp32 sum.
+    dual_step: int = 0
     engine_workspace: int = 0  # CPU RAM of the engine's buffers at the longest step (0: no engine layers)
 
     def weights(self, gpu: bool) -> int:
@@ -204,7 +207,8 @@ class MemoryPlan:
 
     @property
     def vram(self) -> int:
-        return self.weights(True) + (self.kv.bytes + self.workspace + self.dual_buffer if self.on_gpu else 0)
+        return self.weights(True) + (self.kv.bytes + self.workspace + self.dual_buffer + self.dual_step
+                                     if self.on_gpu else 0)
 
     @property
     def ram(self) -> int:
@@ -342,6 +346,7 @@ def plan_memory(
         dual_layer_bytes=max(((2 * b + n * step.act_bytes) * e for b, n, ok, e in dual.values() if ok),
                              default=0) if gpu else 0,
         dual_buffer=dual_buffer if gpu else 0,
+        dual_step=min(max_context, step_tokens) * step.hidden * (4 + 3 * step.act_bytes) if gpu and dual_buffer else 0,
     )
 
 
@@ -386,8 +391,8 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(("engine workspace (estimate)", "cpu", "engine", f"step <= {plan.step_tokens} tok", "-", "-",
                       size(plan.engine_workspace), "-", "-"))
     if plan.dual_buffer:
-        lines.append(("dual-path prefill", plan.device, "torch", "experts copied", "-", "-",
-                      size(plan.dual_buffer), "-", "-"))
+        lines.append(("dual-path prefill", plan.device, "torch", "experts copied, step sums", "-", "-",
+                      size(plan.dual_buffer + plan.dual_step), "-", "-"))
     widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
     numeric = {5, 6, 8}
 

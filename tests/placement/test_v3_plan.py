@@ -140,7 +140,10 @@ def test_v3_dual_path_prefill_buffer_on_a_24_gb_card(v3):
     assert base.dual_layer_bytes == 256 * base.dual_expert_bytes
     assert plan_of(v3, PlacementOptions(device="cpu")).dual_expert_bytes == 0
     dual = plan_of(v3, PlacementOptions(device="cuda"), vram=22, dual_buffer=GB)
-    assert dual.vram == base.vram + GB <= 22 * GB  # the bound with prefill streaming buffers
+    # The buffer, and a step's sums beside it (512 tokens x H: padded input, run part and total in
+    # bf16, the fp32 sum).
+    assert dual.dual_step == 512 * 7168 * (4 + 3 * BF16)
+    assert dual.vram == base.vram + GB + dual.dual_step <= 22 * GB  # the bound with prefill streaming buffers
     assert "dual-path prefill" in format_plan(dual) and "dual-path prefill" not in format_plan(base)
     check_fits(dual)
 
