@@ -451,14 +451,16 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
       ns.rb_down = rows_per_task(int64_t(n_active) * j.H, workers, j.any_big, fixed);
       ns.down_blocks = (j.H + ns.rb_down - 1) / ns.rb_down;
       ns.n_down = ns.width > 0 ? n_active * ns.down_blocks : 0;
-      grow(ns.y_buf, size_t(n_pos) * size_t(j.H));
+      if (ns.width > 0) grow(ns.y_buf, size_t(n_pos) * size_t(j.H));  // an empty slice adds nothing
       ns.y = ns.y_buf.data();
     } else {
       ns.rb_down = rows_per_task(j.H, workers, j.any_big, fixed);
       ns.n_down = (j.H + ns.rb_down - 1) / ns.rb_down;
     }
     const int max_k = std::max(j.H, ns.width);
-    ns.kernel_scratch = act::round_up(kt_.scratch_bytes(max_k), 64);
+    // Per K, not for max_k alone: scratch_bytes is not monotone in K (AMX: a second bf16 panel
+    // only for K <= 3072), and calls run with K = H (gate/up) and K = width (down).
+    ns.kernel_scratch = act::round_up(std::max(kt_.scratch_bytes(j.H), kt_.scratch_bytes(ns.width)), 64);
     const size_t row_f32 = act::f32_bytes(max_k);
     ns.outs = act::round_up(size_t(j.max_count) * size_t(std::max(ns.rb_up, ns.rb_down)) * 4, 64);
     // up's outputs, and for experts whose h goes straight to bf16 (fused_h) gate's too

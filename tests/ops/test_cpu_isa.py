@@ -327,3 +327,24 @@ def test_ab_switches_give_the_same_bits(isa, tmp_path):
     assert len(runs["default"]) == 6
     for i, (a, b) in enumerate(zip(runs["default"], runs["switched"])):
         assert torch.equal(a, b), f"{isa} case {i}: the switches changed the output"
+
+
+@pytest.mark.parametrize("isa", [isa_param("amx"), isa_param("amx-emu")])
+def test_amx_scratch_holds_both_panels_when_only_one_projection_has_them(isa):
+    """AMX prefill expands block-scaled rows into two bf16 panels only for K <= 3072, so a layer
+    whose H and I fall on either side (Qwen2-57B: 3584 / 2560; here 3104 / 3072) needs the larger scratch of the
+    two, not that of max(H, I): a worker's scratch was overrun (heap corruption, caught on
+    amx-emu). In a fresh process: such a layer both ways round, against the generic kernels."""
+    need(isa)
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from tests.ops.test_cpu_isa import run_both, bound;"
+        "from tests.ops.moe_cases import rel_err;"
+        f"a = run_both('{isa}', ('Q8_0',) * 3, 2, 3072, 3104, 16, 2);"
+        f"b = run_both('{isa}', ('Q8_0',) * 3, 2, 3104, 3072, 16, 2);"
+        "print(all(rel_err(o, r) < bound(e, ('Q8_0',) * 3) for o, r, _, e in (a, b)))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True", done.stdout
