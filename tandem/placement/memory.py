@@ -113,7 +113,8 @@ def engine_staging_bytes(hidden: int, inter: int, top_k: int) -> int:
     longest step sets them): the input's copy and the summed output (fp32 rows of `hidden`), and
     per (token, expert) pair its activation rows for gate/up and down (bf16 or smaller on the
     AVX-512/AMX kernels), h (fp32 rows of `inter`) and, in prefill jobs, down's output (fp32 rows
-    of `hidden`) before each token sums its experts'."""
+    of `hidden`) before each token sums its experts'. Per NUMA node the engine runs on: the plan
+    counts one (a two-node engine holds the per-pair rows twice)."""
     return 8 * hidden + top_k * (6 * hidden + 6 * inter)
 
 
