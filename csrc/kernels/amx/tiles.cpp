@@ -66,7 +66,8 @@ struct Expand {
   uint8_t* out = nullptr;      // the panel: group i at out + i * pg
   size_t pg = 0;
   int K = 0, units = 0;        // units per group
-  int done = 0, total = 0, per_step = 0;
+  int done = 0, total = 0;
+  int per_step = 0, every = 1, tick = 0;  // per_step units every `every` tile steps, spread over the block
 
   void run(int n) {
     for (const int end = avx512::min_int(total, done + n); done < end; ++done) {
@@ -87,7 +88,10 @@ struct Prefetch {
     for (int i = 0; i < 2 && budget > 0; ++i)
       for (; p[i] < end[i] && budget > 0; p[i] += 64, budget -= 64)
         _mm_prefetch(reinterpret_cast<const char*>(p[i]), _MM_HINT_T1);
-    if (expand != nullptr && expand->done < expand->total) expand->run(expand->per_step);
+    if (expand != nullptr && expand->done < expand->total && ++expand->tick >= expand->every) {
+      expand->tick = 0;
+      expand->run(expand->per_step);
+    }
   }
 };
 
@@ -448,7 +452,9 @@ void dequant_tiles(const MatArgs& m) {
         ex.fmt = F, ex.w = m.w + size_t((r0 + kRowBlock) / 16) * m.group_bytes, ex.gb = m.group_bytes;
         ex.out = panels[(b + 1) & 1], ex.pg = pg, ex.K = m.K, ex.units = dequant_unit_count(m.K);
         ex.total = groups_of(r0 + kRowBlock) * ex.units;
-        ex.per_step = int((ex.total + steps - 1) / (steps > 0 ? steps : 1));
+        const long s1 = steps > 0 ? steps : 1;
+        ex.per_step = int((ex.total + s1 - 1) / s1);
+        ex.every = s1 > ex.total ? int(s1 / ex.total) : 1;  // fewer units than steps: one every few
         pf.expand = &ex;
       }
     } else {
