@@ -1,6 +1,7 @@
 #include "moe.h"
 
 #include "kernels/act.h"
+#include "env.h"
 
 #include <algorithm>
 #include <array>
@@ -106,10 +107,12 @@ struct MoeEngine::Job {
   // every expert (down_task), which reads all the experts' activations in each task (with many
   // tokens per expert more bytes than the weights') and streams six short pieces at decode.
   bool split_down = false;
-  // Prefill jobs, per active expert: down's activations are bf16 or Q8_64, which a gate/up task
-  // writes for its own columns (bf16 is per value, Q8_64 per 64 values: a row's slices at
-  // multiples of 64 prepare alone, write_h_slice), so phase 2 skips them.
-  std::vector<uint8_t> fused_h;
+  // Prefill jobs whose active expert a's down reads bf16 or Q8_64 activations: its gate/up tasks
+  // write them for their own columns (bf16 is per value, Q8_64 per 64 values: a row's slices at
+  // multiples of 64 prepare alone, write_h_slice), so phase 2 skips it.
+  bool fused_h(size_t a) const {
+    return split_down && any_big && (down[a].act == ActKind::BF16 || down[a].act == ActKind::Q8_64);
+  }
 
   int total_workers = 0;
   PaddedCounter workers_left, arrived_all, next_reduce;
@@ -276,20 +279,14 @@ Route route_of(const FormatKernels& f, int count) {
 
 // TANDEM_FLOW=0 puts decode jobs back on the phase barriers (an A/B switch for benchmarks).
 bool flow_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("TANDEM_FLOW");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_switch_on("TANDEM_FLOW");
   return on;
 }
 
 // TANDEM_SPLIT_DOWN=0 puts jobs back on down tasks of rows of H over every expert, with x prepared
 // per position and (prefill) h converted in phase 2: an A/B switch for benchmarks.
 bool split_down_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("TANDEM_SPLIT_DOWN");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_switch_on("TANDEM_SPLIT_DOWN");
   return on;
 }
 
@@ -315,11 +312,15 @@ NextCall first_reads(const Matrix& m, int e, int r0, int nr, const uint8_t* act,
   return NextCall{m.at(e, r0), size_t(groups) * m.group_bytes, act, size_t(std::min(cnt, 32)) * stride};
 }
 
-// Runs tasks 0..n-1 of counter c, holding the task after the running one (claimed ahead) so the
-// running one can prefetch what it reads first: run(task, next task or -1). Prefill phases only:
-// a held task may lengthen the phase's tail by one task.
+// Runs the tasks 0..n-1 that this worker claims from counter c: run(task, next), next being the
+// task claimed ahead of it (`ahead`: so the running one can prefetch what that one reads first;
+// prefill phases only, a held task may lengthen the phase's tail by one) or -1.
 template <class F>
-void claim_ahead(PaddedCounter& c, int n, F&& run) {
+void run_tasks(PaddedCounter& c, int n, bool ahead, F&& run) {
+  if (!ahead) {
+    for (int t; (t = c.v.fetch_add(1, std::memory_order_relaxed)) < n;) run(t, -1);
+    return;
+  }
   int t = c.v.fetch_add(1, std::memory_order_relaxed);
   while (t < n) {
     const int next = c.v.fetch_add(1, std::memory_order_relaxed);
@@ -391,9 +392,6 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   for (size_t a = 0; a < j.active.size(); ++a)
     for (int p = j.active_off[a]; p < j.active_off[a + 1]; ++p) j.pos_active[size_t(p)] = int(a);
   j.split_down = split_down_enabled();
-  j.fused_h.assign(j.active.size(), 0);
-  for (size_t a = 0; j.split_down && j.any_big && a < j.active.size(); ++a)
-    j.fused_h[a] = j.down[a].act == ActKind::BF16 || j.down[a].act == ActKind::Q8_64;
   if (j.split_down) {  // each token's positions, ascending: the experts' order, as down_task sums
     j.tok_off.assign(size_t(j.T) + 1, 0);
     for (int p = 0; p < n_pos; ++p) ++j.tok_off[size_t(j.pos_tok[size_t(p)]) + 1];
@@ -540,25 +538,18 @@ void MoeEngine::run_node(int node, int worker) {
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
-  if (j.any_big && j.split_down)
-    claim_ahead(ns.next_up, ns.n_up, [&](int t, int next) { gate_up_task(node, t, next, scratch); });
-  else
-    for (int t; (t = ns.next_up.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_up;) gate_up_task(node, t, -1, scratch);
+  run_tasks(ns.next_up, ns.n_up, j.any_big && j.split_down, [&](int t, int next) { gate_up_task(node, t, next, scratch); });
   mark(1);
   ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_up.v, ns.n_workers);
   for (int t; (t = ns.next_ph.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;)
-    if (!j.fused_h[size_t(j.pos_active[size_t(t)])]) prep_h_task(node, t);
+    if (!j.fused_h(size_t(j.pos_active[size_t(t)]))) prep_h_task(node, t);
   mark(2);
   ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
   if (j.split_down) {
-    if (j.any_big)
-      claim_ahead(ns.next_down, ns.n_down, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
-    else
-      for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;)
-        down_expert_task(node, t, -1, scratch);
+    run_tasks(ns.next_down, ns.n_down, j.any_big, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
     ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(ns.arrived_down.v, ns.n_workers);
     const int sums = j.T * ((j.H + kSumCols - 1) / kSumCols);  // (token, columns): decode's one token too
@@ -646,7 +637,7 @@ void MoeEngine::gate_up_task(int node, int task, int next, uint8_t* scratch) {
   const int nr = std::min(rb, ns.width - r0);
   const int e = j.active[size_t(a)], off = j.active_off[size_t(a)], cnt = j.active_off[size_t(a) + 1] - off;
   auto* up = reinterpret_cast<float*>(scratch + ns.kernel_scratch + act::f32_bytes(std::max(j.H, ns.width)));
-  const bool fused = j.fused_h[size_t(a)];
+  const bool fused = j.fused_h(size_t(a));
   // h rows: this task's columns of ns.h, or (fused) a scratch block after up's, nr wide
   float* h = fused ? reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(up) + ns.outs)
                    : ns.h + size_t(off) * size_t(ns.width) + size_t(r0);

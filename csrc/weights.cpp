@@ -1,5 +1,7 @@
 #include "weights.h"
 
+#include "env.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -24,10 +26,7 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 
 bool want_huge_pages() {
-  static const bool on = [] {
-    const char* env = std::getenv("TANDEM_HUGEPAGES");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool on = env_switch_on("TANDEM_HUGEPAGES");
   return on;
 }
 

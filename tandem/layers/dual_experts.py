@@ -203,11 +203,11 @@ class DualExperts(nn.Module):
                 # Double buffering: the next run's copies start before this run computes, when both
                 # fit the buffer (batch_bytes counts a run's worth of blocks for it).
                 nxt = runs[i + 1] if i + 1 < len(runs) else None
-                ahead = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
+                early = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
                                              - len(chunk) * self.expert_bytes + len(nxt) * self.expert_bytes
                                              <= self.buffer_bytes)
-                following = self._stage(nxt, x.device) if ahead else None
-                self.prefetched += bool(ahead)
+                following = self._stage(nxt, x.device) if early else None
+                self.prefetched += early
                 in_chunk = (local >= b0) & (local < b0 + len(chunk))
                 part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
                                               *self._decode(len(chunk), staged, x.device, x.dtype),
@@ -217,7 +217,10 @@ class DualExperts(nn.Module):
                 # This run's blocks go back to the compute stream's pool (in its order) before the
                 # next run is staged, so at most two runs of blocks are held at once.
                 staged = None
-                staged, following = (following if ahead else (self._stage(nxt, x.device) if nxt is not None else None)), None
+                if early:
+                    staged, following = following, None
+                elif nxt is not None:
+                    staged = self._stage(nxt, x.device)
         finally:
             if stream is not None and (staged is not None or following is not None):
                 # A run staged but never decoded (an error): its copies may still be writing
@@ -238,9 +241,14 @@ class DualExperts(nn.Module):
             self._ahead = (list(self.next_first[0]), self._stage(self.next_first[0], x.device), x.device)
 
     def drop_ahead(self) -> None:
-        """Let go of blocks staged ahead and not used; the compute stream first waits for their copies
-        (the pool hands their memory out again in that stream's order)."""
+        """Let go of blocks staged ahead and not used (see _let_go)."""
         ahead, self._ahead = self._ahead, None
+        self._let_go(ahead)
+
+    @staticmethod
+    def _let_go(ahead) -> None:
+        """Before a staged run's blocks are dropped, the compute stream waits for their copies (the
+        pool hands their memory out again in that stream's order)."""
         if ahead is not None and ahead[1][1] is not None:
             torch.cuda.current_stream(ahead[2]).wait_event(ahead[1][1])
 
@@ -252,8 +260,7 @@ class DualExperts(nn.Module):
             return None
         run = ahead[0]
         if len(run) > 1 and self.batch_bytes(len(run), max(counts[e] for e in run), x.dtype) > self.buffer_bytes:
-            self._ahead = ahead
-            self.drop_ahead()
+            self._let_go(ahead)
             return None
         return ahead
 
@@ -278,12 +285,12 @@ class DualExperts(nn.Module):
         step, self._step = self._step, None
         if step is None:
             return
-        cpu_measured = step["cpu_measured"]
-        if step.get("call") is not None:
-            launch, done = step["call"].engine_ns
-            cpu_measured = (done - launch) / 1e9 if done > launch >= step["t0"] else None
-        if step.get("call") is not None and step["call"].calls != step.get("calls"):
-            cpu_measured = None  # the call ran again since (a decode graph of this length): not this step's times
+        cpu_measured, call = step["cpu_measured"], step.get("call")
+        if call is not None:
+            launch, done = call.engine_ns
+            # a call that ran again since (a decode graph of this length) holds another job's times
+            fresh = call.calls == step.get("calls") and done > launch >= step["t0"]
+            cpu_measured = (done - launch) / 1e9 if fresh else None
         device_measured = None
         if step["events"] is not None and step.get("recorded") and step["events"][1].query():
             device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3

@@ -22,6 +22,7 @@
 
 #include "../avx512/simd.h"
 #include "amx.h"
+#include "../../env.h"
 
 namespace tandem::amx {
 
@@ -50,15 +51,9 @@ struct alignas(64) TileConfig {
 constexpr int kRowBlock = kBigRowBlock;
 constexpr int kKChunks = 8;
 
-// A row block's weights come from DRAM: read by the tile loads of its first token tile alone,
-// they would stall those loads in one burst while DRAM idles for the rest of the block. Instead
-// each tile step of a block prefetches a share of the next block's weights into L2, so DRAM
-// streams while the tiles run and the next block starts on L2-resident weights. The call's last
-// block prefetches what the caller runs next (MatArgs::next: the next call's first block and
-// first activation rows), so a call does not start cold either.
-// Expanding the next row block of a block-scaled format into the other bf16 panel, a few
-// K-units per tile step of the current block (dequant_tiles): the vector units expand while the
-// tile unit multiplies, instead of one waiting for the other at every block.
+// Expanding the next row block of a block-scaled format into the other bf16 panel, its K-units
+// spread over the tile steps of the current block (dequant_tiles): the vector units expand while
+// the tile unit multiplies, instead of one waiting for the other at every block.
 struct Expand {
   Format fmt = Format::BF16;
   const uint8_t* w = nullptr;  // the block's first group
@@ -67,7 +62,14 @@ struct Expand {
   size_t pg = 0;
   int K = 0, units = 0;        // units per group
   int done = 0, total = 0;
-  int per_step = 0, every = 1, tick = 0;  // per_step units every `every` tile steps, spread over the block
+  int per_step = 0, every = 1, tick = 0;  // see spread
+
+  // The `total` units over `steps` tile steps: per_step at a time, every `every` steps.
+  void spread(long steps) {
+    const long s = steps > 0 ? steps : 1;
+    per_step = int((total + s - 1) / s);
+    every = s > total ? int(s / total) : 1;
+  }
 
   void run(int n) {
     for (const int end = avx512::min_int(total, done + n); done < end; ++done) {
@@ -77,6 +79,12 @@ struct Expand {
   }
 };
 
+// A row block's weights come from DRAM: read by the tile loads of its first token tile alone,
+// they would stall those loads in one burst while DRAM idles for the rest of the block. Instead
+// each tile step of a block prefetches a share of the next block's weights into L2, so DRAM
+// streams while the tiles run and the next block starts on L2-resident weights. The call's last
+// block prefetches what the caller runs next (MatArgs::next: the next call's first block and
+// first activation rows), so a call does not start cold either.
 struct Prefetch {
   const uint8_t* p[2] = {nullptr, nullptr};  // ranges [p, end), prefetched in order
   const uint8_t* end[2] = {nullptr, nullptr};
@@ -98,10 +106,7 @@ struct Prefetch {
 // The weights of the row block after [r0, r0 + kRowBlock) (after the last: m.next), spread over
 // the `steps` tile steps of the current block. TANDEM_AMX_PREFETCH=0 turns it off (for an A/B).
 Prefetch next_block(const MatArgs& m, int r0, long steps) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("TANDEM_AMX_PREFETCH");
-    return v == nullptr || std::string_view(v) != "0";
-  }();
+  static const bool enabled = env_switch_on("TANDEM_AMX_PREFETCH");
   Prefetch f;
   if (!enabled) return f;
   const int next = r0 + kRowBlock;
@@ -419,10 +424,7 @@ void bf16_tiles_body(const MatArgs& m) {
 constexpr int kOverlapMaxK = 3072;  // two panels of 64 rows: <= 768 KB
 
 bool overlap_for(int K) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("TANDEM_AMX_OVERLAP");
-    return v == nullptr || std::string_view(v) != "0";
-  }();
+  static const bool enabled = env_switch_on("TANDEM_AMX_OVERLAP");
   return enabled && K <= kOverlapMaxK;
 }
 
@@ -452,9 +454,7 @@ void dequant_tiles(const MatArgs& m) {
         ex.fmt = F, ex.w = m.w + size_t((r0 + kRowBlock) / 16) * m.group_bytes, ex.gb = m.group_bytes;
         ex.out = panels[(b + 1) & 1], ex.pg = pg, ex.K = m.K, ex.units = dequant_unit_count(m.K);
         ex.total = groups_of(r0 + kRowBlock) * ex.units;
-        const long s1 = steps > 0 ? steps : 1;
-        ex.per_step = int((ex.total + s1 - 1) / s1);
-        ex.every = s1 > ex.total ? int(s1 / ex.total) : 1;  // fewer units than steps: one every few
+        ex.spread(steps);
         pf.expand = &ex;
       }
     } else {

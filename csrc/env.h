@@ -1,0 +1,19 @@
+// Environment switches for A/B measurements (TANDEM_FLOW, TANDEM_SPLIT_DOWN, TANDEM_HUGEPAGES,
+// TANDEM_AMX_PREFETCH, TANDEM_AMX_OVERLAP): on unless set to "0". Read once per call site (keep
+// the result in a function-local static).
+//
+// `static` on purpose: ISA translation units include this header, and a shared inline function
+// compiled with their -m flags could be picked by the linker for baseline code (see act.h).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace tandem {
+
+static inline bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+}  // namespace tandem
