@@ -14,8 +14,9 @@ parameter costs what its target holds:
   everything else                    numel x the model dtype (routers fp32): other GGUF weights
                                      (and tensors a model derives from several, e.g. DeepSeek's
                                      kv_b) are dequantized as they load
-plus the KV cache (sum of the layers' cache row widths x tokens x dtype bytes) and a workspace
-estimate for one step. RAM is also planned at its load-time peak (float experts are held at the
+plus the KV cache (sum of the layers' cache row widths x tokens x dtype bytes), a workspace
+estimate for one step, the CPU engine's buffers for one step (engine_staging_bytes) and, on a GPU
+with dual-path prefill, its buffer and a long step's sums (dual_buffer, dual_step). RAM is also planned at its load-time peak (float experts are held at the
 model dtype before the engine repacks them, and one tensor at a time is read as float32). The
 process itself (torch, CUDA context) is not counted: budgets are measured after it started.
 """
