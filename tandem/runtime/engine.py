@@ -1,10 +1,11 @@
 """The one Engine behind `tandem chat`, `tandem generate`, the Python API and the server.
 
-step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample -> Scheduler.update()
--> per-sequence detokenization, stop checks, finish. Callers add requests and pull StepOutputs.
-A step mixes decodes of running sequences with prompt chunks of new ones (continuous batching);
-only sequences that sampled a token this step produce a StepOutput. A step whose model call or
-sampling raises finishes only the sequences it blames (StepFailed); the rest run on.
+step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample (tokens, and logprobs
+for requests that ask) -> Scheduler.update() -> per-sequence detokenization, stop checks, finish.
+Callers add requests and pull StepOutputs. A step mixes decodes of running sequences with prompt
+chunks of new ones (continuous batching); only sequences that sampled a token this step produce a
+StepOutput. A step whose model call or sampling raises finishes only the sequences it blames
+(StepFailed); the rest run on.
 """
 
 import itertools
@@ -15,8 +16,9 @@ import torch
 
 from tandem.errors import NaNLogits, TandemError
 from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.runner import Runner
-from tandem.runtime.sampling import NAN_LOGITS, SamplingParams, make_generator, sample
+from tandem.runtime.sampling import NAN_LOGITS, Sampled, SamplingParams, make_generator, sample
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
@@ -38,6 +40,7 @@ class StepOutput:
     finish_reason: str | None  # None while running; 'stop' (eos, stop token or string), 'length', or
     # 'error': the model's logits for this sequence were NaN (token is NAN_LOGITS, text empty)
     is_prefill: bool  # the token came out of the step that finished the prompt (the first token)
+    logprobs: TokenLogprobs | None = None  # when the request's params ask (None with reason 'error')
 
 
 class _Detok:
@@ -110,7 +113,7 @@ class Engine:
         first = [not s.output for s in seqs]
         try:
             logits = self.runner.run(batch)
-            tokens = (
+            sampled = (
                 sample(
                     logits,
                     [s.params for s in seqs],
@@ -119,12 +122,12 @@ class Engine:
                     [len(s.prompt) for s in seqs],
                 )
                 if seqs
-                else []
+                else Sampled([], [])
             )
         except Exception as e:  # noqa: BLE001 - handed on in StepFailed
             raise self._fail_step(batch, e) from e
-        self.scheduler.update(batch, tokens)
-        return [self._emit(seq, tok, f) for seq, tok, f in zip(seqs, tokens, first)]
+        self.scheduler.update(batch, sampled.tokens)
+        return [self._emit(*row) for row in zip(seqs, sampled.tokens, first, sampled.logprobs)]
 
     def _fail_step(self, batch: Batch, error: Exception) -> StepFailed:
         """Finish the sequences a failed step blames: those that fed prompt tokens in it (a new
@@ -137,7 +140,7 @@ class Engine:
             self._detok.pop(seq.seq_id, None)
         return StepFailed(error, [s.seq_id for s in blamed])
 
-    def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
+    def _emit(self, seq: Sequence, token: int, is_prefill: bool, logprobs: TokenLogprobs | None) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]
         reason, text = None, ""
         if token == NAN_LOGITS:
@@ -156,7 +159,7 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.seq_id, None)
             self._detok.pop(seq.seq_id, None)
-        return StepOutput(seq.seq_id, token, text, reason, is_prefill)
+        return StepOutput(seq.seq_id, token, text, reason, is_prefill, logprobs)
 
     def score(self, tokens: list[int]) -> torch.Tensor:
         """fp32 logits [len(tokens), V] of one teacher-forced pass (for perplexity); runs alone."""
