@@ -18,9 +18,11 @@ from tandem.errors import TandemError
 from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.tokenizer import check_prompt_chars, check_template_vars
 from tandem.serve.errors import APIError
+from tandem.serve.logprobs import TokenPieces
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
 
@@ -43,6 +45,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked
 
     @property
     def prefill_seconds(self) -> float:
@@ -62,6 +65,9 @@ class Run:
 class Delta:
     content: str = ""
     reasoning: str = ""
+    # Logprobs of the tokens generated since the last delta (when the request asked): a token whose
+    # text is held back (part of a character, a possible stop string) rides on the delta that shows it.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class ServedModel:
@@ -81,6 +87,7 @@ class ServedModel:
         # Split <think> blocks only for tokenizers that know the tag: other models may print it literally.
         self.reasoning = self.tokenizer.token_to_id(OPEN) is not None
         self.created = int(time.time())
+        self.pieces = TokenPieces(self.tokenizer)  # token strings and bytes of logprobs
 
     def check_name(self, requested: str | None) -> None:
         """Clients must ask for this model (Ollama style ':latest' accepted); empty means this one."""
@@ -136,6 +143,7 @@ class ServedModel:
         the engine accepted the request (or TandemError if it refused it; APIError 429 with
         Retry-After when the queue is full), so a route can still answer 4xx before it starts streaming. Closing the iterator early aborts the generation."""
         splitter = ReasoningSplitter(prompt.opens_reasoning) if split_reasoning and self.reasoning else None
+        pending: list[TokenLogprobs] = []  # logprobs not yet handed out in a delta
         try:
             async with self.engine.request(prompt.ids, params) as outputs:
                 yield Delta()
@@ -144,11 +152,17 @@ class ServedModel:
                         run.first_token = time.perf_counter()
                     run.completion_tokens += 1
                     run.finish_reason = out.finish_reason
+                    if out.logprobs is not None and not self._stop_token(out.token, out.finish_reason, params):
+                        run.logprobs.append(out.logprobs)
+                        pending.append(out.logprobs)
                     delta = self._delta(splitter, out.text, final=out.finish_reason is not None)
                     run.content += delta.content
                     run.reasoning += delta.reasoning
                     if delta.content or delta.reasoning:
+                        delta.logprobs, pending = pending, []
                         yield delta
+                if pending:  # tokens whose text never showed (e.g. cut by a stop string)
+                    yield Delta(logprobs=pending)
         except QueueFull as e:  # only request() raises it, before anything was yielded
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         finally:
@@ -156,6 +170,12 @@ class ServedModel:
             if run.first_token is not None:  # rejected requests generated nothing
                 self.metrics.count_generation(run.prompt_tokens, run.completion_tokens, run.finish_reason,
                                               run.decode_tok_s)
+
+    def _stop_token(self, token: int, finish_reason: str | None, params: SamplingParams) -> bool:
+        """The token that ended the generation as eos or a stop token id: it is not part of the
+        answer's text, so the API reports no logprobs for it (as OpenAI shows no end token)."""
+        return finish_reason == "stop" and not params.ignore_eos and (
+            token in self.tokenizer.eos_ids or token in params.stop_token_ids)
 
     @staticmethod
     def _delta(splitter: ReasoningSplitter | None, text: str, final: bool) -> Delta:
