@@ -63,6 +63,7 @@ class Message(_Body):
     content: StrictStr = ""
     thinking: StrictStr | None = None
     images: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered by the template
 
 
 class _Request(_Body):
@@ -123,6 +124,7 @@ def ollama_router(model: ServedModel) -> APIRouter:
         info = {"general.architecture": model.hf_config.get("model_type", "unknown"),
                 "general.context_length": model.max_context}
         capabilities = ["completion"] + (["thinking"] if model.reasoning else [])
+        capabilities += ["tools"] if model.tool_syntax else []
         return {"license": "", "modelfile": f"# served by tandem from {model.model_dir}\n", "parameters": "",
                 "template": model.tokenizer.chat_template or "", "details": _details(model), "model_info": info,
                 "capabilities": capabilities, "modified_at": _timestamp(model.created)}
@@ -131,13 +133,12 @@ def ollama_router(model: ServedModel) -> APIRouter:
     async def chat(request: Request):
         body = await parse_body(request, ChatBody)
         body.check_supported(body.messages)
-        if body.tools:
-            raise APIError(400, "tool calling is not supported yet: leave out `tools`")
         model.check_name(body.model)
         if not body.messages:  # Ollama answers an empty chat by loading the model
             return _loaded(model, {"message": {"role": "assistant", "content": ""}})
         messages = [m.model_dump(exclude_none=True, exclude={"images"}) for m in body.messages]
-        return await _respond(request, model, body, await model.chat_prompt_async(messages), chat=True)
+        prompt = await model.chat_prompt_async(messages, tools=body.tools)
+        return await _respond(request, model, body, prompt, chat=True)
 
     @router.post("/api/generate")
     async def generate(request: Request):
@@ -167,7 +168,8 @@ async def _respond(request: Request, model: ServedModel, body: _Request, prompt:
         return AbortingStream(_lines(model, run, deltas, chat), media_type="application/x-ndjson")
 
     await drain(request, deltas)
-    return JSONResponse(_final(model, run, _piece(Delta(run.content, run.reasoning), chat)))
+    reply = Delta(run.content, run.reasoning, tool_calls=run.tool_calls)
+    return JSONResponse(_final(model, run, _piece(reply, chat)))
 
 
 def _piece(delta: Delta, chat: bool) -> dict:
@@ -175,6 +177,8 @@ def _piece(delta: Delta, chat: bool) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": delta.content}
         if delta.reasoning:
             message["thinking"] = delta.reasoning
+        if delta.tool_calls:
+            message["tool_calls"] = [call.ollama() for call in delta.tool_calls]
         return {"message": message}
     out: dict[str, Any] = {"response": delta.content}
     if delta.reasoning:

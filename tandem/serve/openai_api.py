@@ -3,7 +3,9 @@
 Streaming answers are server-sent events (`data: {chunk}` ... `data: [DONE]`); the first chunk
 carries the assistant role, the last one the finish reason, then (with
 `stream_options.include_usage`) one chunk with `usage` and no choices. DeepSeek-R1 style
-`<think>` text comes back as `reasoning_content`, beside `content`. Besides the standard `usage`,
+`<think>` text comes back as `reasoning_content`, beside `content`. With `tools`, the model's calls
+come back as `tool_calls` (serve/tool_calls.py; streamed whole, one delta per call) and the finish
+reason `tool_calls`. Besides the standard `usage`,
 a top-level `timings` object (llama.cpp's names) rides on the full response and on the last chunk.
 With `logprobs` (serve/logprobs.py), each chunk's choice carries the logprobs of the tokens its
 text came from; they cover every generated token (in chat, `<think>` text included) but the eos /
@@ -71,7 +73,7 @@ def openai_router(model: ServedModel) -> APIRouter:
         body.check_supported()
         model.check_name(body.model)
         messages = [m.for_template() for m in body.messages]
-        prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs)
+        prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs, body.offered_tools)
         return await _complete(request, model, body, prompt, body.token_limit, chat=True)
 
     @router.post("/v1/completions")
@@ -103,12 +105,14 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
     await drain(request, deltas)
     lp = logprobs(run.logprobs) if logprobs is not None else None
     if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": run.content}
+        message: dict[str, Any] = {"role": "assistant", "content": run.answer}
         if model.reasoning:
             message["reasoning_content"] = run.reasoning or None
-        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": run.finish_reason}
+        if run.tool_calls:
+            message["tool_calls"] = [call.openai() for call in run.tool_calls]
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": run.openai_finish_reason}
     else:
-        choice = {"index": 0, "text": run.content, "logprobs": lp, "finish_reason": run.finish_reason}
+        choice = {"index": 0, "text": run.content, "logprobs": lp, "finish_reason": run.openai_finish_reason}
     return JSONResponse({**head, "choices": [choice], "usage": usage(run), "timings": timings(run)})
 
 
@@ -132,6 +136,8 @@ def _chat_chunks(head: dict, delta: Delta | None, finish: str | None, logprobs: 
             fields["reasoning_content"] = delta.reasoning
         if delta.content:
             fields["content"] = delta.content
+        if delta.tool_calls:
+            fields["tool_calls"] = [call.openai(delta.tool_index + i) for i, call in enumerate(delta.tool_calls)]
     choice = {"index": 0, "delta": fields, "logprobs": logprobs, "finish_reason": finish}
     return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
@@ -152,7 +158,7 @@ async def _events(head: dict, run: Run, deltas: AsyncIterator[Delta], chunk: Chu
             lp = logprobs(delta.logprobs) if logprobs is not None else None
             yield sse({**chunk(head, delta, None, lp), **extra})
         # The generation is over: the last chunk before [DONE] carries the timings (as in llama.cpp).
-        final = {**chunk(head, Delta(), run.finish_reason, None), **extra}
+        final = {**chunk(head, Delta(), run.openai_finish_reason, None), **extra}
         if include_usage:
             yield sse(final)
             final = {**chunk(head, Delta(), None, None), "choices": [], "usage": usage(run)}

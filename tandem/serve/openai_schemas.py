@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI API, as pydantic models.
 
 Unknown fields are allowed (clients send `user`, `metadata`, ...); fields we cannot honour
-(n > 1, tools, images, echo / prompt logprobs) are refused with a 400 that says so, never silently
-ignored. Range checks of sampling values live in SamplingParams, so every front end agrees; the
-logprobs counts are checked here too, against each API's own limit (chat 20, completions 5).
+(n > 1, forced tool choices, images, echo / prompt logprobs) are refused with a 400 that says so,
+never silently ignored. Range checks of sampling values live in SamplingParams, so every front end
+agrees; the logprobs counts are checked here too, against each API's own limit (chat 20,
+completions 5).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class ChatMessage(_Body):
     content: StrictStr | list[TextPart] | None = None
     reasoning_content: StrictStr | None = None
     name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered by the template
+    tool_call_id: StrictStr | None = None  # a tool turn: the call it answers
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: string content, 'developer' read as 'system'."""
@@ -128,10 +131,20 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true: set it, or leave out top_logprobs",
                            param="top_logprobs")
-        if self.tools and self.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported yet: leave out `tools`", param="tools")
+        if self.tools is not None and not isinstance(self.tools, list):
+            raise APIError(400, "`tools` must be a list of function tools", param="tools")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, f"tool_choice {self.tool_choice!r} is not supported: forcing a call needs constrained "
+                           "decoding, which tandem does not do; use 'auto' (the model decides) or 'none'",
+                           param="tool_choice")
         if self.functions:
-            raise APIError(400, "function calling is not supported yet: leave out `functions`", param="functions")
+            raise APIError(400, "`functions` (deprecated by OpenAI) is not supported: send them as `tools`",
+                           param="functions")
+
+    @property
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template renders and the reply is parsed for: none with tool_choice 'none'."""
+        return self.tools if self.tools and self.tool_choice != "none" else None
 
     @property
     def logprobs_count(self) -> int | None:

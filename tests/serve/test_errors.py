@@ -71,7 +71,7 @@ def assert_openai_error(r: httpx.Response, status: int, message: str, param: str
     ("/v1/chat/completions", with_(response_format={"type": "json_object"}), 400, "response_format", "response_format"),
     ("/v1/chat/completions", with_(logit_bias={"1": 5}), 400, "logit_bias", "logit_bias"),
     ("/v1/chat/completions", with_(top_logprobs=5), 400, "top_logprobs", "top_logprobs"),
-    ("/v1/chat/completions", with_(functions=[{"name": "f"}]), 400, "function calling", "functions"),
+    ("/v1/chat/completions", with_(functions=[{"name": "f"}]), 400, "as `tools`", "functions"),
     ("/v1/chat/completions", with_(stream_options={"include_usage": True}), 400, "stream: true", "stream_options"),
     ("/v1/chat/completions", with_(max_tokens=True), 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
