@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from tandem.errors import TandemError
+from tandem.runtime.grammar import apply_masks, check_grammar
 from tandem.runtime.logprobs import MAX_LOGPROBS, LogprobsPlan, TokenLogprobs
 
 
@@ -55,6 +56,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+    grammar: str | None = None  # structured output: llguidance grammar text (runtime/grammar.py's json_grammar)
 
     def __post_init__(self) -> None:
         # Accept a single stop string or lists (as JSON requests carry them); store tuples.
@@ -97,6 +99,9 @@ class SamplingParams:
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  f"logprobs={self.logprobs!r} is out of range: use an integer in [0, {MAX_LOGPROBS}] (the number of "
                  "most likely alternatives to report beside the chosen token) or leave it unset.")
+        if self.grammar is not None:
+            _require(isinstance(self.grammar, str), f"grammar={self.grammar!r} is invalid: use grammar text.")
+            check_grammar(self.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -162,6 +167,7 @@ def sample(
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
     prompt_lens: Sequence[int] | None = None,
+    masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> Sampled:
     """Pick one token per row of `logits` [B, V]; NAN_LOGITS for a row holding NaN (the model's
     output is broken: bad weights, or activations that overflowed into NaN), so its request can fail alone.
@@ -170,6 +176,8 @@ def sample(
     histories[i]: request i's prompt + generated token ids. The repetition penalty looks at all
     of them; presence and frequency penalties only at the generated ones, `histories[i][prompt_lens[i]:]`
     (the whole history when prompt_lens is None). generators[i] must live on logits' device.
+    masks: (rows, bitmask) of structured output (runtime/grammar.py): those rows may only pick the
+    tokens their bitmask row allows; applied first, to a copy (logprobs stay the raw model's).
     """
     batch, vocab = logits.shape
     if not len(params) == len(generators) == len(histories) == batch:
@@ -179,6 +187,9 @@ def sample(
         raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
 
     logits = raw = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
+    if masks is not None and masks[0]:
+        logits = logits.clone()
+        apply_masks(logits, *masks)
     rows, changed = [], False
     for i, p in enumerate(params):
         row = view = logits[i]

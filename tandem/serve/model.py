@@ -156,6 +156,10 @@ class ServedModel:
         """
         if max_tokens is None:
             max_tokens = max(1, self.max_context - len(prompt.ids))
+        if fields.get("grammar") is not None and prompt.opens_reasoning:
+            # The output would have to close the <think> block the prompt opened before any JSON.
+            raise APIError(400, "structured output (response_format / format) is not supported with this chat "
+                           "template: its prompt opens a <think> block the answer must close first")
         return self._make_params(max_new_tokens=max_tokens, **fields)
 
     # --- generation ---------------------------------------------------------------------------

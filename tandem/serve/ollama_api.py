@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
 from tandem.errors import TandemError
+from tandem.runtime.grammar import json_grammar
 from tandem.serve.errors import APIError, internal_error
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
 from tandem.serve.transport import AbortingStream, accepted, drain, ndjson, parse_body
@@ -74,10 +75,20 @@ class _Request(_Body):
     images: list[Any] | None = None
 
     def check_supported(self, messages: list[Message] = ()) -> None:
-        if self.format:
-            raise APIError(400, "format (structured output) is not supported yet")
         if self.images or any(m.images for m in messages):
             raise APIError(400, "images are not supported: this server takes text only")
+
+
+    def grammar(self) -> str | None:
+        """Structured output (runtime/grammar.py): `format` "json" (any JSON object) or a JSON schema."""
+        if self.format is None or self.format == "":
+            return None
+        if self.format != "json" and not isinstance(self.format, dict):
+            raise APIError(400, 'format must be "json" or a JSON schema object')
+        try:
+            return json_grammar(self.format if isinstance(self.format, dict) else None)
+        except TandemError as e:
+            raise APIError(400, str(e)) from None
 
 
 class ChatBody(_Request):
@@ -160,7 +171,7 @@ def ollama_router(model: ServedModel) -> APIRouter:
 
 
 async def _respond(request: Request, model: ServedModel, body: _Request, prompt: Prompt, chat: bool):
-    params = model.params(prompt, body.options.token_limit(), **body.options.sampling())
+    params = model.params(prompt, body.options.token_limit(), grammar=body.grammar(), **body.options.sampling())
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run)
     await accepted(deltas)

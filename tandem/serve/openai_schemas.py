@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from tandem.errors import TandemError
+from tandem.runtime.grammar import json_grammar
 from tandem.runtime.logprobs import MAX_LOGPROBS
 from tandem.serve.errors import APIError
 
@@ -88,10 +90,6 @@ class _Sampling(_Body):
             raise APIError(400, "logit_bias is not supported yet: leave it out", param="logit_bias")
         if self.best_of is not None and self.best_of != 1:
             raise APIError(400, "best_of > 1 is not supported: send one request per candidate", param="best_of")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported: this "
-                           "server does not constrain output to JSON; leave it out or use type 'text'",
-                           param="response_format")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
@@ -101,7 +99,25 @@ class _Sampling(_Body):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, stop=tuple(stop) if stop else None,
-                    ignore_eos=self.ignore_eos, logprobs=self.logprobs_count)
+                    ignore_eos=self.ignore_eos, logprobs=self.logprobs_count, grammar=self.output_grammar())
+
+    def output_grammar(self) -> str | None:
+        """Structured output (runtime/grammar.py) for response_format json_object / json_schema."""
+        fmt = self.response_format
+        kind = fmt.get("type", "text") if fmt else "text"
+        if kind == "text":
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r} is not supported: use 'text', 'json_object' or "
+                           "'json_schema'", param="response_format")
+        spec = fmt.get("json_schema") if kind == "json_schema" else {"schema": None}
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, type(None))):
+            raise APIError(400, "response_format json_schema must be {'name': ..., 'schema': {...}}",
+                           param="response_format")
+        try:
+            return json_grammar(spec.get("schema", {}) if kind == "json_schema" else None)
+        except TandemError as e:
+            raise APIError(400, str(e), param="response_format") from None
 
     @property
     def logprobs_count(self) -> int | None:
