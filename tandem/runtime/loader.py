@@ -14,6 +14,7 @@ read (`bind_gpu_blocks`: they keep the file's blocks on the GPU).
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from tandem.weights.checkpoint import Checkpoint
 from tandem.weights.derived import DerivedCheckpoint
 from tandem.weights.gguf import GGUFCheckpoint
 from tandem.weights.loader import load_state
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # general.sampling.* (newer llama.cpp converters) -> SamplingParams fields
@@ -181,19 +184,21 @@ class ModelFiles:
     def generation_defaults(self) -> dict:
         if self.hf_dir is not None:
             return load_generation_defaults(self.hf_dir)
-        meta = self.gguf.metadata
         defaults = {}
         for key, field in GGUF_SAMPLING.items():
-            if (value := meta.get(f"general.sampling.{key}")) is None:
+            if (value := self.gguf.metadata.get(f"general.sampling.{key}")) is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or (field == "top_k") != isinstance(value, int):
-                raise TandemError(f"{self.path}: general.sampling.{key} is {value!r}, not "
-                                  f"{'an integer' if field == 'top_k' else 'a number'}: the file's metadata is wrong")
-            defaults[field] = f32_decimal(value) if isinstance(value, float) else value
-        try:
-            SamplingParams(**defaults)
-        except TandemError as e:
-            raise TandemError(f"{self.path}: general.sampling.*: {e}") from None
+            if isinstance(value, float):
+                value = f32_decimal(value)
+            try:
+                SamplingParams(**{field: value})  # each value alone: a bad one leaves the others in use
+            except TandemError as e:
+                # A recommendation only: the model runs without it, so warn instead of refusing the file
+                # (or letting it fail every request).
+                log.warning("%s: general.sampling.%s = %r is not a valid %s (%s); ignored: tandem's default is "
+                            "used", self.path, key, value, field, e)
+                continue
+            defaults[field] = value
         return defaults
 
     @property
