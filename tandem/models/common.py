@@ -81,6 +81,23 @@ def check_fields(cfg) -> None:
             raise TandemError(f"config field {f.name} = {value!r} must be true or false")
 
 
+def hf_field(hf: dict, name: str, kind: type, default=None):
+    """config.json's `name` (`default` when absent or null), checked before a parser computes with
+    it: an int as check_fields checks one, a bool true or false, a list (returned as a tuple)."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if kind is int:
+        return check_int(name, value)
+    if kind is bool and not isinstance(value, bool):
+        raise TandemError(f"config field {name} = {value!r} must be true or false")
+    if kind is tuple:
+        if not isinstance(value, list):
+            raise TandemError(f"config field {name} = {value!r} must be a list")
+        return tuple(value)
+    return value
+
+
 def rope_scaling_items(hf: dict) -> tuple:
     """HF configs carry rope scaling as `rope_scaling` (hub) or `rope_parameters` (transformers 5)."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}

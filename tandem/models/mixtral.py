@@ -24,6 +24,7 @@ from tandem.models.common import (
     Renamer,
     config_from_dict,
     decoder_rules,
+    hf_field,
     rope_scaling_items,
     rope_theta,
 )
@@ -63,14 +64,14 @@ class MixtralConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "MixtralConfig":
-        heads = hf.get("num_attention_heads")
-        if not heads or not hf.get("hidden_size"):
+        heads, hidden = hf_field(hf, "num_attention_heads", int), hf_field(hf, "hidden_size", int)
+        if not heads or not hidden:
             raise TandemError("config.json lacks hidden_size or num_attention_heads for MixtralConfig")
         return config_from_dict(
             cls,
             hf,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_key_value_heads=hf_field(hf, "num_key_value_heads", int, heads),
+            head_dim=hf_field(hf, "head_dim", int, hidden // heads),
             rope_scaling=rope_scaling_items(hf),
             rope_theta=rope_theta(hf, default=1e6),
         )

@@ -24,6 +24,7 @@ from tandem.models.common import (
     Renamer,
     config_from_dict,
     decoder_rules,
+    hf_field,
     rope_scaling_items,
     rope_theta,
 )
@@ -74,28 +75,37 @@ class QwenMoeConfig:
             raise TandemError(f"decoder_sparse_step must be at least 1, got {self.decoder_sparse_step}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise TandemError(f"layer_types lists {len(self.layer_types)} layers, num_hidden_layers is {self.num_hidden_layers}")
+        if unknown := [t for t in self.layer_types if t not in ("full_attention", "sliding_attention")]:
+            raise TandemError(f"layer_types holds {unknown[0]!r}: each layer is 'full_attention' or "
+                              "'sliding_attention'")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.mlp_only_layers):
+            raise TandemError(f"mlp_only_layers = {list(self.mlp_only_layers)!r} must list layer numbers "
+                              "(integers >= 0)")
         if self.use_sliding_window and not self.sliding_window:
             raise TandemError("use_sliding_window is set but sliding_window is not: give the window in tokens")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "QwenMoeConfig":
         qwen3 = hf.get("model_type") == "qwen3_moe" or "Qwen3MoeForCausalLM" in (hf.get("architectures") or [])
-        heads, layers = hf.get("num_attention_heads"), hf.get("num_hidden_layers")
-        if not heads or not layers or not hf.get("hidden_size"):
+        # What is computed with below is checked first: per-layer tuples are built from the layer count.
+        heads, layers, hidden = (hf_field(hf, k, int)
+                                 for k in ("num_attention_heads", "num_hidden_layers", "hidden_size"))
+        if not heads or not layers or not hidden:
             raise TandemError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers for QwenMoeConfig")
         if qwen3:
             # Qwen3-MoE windows every layer when use_sliding_window is set; no bias but attention_bias.
-            bias = bool(hf.get("attention_bias"))
+            bias = hf_field(hf, "attention_bias", bool, False)
             overrides = dict(qkv_bias=bias, o_bias=bias, qk_norm=True, layer_types=("sliding_attention",) * layers)
         else:
             # transformers 5's default for Qwen2-MoE: even layers below max_window_layers slide.
-            window_layers = hf.get("max_window_layers", 28)
+            window_layers = hf_field(hf, "max_window_layers", int, 28)
             default = tuple("sliding_attention" if i % 2 == 0 and i < window_layers else "full_attention" for i in range(layers))
-            overrides = dict(qkv_bias=hf.get("qkv_bias", True), layer_types=tuple(hf.get("layer_types") or default))
+            layer_types = hf_field(hf, "layer_types", tuple) or default
+            overrides = dict(qkv_bias=hf.get("qkv_bias", True), layer_types=layer_types)
         overrides.update(
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+            num_key_value_heads=hf_field(hf, "num_key_value_heads", int, heads),
+            head_dim=hf_field(hf, "head_dim", int, hidden // heads),
+            mlp_only_layers=hf_field(hf, "mlp_only_layers", tuple, ()),
             rope_scaling=rope_scaling_items(hf),
             rope_theta=rope_theta(hf),
         )

@@ -23,7 +23,6 @@ import torch
 
 from tandem.errors import TandemError
 from tandem.layers.rope import RopeConfig, rope_frequencies
-from tandem.models.common import check_int
 from tandem.models.gguf_meta import f32_decimal
 from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
@@ -119,9 +118,6 @@ class ModelFiles:
             raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
         where = "config.json" if self.hf is not None else "the GGUF metadata"
         try:
-            if self.hf is not None and self.hf.get("num_hidden_layers") is not None:
-                # Some configs build per-layer tuples while parsing: refuse a corrupt count first.
-                check_int("num_hidden_layers", self.hf["num_hidden_layers"])
             if self.hf is not None:
                 cfg = cls.config_class.from_hf(self.hf)
             else:
