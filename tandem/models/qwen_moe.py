@@ -30,7 +30,6 @@ from tandem.models.common import (
 )
 from tandem.models.gguf_meta import (
     GGUFKeys,
-    f32_decimal,
     gguf_decoder_rules,
     gguf_ffn_rules,
     gguf_gqa_rules,
@@ -117,36 +116,37 @@ class QwenMoeConfig:
         llama.cpp takes biases, q/k norms, the shared expert and which layers are MoE from the tensors
         (no sliding window: llama.cpp applies none to these architectures)."""
         g, names = GGUFKeys(metadata), set(tensor_names)
-        layers, heads, hidden = int(g["block_count"]), int(g["attention.head_count"]), int(g["embedding_length"])
+        layers, heads = g.integer("block_count"), g.integer("attention.head_count")
+        hidden = g.integer("embedding_length")
         shared = any(n.endswith("ffn_gate_inp_shexp.weight") for n in names)
         values = dict(
             vocab_size=g.vocab_size(),
             hidden_size=hidden,
-            intermediate_size=int(g.get("feed_forward_length", 0)),
-            moe_intermediate_size=int(g["expert_feed_forward_length"]),
+            intermediate_size=g.integer("feed_forward_length", 0),
+            moe_intermediate_size=g.integer("expert_feed_forward_length"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(g.get("attention.head_count_kv", heads)),
-            head_dim=int(g.get("attention.key_length", hidden // heads)),
-            num_experts=int(g["expert_count"]),
-            num_experts_per_tok=int(g["expert_used_count"]),
-            shared_expert_intermediate_size=int(g["expert_shared_feed_forward_length"]) if shared else 0,
+            num_key_value_heads=g.integer("attention.head_count_kv", heads),
+            head_dim=g.integer("attention.key_length", hidden // heads),
+            num_experts=g.integer("expert_count"),
+            num_experts_per_tok=g.integer("expert_used_count"),
+            shared_expert_intermediate_size=g.integer("expert_shared_feed_forward_length") if shared else 0,
             # llama.cpp renormalizes the top-k weights for Qwen3-MoE and not for Qwen2-MoE
-            norm_topk_prob=bool(g.get("expert_weights_norm", g.arch == "qwen3moe")),
+            norm_topk_prob=g.flag("expert_weights_norm", g.arch == "qwen3moe"),
             mlp_only_layers=tuple(i for i in range(layers) if names and f"blk.{i}.ffn_gate_inp.weight" not in names),
             qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names,
             qk_norm="blk.0.attn_q_norm.weight" in names,
             layer_types=("full_attention",) * layers,
-            rms_norm_eps=f32_decimal(g.get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=f32_decimal(g.get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(g.get("context_length", 32768)),
+            rms_norm_eps=g.number("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=g.number("rope.freq_base", 10000.0),
+            max_position_embeddings=g.integer("context_length", 32768),
             tie_word_embeddings=tied_embeddings(names),
         )
         if g.get("rope.scaling.type", "none") == "yarn":
             values["rope_scaling"] = (
-                ("factor", f32_decimal(g["rope.scaling.factor"])),
-                ("original_max_position_embeddings", int(g["rope.scaling.original_context_length"])),
+                ("factor", g.number("rope.scaling.factor")),
+                ("original_max_position_embeddings", g.integer("rope.scaling.original_context_length")),
                 ("rope_type", "yarn"),
             )
         elif g.get("rope.scaling.type", "none") != "none":

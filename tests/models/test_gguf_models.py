@@ -323,6 +323,20 @@ def test_a_gguf_with_a_bad_sampling_default_still_generates(tmp_path, caplog):
     assert len(llm.generate("hello", max_new_tokens=2, ignore_eos=True).token_ids) == 2
 
 
+@pytest.mark.parametrize("key, value, kind", [
+    ("qwen2moe.block_count", "2", "an integer"), ("qwen2moe.block_count", True, "an integer"),
+    ("qwen2moe.expert_count", 8.5, "an integer"), ("qwen2moe.rope.freq_base", "8", "a number"),
+    ("qwen2moe.expert_weights_norm", "false", "true or false"),
+])
+def test_gguf_config_keys_of_the_wrong_type_are_named(tmp_path, key, value, kind):
+    """Fuzzing: int() and bool() took a string "2", True and 8.5 as sizes (8.5 experts became 8) and
+    "false" as true; a float key given as a string failed with an unrelated TypeError."""
+    _, path = write_tiny_gguf(tmp_path, "qwen2_moe", "F32", metadata={key: value})
+    with open_model_files(path) as files, pytest.raises(TandemError, match=rf"{path}: the GGUF metadata: "
+                                                                           rf"{key} = .* should be {kind}"):
+        files.config()
+
+
 def test_gguf_name_rules_for_old_layouts():
     from tandem.models.common import Renamer
     from tandem.models.gguf_meta import gguf_ffn_rules
