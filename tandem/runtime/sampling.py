@@ -16,6 +16,7 @@ else shares its batch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 from tandem.errors import TandemError
 from tandem.runtime.grammar import apply_masks, check_grammar
 from tandem.runtime.logprobs import MAX_LOGPROBS, LogprobsPlan, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 
 # Temperatures below this sample greedily (as vLLM): dividing logits by less overflows float32
@@ -109,7 +112,8 @@ class SamplingParams:
 
 
 def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """SamplingParams fields recommended by the model's generation_config.json ({} if absent).
+    """SamplingParams fields recommended by the model's generation_config.json ({} if absent);
+    an invalid value is left out with a warning naming the file (a broken file is an error).
 
     Reads temperature, top_p, top_k and repetition_penalty. An explicit `do_sample: false`
     means greedy (temperature 0). When do_sample is absent we still take the temperature,
@@ -133,10 +137,13 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
             defaults[name] = kind(value)
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
-    try:
-        SamplingParams(**defaults)
-    except TandemError as e:
-        raise TandemError(f"{path}: {e}") from None
+    for name, value in list(defaults.items()):
+        try:
+            SamplingParams(**{name: value})  # each value alone: a bad one leaves the others in use
+        except TandemError as e:
+            # A recommendation only: the model runs without it, so warn instead of refusing the model.
+            log.warning("%s: %s = %r is invalid (%s); ignored: tandem's default is used", path, name, value, e)
+            del defaults[name]
     return defaults
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -185,7 +186,7 @@ def test_params_accept_lists_and_a_single_stop_string():
     assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
 
 
-def test_load_generation_defaults(tmp_path):
+def test_load_generation_defaults(tmp_path, caplog):
     assert load_generation_defaults(tmp_path) == {}
     path = tmp_path / "generation_config.json"
     path.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
@@ -195,9 +196,10 @@ def test_load_generation_defaults(tmp_path):
     path.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "top_p": 0.95}))
     assert load_generation_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.95}
     SamplingParams(**load_generation_defaults(tmp_path))
-    path.write_text(json.dumps({"top_p": 1.5}))
-    with pytest.raises(TandemError, match="generation_config.json.*top_p"):
-        load_generation_defaults(tmp_path)
+    path.write_text(json.dumps({"top_p": 1.5, "temperature": 0.7}))  # one bad value: left out, named
+    with caplog.at_level(logging.WARNING, logger="tandem.runtime.sampling"):
+        assert load_generation_defaults(tmp_path) == {"temperature": 0.7}
+    assert "generation_config.json" in caplog.text and "top_p = 1.5" in caplog.text
     path.write_text("{oops")
     with pytest.raises(TandemError, match="generation_config.json"):
         load_generation_defaults(tmp_path)
