@@ -14,6 +14,7 @@ from tandem.runtime.logprobs import MAX_LOGPROBS
 from tandem.runtime.sampling import NAN_LOGITS, SamplingParams, make_generator, sample
 from tandem.testing.tiny import write_tiny
 from tests.conftest import Stepper
+from tests.runtime.test_sampling import _one_thread  # noqa: F401 - the same autouse fixture: one torch thread
 
 # Device -> host transfers a function can cause (each one waits for the GPU on a real machine).
 HOST_SYNCS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
@@ -33,14 +34,6 @@ class _Calls(TorchFunctionMode):
     @property
     def syncs(self) -> list[str]:
         return [n for n in self.names if n in HOST_SYNCS]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(rows: int = 6, vocab: int = 97, seed: int = 0) -> torch.Tensor:
