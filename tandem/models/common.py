@@ -38,12 +38,32 @@ POSITIVE_FIELDS = frozenset({
     "v_head_dim", "n_routed_experts", "num_local_experts", "num_experts", "num_experts_per_tok", "n_group",
     "topk_group", "moe_layer_freq", "decoder_sparse_step", "q_lora_rank", "sliding_window",
 })
+# Ints above these are corrupt configs (the largest real models: vocab ~2**18, hidden ~2**14, ~2**7
+# layers, ~2**9 experts): building a model from one allocates or loops for hours before any weight is read.
+MAX_CONFIG_SIZE = 2**20
+MAX_CONFIG_LAYERS = 2**12  # fields named *_layers
+UNBOUNDED_FIELDS = frozenset({"max_position_embeddings", "sliding_window"})  # they size no tensor
+
+
+def check_int(name: str, value) -> int:
+    """An int config value (not a bool, float or string) in its field's range (see check_fields)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TandemError(f"config field {name} = {value!r} must be an integer")
+    low = 2 if name == "max_position_embeddings" else 1 if name in POSITIVE_FIELDS else 0
+    if value < low:
+        raise TandemError(f"config field {name} = {value} is out of range: it must be >= {low}")
+    high = None if name in UNBOUNDED_FIELDS else MAX_CONFIG_LAYERS if name.endswith("_layers") else MAX_CONFIG_SIZE
+    if high is not None and value > high:
+        raise TandemError(f"config field {name} = {value} is larger than any model has (at most {high}): "
+                          "the config is corrupt")
+    return value
 
 
 def check_fields(cfg) -> None:
-    """Types and ranges of a config dataclass's numbers, whatever file they came from: ints are
+    """Types and ranges of a config dataclass's values, whatever file they came from: ints are
     ints (not bools, floats or strings), sizes and counts >= 1, other ints >= 0, max_position_embeddings
-    >= 2, floats finite, rms_norm_eps and rope_theta > 0. A TandemError names the field."""
+    >= 2, none above what any model has (MAX_CONFIG_SIZE, MAX_CONFIG_LAYERS), floats finite numbers,
+    rms_norm_eps and rope_theta > 0, flags true or false. A TandemError names the field."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         # f.type: a type (int, float, ...), a union (int | None) or, under postponed annotations, a string
@@ -51,16 +71,31 @@ def check_fields(cfg) -> None:
         if value is None and "None" in kind:
             continue
         if kind.startswith("int"):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TandemError(f"config field {f.name} = {value!r} must be an integer")
-            low = 2 if f.name == "max_position_embeddings" else 1 if f.name in POSITIVE_FIELDS else 0
-            if value < low:
-                raise TandemError(f"config field {f.name} = {value} is out of range: it must be >= {low}")
+            check_int(f.name, value)
         elif kind.startswith("float"):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise TandemError(f"config field {f.name} = {value!r} must be a finite number")
             if f.name in ("rms_norm_eps", "rope_theta") and value <= 0:
                 raise TandemError(f"config field {f.name} = {value} is out of range: it must be > 0")
+        elif kind == "bool" and not isinstance(value, bool):  # a string "false" would be true
+            raise TandemError(f"config field {f.name} = {value!r} must be true or false")
+
+
+def hf_field(hf: dict, name: str, kind: type, default=None):
+    """config.json's `name` (`default` when absent or null), checked before a parser computes with
+    it: an int as check_fields checks one, a bool true or false, a list (returned as a tuple)."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if kind is int:
+        return check_int(name, value)
+    if kind is bool and not isinstance(value, bool):
+        raise TandemError(f"config field {name} = {value!r} must be true or false")
+    if kind is tuple:
+        if not isinstance(value, list):
+            raise TandemError(f"config field {name} = {value!r} must be a list")
+        return tuple(value)
+    return value
 
 
 def rope_scaling_items(hf: dict) -> tuple:
@@ -70,7 +105,14 @@ def rope_scaling_items(hf: dict) -> tuple:
 
 
 def rope_theta(hf: dict, default: float = 10000.0) -> float:
-    return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
+    """rope_theta (or transformers 5's rope_parameters.rope_theta); a number becomes a float, anything
+    else (e.g. a string "8") stays as it is, for check_fields to refuse."""
+    value = hf.get("rope_theta")
+    if value is None:
+        value = (hf.get("rope_parameters") or {}).get("rope_theta")
+    if value is None:
+        return default
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 class ModelConfig(Protocol):

@@ -30,7 +30,6 @@ from tandem.models.common import (
 from tandem.models.gguf_meta import (
     GGUF_BLOCK,
     GGUFKeys,
-    f32_decimal,
     gguf_decoder_rules,
     gguf_ffn_rules,
     tied_embeddings,
@@ -92,48 +91,48 @@ class DeepseekConfig:
     def from_gguf(cls, metadata: dict, tensor_names: Collection[str] = ()) -> "DeepseekConfig":
         """From the `deepseek2.*` keys llama.cpp's convert_hf_to_gguf.py writes (old and new layouts)."""
         g = GGUFKeys(metadata)
-        rope_dim = int(g["rope.dimension_count"])
+        rope_dim = g.integer("rope.dimension_count")
         if "attention.key_length_mla" in g:
             # Newer converters describe MLA as MQA (key_length = kv_lora_rank + rope dim) and keep
             # the per-head sizes in the *_mla keys.
-            qk_head, v_head = int(g["attention.key_length_mla"]), int(g["attention.value_length_mla"])
+            qk_head, v_head = g.integer("attention.key_length_mla"), g.integer("attention.value_length_mla")
         else:
-            qk_head, v_head = int(g["attention.key_length"]), int(g["attention.value_length"])
-        gating = int(g.get("expert_gating_func", 1))  # absent in DeepSeek-V2 files: softmax, as llama.cpp assumes
+            qk_head, v_head = g.integer("attention.key_length"), g.integer("attention.value_length")
+        gating = g.integer("expert_gating_func", 1)  # absent in DeepSeek-V2 files: softmax, as llama.cpp assumes
         if gating not in GGUF_SCORING:
             raise TandemError(f"GGUF expert_gating_func {gating} is not supported; tandem supports 1 (softmax), 2 (sigmoid)")
         scoring = GGUF_SCORING[gating]
-        n_group, topk_group = int(g.get("expert_group_count", 1)), int(g.get("expert_group_used_count", 1))
+        n_group, topk_group = g.integer("expert_group_count", 1), g.integer("expert_group_used_count", 1)
         if scoring == "sigmoid":  # V3/R1: bias-corrected choice (exp_probs_b) over groups
             topk_method = "noaux_tc"
         else:
             topk_method = "group_limited_greedy" if 1 < n_group and topk_group < n_group else "greedy"
         values = dict(
             vocab_size=g.vocab_size(),
-            hidden_size=int(g["embedding_length"]),
-            intermediate_size=int(g["feed_forward_length"]),
-            moe_intermediate_size=int(g["expert_feed_forward_length"]),
-            num_hidden_layers=int(g["block_count"]),
-            num_attention_heads=int(g["attention.head_count"]),
-            q_lora_rank=int(g.get("attention.q_lora_rank", 0)) or None,
-            kv_lora_rank=int(g["attention.kv_lora_rank"]),
+            hidden_size=g.integer("embedding_length"),
+            intermediate_size=g.integer("feed_forward_length"),
+            moe_intermediate_size=g.integer("expert_feed_forward_length"),
+            num_hidden_layers=g.integer("block_count"),
+            num_attention_heads=g.integer("attention.head_count"),
+            q_lora_rank=g.integer("attention.q_lora_rank", 0) or None,
+            kv_lora_rank=g.integer("attention.kv_lora_rank"),
             qk_nope_head_dim=qk_head - rope_dim,
             qk_rope_head_dim=rope_dim,
             v_head_dim=v_head,
-            n_routed_experts=int(g["expert_count"]),
-            num_experts_per_tok=int(g["expert_used_count"]),
-            n_shared_experts=int(g.get("expert_shared_count", 0)),
-            routed_scaling_factor=f32_decimal(g.get("expert_weights_scale", 1.0)),
+            n_routed_experts=g.integer("expert_count"),
+            num_experts_per_tok=g.integer("expert_used_count"),
+            n_shared_experts=g.integer("expert_shared_count", 0),
+            routed_scaling_factor=g.number("expert_weights_scale", 1.0),
             scoring_func=scoring,
             topk_method=topk_method,
             n_group=n_group,
             topk_group=topk_group,
-            norm_topk_prob=bool(g.get("expert_weights_norm", False)),
-            first_k_dense_replace=int(g.get("leading_dense_block_count", 0)),
-            rms_norm_eps=f32_decimal(g.get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=f32_decimal(g.get("rope.freq_base", 10000.0)),
+            norm_topk_prob=g.flag("expert_weights_norm", False),
+            first_k_dense_replace=g.integer("leading_dense_block_count", 0),
+            rms_norm_eps=g.number("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=g.number("rope.freq_base", 10000.0),
             rope_scaling=_gguf_rope_scaling(g),
-            max_position_embeddings=int(g.get("context_length", 4096)),
+            max_position_embeddings=g.integer("context_length", 4096),
             tie_word_embeddings=tied_embeddings(tensor_names),
         )
         return config_from_dict(cls, values)
@@ -186,13 +185,13 @@ def _gguf_rope_scaling(g: GGUFKeys) -> tuple:
         raise TandemError(f"GGUF rope scaling {kind!r} is not supported for DeepSeek; tandem supports yarn")
     items = {
         "type": "yarn",
-        "factor": f32_decimal(g["rope.scaling.factor"]),
-        "original_max_position_embeddings": int(g["rope.scaling.original_context_length"]),
+        "factor": g.number("rope.scaling.factor"),
+        "original_max_position_embeddings": g.integer("rope.scaling.original_context_length"),
     }
     for key, name in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
         if f"rope.scaling.{name}" in g:
-            items[key] = f32_decimal(g[f"rope.scaling.{name}"])
-    log_mul = f32_decimal(g.get("rope.scaling.yarn_log_multiplier", 0.0))
+            items[key] = g.number(f"rope.scaling.{name}")
+    log_mul = g.number("rope.scaling.yarn_log_multiplier", 0.0)
     if log_mul:
         # The converter writes 0.1 * mscale_all_dim, and llama.cpp takes mscale == mscale_all_dim
         # (true of every released DeepSeek config): cos/sin unscaled, softmax sharpened by mscale^2.

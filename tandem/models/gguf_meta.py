@@ -11,6 +11,7 @@ import torch
 from tandem.errors import TandemError
 
 GGUF_BLOCK = r"blk\.(?P<layer>\d+)\."
+_REQUIRED = object()  # GGUFKeys' typed reads: no default, the key must be there
 
 
 class GGUFKeys:
@@ -35,9 +36,31 @@ class GGUFKeys:
     def get(self, key: str, default=None):
         return self.metadata.get(f"{self.arch}.{key}", default)
 
+    # Typed reads, as llama.cpp's loader checks a key's type: a string "8" or a bool is no size
+    # (int() took them, and truncated 2.5), and bool("false") is true.
+    def integer(self, key: str, default=_REQUIRED) -> int:
+        return self._typed(key, default, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+
+    def number(self, key: str, default=_REQUIRED) -> float:
+        """A float key as the converter wrote it (see f32_decimal)."""
+        value = self._typed(key, default, "a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
+        return f32_decimal(value) if isinstance(value, float) else float(value)
+
+    def flag(self, key: str, default=_REQUIRED) -> bool:
+        return self._typed(key, default, "true or false", lambda v: isinstance(v, bool))
+
+    def _typed(self, key: str, default, kind: str, ok):
+        value = self[key] if default is _REQUIRED else self.get(key, default)
+        if not ok(value):
+            raise TandemError(f"{self.arch}.{key} = {value!r} should be {kind}: the file is corrupt; convert or "
+                              "download it again")
+        return value
+
     def vocab_size(self) -> int:
         """{arch}.vocab_size, else the length of the tokenizer's token list (older converters)."""
-        return int(self.get("vocab_size") or len(self.metadata.get("tokenizer.ggml.tokens") or ()) or self["vocab_size"])
+        if "vocab_size" in self or not self.metadata.get("tokenizer.ggml.tokens"):
+            return self.integer("vocab_size")
+        return len(self.metadata["tokenizer.ggml.tokens"])
 
 
 def f32_decimal(x: float) -> float:

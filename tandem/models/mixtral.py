@@ -24,12 +24,12 @@ from tandem.models.common import (
     Renamer,
     config_from_dict,
     decoder_rules,
+    hf_field,
     rope_scaling_items,
     rope_theta,
 )
 from tandem.models.gguf_meta import (
     GGUFKeys,
-    f32_decimal,
     gguf_decoder_rules,
     gguf_ffn_rules,
     gguf_gqa_rules,
@@ -63,14 +63,14 @@ class MixtralConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "MixtralConfig":
-        heads = hf.get("num_attention_heads")
-        if not heads or not hf.get("hidden_size"):
+        heads, hidden = hf_field(hf, "num_attention_heads", int), hf_field(hf, "hidden_size", int)
+        if not heads or not hidden:
             raise TandemError("config.json lacks hidden_size or num_attention_heads for MixtralConfig")
         return config_from_dict(
             cls,
             hf,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_key_value_heads=hf_field(hf, "num_key_value_heads", int, heads),
+            head_dim=hf_field(hf, "head_dim", int, hidden // heads),
             rope_scaling=rope_scaling_items(hf),
             rope_theta=rope_theta(hf, default=1e6),
         )
@@ -82,20 +82,20 @@ class MixtralConfig:
         g = GGUFKeys(metadata)
         if not g.get("expert_count"):
             raise TandemError("this GGUF is a dense Llama-architecture model; tandem runs MoE models (Mixtral) only")
-        heads, hidden = int(g["attention.head_count"]), int(g["embedding_length"])
+        heads, hidden = g.integer("attention.head_count"), g.integer("embedding_length")
         values = dict(
             vocab_size=g.vocab_size(),
             hidden_size=hidden,
-            intermediate_size=int(g.get("expert_feed_forward_length") or g["feed_forward_length"]),
-            num_hidden_layers=int(g["block_count"]),
+            intermediate_size=g.integer("expert_feed_forward_length", 0) or g.integer("feed_forward_length"),
+            num_hidden_layers=g.integer("block_count"),
             num_attention_heads=heads,
-            num_key_value_heads=int(g.get("attention.head_count_kv", heads)),
-            head_dim=int(g.get("attention.key_length", g.get("rope.dimension_count", hidden // heads))),
-            num_local_experts=int(g["expert_count"]),
-            num_experts_per_tok=int(g["expert_used_count"]),
-            rms_norm_eps=f32_decimal(g.get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=f32_decimal(g.get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(g.get("context_length", 4096)),
+            num_key_value_heads=g.integer("attention.head_count_kv", heads),
+            head_dim=g.integer("attention.key_length", g.integer("rope.dimension_count", hidden // heads)),
+            num_local_experts=g.integer("expert_count"),
+            num_experts_per_tok=g.integer("expert_used_count"),
+            rms_norm_eps=g.number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=g.number("rope.freq_base", 10000.0),
+            max_position_embeddings=g.integer("context_length", 4096),
             tie_word_embeddings=tied_embeddings(tensor_names),
         )
         if g.get("rope.scaling.type", "none") != "none":

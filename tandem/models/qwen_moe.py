@@ -24,12 +24,12 @@ from tandem.models.common import (
     Renamer,
     config_from_dict,
     decoder_rules,
+    hf_field,
     rope_scaling_items,
     rope_theta,
 )
 from tandem.models.gguf_meta import (
     GGUFKeys,
-    f32_decimal,
     gguf_decoder_rules,
     gguf_ffn_rules,
     gguf_gqa_rules,
@@ -74,28 +74,37 @@ class QwenMoeConfig:
             raise TandemError(f"decoder_sparse_step must be at least 1, got {self.decoder_sparse_step}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise TandemError(f"layer_types lists {len(self.layer_types)} layers, num_hidden_layers is {self.num_hidden_layers}")
+        if unknown := [t for t in self.layer_types if t not in ("full_attention", "sliding_attention")]:
+            raise TandemError(f"layer_types holds {unknown[0]!r}: each layer is 'full_attention' or "
+                              "'sliding_attention'")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.mlp_only_layers):
+            raise TandemError(f"mlp_only_layers = {list(self.mlp_only_layers)!r} must list layer numbers "
+                              "(integers >= 0)")
         if self.use_sliding_window and not self.sliding_window:
             raise TandemError("use_sliding_window is set but sliding_window is not: give the window in tokens")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "QwenMoeConfig":
         qwen3 = hf.get("model_type") == "qwen3_moe" or "Qwen3MoeForCausalLM" in (hf.get("architectures") or [])
-        heads, layers = hf.get("num_attention_heads"), hf.get("num_hidden_layers")
-        if not heads or not layers or not hf.get("hidden_size"):
+        # What is computed with below is checked first: per-layer tuples are built from the layer count.
+        heads, layers, hidden = (hf_field(hf, k, int)
+                                 for k in ("num_attention_heads", "num_hidden_layers", "hidden_size"))
+        if not heads or not layers or not hidden:
             raise TandemError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers for QwenMoeConfig")
         if qwen3:
             # Qwen3-MoE windows every layer when use_sliding_window is set; no bias but attention_bias.
-            bias = bool(hf.get("attention_bias"))
+            bias = hf_field(hf, "attention_bias", bool, False)
             overrides = dict(qkv_bias=bias, o_bias=bias, qk_norm=True, layer_types=("sliding_attention",) * layers)
         else:
             # transformers 5's default for Qwen2-MoE: even layers below max_window_layers slide.
-            window_layers = hf.get("max_window_layers", 28)
+            window_layers = hf_field(hf, "max_window_layers", int, 28)
             default = tuple("sliding_attention" if i % 2 == 0 and i < window_layers else "full_attention" for i in range(layers))
-            overrides = dict(qkv_bias=hf.get("qkv_bias", True), layer_types=tuple(hf.get("layer_types") or default))
+            layer_types = hf_field(hf, "layer_types", tuple) or default
+            overrides = dict(qkv_bias=hf.get("qkv_bias", True), layer_types=layer_types)
         overrides.update(
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+            num_key_value_heads=hf_field(hf, "num_key_value_heads", int, heads),
+            head_dim=hf_field(hf, "head_dim", int, hidden // heads),
+            mlp_only_layers=hf_field(hf, "mlp_only_layers", tuple, ()),
             rope_scaling=rope_scaling_items(hf),
             rope_theta=rope_theta(hf),
         )
@@ -107,36 +116,37 @@ class QwenMoeConfig:
         llama.cpp takes biases, q/k norms, the shared expert and which layers are MoE from the tensors
         (no sliding window: llama.cpp applies none to these architectures)."""
         g, names = GGUFKeys(metadata), set(tensor_names)
-        layers, heads, hidden = int(g["block_count"]), int(g["attention.head_count"]), int(g["embedding_length"])
+        layers, heads = g.integer("block_count"), g.integer("attention.head_count")
+        hidden = g.integer("embedding_length")
         shared = any(n.endswith("ffn_gate_inp_shexp.weight") for n in names)
         values = dict(
             vocab_size=g.vocab_size(),
             hidden_size=hidden,
-            intermediate_size=int(g.get("feed_forward_length", 0)),
-            moe_intermediate_size=int(g["expert_feed_forward_length"]),
+            intermediate_size=g.integer("feed_forward_length", 0),
+            moe_intermediate_size=g.integer("expert_feed_forward_length"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(g.get("attention.head_count_kv", heads)),
-            head_dim=int(g.get("attention.key_length", hidden // heads)),
-            num_experts=int(g["expert_count"]),
-            num_experts_per_tok=int(g["expert_used_count"]),
-            shared_expert_intermediate_size=int(g["expert_shared_feed_forward_length"]) if shared else 0,
+            num_key_value_heads=g.integer("attention.head_count_kv", heads),
+            head_dim=g.integer("attention.key_length", hidden // heads),
+            num_experts=g.integer("expert_count"),
+            num_experts_per_tok=g.integer("expert_used_count"),
+            shared_expert_intermediate_size=g.integer("expert_shared_feed_forward_length") if shared else 0,
             # llama.cpp renormalizes the top-k weights for Qwen3-MoE and not for Qwen2-MoE
-            norm_topk_prob=bool(g.get("expert_weights_norm", g.arch == "qwen3moe")),
+            norm_topk_prob=g.flag("expert_weights_norm", g.arch == "qwen3moe"),
             mlp_only_layers=tuple(i for i in range(layers) if names and f"blk.{i}.ffn_gate_inp.weight" not in names),
             qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names,
             qk_norm="blk.0.attn_q_norm.weight" in names,
             layer_types=("full_attention",) * layers,
-            rms_norm_eps=f32_decimal(g.get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=f32_decimal(g.get("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(g.get("context_length", 32768)),
+            rms_norm_eps=g.number("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=g.number("rope.freq_base", 10000.0),
+            max_position_embeddings=g.integer("context_length", 32768),
             tie_word_embeddings=tied_embeddings(names),
         )
         if g.get("rope.scaling.type", "none") == "yarn":
             values["rope_scaling"] = (
-                ("factor", f32_decimal(g["rope.scaling.factor"])),
-                ("original_max_position_embeddings", int(g["rope.scaling.original_context_length"])),
+                ("factor", g.number("rope.scaling.factor")),
+                ("original_max_position_embeddings", g.integer("rope.scaling.original_context_length")),
                 ("rope_type", "yarn"),
             )
         elif g.get("rope.scaling.type", "none") != "none":

@@ -30,6 +30,10 @@ import numpy as np
 import torch
 
 _FLOATS = (torch.float32, torch.bfloat16)
+# The C types the extension's functions take for counts and ids: nanobind refuses a Python int
+# outside them with a generic "incompatible function arguments" that names no argument.
+INT_MAX = 2**31 - 1
+SIZE_MAX = 2**64 - 1  # size_t, uint64_t (tickets)
 
 
 @functools.cache
@@ -58,16 +62,18 @@ def stream_read_bandwidth(nbytes: int, threads: int, rounds: int = 5, streams: i
     """GB/s of `threads` pinned threads streaming disjoint slices of an `nbytes` buffer with the
     best ISA's loads (best of `rounds`; `streams` side-by-side streams per thread, 0 = the best of
     1, 2 and 4): the DRAM read bandwidth the engine should approach."""
-    return _ext().stream_read_bandwidth(int(nbytes), int(threads), int(rounds), int(streams))
+    return _ext().stream_read_bandwidth(_c_int(nbytes, "nbytes", 1, SIZE_MAX), _c_int(threads, "threads", 1),
+                                        _c_int(rounds, "rounds", 1), _c_int(streams, "streams", 0, 64))
 
 
 def amx_peak(dtype: str, threads: int, seconds: float = 0.2) -> float | None:
     """TOP/s ("int8") or TFLOP/s ("bf16") of tile dot products on registers, or None without AMX."""
     if dtype not in ("int8", "bf16"):
         raise ValueError(f"dtype must be 'int8' or 'bf16'; got {dtype!r}")
+    threads = _c_int(threads, "threads", 1)  # checked on every CPU, AMX or not
     if "amx" not in isa_info()["cpu"] or "amx" not in isa_info()["built"]:
         return None
-    return _ext().amx_peak(dtype == "bf16", int(threads), float(seconds))
+    return _ext().amx_peak(dtype == "bf16", threads, float(seconds))
 
 
 class Engine:
@@ -109,9 +115,7 @@ class Engine:
 
     @prefill_rows.setter
     def prefill_rows(self, rows: int) -> None:
-        if not isinstance(rows, int) or isinstance(rows, bool):
-            raise ValueError(f"prefill_rows must be an int; got {rows!r}")
-        self._native.prefill_rows = rows
+        self._native.prefill_rows = _c_int(rows, "prefill_rows", 0, 1024)  # the engine checks the multiple of 64
 
     def kernel_info(self) -> dict:
         """Format -> {path, act, row_group[, big_path, big_act, big_min]}: the kernels this engine
@@ -126,7 +130,7 @@ class Engine:
 
     def layer_info(self, layer: int) -> dict:
         """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""
-        return self._native.layer_info(layer)
+        return self._native.layer_info(_check_layer(self, layer))
 
     def __repr__(self) -> str:
         return f"Engine(isa={self.isa}, threads_per_node={self.threads_per_node}, layers={self._native.n_layers})"
@@ -235,7 +239,7 @@ def submit(
         _check_tensor(out, "out", _FLOATS, 2)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    ticket = engine._native.submit(layer, x.contiguous(), ids.contiguous(), w.contiguous(), out)
+    ticket = engine._native.submit(_check_layer(engine, layer), x.contiguous(), ids.contiguous(), w.contiguous(), out)
     with engine._lock:
         done = engine._native.completed()
         for t in [t for t in engine._pending if t <= done]:
@@ -250,7 +254,7 @@ def wait(engine: Engine, handle: Handle) -> torch.Tensor:
         raise TypeError(f"wait() takes the Handle that submit() returned; got {type(handle).__name__}")
     if handle.engine is not engine:
         raise ValueError("this handle was returned by another engine's submit()")
-    engine._native.wait(handle.ticket)
+    engine._native.wait(_c_int(handle.ticket, "handle.ticket", 0, SIZE_MAX))
     with engine._lock:
         engine._pending.pop(handle.ticket, None)
     return handle.out
@@ -358,7 +362,7 @@ class Doorbell:
     def __init__(self, spin_us: int = 20000, device_pointer: Callable[[int], int] | None = None):
         pin = device_pointer is not None and torch.cuda.is_available()  # a stream reads and writes it
         self.mailbox = torch.zeros(32, dtype=torch.int32, pin_memory=pin)
-        self._native = _ext().Doorbell(self.mailbox, int(spin_us))
+        self._native = _ext().Doorbell(self.mailbox, _c_int(spin_us, "spin_us", 0, 10**7))
         self._numbers: dict[int, int] = {}  # id(HostCall.native) -> its number (natives kept alive by C++)
         self.device_words: tuple[int, int] | None = None
         if device_pointer is not None:
@@ -383,6 +387,24 @@ class Doorbell:
     def unknown(self) -> int:
         """Rings that named no registered call (answered with done, nothing run)."""
         return self._native.unknown
+
+
+def _c_int(value, name: str, low: int, high: int = INT_MAX) -> int:
+    """`value` as the integer a binding takes, if it is an int (not a bool or float) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}]; got {value!r}")
+    return int(value)
+
+
+def _check_layer(engine: Engine, layer) -> int:
+    """A layer id add_layer returned (the engine checks too, but only one that fits a C int)."""
+    n = engine._native.n_layers
+    ids = f"0..{n - 1}" if n else "none yet: add_layer first"
+    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+        raise ValueError(f"layer must be an int, one of this engine's layer ids ({ids}); got {layer!r}")
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} does not exist; this engine has {n} layer(s) (ids {ids})")
+    return int(layer)
 
 
 def _formats_of(fmt: str | Sequence[str]) -> tuple[str, str, str]:

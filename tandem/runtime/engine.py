@@ -1,25 +1,31 @@
 """The one Engine behind `tandem chat`, `tandem generate`, the Python API and the server.
 
-step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample -> Scheduler.update()
--> per-sequence detokenization, stop checks, finish. Callers add requests and pull StepOutputs.
-A step mixes decodes of running sequences with prompt chunks of new ones (continuous batching);
-only sequences that sampled a token this step produce a StepOutput. A step whose model call or
-sampling raises finishes only the sequences it blames (StepFailed); the rest run on.
+step(): Scheduler.schedule() -> Batch -> Runner.run() -> logits -> sample (tokens, and logprobs
+for requests that ask; structured output's rows masked to their grammar, runtime/grammar.py) ->
+Scheduler.update() -> per-sequence detokenization, stop checks, finish.
+Callers add requests and pull StepOutputs. A step mixes decodes of running sequences with prompt
+chunks of new ones (continuous batching); only sequences that sampled a token this step produce a
+StepOutput. A step whose model call or sampling raises finishes only the sequences it blames
+(StepFailed); the rest run on.
 """
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from tandem.errors import NaNLogits, TandemError
+from tandem.runtime.grammar import Constraint, Grammars, new_bitmask
 from tandem.runtime.kv_cache import PagedKVCache
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.runner import Runner
-from tandem.runtime.sampling import NAN_LOGITS, SamplingParams, make_generator, sample
+from tandem.runtime.sampling import NAN_LOGITS, Sampled, SamplingParams, make_generator, sample
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
+log = logging.getLogger(__name__)
 
 class StepFailed(Exception):
     """Engine.step() raised `error` while running the model or sampling. The sequences in `failed`
@@ -38,6 +44,7 @@ class StepOutput:
     finish_reason: str | None  # None while running; 'stop' (eos, stop token or string), 'length', or
     # 'error': the model's logits for this sequence were NaN (token is NAN_LOGITS, text empty)
     is_prefill: bool  # the token came out of the step that finished the prompt (the first token)
+    logprobs: TokenLogprobs | None = None  # when the request's params ask (None with reason 'error')
 
 
 class _Detok:
@@ -74,6 +81,11 @@ class Engine:
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, _Detok] = {}
+        # Structured output: the model's vocabulary (the logits' width) as the grammar engine sees it,
+        # and each constrained sequence's place in its grammar.
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", None) or tokenizer.vocab_size
+        self._grammars = Grammars(tokenizer, vocab)
+        self._constraints: dict[int, Constraint] = {}
 
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
         if not prompt:
@@ -86,8 +98,11 @@ class Engine:
         vocab = self.tokenizer.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise TandemError(f"prompt token ids must be in 0..{vocab - 1}")
+        constraint = self._grammars.constraint(params.grammar) if params.grammar is not None else None
         # Seeded requests sample on the logits' device, so their generator lives there too.
         seq = Sequence(next(self._ids), list(prompt), params, make_generator(params, self.runner.device))
+        if constraint is not None:
+            self._constraints[seq.seq_id] = constraint
         self._seqs[seq.seq_id] = seq
         self._detok[seq.seq_id] = _Detok(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -99,6 +114,7 @@ class Engine:
     def abort(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
         self._detok.pop(seq_id, None)
+        self._constraints.pop(seq_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
 
@@ -110,21 +126,32 @@ class Engine:
         first = [not s.output for s in seqs]
         try:
             logits = self.runner.run(batch)
-            tokens = (
+            sampled = (
                 sample(
                     logits,
                     [s.params for s in seqs],
                     [s.generator for s in seqs],
                     [s.tokens for s in seqs],
                     [len(s.prompt) for s in seqs],
+                    self._masks(seqs, logits.shape[1]),
                 )
                 if seqs
-                else []
+                else Sampled([], [])
             )
         except Exception as e:  # noqa: BLE001 - handed on in StepFailed
             raise self._fail_step(batch, e) from e
-        self.scheduler.update(batch, tokens)
-        return [self._emit(seq, tok, f) for seq, tok, f in zip(seqs, tokens, first)]
+        self.scheduler.update(batch, sampled.tokens)
+        return [self._emit(*row) for row in zip(seqs, sampled.tokens, first, sampled.logprobs)]
+
+    def _masks(self, seqs: list[Sequence], vocab: int) -> tuple[list[int], torch.Tensor] | None:
+        """Structured output: the rows whose sequences are constrained and the tokens each may pick."""
+        rows = [i for i, s in enumerate(seqs) if s.seq_id in self._constraints]
+        if not rows:
+            return None
+        bitmask = new_bitmask(len(rows), vocab)
+        for j, i in enumerate(rows):
+            self._constraints[seqs[i].seq_id].fill(bitmask, j)
+        return rows, bitmask
 
     def _fail_step(self, batch: Batch, error: Exception) -> StepFailed:
         """Finish the sequences a failed step blames: those that fed prompt tokens in it (a new
@@ -135,9 +162,10 @@ class Engine:
             self.scheduler.finish(seq, "error")
             self._seqs.pop(seq.seq_id, None)
             self._detok.pop(seq.seq_id, None)
+            self._constraints.pop(seq.seq_id, None)
         return StepFailed(error, [s.seq_id for s in blamed])
 
-    def _emit(self, seq: Sequence, token: int, is_prefill: bool) -> StepOutput:
+    def _emit(self, seq: Sequence, token: int, is_prefill: bool, logprobs: TokenLogprobs | None) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]
         reason, text = None, ""
         if token == NAN_LOGITS:
@@ -147,8 +175,16 @@ class Engine:
             reason, text = "stop", detok.finish()
         else:
             text, hit = detok.stops.feed(detok.decoder.push(token))
-            if hit:
+            constraint = self._constraints.get(seq.seq_id)
+            if constraint is not None and not constraint.advance(token):  # a token the mask did not allow: a bug
+                log.error("sequence %d: token %d broke its output format (%s); finishing it with an error",
+                          seq.seq_id, token, constraint.error)
+                reason, text = "error", ""
+            elif hit:
                 reason = "stop"
+            elif constraint is not None and constraint.done:  # the grammar allows nothing more but eos
+                reason = "stop"
+                text += detok.finish()
             elif len(seq.output) >= p.max_new_tokens or len(seq.tokens) >= self.max_context:
                 reason = "length"
                 text += detok.finish()
@@ -156,7 +192,8 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.seq_id, None)
             self._detok.pop(seq.seq_id, None)
-        return StepOutput(seq.seq_id, token, text, reason, is_prefill)
+            self._constraints.pop(seq.seq_id, None)
+        return StepOutput(seq.seq_id, token, text, reason, is_prefill, logprobs)
 
     def score(self, tokens: list[int]) -> torch.Tensor:
         """fp32 logits [len(tokens), V] of one teacher-forced pass (for perplexity); runs alone."""

@@ -5,6 +5,8 @@ of parts); `config_dir` gives a GGUF model its HF config.json and tokenizer inst
 
 A prompt is raw text (tokenized with the model's BOS handling), a chat as a list of
 {"role", "content"} messages (rendered with the model's chat template), or token ids.
+`generate(..., logprobs=N)` also returns each generated token's log-probability and the N most
+likely alternatives (`Generation.logprobs`; runtime/logprobs.py says which distribution).
 """
 
 import contextlib
@@ -37,6 +39,7 @@ from tandem.runtime.loader import (
     open_model_files,
     resolve_dtype,
 )
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.plan import (
     bind_cpu_engine,
     experts_modules,
@@ -58,6 +61,7 @@ class Generation:
     finish_reason: str | None = None
     prefill_seconds: float = 0.0  # time to first token
     decode_seconds: float = 0.0
+    logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry when asked (logprobs=N)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -357,7 +361,7 @@ class LLM:
         return stream.result
 
     def _run(self, ids: list[int], params: SamplingParams, stream: GenerationStream) -> Iterator[str]:
-        result = Generation("", [], ids)
+        result = Generation("", [], ids, logprobs=None if params.logprobs is None else [])
         stream.result = result
         start = time.perf_counter()
         first = None
@@ -367,6 +371,8 @@ class LLM:
                     first = time.perf_counter()
                     result.prefill_seconds = first - start
                 result.token_ids.append(out.token)
+                if result.logprobs is not None:
+                    result.logprobs.append(out.logprobs)
                 result.text += out.text
                 result.decode_seconds = time.perf_counter() - first
                 result.finish_reason = out.finish_reason

@@ -12,8 +12,8 @@ the model dtype as it streams, except GPU linears and the embedding in a format 
 read (`bind_gpu_blocks`: they keep the file's blocks on the GPU).
 """
 
-import dataclasses
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +35,8 @@ from tandem.weights.checkpoint import Checkpoint
 from tandem.weights.derived import DerivedCheckpoint
 from tandem.weights.gguf import GGUFCheckpoint
 from tandem.weights.loader import load_state
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # general.sampling.* (newer llama.cpp converters) -> SamplingParams fields
@@ -69,23 +71,6 @@ def is_gguf(path: Path) -> bool:
 
 # A decoder layer's index in a tensor name: GGUF's blk.N., HF's model.layers.N. (any prefix).
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")
-# Config numbers above these are corrupt (the largest real models: vocab ~2**18, hidden ~2**14,
-# ~2**7 layers); building a model from one allocates or loops for hours before any weight is read.
-MAX_CONFIG_SIZE = 2**20
-MAX_CONFIG_LAYERS = 2**12
-UNSIZED_FIELDS = frozenset({"max_position_embeddings", "sliding_window"})  # they size no tensor
-
-
-def check_config_size(name: str, value, where: str) -> None:
-    """Refuse a size or layer count no real model has (see MAX_CONFIG_SIZE); other values pass."""
-    if name in UNSIZED_FIELDS or not isinstance(value, int) or isinstance(value, bool):
-        return
-    limit = MAX_CONFIG_LAYERS if name.endswith("_layers") else MAX_CONFIG_SIZE
-    if value > limit:
-        raise TandemError(f"{where}: {name} = {value} is larger than any model has (at most {limit}): "
-                          "the file is corrupt")
-
-
 def check_rope_scaling(cfg, where: str) -> None:
     """Compute the config's rotary frequencies once, at 2 dims (cheap): a rope_scaling value of the
     wrong type or range (a factor of "x" or 0, original_max_position_embeddings of -1) fails here,
@@ -132,9 +117,6 @@ class ModelFiles:
         if self.hf is None and not hasattr(cls.config_class, "from_gguf"):
             raise TandemError(f"{cls.__name__} cannot read its config from GGUF metadata yet — pass --config-dir")
         where = "config.json" if self.hf is not None else "the GGUF metadata"
-        if self.hf is not None:
-            # Some configs build per-layer tuples while parsing: refuse a corrupt count first.
-            check_config_size("num_hidden_layers", self.hf.get("num_hidden_layers"), f"{self.path}: {where}")
         try:
             if self.hf is not None:
                 cfg = cls.config_class.from_hf(self.hf)
@@ -144,14 +126,8 @@ class ModelFiles:
             # A value of the wrong type or range in the file (the configs check what they keep).
             raise TandemError(f"{self.path}: {where} does not describe a {cls.__name__.replace('ForCausalLM', '')} "
                               f"model ({type(e).__name__}: {e})") from None
-        except TandemError as e:  # the configs' own checks, which know no file
+        except TandemError as e:  # the configs' own checks (types, ranges, sizes), which know no file
             raise TandemError(f"{self.path}: {where}: {e}") from None
-        for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
-            value = getattr(cfg, f.name)
-            if f.type not in (bool, "bool"):
-                check_config_size(f.name, value, f"{self.path}: {where}")
-            elif value not in (True, False):  # the configs check numbers, not flags: "false" would be true
-                raise TandemError(f"{self.path}: {where}: {f.name} = {value!r} must be true or false")
         check_rope_scaling(cfg, f"{self.path}: {where}")
         return cfg
 
@@ -181,19 +157,21 @@ class ModelFiles:
     def generation_defaults(self) -> dict:
         if self.hf_dir is not None:
             return load_generation_defaults(self.hf_dir)
-        meta = self.gguf.metadata
         defaults = {}
         for key, field in GGUF_SAMPLING.items():
-            if (value := meta.get(f"general.sampling.{key}")) is None:
+            if (value := self.gguf.metadata.get(f"general.sampling.{key}")) is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or (field == "top_k") != isinstance(value, int):
-                raise TandemError(f"{self.path}: general.sampling.{key} is {value!r}, not "
-                                  f"{'an integer' if field == 'top_k' else 'a number'}: the file's metadata is wrong")
-            defaults[field] = f32_decimal(value) if isinstance(value, float) else value
-        try:
-            SamplingParams(**defaults)
-        except TandemError as e:
-            raise TandemError(f"{self.path}: general.sampling.*: {e}") from None
+            if isinstance(value, float):
+                value = f32_decimal(value)
+            try:
+                SamplingParams(**{field: value})  # each value alone: a bad one leaves the others in use
+            except TandemError as e:
+                # A recommendation only: the model runs without it, so warn instead of refusing the file
+                # (or letting it fail every request).
+                log.warning("%s: general.sampling.%s = %r is not a valid %s (%s); ignored: tandem's default is "
+                            "used", self.path, key, value, field, e)
+                continue
+            defaults[field] = value
         return defaults
 
     @property

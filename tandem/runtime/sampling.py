@@ -1,7 +1,9 @@
 """Choosing the next token: sampling parameters, the model's defaults, and the sampler.
 
-`sample(logits [B, V], params, generators, histories)` -> B token ids. Each row is processed in
-the order transformers applies its logits processors, so results can be checked against it:
+`sample(logits [B, V], params, generators, histories)` -> Sampled: B token ids, and for rows whose
+params ask (`logprobs`), their log-probabilities (runtime/logprobs.py: the model's raw
+distribution, before any of the steps below). Each row is processed in the order transformers
+applies its logits processors, so results can be checked against it:
 
     repetition penalty (prompt + generated) -> presence / frequency penalty (generated only)
     -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial (per-request generator)
@@ -14,6 +16,7 @@ else shares its batch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ from typing import Any, Sequence
 import torch
 
 from tandem.errors import TandemError
+from tandem.runtime.grammar import apply_masks, check_grammar
+from tandem.runtime.logprobs import MAX_LOGPROBS, LogprobsPlan, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 
 # Temperatures below this sample greedily (as vLLM): dividing logits by less overflows float32
@@ -51,6 +58,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+    grammar: str | None = None  # structured output: llguidance grammar text (runtime/grammar.py's json_grammar)
 
     def __post_init__(self) -> None:
         # Accept a single stop string or lists (as JSON requests carry them); store tuples.
@@ -90,6 +99,12 @@ class SamplingParams:
         _require(isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                  f"stop_token_ids={self.stop_token_ids!r} is invalid: use a list of token ids >= 0.")
         _require(isinstance(self.ignore_eos, bool), f"ignore_eos={self.ignore_eos!r} is invalid: use true or false.")
+        _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                 f"logprobs={self.logprobs!r} is out of range: use an integer in [0, {MAX_LOGPROBS}] (the number of "
+                 "most likely alternatives to report beside the chosen token) or leave it unset.")
+        if self.grammar is not None:
+            _require(isinstance(self.grammar, str), f"grammar={self.grammar!r} is invalid: use grammar text.")
+            check_grammar(self.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -97,7 +112,8 @@ class SamplingParams:
 
 
 def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """SamplingParams fields recommended by the model's generation_config.json ({} if absent).
+    """SamplingParams fields recommended by the model's generation_config.json ({} if absent);
+    an invalid value is left out with a warning naming the file (a broken file is an error).
 
     Reads temperature, top_p, top_k and repetition_penalty. An explicit `do_sample: false`
     means greedy (temperature 0). When do_sample is absent we still take the temperature,
@@ -121,10 +137,13 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
             defaults[name] = kind(value)
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
-    try:
-        SamplingParams(**defaults)
-    except TandemError as e:
-        raise TandemError(f"{path}: {e}") from None
+    for name, value in list(defaults.items()):
+        try:
+            SamplingParams(**{name: value})  # each value alone: a bad one leaves the others in use
+        except TandemError as e:
+            # A recommendation only: the model runs without it, so warn instead of refusing the model.
+            log.warning("%s: %s = %r is invalid (%s); ignored: tandem's default is used", path, name, value, e)
+            del defaults[name]
     return defaults
 
 
@@ -143,19 +162,29 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 NAN_LOGITS = -1  # sample()'s token for a row of logits holding NaN
 
 
+@dataclass(frozen=True)
+class Sampled:
+    tokens: list[int]  # one per row; NAN_LOGITS for a row holding NaN
+    logprobs: list[TokenLogprobs | None]  # one per row; None where the row's params did not ask
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
     prompt_lens: Sequence[int] | None = None,
-) -> list[int]:
+    masks: tuple[list[int], torch.Tensor] | None = None,
+) -> Sampled:
     """Pick one token per row of `logits` [B, V]; NAN_LOGITS for a row holding NaN (the model's
     output is broken: bad weights, or activations that overflowed into NaN), so its request can fail alone.
+    Rows whose params set `logprobs` also get their TokenLogprobs; when none does, nothing extra runs.
 
     histories[i]: request i's prompt + generated token ids. The repetition penalty looks at all
     of them; presence and frequency penalties only at the generated ones, `histories[i][prompt_lens[i]:]`
     (the whole history when prompt_lens is None). generators[i] must live on logits' device.
+    masks: (rows, bitmask) of structured output (runtime/grammar.py): those rows may only pick the
+    tokens their bitmask row allows; applied first, to a copy (logprobs stay the raw model's).
     """
     batch, vocab = logits.shape
     if not len(params) == len(generators) == len(histories) == batch:
@@ -164,7 +193,10 @@ def sample(
     if prompt_lens is not None and len(prompt_lens) != batch:
         raise ValueError(f"sample: {batch} logits rows but {len(prompt_lens)} prompt_lens")
 
-    logits = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
+    logits = raw = logits.float()  # a copy only if it is not float32 already; penalties copy rows they change
+    if masks is not None and masks[0]:
+        logits = logits.clone()
+        apply_masks(logits, *masks)
     rows, changed = [], False
     for i, p in enumerate(params):
         row = view = logits[i]
@@ -194,7 +226,14 @@ def sample(
         probs = probs.masked_fill_(broken, 0.0).scatter_add_(1, chosen[sampled][:, None], broken.to(probs.dtype))
         for j, i in enumerate(sampled):
             chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return chosen.masked_fill_(broken_rows, NAN_LOGITS).tolist()  # one transfer for tokens and flags
+    chosen = chosen.masked_fill_(broken_rows, NAN_LOGITS)
+    plan = LogprobsPlan.of([p.logprobs for p in params], vocab)
+    if plan is None:
+        return Sampled(chosen.tolist(), [None] * batch)  # one transfer for tokens and flags
+    # One transfer for tokens, flags and logprobs (float64 holds every token id exactly).
+    host = torch.cat([chosen.double(), plan.values(raw, chosen)]).tolist()
+    tokens = [int(t) for t in host[:batch]]
+    return Sampled(tokens, plan.unpack(host[batch:], tokens))
 
 
 def _repetition_penalty(row: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ StreamDecoder (whole characters only) -> StopStrings (hold back possible stop pr
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +34,8 @@ import jinja2.utils
 from tokenizers import Tokenizer as _HFTokenizer
 
 from tandem.errors import TandemError
+
+log = logging.getLogger(__name__)
 
 # Names under which chat APIs pass a message's reasoning; templates read one of the first two.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -91,16 +94,28 @@ class Tokenizer:
         if missing:
             backend.add_special_tokens(missing)
 
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+
+        def generation_id(key: str, value: Any) -> int | None:
+            # As transformers and llama.cpp do, go on without an id that is no token -- but say so:
+            # without an eos id, generation stops only at max tokens or a stop string.
+            if _is_id(value) and 0 <= value < vocab:
+                return value
+            log.warning("%s: %s = %r is not a token id (the vocabulary has %d); ignored%s",
+                        root / "generation_config.json", key, value, vocab,
+                        ": generation does not stop on it" if key == "eos_token_id" else "")
+            return None
+
         bos_id = backend.token_to_id(special_tokens["bos_token"]) if "bos_token" in special_tokens else None
-        if bos_id is None and _is_id(generation.get("bos_token_id")):
-            bos_id = generation["bos_token_id"]
+        if bos_id is None and generation.get("bos_token_id") is not None:
+            bos_id = generation_id("bos_token_id", generation["bos_token_id"])
         eos_ids = set()
         if "eos_token" in special_tokens and (eos_id := backend.token_to_id(special_tokens["eos_token"])) is not None:
             eos_ids.add(eos_id)
         gen_eos = generation.get("eos_token_id")
         # generation_config lists extra stop ids (e.g. <|eot_id|> and <|end_of_text|> for Llama 3).
-        for token_id in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if _is_id(token_id):
+        for token_id in gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]:
+            if (token_id := generation_id("eos_token_id", token_id)) is not None:
                 eos_ids.add(token_id)
 
         return cls(
@@ -119,6 +134,10 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def backend_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text (what structured output's grammar engine reads)."""
+        return self._backend.to_str()
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)

@@ -18,17 +18,21 @@ from tandem.errors import TandemError
 from tandem.runtime.async_engine import AsyncEngine, QueueFull
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.tokenizer import check_prompt_chars, check_template_vars
 from tandem.serve.errors import APIError
+from tandem.serve.logprobs import TokenPieces
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
+from tandem.serve.tool_calls import ToolCall, ToolCallSplitter, check_tools, syntax_of
 
 
 @dataclass
 class Prompt:
     ids: list[int]
     opens_reasoning: bool = False  # the chat template already wrote "<think>"
+    tools: bool = False  # the template rendered tools: parse the output's tool calls
 
 
 @dataclass
@@ -40,9 +44,11 @@ class Run:
     content: str = ""
     reasoning: str = ""
     finish_reason: str | None = None  # 'stop' | 'length' | None (aborted)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per generated token, when asked
 
     @property
     def prefill_seconds(self) -> float:
@@ -57,11 +63,26 @@ class Run:
         n = self.completion_tokens - 1  # the first token comes out of the prefill step
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
+    @property
+    def openai_finish_reason(self) -> str | None:
+        """OpenAI's finish reason: 'tool_calls' when the model stopped after calling tools."""
+        return "tool_calls" if self.tool_calls and self.finish_reason == "stop" else self.finish_reason
+
+    @property
+    def answer(self) -> str | None:
+        """The content of a finished reply; None when the model only called tools (as OpenAI sends)."""
+        return None if self.tool_calls and not self.content.strip() else self.content
+
 
 @dataclass
 class Delta:
     content: str = ""
     reasoning: str = ""
+    # Logprobs of the tokens generated since the last delta (when the request asked): a token whose
+    # text is held back (part of a character, a possible stop string) rides on the delta that shows it.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_index: int = 0  # the index of tool_calls[0] among the reply's calls
 
 
 class ServedModel:
@@ -80,7 +101,9 @@ class ServedModel:
         self.engine, self.metrics = engine, metrics
         # Split <think> blocks only for tokenizers that know the tag: other models may print it literally.
         self.reasoning = self.tokenizer.token_to_id(OPEN) is not None
+        self.tool_syntax = syntax_of(self.tokenizer.chat_template)  # None: the template renders no tool calls
         self.created = int(time.time())
+        self.pieces = TokenPieces(self.tokenizer)  # token strings and bytes of logprobs
 
     def check_name(self, requested: str | None) -> None:
         """Clients must ask for this model (Ollama style ':latest' accepted); empty means this one."""
@@ -91,21 +114,28 @@ class ServedModel:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None) -> Prompt:
+    def chat_prompt(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> Prompt:
         """The chat rendered by the model's template (template_vars: a request's extra variables,
-        e.g. enable_thinking) and tokenized."""
-        template_vars = template_vars or {}
+        e.g. enable_thinking; tools: OpenAI-style function tools the model may call) and tokenized."""
+        template_vars = dict(template_vars or {})
         check_template_vars(template_vars)  # before the call: messages / self would collide with its arguments
+        if tools:
+            if self.tool_syntax is None:
+                raise APIError(400, f"model {self.name!r} cannot call tools: its chat template does not render "
+                               "tool calls in a syntax tandem reads (Hermes <tool_call>, DeepSeek, Mistral "
+                               "[TOOL_CALLS]); leave out `tools`", param="tools")
+            template_vars["tools"] = check_tools(tools)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
         check_prompt_chars(text, self.max_context)  # before the tokenizer, which holds the interpreter
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
-        return Prompt(ids, self.reasoning and prompt_opens_reasoning(text))
+        return Prompt(ids, self.reasoning and prompt_opens_reasoning(text), tools=bool(tools))
 
-    async def chat_prompt_async(self, messages: list[dict[str, Any]],
-                                template_vars: dict[str, Any] | None = None) -> Prompt:
+    async def chat_prompt_async(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None,
+                                tools: list[dict[str, Any]] | None = None) -> Prompt:
         """chat_prompt on a worker thread: a long conversation's template and tokenization must not
         hold up the event loop (other requests' streams, /health)."""
-        return await anyio.to_thread.run_sync(self.chat_prompt, messages, template_vars)
+        return await anyio.to_thread.run_sync(self.chat_prompt, messages, template_vars, tools)
 
     async def text_prompt_async(self, prompt: str | list[int]) -> Prompt:
         """text_prompt on a worker thread (see chat_prompt_async)."""
@@ -126,6 +156,10 @@ class ServedModel:
         """
         if max_tokens is None:
             max_tokens = max(1, self.max_context - len(prompt.ids))
+        if fields.get("grammar") is not None and prompt.opens_reasoning:
+            # The output would have to close the <think> block the prompt opened before any JSON.
+            raise APIError(400, "structured output (response_format / format) is not supported with this chat "
+                           "template: its prompt opens a <think> block the answer must close first")
         return self._make_params(max_new_tokens=max_tokens, **fields)
 
     # --- generation ---------------------------------------------------------------------------
@@ -136,6 +170,8 @@ class ServedModel:
         the engine accepted the request (or TandemError if it refused it; APIError 429 with
         Retry-After when the queue is full), so a route can still answer 4xx before it starts streaming. Closing the iterator early aborts the generation."""
         splitter = ReasoningSplitter(prompt.opens_reasoning) if split_reasoning and self.reasoning else None
+        pending: list[TokenLogprobs] = []  # logprobs not yet handed out in a delta
+        tools = ToolCallSplitter(self.tool_syntax) if prompt.tools and self.tool_syntax is not None else None
         try:
             async with self.engine.request(prompt.ids, params) as outputs:
                 yield Delta()
@@ -144,11 +180,20 @@ class ServedModel:
                         run.first_token = time.perf_counter()
                     run.completion_tokens += 1
                     run.finish_reason = out.finish_reason
+                    if out.logprobs is not None and not self._stop_token(out.token, out.finish_reason, params):
+                        run.logprobs.append(out.logprobs)
+                        pending.append(out.logprobs)
                     delta = self._delta(splitter, out.text, final=out.finish_reason is not None)
+                    if tools is not None:
+                        delta = self._calls(tools, delta, len(run.tool_calls), final=out.finish_reason is not None)
+                        run.tool_calls += delta.tool_calls
                     run.content += delta.content
                     run.reasoning += delta.reasoning
-                    if delta.content or delta.reasoning:
+                    if delta.content or delta.reasoning or delta.tool_calls:
+                        delta.logprobs, pending = pending, []
                         yield delta
+                if pending:  # tokens whose text never showed (e.g. cut by a stop string)
+                    yield Delta(logprobs=pending)
         except QueueFull as e:  # only request() raises it, before anything was yielded
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         finally:
@@ -156,6 +201,12 @@ class ServedModel:
             if run.first_token is not None:  # rejected requests generated nothing
                 self.metrics.count_generation(run.prompt_tokens, run.completion_tokens, run.finish_reason,
                                               run.decode_tok_s)
+
+    def _stop_token(self, token: int, finish_reason: str | None, params: SamplingParams) -> bool:
+        """The token that ended the generation as eos or a stop token id: it is not part of the
+        answer's text, so the API reports no logprobs for it (as OpenAI shows no end token)."""
+        return finish_reason == "stop" and not params.ignore_eos and (
+            token in self.tokenizer.eos_ids or token in params.stop_token_ids)
 
     @staticmethod
     def _delta(splitter: ReasoningSplitter | None, text: str, final: bool) -> Delta:
@@ -166,6 +217,15 @@ class ServedModel:
             more_reasoning, more_content = splitter.flush()
             reasoning, content = reasoning + more_reasoning, content + more_content
         return Delta(content, reasoning)
+
+    @staticmethod
+    def _calls(splitter: ToolCallSplitter, delta: Delta, index: int, final: bool) -> Delta:
+        """The delta's content with its tool calls taken out (they follow any reasoning)."""
+        content, calls = splitter.feed(delta.content)
+        if final:
+            more_content, more_calls = splitter.flush()
+            content, calls = content + more_content, calls + more_calls
+        return Delta(content, delta.reasoning, tool_calls=calls, tool_index=index)
 
 
 def _plain_params(**fields: Any) -> SamplingParams:

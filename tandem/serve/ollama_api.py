@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
 from tandem.errors import TandemError
+from tandem.runtime.grammar import json_grammar
 from tandem.serve.errors import APIError, internal_error
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
 from tandem.serve.transport import AbortingStream, accepted, drain, ndjson, parse_body
@@ -63,6 +64,7 @@ class Message(_Body):
     content: StrictStr = ""
     thinking: StrictStr | None = None
     images: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered by the template
 
 
 class _Request(_Body):
@@ -73,10 +75,20 @@ class _Request(_Body):
     images: list[Any] | None = None
 
     def check_supported(self, messages: list[Message] = ()) -> None:
-        if self.format:
-            raise APIError(400, "format (structured output) is not supported yet")
         if self.images or any(m.images for m in messages):
             raise APIError(400, "images are not supported: this server takes text only")
+
+
+    def grammar(self) -> str | None:
+        """Structured output (runtime/grammar.py): `format` "json" (any JSON object) or a JSON schema."""
+        if self.format is None or self.format == "":
+            return None
+        if self.format != "json" and not isinstance(self.format, dict):
+            raise APIError(400, 'format must be "json" or a JSON schema object')
+        try:
+            return json_grammar(self.format if isinstance(self.format, dict) else None)
+        except TandemError as e:
+            raise APIError(400, str(e)) from None
 
 
 class ChatBody(_Request):
@@ -123,6 +135,7 @@ def ollama_router(model: ServedModel) -> APIRouter:
         info = {"general.architecture": model.hf_config.get("model_type", "unknown"),
                 "general.context_length": model.max_context}
         capabilities = ["completion"] + (["thinking"] if model.reasoning else [])
+        capabilities += ["tools"] if model.tool_syntax else []
         return {"license": "", "modelfile": f"# served by tandem from {model.model_dir}\n", "parameters": "",
                 "template": model.tokenizer.chat_template or "", "details": _details(model), "model_info": info,
                 "capabilities": capabilities, "modified_at": _timestamp(model.created)}
@@ -131,13 +144,12 @@ def ollama_router(model: ServedModel) -> APIRouter:
     async def chat(request: Request):
         body = await parse_body(request, ChatBody)
         body.check_supported(body.messages)
-        if body.tools:
-            raise APIError(400, "tool calling is not supported yet: leave out `tools`")
         model.check_name(body.model)
         if not body.messages:  # Ollama answers an empty chat by loading the model
             return _loaded(model, {"message": {"role": "assistant", "content": ""}})
         messages = [m.model_dump(exclude_none=True, exclude={"images"}) for m in body.messages]
-        return await _respond(request, model, body, await model.chat_prompt_async(messages), chat=True)
+        prompt = await model.chat_prompt_async(messages, tools=body.tools)
+        return await _respond(request, model, body, prompt, chat=True)
 
     @router.post("/api/generate")
     async def generate(request: Request):
@@ -159,7 +171,7 @@ def ollama_router(model: ServedModel) -> APIRouter:
 
 
 async def _respond(request: Request, model: ServedModel, body: _Request, prompt: Prompt, chat: bool):
-    params = model.params(prompt, body.options.token_limit(), **body.options.sampling())
+    params = model.params(prompt, body.options.token_limit(), grammar=body.grammar(), **body.options.sampling())
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run)
     await accepted(deltas)
@@ -167,7 +179,8 @@ async def _respond(request: Request, model: ServedModel, body: _Request, prompt:
         return AbortingStream(_lines(model, run, deltas, chat), media_type="application/x-ndjson")
 
     await drain(request, deltas)
-    return JSONResponse(_final(model, run, _piece(Delta(run.content, run.reasoning), chat)))
+    reply = Delta(run.content, run.reasoning, tool_calls=run.tool_calls)
+    return JSONResponse(_final(model, run, _piece(reply, chat)))
 
 
 def _piece(delta: Delta, chat: bool) -> dict:
@@ -175,6 +188,8 @@ def _piece(delta: Delta, chat: bool) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": delta.content}
         if delta.reasoning:
             message["thinking"] = delta.reasoning
+        if delta.tool_calls:
+            message["tool_calls"] = [call.ollama() for call in delta.tool_calls]
         return {"message": message}
     out: dict[str, Any] = {"response": delta.content}
     if delta.reasoning:

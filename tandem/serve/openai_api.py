@@ -3,8 +3,13 @@
 Streaming answers are server-sent events (`data: {chunk}` ... `data: [DONE]`); the first chunk
 carries the assistant role, the last one the finish reason, then (with
 `stream_options.include_usage`) one chunk with `usage` and no choices. DeepSeek-R1 style
-`<think>` text comes back as `reasoning_content`, beside `content`. Besides the standard `usage`,
+`<think>` text comes back as `reasoning_content`, beside `content`. With `tools`, the model's calls
+come back as `tool_calls` (serve/tool_calls.py; streamed whole, one delta per call) and the finish
+reason `tool_calls`. Besides the standard `usage`,
 a top-level `timings` object (llama.cpp's names) rides on the full response and on the last chunk.
+With `logprobs` (serve/logprobs.py), each chunk's choice carries the logprobs of the tokens its
+text came from; they cover every generated token (in chat, `<think>` text included) but the eos /
+stop token that ended the answer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tandem.errors import TandemError
+from tandem.runtime.logprobs import TokenLogprobs
 from tandem.serve.errors import error_body, internal_error
+from tandem.serve.logprobs import CompletionLogprobs, chat_logprobs
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
 from tandem.serve.openai_schemas import ChatRequest, CompletionRequest
 from tandem.serve.transport import SSE_HEADERS, AbortingStream, accepted, drain, parse_body, sse
@@ -66,7 +73,7 @@ def openai_router(model: ServedModel) -> APIRouter:
         body.check_supported()
         model.check_name(body.model)
         messages = [m.for_template() for m in body.messages]
-        prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs)
+        prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs, body.offered_tools)
         return await _complete(request, model, body, prompt, body.token_limit, chat=True)
 
     @router.post("/v1/completions")
@@ -89,26 +96,38 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model.name}
+    logprobs = _logprobs_maker(model, chat) if params.logprobs is not None else None
     if body.stream:
         chunks = _chat_chunks if chat else _completion_chunks
-        events = _events(head, run, deltas, chunks, body.include_usage, model.reasoning)
+        events = _events(head, run, deltas, chunks, body.include_usage, logprobs)
         return AbortingStream(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     await drain(request, deltas)
+    lp = logprobs(run.logprobs) if logprobs is not None else None
     if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": run.content}
+        message: dict[str, Any] = {"role": "assistant", "content": run.answer}
         if model.reasoning:
             message["reasoning_content"] = run.reasoning or None
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}
+        if run.tool_calls:
+            message["tool_calls"] = [call.openai() for call in run.tool_calls]
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": run.openai_finish_reason}
     else:
-        choice = {"index": 0, "text": run.content, "logprobs": None, "finish_reason": run.finish_reason}
+        choice = {"index": 0, "text": run.content, "logprobs": lp, "finish_reason": run.openai_finish_reason}
     return JSONResponse({**head, "choices": [choice], "usage": usage(run), "timings": timings(run)})
 
 
-ChunkMaker = Callable[[dict, Delta | None, str | None], dict]
+LogprobsMaker = Callable[[list[TokenLogprobs]], dict]
+ChunkMaker = Callable[[dict, Delta | None, str | None, dict | None], dict]
 
 
-def _chat_chunks(head: dict, delta: Delta | None, finish: str | None) -> dict:
+def _logprobs_maker(model: ServedModel, chat: bool) -> LogprobsMaker:
+    """One request's logprobs formatter (a completion's keeps its text offset from chunk to chunk)."""
+    if chat:
+        return lambda entries: chat_logprobs(model.pieces, entries)
+    return CompletionLogprobs(model.pieces)
+
+
+def _chat_chunks(head: dict, delta: Delta | None, finish: str | None, logprobs: dict | None) -> dict:
     if delta is None:  # the opening chunk
         fields: dict[str, Any] = {"role": "assistant", "content": ""}
     else:
@@ -117,28 +136,32 @@ def _chat_chunks(head: dict, delta: Delta | None, finish: str | None) -> dict:
             fields["reasoning_content"] = delta.reasoning
         if delta.content:
             fields["content"] = delta.content
-    choice = {"index": 0, "delta": fields, "logprobs": None, "finish_reason": finish}
+        if delta.tool_calls:
+            fields["tool_calls"] = [call.openai(delta.tool_index + i) for i, call in enumerate(delta.tool_calls)]
+    choice = {"index": 0, "delta": fields, "logprobs": logprobs, "finish_reason": finish}
     return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
 
-def _completion_chunks(head: dict, delta: Delta | None, finish: str | None) -> dict:
+def _completion_chunks(head: dict, delta: Delta | None, finish: str | None, logprobs: dict | None) -> dict:
     text = delta.content if delta is not None else ""
-    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 async def _events(head: dict, run: Run, deltas: AsyncIterator[Delta], chunk: ChunkMaker, include_usage: bool,
-                  reasoning: bool) -> AsyncIterator[bytes]:
+                  logprobs: LogprobsMaker | None) -> AsyncIterator[bytes]:
+    """logprobs: the request's formatter, None when it did not ask (every chunk then says null)."""
     extra = {"usage": None} if include_usage else {}
     try:
         if chunk is _chat_chunks:
-            yield sse({**chunk(head, None, None), **extra})
+            yield sse({**chunk(head, None, None, None), **extra})
         async for delta in deltas:
-            yield sse({**chunk(head, delta, None), **extra})
+            lp = logprobs(delta.logprobs) if logprobs is not None else None
+            yield sse({**chunk(head, delta, None, lp), **extra})
         # The generation is over: the last chunk before [DONE] carries the timings (as in llama.cpp).
-        final = {**chunk(head, Delta(), run.finish_reason), **extra}
+        final = {**chunk(head, Delta(), run.openai_finish_reason, None), **extra}
         if include_usage:
             yield sse(final)
-            final = {**chunk(head, Delta(), None), "choices": [], "usage": usage(run)}
+            final = {**chunk(head, Delta(), None, None), "choices": [], "usage": usage(run)}
         yield sse({**final, "timings": timings(run)})
     except TandemError as e:  # after the status line went out, errors travel as an event
         yield sse(error_body("/v1", 400, str(e)))

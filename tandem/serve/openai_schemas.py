@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI API, as pydantic models.
 
 Unknown fields are allowed (clients send `user`, `metadata`, ...); fields we cannot honour
-(n > 1, logprobs, tools, images) are refused with a 400 that says so, never silently ignored.
-Range checks of sampling values live in SamplingParams, so every front end agrees.
+(n > 1, forced tool choices, images, echo / prompt logprobs) are refused with a 400 that says so,
+never silently ignored. Range checks of sampling values live in SamplingParams, so every front end
+agrees; the logprobs counts are checked here too, against each API's own limit (chat 20,
+completions 5).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from tandem.errors import TandemError
+from tandem.runtime.grammar import json_grammar
+from tandem.runtime.logprobs import MAX_LOGPROBS
 from tandem.serve.errors import APIError
+
+MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs: 20, as OpenAI's
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's logprobs
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -30,6 +38,8 @@ class ChatMessage(_Body):
     content: StrictStr | list[TextPart] | None = None
     reasoning_content: StrictStr | None = None
     name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered by the template
+    tool_call_id: StrictStr | None = None  # a tool turn: the call it answers
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: string content, 'developer' read as 'system'."""
@@ -69,8 +79,6 @@ class _Sampling(_Body):
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool | None = None
     n: PositiveInt = 1
-    logprobs: StrictBool | int | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
     best_of: int | None = None
     response_format: dict[str, Any] | None = None
@@ -78,18 +86,10 @@ class _Sampling(_Body):
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError(400, "n > 1 is not supported: send one request per choice", param="n")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported yet", param="logprobs")
-        if self.top_logprobs:
-            raise APIError(400, "top_logprobs is not supported yet (no logprobs)", param="top_logprobs")
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported yet: leave it out", param="logit_bias")
         if self.best_of is not None and self.best_of != 1:
             raise APIError(400, "best_of > 1 is not supported: send one request per candidate", param="best_of")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {self.response_format.get('type')!r} is not supported: this "
-                           "server does not constrain output to JSON; leave it out or use type 'text'",
-                           param="response_format")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
@@ -99,7 +99,30 @@ class _Sampling(_Body):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, stop=tuple(stop) if stop else None,
-                    ignore_eos=self.ignore_eos)
+                    ignore_eos=self.ignore_eos, logprobs=self.logprobs_count, grammar=self.output_grammar())
+
+    def output_grammar(self) -> str | None:
+        """Structured output (runtime/grammar.py) for response_format json_object / json_schema."""
+        fmt = self.response_format
+        kind = fmt.get("type", "text") if fmt else "text"
+        if kind == "text":
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r} is not supported: use 'text', 'json_object' or "
+                           "'json_schema'", param="response_format")
+        spec = fmt.get("json_schema") if kind == "json_schema" else {"schema": None}
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, type(None))):
+            raise APIError(400, "response_format json_schema must be {'name': ..., 'schema': {...}}",
+                           param="response_format")
+        try:
+            return json_grammar(spec.get("schema", {}) if kind == "json_schema" else None)
+        except TandemError as e:
+            raise APIError(400, str(e), param="response_format") from None
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """SamplingParams.logprobs: None, or how many alternatives to report beside the chosen token."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -113,13 +136,35 @@ class ChatRequest(_Sampling):
     tool_choice: Any = None
     functions: list[Any] | None = None  # the deprecated form of tools
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as in vLLM
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools and self.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported yet: leave out `tools`", param="tools")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs={self.top_logprobs} is out of range: use an integer in "
+                           f"0..{MAX_TOP_LOGPROBS}", param="top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true: set it, or leave out top_logprobs",
+                           param="top_logprobs")
+        if self.tools is not None and not isinstance(self.tools, list):
+            raise APIError(400, "`tools` must be a list of function tools", param="tools")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, f"tool_choice {self.tool_choice!r} is not supported: forcing a call needs constrained "
+                           "decoding, which tandem does not do; use 'auto' (the model decides) or 'none'",
+                           param="tool_choice")
         if self.functions:
-            raise APIError(400, "function calling is not supported yet: leave out `functions`", param="functions")
+            raise APIError(400, "`functions` (deprecated by OpenAI) is not supported: send them as `tools`",
+                           param="functions")
+
+    @property
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template renders and the reply is parsed for: none with tool_choice 'none'."""
+        return self.tools if self.tools and self.tool_choice != "none" else None
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -130,13 +175,26 @@ class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[StrictInt]
     echo: StrictBool = False
     suffix: StrictStr | None = None
+    logprobs: StrictInt | None = None  # the legacy API's count of alternatives, 0..5
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise APIError(400, f"logprobs={self.logprobs} is out of range: use an integer in "
+                           f"0..{MAX_COMPLETION_LOGPROBS}", param="logprobs")
+        if self.echo and self.logprobs is not None:
+            # The prompt's logprobs need logits for every prompt row; a step computes them only for
+            # the row each sequence samples from.
+            raise APIError(400, "echo with logprobs (the prompt tokens' logprobs) is not supported: leave out "
+                           "echo, or logprobs", param="echo")
         if self.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if self.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt):

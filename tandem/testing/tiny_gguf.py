@@ -23,6 +23,7 @@ import torch
 from gguf import (
     ExpertGatingFuncType,
     GGMLQuantizationType,
+    GGUFValueType,
     GGUFWriter,
     LlamaFileType,
     RopeScalingType,
@@ -73,12 +74,14 @@ def write_tiny_gguf(out_dir, variant: str | dict = "deepseek_v3_q", qtype: str =
 
 
 def write_gguf(
-    hf_dir, path, qtype: str = "F32", split_kv_b: bool = True, split_max_tensors: int = 0, drop: tuple = ()
+    hf_dir, path, qtype: str = "F32", split_kv_b: bool = True, split_max_tensors: int = 0, drop: tuple = (),
+    metadata: dict | None = None,
 ) -> Path:
     """Convert a tiny DeepSeek HF directory to GGUF; returns the path of the (first) file written.
 
     split_max_tensors > 0 writes a split model (llama.cpp's NAME-0000i-of-0000N.gguf parts);
-    `drop` leaves the named GGUF tensors out (to test incomplete files).
+    `drop` leaves the named GGUF tensors out (to test incomplete files); `metadata` adds or replaces
+    keys (bool, int as int32, float as float32, str), e.g. {"general.sampling.temp": 0.6}.
     """
     if qtype not in QTYPES:
         raise TandemError(f"unknown tiny GGUF qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
@@ -92,6 +95,10 @@ def write_gguf(
     if qtype in ("Q8_0", "Q6_K", "Q4_K_M"):
         writer.add_quantization_version(2)
     _add_tokenizer(writer, hf_dir)
+    for key, value in (metadata or {}).items():
+        writer.kv_data[0].pop(key, None)  # replace a key the converter wrote
+        kind = next(t for c, t in _VALUE_TYPES if isinstance(value, c))
+        writer.add_key_value(key, value, kind)
     n_layers = cfg["num_hidden_layers"]
     with Checkpoint.open(hf_dir) as ckpt:  # single file or shards
         hf = {name: ckpt.get(name) for name in ckpt.names()}
@@ -111,6 +118,11 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return writer.format_shard_names(path)[0]
+
+
+# Python type -> GGUF value type of write_gguf's extra metadata (bool before int: a bool is an int).
+_VALUE_TYPES = ((bool, GGUFValueType.BOOL), (int, GGUFValueType.INT32), (float, GGUFValueType.FLOAT32),
+                (str, GGUFValueType.STRING))
 
 
 def _add_config(w: GGUFWriter, c: dict, split_kv_b: bool) -> None:

@@ -38,9 +38,36 @@ def test_config_numbers_of_the_wrong_type_or_range_are_refused(bad):
     """Found by fuzzing: such values ended in ZeroDivisionError, negative dimensions or NaN logits."""
     from tandem.models.deepseek import DeepseekConfig
 
-    base = dict(vocab_size=10, hidden_size=8, intermediate_size=8, moe_intermediate_size=8, num_hidden_layers=2,
-                num_attention_heads=2, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4,
-                n_routed_experts=4, num_experts_per_tok=2)
-    DeepseekConfig(**base)
+    DeepseekConfig(**BASE)
     with pytest.raises(TandemError, match=f"config field {next(iter(bad))} = "):
-        DeepseekConfig(**{**base, **bad})
+        DeepseekConfig(**{**BASE, **bad})
+
+
+BASE = dict(vocab_size=10, hidden_size=8, intermediate_size=8, moe_intermediate_size=8, num_hidden_layers=2,
+            num_attention_heads=2, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4,
+            n_routed_experts=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"vocab_size": 10**30}, "larger than any model has"), ({"hidden_size": 2**21}, "larger than any model has"),
+    ({"n_routed_experts": 10**7}, "larger than any model has"), ({"num_hidden_layers": 5000}, "at most 4096"),
+    ({"num_nextn_predict_layers": 10**6}, "at most 4096"), ({"norm_topk_prob": "false"}, "must be true or false"),
+    ({"attention_bias": 1}, "must be true or false"),
+])
+def test_config_sizes_no_model_has_and_flags_that_are_no_bools_are_refused_by_the_config(bad, message):
+    """Fuzzing: only the loader bounded sizes and checked flags, so a config built any other way took
+    them (and then allocated or looped until memory ran out)."""
+    from tandem.models.deepseek import DeepseekConfig
+
+    with pytest.raises(TandemError, match=f"config field {next(iter(bad))} = .*{message}"):
+        DeepseekConfig(**{**BASE, **bad})
+
+
+@pytest.mark.parametrize("theta", ["8", 0, True, [8]])
+def test_rope_theta_in_config_json_must_be_a_positive_number(theta):
+    """Fuzzing: rope_theta "8" was read as 8.0 (and 0 as the default 10000), silently."""
+    from tandem.models.deepseek import DeepseekConfig
+
+    assert DeepseekConfig.from_hf({**BASE, "rope_theta": 50000}).rope_theta == 50000.0
+    with pytest.raises(TandemError, match="config field rope_theta = "):
+        DeepseekConfig.from_hf({**BASE, "rope_theta": theta})

@@ -59,6 +59,43 @@ def test_bad_configs_fail_loudly(name, change, message):
         build_model(hf)
 
 
+@pytest.mark.parametrize(
+    "name, change, field",
+    [
+        ("qwen2_moe", dict(num_hidden_layers="2"), "num_hidden_layers"),
+        ("qwen2_moe", dict(num_hidden_layers=10**6), "num_hidden_layers"),
+        ("qwen2_moe", dict(hidden_size="64"), "hidden_size"),
+        ("qwen2_moe", dict(num_attention_heads=0), "num_attention_heads"),
+        ("qwen2_moe", dict(max_window_layers="x"), "max_window_layers"),
+        ("qwen2_moe", dict(layer_types=5), "layer_types"),
+        ("qwen2_moe", dict(mlp_only_layers="1"), "mlp_only_layers"),
+        ("qwen2_moe", dict(num_key_value_heads=0), "num_key_value_heads"),
+        ("qwen2_moe", dict(head_dim=0), "head_dim"),
+        ("qwen3_moe", dict(attention_bias="false"), "attention_bias"),
+        ("mixtral", dict(num_attention_heads="8"), "num_attention_heads"),
+    ],
+)
+def test_from_hf_checks_what_it_computes_with_first(name, change, field):
+    """Fuzzing: Qwen2-MoE's from_hf built per-layer tuples (and divided sizes) from unchecked values,
+    so bad input failed with an unrelated TypeError, or built a tuple of a million layers first."""
+    cls = model_class(VARIANTS[name]).config_class
+    hf = dict(VARIANTS[name], vocab_size=64, architectures=[], **change)
+    with pytest.raises(TandemError, match=f"config field {field} = "):
+        cls.from_hf(hf)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer_types=["full_attention", "linear_attention"]), "layer_types holds 'linear_attention'"),
+    (dict(mlp_only_layers=["1"]), "mlp_only_layers"), (dict(mlp_only_layers=[-1]), "mlp_only_layers"),
+])
+def test_qwen_layer_lists_hold_what_they_say(change, message):
+    # A typo here used to pass: the layer kept full attention or stayed MoE without a word.
+    from tandem.models.qwen_moe import QwenMoeConfig
+
+    with pytest.raises(TandemError, match=message):
+        QwenMoeConfig.from_hf(dict(VARIANTS["qwen2_moe"], vocab_size=64, architectures=[], **change))
+
+
 def test_registry_knows_the_new_architectures():
     for arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
         assert model_class({"architectures": [arch]}).__name__ in ("QwenMoeForCausalLM", "MixtralForCausalLM")

@@ -236,6 +236,35 @@ def test_extension_checks_its_own_inputs(engine, bf16_layer):
         native.wait(10**9)
 
 
+def test_ints_outside_the_extensions_c_types_name_the_argument(engine, bf16_layer):
+    """Fuzzing: a layer of 2**70 (or 10**30 threads to a probe) reached nanobind, whose "incompatible
+    function arguments" names no argument; a bool passed as a layer id."""
+    layer, _ = bf16_layer
+    x = tokens(4, 96)
+    ids, w = routing(4, 6, 2)
+    for bad in (2**70, 2**31, True, 1.0):
+        for call in (lambda: cpu.submit(engine, bad, x, ids, w), lambda: engine.layer_info(bad),
+                     lambda: cpu.host_call(engine, bad, x, ids, w, torch.empty_like(x))):
+            with pytest.raises(ValueError, match=rf"layer (must be an int, one of|{bad} does not exist).*ids \(?0\.\."):
+                call()
+    for bad in (2**70, 2**31, -64, 2048, 64.0):
+        with pytest.raises(ValueError, match=r"prefill_rows must be an int in \[0, 1024\]"):
+            engine.prefill_rows = bad
+    probes = [
+        (lambda: cpu.stream_read_bandwidth(2**70, 1), r"nbytes must be an int in \[1, 18446744073709551615\]"),
+        (lambda: cpu.stream_read_bandwidth(1 << 22, 10**30), r"threads must be an int in \[1, 2147483647\]"),
+        (lambda: cpu.stream_read_bandwidth(1 << 22, 1, rounds=2**40), r"rounds must be an int in \[1, 2147483647\]"),
+        (lambda: cpu.stream_read_bandwidth(1 << 22, 1, streams=2**40), r"streams must be an int in \[0, 64\]"),
+        (lambda: cpu.amx_peak("bf16", 2**40), r"threads must be an int in \[1, 2147483647\]"),  # AMX or not
+        (lambda: cpu.Doorbell(spin_us=2**40), r"spin_us must be an int in \[0, 10000000\]"),
+        (lambda: cpu.wait(engine, cpu.Handle(engine, 2**70, x)), r"handle.ticket must be an int in \[0, 1844"),
+    ]
+    for call, message in probes:
+        with pytest.raises(ValueError, match=message):
+            call()
+    cpu.wait(engine, cpu.submit(engine, layer, x, ids, w))  # the engine still works
+
+
 def test_bad_layers(engine):
     gate, up, down = dense_weights(4, 128, 100)
     with pytest.raises(ValueError, match="unknown weight format 'Q4_0'"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -33,13 +34,13 @@ def _one_thread():
 def _draw(logits_row: torch.Tensor, params: SamplingParams, n: int = 400) -> list[int]:
     """n draws for one request, continuing one seeded generator."""
     gen = make_generator(params)
-    return [sample(logits_row[None], [params], [gen], [[]])[0] for _ in range(n)]
+    return [sample(logits_row[None], [params], [gen], [[]]).tokens[0] for _ in range(n)]
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(5, 97, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams()] * 5
-    assert sample(logits, params, [None] * 5, [[]] * 5) == logits.argmax(-1).tolist()
+    assert sample(logits, params, [None] * 5, [[]] * 5).tokens == logits.argmax(-1).tolist()
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
@@ -51,7 +52,7 @@ def test_same_seed_same_tokens_whatever_the_batch():
         gens = [make_generator(q) for q in batch_params]
         rows = logits[: len(batch_params)].clone()
         rows[row] = logits[0]
-        return [sample(rows, batch_params, gens, [[]] * len(batch_params))[row] for _ in range(30)]
+        return [sample(rows, batch_params, gens, [[]] * len(batch_params)).tokens[row] for _ in range(30)]
 
     alone = run([p], 0)
     assert alone == run([p], 0)
@@ -65,7 +66,7 @@ def test_top_k_1_is_greedy():
     params = [SamplingParams(temperature=1.3, top_k=1, seed=i) for i in range(4)]
     gens = [make_generator(p) for p in params]
     for _ in range(5):
-        assert sample(logits, params, gens, [[]] * 4) == logits.argmax(-1).tolist()
+        assert sample(logits, params, gens, [[]] * 4).tokens == logits.argmax(-1).tolist()
 
 
 def test_top_p_and_min_p_keep_only_the_allowed_set():
@@ -106,7 +107,7 @@ def test_batched_filters_match_transformers_per_row():
     gens = [make_generator(p) for p in params]
     seen = [set() for _ in params]
     for _ in range(300):
-        for i, token in enumerate(sample(logits, params, gens, [[]] * 4)):
+        for i, token in enumerate(sample(logits, params, gens, [[]] * 4).tokens):
             seen[i].add(token)
     for i, (keep, probs) in enumerate(allowed):
         assert seen[i] <= set(keep), f"row {i} sampled outside HF's kept set"
@@ -131,7 +132,7 @@ def test_repetition_penalty_changes_greedy_choice_like_transformers():
     hf = logits_process.RepetitionPenaltyLogitsProcessor(2.0)
     expected = [hf(torch.tensor([h]), logits[i : i + 1].clone()).argmax().item() for i, h in enumerate(histories)]
     params = [SamplingParams(repetition_penalty=2.0)] * 8
-    got = sample(logits, params, [None] * 8, histories)
+    got = sample(logits, params, [None] * 8, histories).tokens
     assert got == expected
     assert got != logits.argmax(-1).tolist()
     assert torch.equal(logits, torch.randn(8, 32, generator=torch.Generator().manual_seed(5)))  # input untouched
@@ -144,11 +145,11 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     logits = torch.tensor([[3.0, 2.9, 2.8, 0.0]])
     history = [0, 0, 1]  # prompt [0, 0], generated [1]
     p = SamplingParams(presence_penalty=0.5)
-    assert sample(logits, [p], [None], [history], prompt_lens=[2]) == [0]  # prompt tokens are not penalized
-    assert sample(logits, [p], [None], [history], prompt_lens=[0]) == [2]
+    assert sample(logits, [p], [None], [history], prompt_lens=[2]).tokens == [0]  # prompt tokens are not penalized
+    assert sample(logits, [p], [None], [history], prompt_lens=[0]).tokens == [2]
     # Frequency scales with the count (token 0 seen twice), presence does not.
-    assert sample(logits, [SamplingParams(frequency_penalty=0.12)], [None], [history], prompt_lens=[0]) == [2]
-    assert sample(logits, [SamplingParams(presence_penalty=0.12)], [None], [history], prompt_lens=[0]) == [0]
+    assert sample(logits, [SamplingParams(frequency_penalty=0.12)], [None], [history], prompt_lens=[0]).tokens == [2]
+    assert sample(logits, [SamplingParams(presence_penalty=0.12)], [None], [history], prompt_lens=[0]).tokens == [0]
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_params_accept_lists_and_a_single_stop_string():
     assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
 
 
-def test_load_generation_defaults(tmp_path):
+def test_load_generation_defaults(tmp_path, caplog):
     assert load_generation_defaults(tmp_path) == {}
     path = tmp_path / "generation_config.json"
     path.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
@@ -195,9 +196,10 @@ def test_load_generation_defaults(tmp_path):
     path.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "top_p": 0.95}))
     assert load_generation_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.95}
     SamplingParams(**load_generation_defaults(tmp_path))
-    path.write_text(json.dumps({"top_p": 1.5}))
-    with pytest.raises(TandemError, match="generation_config.json.*top_p"):
-        load_generation_defaults(tmp_path)
+    path.write_text(json.dumps({"top_p": 1.5, "temperature": 0.7}))  # one bad value: left out, named
+    with caplog.at_level(logging.WARNING, logger="tandem.runtime.sampling"):
+        assert load_generation_defaults(tmp_path) == {"temperature": 0.7}
+    assert "generation_config.json" in caplog.text and "top_p = 1.5" in caplog.text
     path.write_text("{oops")
     with pytest.raises(TandemError, match="generation_config.json"):
         load_generation_defaults(tmp_path)
@@ -218,7 +220,7 @@ def test_tiny_temperatures_are_greedy_and_extreme_penalties_are_refused():
     logits[1, 7] = float("inf")  # an overflowed row
     params = [SamplingParams(temperature=1.0, seed=1)] * 3
     gens = [torch.Generator().manual_seed(1) for _ in params]
-    got = sample(logits, params, gens, [[]] * 3)
+    got = sample(logits, params, gens, [[]] * 3).tokens
     assert got[1] == 7 and all(0 <= t < 50 for t in got)
     with pytest.raises(TandemError, match="at most 16"):
         SamplingParams(stop=tuple(f"s{i}" for i in range(17)))
@@ -235,7 +237,7 @@ def test_rows_with_nan_logits_are_flagged():
     logits[3, :40] = float("-inf")  # masked entries are fine
     greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1)
     for params in ([greedy] * 5, [hot] * 5):
-        got = sample(logits, params, [None] * 5, [[]] * 5)
+        got = sample(logits, params, [None] * 5, [[]] * 5).tokens
         assert got[1] == got[2] == NAN_LOGITS
         assert all(0 <= got[i] < 50 for i in (0, 3, 4)) and got[3] >= 40
-    assert sample(logits, [greedy] * 5, [None] * 5, [[]] * 5)[0] == int(logits[0].argmax())
+    assert sample(logits, [greedy] * 5, [None] * 5, [[]] * 5).tokens[0] == int(logits[0].argmax())

@@ -151,6 +151,25 @@ def test_generation_config_adds_stop_ids(tiny_dir, tmp_path):
     assert Tokenizer.from_dir(tmp_path).eos_ids == {1, 508, 509}
 
 
+@pytest.mark.parametrize("bad", [512, -1, 10**20, "508", True])
+def test_generation_config_ids_outside_the_vocabulary_are_reported(tiny_dir, tmp_path, caplog, bad):
+    """Fuzzing: generation_config.json's out-of-range ids were kept (or dropped) silently, so an eos
+    that is no token left generation to run to max tokens. They are ignored with a warning naming the
+    file, the id and the vocabulary size."""
+    shutil.copy(tiny_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    del config["bos_token"]  # so generation_config's bos_token_id is the one read
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": bad, "eos_token_id": [509, bad]}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.bos_id is None and tok.eos_ids == {1, 509}
+    file = tmp_path / "generation_config.json"
+    for key in ("bos_token_id", "eos_token_id"):
+        assert f"{file}: {key} = {bad!r} is not a token id (the vocabulary has 512); ignored" in caplog.text
+    assert "eos_token_id = " + repr(bad) + " is not a token id (the vocabulary has 512); ignored: generation does " \
+        "not stop on it" in caplog.text
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_decode_match_hf(ours, hf, text):
     for add_special in (True, False):

@@ -112,7 +112,8 @@ def test_curl_style_form_encoded_json_is_accepted(http, reference):
     ("/api/chat", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("/api/chat", {"model": "tiny", "messages": CHAT, "options": {"num_predict": 0}}, 400, "num_predict"),
     ("/api/chat", {"model": "tiny", "messages": CHAT, "options": {"temperature": "hot"}}, 400, "options.temperature"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "format": "xml"}, 400, "format"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "format": {"type": "bogus"}}, 400, "bogus"),
     ("/api/generate", {"prompt": "x"}, 400, "model"),
     ("/api/show", {"model": "other"}, 404, "not served here"),
 ])
