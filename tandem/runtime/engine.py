@@ -98,6 +98,8 @@ class Engine:
         vocab = self.tokenizer.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise TandemError(f"prompt token ids must be in 0..{vocab - 1}")
+        if params.logit_bias and max(t for t, _ in params.logit_bias) >= vocab:
+            raise TandemError(f"logit_bias token ids must be in 0..{vocab - 1}")
         constraint = self._grammars.constraint(params.grammar) if params.grammar is not None else None
         # Seeded requests sample on the logits' device, so their generator lives there too.
         seq = Sequence(next(self._ids), list(prompt), params, make_generator(params, self.runner.device))

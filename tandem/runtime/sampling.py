@@ -5,7 +5,7 @@ params ask (`logprobs`), their log-probabilities (runtime/logprobs.py: the model
 distribution, before any of the steps below). Each row is processed in the order transformers
 applies its logits processors, so results can be checked against it:
 
-    repetition penalty (prompt + generated) -> presence / frequency penalty (generated only)
+    logit bias -> repetition penalty (prompt + generated) -> presence / frequency penalty (generated only)
     -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial (per-request generator)
 
 temperature 0 means greedy: argmax of the penalized logits. Each request samples with its own
@@ -40,6 +40,7 @@ REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 # the engine's thread, so a request must not bring thousands (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
+MAX_LOGIT_BIAS = 300  # token ids a request may bias (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
     grammar: str | None = None  # structured output: llguidance grammar text (runtime/grammar.py's json_grammar)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's; a dict is taken too
 
     def __post_init__(self) -> None:
         # Accept a single stop string or lists (as JSON requests carry them); store tuples.
@@ -68,6 +70,8 @@ class SamplingParams:
         for name in ("stop", "stop_token_ids"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
 
         _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
                  f"max_new_tokens={self.max_new_tokens!r} is invalid: use an integer >= 1.")
@@ -102,6 +106,12 @@ class SamplingParams:
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  f"logprobs={self.logprobs!r} is out of range: use an integer in [0, {MAX_LOGPROBS}] (the number of "
                  "most likely alternatives to report beside the chosen token) or leave it unset.")
+        _require(isinstance(self.logit_bias, tuple) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+                 and all(isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0 and _is_real(e[1])
+                         and -100 <= e[1] <= 100 for e in self.logit_bias)
+                 and len({e[0] for e in self.logit_bias}) == len(self.logit_bias),
+                 f"logit_bias={self.logit_bias!r} is invalid: use up to {MAX_LOGIT_BIAS} distinct token ids >= 0, "
+                 "each with a bias in [-100, 100].")
         if self.grammar is not None:
             _require(isinstance(self.grammar, str), f"grammar={self.grammar!r} is invalid: use grammar text.")
             check_grammar(self.grammar)
@@ -200,6 +210,10 @@ def sample(
     rows, changed = [], False
     for i, p in enumerate(params):
         row = view = logits[i]
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            bias = torch.tensor(bias, dtype=row.dtype, device=row.device)
+            row = row.index_add(0, torch.tensor(ids, device=row.device), bias)
         if p.repetition_penalty != 1.0 and histories[i]:
             row = _repetition_penalty(row, histories[i], p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and histories[i]:

@@ -86,8 +86,6 @@ class _Sampling(_Body):
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError(400, "n > 1 is not supported: send one request per choice", param="n")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported yet: leave it out", param="logit_bias")
         if self.best_of is not None and self.best_of != 1:
             raise APIError(400, "best_of > 1 is not supported: send one request per candidate", param="best_of")
         if self.stream_options is not None and not self.stream:
@@ -99,7 +97,17 @@ class _Sampling(_Body):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, stop=tuple(stop) if stop else None,
-                    ignore_eos=self.ignore_eos, logprobs=self.logprobs_count, grammar=self.output_grammar())
+                    ignore_eos=self.ignore_eos, logprobs=self.logprobs_count, grammar=self.output_grammar(),
+                    logit_bias=self.token_biases())
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with its token-id keys (JSON object keys are strings) as ints."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
 
     def output_grammar(self) -> str | None:
         """Structured output (runtime/grammar.py) for response_format json_object / json_schema."""

@@ -241,3 +241,18 @@ def test_rows_with_nan_logits_are_flagged():
         assert got[1] == got[2] == NAN_LOGITS
         assert all(0 <= got[i] < 50 for i in (0, 3, 4)) and got[3] >= 40
     assert sample(logits, [greedy] * 5, [None] * 5, [[]] * 5).tokens[0] == int(logits[0].argmax())
+
+
+def test_logit_bias_forces_bans_and_leaves_other_rows_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    top = int(logits[0].argmax())
+    plain = SamplingParams()
+    forced = SamplingParams(logit_bias={7: 100.0})
+    banned = SamplingParams(logit_bias=((top, -100.0),))
+    tokens = sample(logits, [banned, forced, plain], [None] * 3, [[1], [1], [1]]).tokens
+    assert tokens[0] != top and tokens[0] == int(logits[0].topk(2).indices[1])
+    assert tokens[1] == 7 and tokens[2] == int(logits[2].argmax())
+    assert forced.logit_bias == ((7, 100.0),)
+    for bad in ({1: 101.0}, {-1: 1.0}, {1.5: 1.0}, {i: 1.0 for i in range(301)}, {1: float("nan")}):
+        with pytest.raises(TandemError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

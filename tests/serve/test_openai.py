@@ -161,3 +161,19 @@ def test_a_bare_engine_can_be_served(model_dir, reference):
         r = httpx.post(live.url + "/v1/completions", json={"model": "tandem", "prompt": "hello", "max_tokens": 4},
                        timeout=30)
     assert r.json()["choices"][0]["text"] == expected.text  # no generation_config here: greedy by default
+
+
+def test_logit_bias_steers_the_tokens(idle, reference):
+    chat = [{"role": "user", "content": "hi"}]
+    ids = reference.tokenizer.encode_chat(chat)
+    greedy = reference.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)
+    forced = (greedy.token_ids[0] + 1) % reference.tokenizer.vocab_size
+    body = {"model": "tiny", "messages": chat, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(idle.url + "/v1/chat/completions", json={**body, "logit_bias": {str(forced): 100}}, timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == reference.tokenizer.decode([forced] * 4)
+    banned = reference.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True,
+                                logit_bias={greedy.token_ids[0]: -100})
+    assert banned.token_ids[0] != greedy.token_ids[0]
+    r = httpx.post(idle.url + "/v1/chat/completions", json={**body, "logit_bias": {str(greedy.token_ids[0]): -100}},
+                   timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == banned.text
