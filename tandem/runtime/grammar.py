@@ -53,6 +53,14 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return grammar
 
 
+def lark_grammar(lark: str) -> str:
+    """llguidance's grammar for a Lark-style grammar text (llguidance's dialect: `%json {schema}`
+    embeds a JSON schema, `<[id]>` is one token by id), checked."""
+    grammar = _llguidance().LLMatcher.grammar_from_lark(lark)
+    check_grammar(grammar)
+    return grammar
+
+
 def check_grammar(grammar: str) -> None:
     """TandemError when llguidance rejects the grammar (without a tokenizer: the rules only)."""
     error = _llguidance().LLMatcher.validate_grammar(grammar)

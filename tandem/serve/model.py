@@ -25,7 +25,7 @@ from tandem.serve.errors import APIError
 from tandem.serve.logprobs import TokenPieces
 from tandem.serve.metrics import Metrics
 from tandem.serve.reasoning import OPEN, ReasoningSplitter, prompt_opens_reasoning
-from tandem.serve.tool_calls import ToolCall, ToolCallSplitter, check_tools, syntax_of
+from tandem.serve.tool_calls import ToolCall, ToolCallSplitter, check_tools, forced_grammar, syntax_of
 
 
 @dataclass
@@ -130,6 +130,16 @@ class ServedModel:
         check_prompt_chars(text, self.max_context)  # before the tokenizer, which holds the interpreter
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
         return Prompt(ids, self.reasoning and prompt_opens_reasoning(text), tools=bool(tools))
+
+    def tool_grammar(self, tools: list[dict[str, Any]] | None, name: str | None) -> str:
+        """Structured output that makes the reply calls of `name` (None: of any of `tools`)."""
+        if not tools or self.tool_syntax is None:  # chat_prompt refused tools the template cannot render
+            raise APIError(400, "tool_choice forces a call, but no tools are offered", param="tool_choice")
+        try:
+            return forced_grammar(self.tool_syntax, self.tokenizer.chat_template or "", tools, name,
+                                  self.tokenizer.token_to_id)
+        except TandemError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
 
     async def chat_prompt_async(self, messages: list[dict[str, Any]], template_vars: dict[str, Any] | None = None,
                                 tools: list[dict[str, Any]] | None = None) -> Prompt:

@@ -74,7 +74,10 @@ def openai_router(model: ServedModel) -> APIRouter:
         model.check_name(body.model)
         messages = [m.for_template() for m in body.messages]
         prompt = await model.chat_prompt_async(messages, body.chat_template_kwargs, body.offered_tools)
-        return await _complete(request, model, body, prompt, body.token_limit, chat=True)
+        sampling = body.sampling()
+        if body.forced_tool is not False:  # tool_choice 'required' or a named function
+            sampling["grammar"] = model.tool_grammar(body.offered_tools, body.forced_tool)
+        return await _complete(request, model, body, prompt, body.token_limit, chat=True, sampling=sampling)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -88,8 +91,8 @@ def openai_router(model: ServedModel) -> APIRouter:
 
 
 async def _complete(request: Request, model: ServedModel, body: Any, prompt: Prompt, max_tokens: int | None,
-                    chat: bool):
-    params = model.params(prompt, max_tokens, **body.sampling())
+                    chat: bool, sampling: dict[str, Any] | None = None):
+    params = model.params(prompt, max_tokens, **(sampling if sampling is not None else body.sampling()))
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run, split_reasoning=chat)
     await accepted(deltas)

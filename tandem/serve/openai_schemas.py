@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, as pydantic models.
 
 Unknown fields are allowed (clients send `user`, `metadata`, ...); fields we cannot honour
-(n > 1, forced tool choices, images, echo / prompt logprobs) are refused with a 400 that says so,
+(n > 1, images, echo / prompt logprobs) are refused with a 400 that says so,
 never silently ignored. Range checks of sampling values live in SamplingParams, so every front end
 agrees; the logprobs counts are checked here too, against each API's own limit (chat 20,
 completions 5).
@@ -157,13 +157,29 @@ class ChatRequest(_Sampling):
                            param="top_logprobs")
         if self.tools is not None and not isinstance(self.tools, list):
             raise APIError(400, "`tools` must be a list of function tools", param="tools")
-        if self.tool_choice not in (None, "auto", "none"):
-            raise APIError(400, f"tool_choice {self.tool_choice!r} is not supported: forcing a call needs constrained "
-                           "decoding, which tandem does not do; use 'auto' (the model decides) or 'none'",
-                           param="tool_choice")
+        forced = self.tool_choice not in (None, "auto", "none")
+        if forced and self.forced_tool is False:
+            raise APIError(400, f"tool_choice {self.tool_choice!r} is not one of 'none', 'auto', 'required' or "
+                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        if forced and not self.tools:
+            raise APIError(400, "tool_choice forces a call, but the request has no `tools`", param="tool_choice")
+        if forced and self.output_grammar() is not None:
+            raise APIError(400, "response_format and a forced tool_choice cannot be combined: the reply is tool "
+                           "calls", param="tool_choice")
         if self.functions:
             raise APIError(400, "`functions` (deprecated by OpenAI) is not supported: send them as `tools`",
                            param="functions")
+
+    @property
+    def forced_tool(self) -> str | None | bool:
+        """What tool_choice forces: None for 'required' (any tool, at least one call), a function's
+        name for {'type': 'function', 'function': {'name': ...}}; False when it forces nothing
+        (or is not understood)."""
+        choice = self.tool_choice
+        if choice == "required":
+            return None
+        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type", "function") == "function" else None
+        return fn["name"] if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] else False
 
     @property
     def offered_tools(self) -> list[dict[str, Any]] | None:

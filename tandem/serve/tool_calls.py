@@ -15,6 +15,9 @@ content as it comes, a suffix that may begin a marker is held back until the nex
 it, and a call is released whole once its closing marker arrives (mistral's at the end). Text a
 call holds that does not parse (bad JSON, no name, cut off by max_tokens) comes back as content,
 markers included, so nothing the model wrote is lost.
+
+tool_choice 'required' or a named function: `forced_grammar` is structured output (runtime/grammar.py)
+that holds the reply to calls in the same syntax, each tool's arguments to its `parameters` schema.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tandem.errors import TandemError
+from tandem.runtime.grammar import JSON_STYLE, lark_grammar
 
 _DS_CALLS_BEGIN, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 _DS_CALL_BEGIN, _DS_CALL_END, _DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -92,6 +97,52 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise TandemError(f"tools[{i}].function.name must be a non-empty string")
     return tools
+
+
+def forced_grammar(syntax: Syntax, chat_template: str, tools: list[dict[str, Any]], name: str | None,
+                   token_id: Callable[[str], int | None]) -> str:
+    """Structured output that makes the reply tool calls in the model's own syntax, their arguments
+    held to each tool's `parameters` schema: one call of `name`, or (None: tool_choice 'required')
+    one or more calls of any tool. token_id(marker): the marker's id when it is one token."""
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        raise TandemError(f"tool_choice names {name!r}, which is not among `tools`")
+
+    def lit(text: str) -> str:  # a marker as one token where the vocabulary has it, else as text
+        tid = token_id(text)
+        return f"<[{tid}]>" if tid is not None else json.dumps(text, ensure_ascii=False)
+
+    def args(fn: dict[str, Any]) -> dict[str, Any]:
+        schema = fn.get("parameters") or {"type": "object"}
+        return {**schema, "x-guidance": JSON_STYLE}
+
+    def named(fn: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": args(fn)},
+                "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_STYLE}
+
+    many = "+" if name is None else ""
+    if syntax.name == "hermes":
+        call = {"anyOf": [named(fn) for fn in chosen], "x-guidance": JSON_STYLE}
+        rules = [f'start: (unit "\\n"?){many}', f'unit: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+                 f"call: %json {json.dumps(call)}"]
+    elif syntax.name == "mistral":
+        items = {"anyOf": [named(fn) for fn in chosen]}
+        array = {"type": "array", "items": items, "minItems": 1, "x-guidance": JSON_STYLE}
+        if name is not None:
+            array["maxItems"] = 1
+        rules = [f'start: {lit("[TOOL_CALLS]")} " " calls', f"calls: %json {json.dumps(array)}"]
+    else:  # deepseek: V3 / R1 write "function<sep>NAME\n```json\nARGS\n```", V3.1 "NAME<sep>ARGS"
+        fenced = "```json" in chat_template
+        calls = []
+        for i, fn in enumerate(chosen):
+            head = (f'"function" {lit(_DS_SEP)} {json.dumps(fn["name"], ensure_ascii=False)} "\\n```json\\n"' if fenced
+                    else f'{json.dumps(fn["name"], ensure_ascii=False)} {lit(_DS_SEP)}')
+            tail = ' "\\n```"' if fenced else ""
+            calls.append(f"call{i}: {lit(_DS_CALL_BEGIN)} {head} args{i}{tail} {lit(_DS_CALL_END)}")
+            calls.append(f"args{i}: %json {json.dumps(args(fn))}")
+        alts = " | ".join(f"call{i}" for i in range(len(chosen)))
+        rules = [f"start: {lit(_DS_CALLS_BEGIN)} (unit){many} {lit(_DS_CALLS_END)}", f"unit: {alts}", *calls]
+    return lark_grammar("\n".join(rules) + "\n")
 
 
 class ToolCallSplitter:

@@ -7,10 +7,13 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
 
 from tandem.errors import TandemError
 from tandem.runtime.llm import LLM
-from tandem.serve.tool_calls import SYNTAXES, ToolCallSplitter, check_tools, syntax_of
+from tandem.runtime.grammar import Grammars, apply_masks, new_bitmask
+from tandem.runtime.tokenizer import Tokenizer
+from tandem.serve.tool_calls import SYNTAXES, ToolCallSplitter, check_tools, forced_grammar, syntax_of
 
 from .conftest import MAX_CONTEXT, live_server
 
@@ -197,8 +200,10 @@ def test_a_conversation_with_calls_and_results_runs(tools_server):
 
 
 @pytest.mark.parametrize("extra, message, param", [
-    ({"tool_choice": "required"}, "constrained decoding", "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "constrained decoding", "tool_choice"),
+    ({"tool_choice": "always"}, "not one of", "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "not among", "tool_choice"),
+    ({"tool_choice": "required", "tools": None}, "no `tools`", "tool_choice"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined", "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "name", None),
     ({"functions": [{"name": "f"}]}, "as `tools`", "functions"),
 ])
@@ -208,3 +213,55 @@ def test_bad_tool_requests_get_a_400(tools_server, extra, message, param):
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     if param:
         assert r.json()["error"]["param"] == param
+
+
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice, names", [
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ("required", {"get_weather", "get_time"}),
+])
+def test_a_forced_tool_choice_makes_the_reply_calls(tools_server, choice, names):
+    """Random weights would never write a call: the grammar makes them, with schema-true arguments."""
+    body = {"model": "hermes", "messages": ASK, "tools": [CITY_TOOL, TIME_TOOL], "tool_choice": choice,
+            "max_tokens": 120, "temperature": 0.8, "seed": 1}
+    r = httpx.post(tools_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    choice0 = r["choices"][0]
+    assert choice0["finish_reason"] == "tool_calls" and choice0["message"]["content"] is None, r
+    calls = choice0["message"]["tool_calls"]
+    assert calls and all(c["function"]["name"] in names for c in calls)
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert args in ({"city": "Paris"}, {"city": "Rome"}, {"utc": True}, {"utc": False})
+
+
+@pytest.mark.parametrize("syntax, template", [("hermes", ""), ("mistral", ""), ("deepseek", "```json"), ("deepseek", "")])
+@pytest.mark.parametrize("name", [None, "get_time"])
+def test_forced_grammars_write_calls_the_splitter_reads(model_dir, syntax, template, name):
+    """Each syntax's forced grammar (DeepSeek V3's fenced arguments and V3.1's bare ones): random
+    logits held to it decode to calls of the right tools whose arguments follow their schemas."""
+    tok = Tokenizer.from_dir(model_dir)
+    grammar = forced_grammar(SYNTAXES[syntax], template, [CITY_TOOL, TIME_TOOL], name, tok.token_to_id)
+    for seed in range(3):
+        constraint, g, out = Grammars(tok, tok.vocab_size).constraint(grammar), torch.Generator().manual_seed(seed), []
+        while not constraint.done and len(out) < 300:
+            logits, mask = torch.randn(1, tok.vocab_size, generator=g), new_bitmask(1, tok.vocab_size)
+            constraint.fill(mask, 0)
+            apply_masks(logits, [0], mask)
+            out.append(int(logits[0].argmax()))
+            assert constraint.advance(out[-1])
+        content, calls, _ = run(syntax, [tok.decode([t for t in out if t not in tok.eos_ids])])
+        assert constraint.done and content == "" and calls
+        assert all(n == name for n, _ in calls) if name else len(calls) >= 1
+        assert all(a in ({"city": "Paris"}, {"city": "Rome"}, {"utc": True}, {"utc": False}) for _, a in calls)
+
+
+def test_forced_grammars_use_one_token_markers_where_the_vocabulary_has_them():
+    ids = {"<tool_call>": 7, "</tool_call>": 8}
+    grammar = forced_grammar(SYNTAXES["hermes"], "", [CITY_TOOL], "get_weather", ids.get)
+    assert "<[7]>" in grammar and "<[8]>" in grammar and "<tool_call>" not in grammar
