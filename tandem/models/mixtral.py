@@ -18,6 +18,7 @@ from tandem.layers.moe import MoE, MoEConfig
 from tandem.layers.rope import RopeConfig
 from tandem.models.common import (
     check_fields,
+    check_int,
     LAYER,
     CausalLM,
     DecoderLayer,
@@ -82,7 +83,8 @@ class MixtralConfig:
         g = GGUFKeys(metadata)
         if not g.get("expert_count"):
             raise TandemError("this GGUF is a dense Llama-architecture model; tandem runs MoE models (Mixtral) only")
-        heads, hidden = g.integer("attention.head_count"), g.integer("embedding_length")
+        heads = check_int("num_attention_heads", g.integer("attention.head_count"))  # before it divides
+        hidden = g.integer("embedding_length")
         values = dict(
             vocab_size=g.vocab_size(),
             hidden_size=hidden,

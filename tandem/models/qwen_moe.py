@@ -18,6 +18,7 @@ from tandem.layers.moe import MoE, MoEConfig
 from tandem.layers.rope import RopeConfig
 from tandem.models.common import (
     check_fields,
+    check_int,
     LAYER,
     CausalLM,
     DecoderLayer,
@@ -116,7 +117,9 @@ class QwenMoeConfig:
         llama.cpp takes biases, q/k norms, the shared expert and which layers are MoE from the tensors
         (no sliding window: llama.cpp applies none to these architectures)."""
         g, names = GGUFKeys(metadata), set(tensor_names)
-        layers, heads = g.integer("block_count"), g.integer("attention.head_count")
+        # checked before they size the per-layer lists and divide
+        layers = check_int("num_hidden_layers", g.integer("block_count"))
+        heads = check_int("num_attention_heads", g.integer("attention.head_count"))
         hidden = g.integer("embedding_length")
         shared = any(n.endswith("ffn_gate_inp_shexp.weight") for n in names)
         values = dict(

@@ -173,7 +173,9 @@ class Engine:
         if token == NAN_LOGITS:
             seq.output.pop()  # not a token
             reason = "error"
-        elif not p.ignore_eos and (token in self.tokenizer.eos_ids or token in p.stop_token_ids):
+        elif (not p.ignore_eos or seq.seq_id in self._constraints) and (
+                token in self.tokenizer.eos_ids or token in p.stop_token_ids):
+            # a constrained sequence's eos ends it whatever ignore_eos says: its grammar allowed the end
             reason, text = "stop", detok.finish()
         else:
             text, hit = detok.stops.feed(detok.decoder.push(token))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tandem.errors import TandemError
+from tandem.runtime.staging import to_device
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def apply_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) ->
     bits = bitmask.to(logits.device, non_blocking=True)
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :V].bool()
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, torch.int64, logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 

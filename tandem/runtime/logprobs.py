@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from tandem.runtime.staging import to_device
+
 MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
@@ -79,7 +81,4 @@ class LogprobsPlan:
     def _index(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """The asking rows as a device index; None when every row asks. Staged in pinned memory
         on a GPU so that the copy does not wait for the stream (no host sync)."""
-        if len(self.rows) == batch:
-            return None
-        pinned = device.type == "cuda"
-        return torch.tensor(self.rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
+        return None if len(self.rows) == batch else to_device(self.rows, torch.int64, device)

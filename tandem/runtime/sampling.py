@@ -27,6 +27,7 @@ import torch
 from tandem.errors import TandemError
 from tandem.runtime.grammar import apply_masks, check_grammar
 from tandem.runtime.logprobs import MAX_LOGPROBS, LogprobsPlan, TokenLogprobs
+from tandem.runtime.staging import to_device
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,7 @@ def sample(
         row = view = logits[i]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
-            bias = torch.tensor(bias, dtype=row.dtype, device=row.device)
-            row = row.index_add(0, torch.tensor(ids, device=row.device), bias)
+            row = row.index_add(0, to_device(ids, torch.int64, row.device), to_device(bias, row.dtype, row.device))
         if p.repetition_penalty != 1.0 and histories[i]:
             row = _repetition_penalty(row, histories[i], p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and histories[i]:
@@ -306,5 +306,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
 

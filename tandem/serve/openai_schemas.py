@@ -105,9 +105,12 @@ class _Sampling(_Body):
         if not self.logit_bias:
             return None
         try:
-            return {int(k): v for k, v in self.logit_bias.items()}
+            biases = {int(k): v for k, v in self.logit_bias.items()}
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+        if len(biases) != len(self.logit_bias):
+            raise APIError(400, "logit_bias names a token id twice (e.g. \"5\" and \"05\")", param="logit_bias")
+        return biases
 
     def output_grammar(self) -> str | None:
         """Structured output (runtime/grammar.py) for response_format json_object / json_schema."""

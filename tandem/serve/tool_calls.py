@@ -96,6 +96,8 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
             raise TandemError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise TandemError(f"tools[{i}].function.name must be a non-empty string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise TandemError(f"tools[{i}].function.parameters must be a JSON schema object")
     return tools
 
 
@@ -247,7 +249,7 @@ def _arguments_text(arguments: Any) -> str | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return None
     if not isinstance(arguments, dict):
         return None
@@ -277,7 +279,7 @@ def _parse_unit(syntax: Syntax, unit: str) -> list[tuple[str, str]] | None:
             calls = calls if isinstance(calls, list) else [calls]
             parsed = [_named_call(c) for c in calls]
             return parsed if parsed and all(parsed) else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     # deepseek: "function<sep>NAME\n```json\nARGS\n```" (V3, R1) or "NAME<sep>ARGS" (V3.1)
     head, sep, rest = body.partition(_DS_SEP)

@@ -352,3 +352,19 @@ def test_gguf_name_rules_for_old_layouts():
     (sources, shape, combine), = derived.values()
     assert sources == ("blk.0.ffn_gate_inp_shexp.weight",) and shape == (1, 6)
     assert torch.equal(combine([torch.arange(6.0)]), torch.arange(6.0).view(1, 6))
+
+
+@pytest.mark.parametrize("arch, metadata, field", [
+    ("qwen3moe", {"block_count": 2**31 - 1}, "num_hidden_layers"),  # was: a per-layer list of 2**31 entries first
+    ("qwen3moe", {"attention.head_count": 0}, "num_attention_heads"),  # was: ZeroDivisionError
+    ("llama", {"attention.head_count": 0}, "num_attention_heads"),
+])
+def test_gguf_counts_are_checked_before_they_are_used(arch, metadata, field):
+    from tandem.models.mixtral import MixtralConfig
+    from tandem.models.qwen_moe import QwenMoeConfig
+
+    config = QwenMoeConfig if arch.startswith("qwen") else MixtralConfig
+    base = {"block_count": 2, "attention.head_count": 4, "embedding_length": 64, "expert_count": 4}
+    keys = {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in {**base, **metadata}.items()}}
+    with pytest.raises(TandemError, match=field):
+        config.from_gguf(keys, ["blk.0.ffn_gate_inp.weight"])

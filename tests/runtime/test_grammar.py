@@ -105,13 +105,18 @@ def llm(tmp_path_factory):
                progress=False, max_context=256, max_batch=4)
 
 
-def run_all(engine, requests):
+def run_all(engine, requests, texts=None):
+    """(tokens, finish reason) of each request run together; `texts` (a dict) gets their emitted text."""
     ids = [engine.add_request(prompt, params) for prompt, params in requests]
     out = {i: ([], None) for i in ids}
+    emitted = {i: "" for i in ids}
     while engine.has_work():
         for o in engine.step():
             tokens, _ = out[o.seq_id]
             out[o.seq_id] = (tokens + [o.token], o.finish_reason)
+            emitted[o.seq_id] += o.text
+    if texts is not None:
+        texts.update((n, emitted[i]) for n, i in enumerate(ids))
     return [out[i] for i in ids]
 
 
@@ -158,3 +163,19 @@ def test_structured_output_and_logprobs_on_gpu(tmp_path):
     got = torch.tensor([lp.logprob for lp in out.logprobs])
     want = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].cpu()
     assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+
+
+def test_a_constrained_sequence_ends_at_eos_even_with_ignore_eos(llm):
+    """Its grammar allowed the end: the eos must not be appended as text (that broke the JSON)."""
+    from tandem.runtime.sampling import SamplingParams
+
+    engine, tok = llm.engine, llm.tokenizer
+    eos = min(tok.eos_ids)
+    number = json_grammar({"type": "integer", "minimum": 0, "maximum": 99})
+    for ignore_eos in (False, True):
+        params = SamplingParams(temperature=0, max_new_tokens=20, grammar=number, ignore_eos=ignore_eos,
+                                logit_bias={eos: 100.0})
+        texts: dict[int, str] = {}
+        ((tokens, reason),) = run_all(engine, [(tok.encode("n="), params)], texts)
+        assert reason == "stop" and tokens[-1] == eos
+        assert texts[0].isdigit() and 0 <= json.loads(texts[0]) <= 99, texts[0]

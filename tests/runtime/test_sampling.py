@@ -253,6 +253,6 @@ def test_logit_bias_forces_bans_and_leaves_other_rows_alone():
     assert tokens[0] != top and tokens[0] == int(logits[0].topk(2).indices[1])
     assert tokens[1] == 7 and tokens[2] == int(logits[2].argmax())
     assert forced.logit_bias == ((7, 100.0),)
-    for bad in ({1: 101.0}, {-1: 1.0}, {1.5: 1.0}, {i: 1.0 for i in range(301)}, {1: float("nan")}):
+    for bad in ({1: 101.0}, {-1: 1.0}, {1.5: 1.0}, {i: 1.0 for i in range(301)}, {1: float("nan")}, {1: 10**400}):
         with pytest.raises(TandemError, match="logit_bias"):
             SamplingParams(logit_bias=bad)

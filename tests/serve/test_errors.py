@@ -74,6 +74,9 @@ def assert_openai_error(r: httpx.Response, status: int, message: str, param: str
     ("/v1/chat/completions", with_(response_format={"type": "json_schema", "json_schema": []}), 400, "json_schema",
      "response_format"),
     ("/v1/chat/completions", with_(logit_bias={"one": 5}), 400, "logit_bias", "logit_bias"),
+    ("/v1/chat/completions", with_(logit_bias={"5": 1, "05": 2}), 400, "twice", "logit_bias"),
+    pytest.param("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+                 '"logit_bias": {"1": 1' + "0" * 400 + '}}', 400, "logit_bias", None, id="bias-10**400"),
     ("/v1/chat/completions", with_(logit_bias={"1": 500}), 400, "logit_bias", None),
     ("/v1/chat/completions", with_(logit_bias={"100000": 5}), 400, "logit_bias token ids", None),
     ("/v1/chat/completions", with_(top_logprobs=5), 400, "top_logprobs", "top_logprobs"),

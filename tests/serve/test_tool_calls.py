@@ -205,6 +205,8 @@ def test_a_conversation_with_calls_and_results_runs(tools_server):
     ({"tool_choice": "required", "tools": None}, "no `tools`", "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined", "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "name", None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}], "tool_choice": "required"},
+     "parameters", None),  # was a 500 (TypeError) in the forced grammar
     ({"functions": [{"name": "f"}]}, "as `tools`", "functions"),
 ])
 def test_bad_tool_requests_get_a_400(tools_server, extra, message, param):
@@ -265,3 +267,14 @@ def test_forced_grammars_use_one_token_markers_where_the_vocabulary_has_them():
     ids = {"<tool_call>": 7, "</tool_call>": 8}
     grammar = forced_grammar(SYNTAXES["hermes"], "", [CITY_TOOL], "get_weather", ids.get)
     assert "<[7]>" in grammar and "<[8]>" in grammar and "<tool_call>" not in grammar
+
+
+@pytest.mark.parametrize("syntax, text", [
+    ("hermes", "<tool_call>" + "[" * 3000 + "</tool_call>"),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "' + "[" * 3000 + '"}</tool_call>'),
+    ("mistral", "[TOOL_CALLS] " + "[" * 3000),
+])
+def test_degenerate_nesting_comes_back_as_content(syntax, text):
+    """json.loads raises RecursionError past its depth: that was a 500 that lost the whole reply."""
+    content, calls, _ = run(syntax, [text])
+    assert calls == [] and content == text
