@@ -84,7 +84,7 @@ class Engine:
         # Structured output: the model's vocabulary (the logits' width) as the grammar engine sees it,
         # and each constrained sequence's place in its grammar.
         vocab = getattr(getattr(model, "cfg", None), "vocab_size", None) or tokenizer.vocab_size
-        self._grammars = Grammars(tokenizer, vocab)
+        self.grammars = Grammars(tokenizer, vocab)
         self._constraints: dict[int, Constraint] = {}
 
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
@@ -100,7 +100,7 @@ class Engine:
             raise TandemError(f"prompt token ids must be in 0..{vocab - 1}")
         if params.logit_bias and max(t for t, _ in params.logit_bias) >= vocab:
             raise TandemError(f"logit_bias token ids must be in 0..{vocab - 1}")
-        constraint = self._grammars.constraint(params.grammar) if params.grammar is not None else None
+        constraint = self.grammars.constraint(params.grammar) if params.grammar is not None else None
         # Seeded requests sample on the logits' device, so their generator lives there too.
         seq = Sequence(next(self._ids), list(prompt), params, make_generator(params, self.runner.device))
         if constraint is not None:

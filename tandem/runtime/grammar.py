@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -75,15 +77,24 @@ def bitmask_width(vocab: int) -> int:
 
 class Grammars:
     """The model's tokenizer as llguidance sees it (built once, on the first constrained request:
-    about a second for a 100K vocabulary) and the constraints made from it."""
+    about a second for a 100K vocabulary) and the grammars compiled over it, each kept as a start
+    state that a request's Constraint copies (the last MAX_COMPILED grammars).
+
+    Compiling takes milliseconds to (for a large schema) a second. `prepare` does it on the
+    caller's thread, so a server compiles a request's grammar on a worker thread before the
+    request reaches the engine's thread, whose steps every running stream waits on. Thread-safe."""
+
+    MAX_COMPILED = 32
 
     def __init__(self, tokenizer, vocab: int):
         """tokenizer: tandem.runtime.tokenizer.Tokenizer; vocab: the logits' width (the model's
         vocabulary, which may exceed the tokenizer's: ids past it are never allowed)."""
         self._tokenizer, self.vocab = tokenizer, vocab
         self._ll = None
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # grammar text -> matcher at its start
+        self._lock = threading.Lock()
 
-    def _ll_tokenizer(self):
+    def _ll_tokenizer(self):  # under self._lock
         if self._ll is None:
             llg = _llguidance()
             eos = sorted(self._tokenizer.eos_ids)
@@ -96,12 +107,28 @@ class Grammars:
                 raise TandemError(f"structured output cannot read this model's tokenizer: {e}") from None
         return self._ll
 
-    def constraint(self, grammar: str) -> Constraint:
-        llg = _llguidance()
-        matcher = llg.LLMatcher(self._ll_tokenizer(), grammar, log_level=0)
+    def prepare(self, grammar: str) -> None:
+        """Compile `grammar` now (once), so that constraint() only copies its start state."""
+        self._start(grammar)
+
+    def _start(self, grammar: str):
+        with self._lock:
+            matcher = self._compiled.get(grammar)
+            if matcher is not None:
+                self._compiled.move_to_end(grammar)
+                return matcher
+            ll = self._ll_tokenizer()
+        matcher = _llguidance().LLMatcher(ll, grammar, log_level=0)  # the slow part, outside the lock
         if matcher.is_error():
             raise TandemError(f"the output format cannot be used: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab)
+        with self._lock:
+            self._compiled[grammar] = matcher
+            while len(self._compiled) > self.MAX_COMPILED:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def constraint(self, grammar: str) -> Constraint:
+        return Constraint(self._start(grammar).deep_copy(), self.vocab)
 
 
 class Constraint:

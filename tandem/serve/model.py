@@ -183,6 +183,8 @@ class ServedModel:
         pending: list[TokenLogprobs] = []  # logprobs not yet handed out in a delta
         tools = ToolCallSplitter(self.tool_syntax) if prompt.tools and self.tool_syntax is not None else None
         try:
+            if params.grammar is not None:  # compiled here, on a worker thread, not on the engine's
+                await anyio.to_thread.run_sync(self.engine.engine.grammars.prepare, params.grammar)
             async with self.engine.request(prompt.ids, params) as outputs:
                 yield Delta()
                 async for out in outputs:

@@ -53,3 +53,30 @@ def test_a_template_that_opens_think_refuses_structured_output(thinking_server):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "r1", "messages": ASK, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "<think>" in r.json()["error"]["message"]
+
+
+def test_grammars_compile_on_a_worker_thread_not_the_engines(idle, monkeypatch):
+    """Compiling a schema can take a second; on the engine's thread it would stall every stream."""
+    import threading
+
+    import llguidance
+
+    real, threads = llguidance.LLMatcher, []
+
+    class Recording:  # LLMatcher, noting the thread each compile runs on
+        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
+        validate_grammar = staticmethod(real.validate_grammar)
+
+        def __new__(cls, *args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Recording)
+    schema = {"type": "object", "properties": {"seen": {"enum": ["once"]}}, "required": ["seen"],
+              "additionalProperties": False}
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 60, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}}
+    for _ in range(2):  # the second request copies the compiled start state
+        r = httpx.post(idle.url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert json.loads(r["choices"][0]["message"]["content"]) == {"seen": "once"}
+    assert len(threads) == 1 and threads[0] != "tandem-engine", threads
