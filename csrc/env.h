@@ -1,6 +1,7 @@
-// Environment switches for A/B measurements (TANDEM_FLOW, TANDEM_SPLIT_DOWN, TANDEM_HUGEPAGES,
-// TANDEM_AMX_PREFETCH, TANDEM_AMX_OVERLAP): on unless set to "0". Read once per call site (keep
-// the result in a function-local static).
+// Environment switches for A/B measurements: env_switch_on (TANDEM_FLOW, TANDEM_SPLIT_DOWN,
+// TANDEM_HUGEPAGES, TANDEM_AMX_PREFETCH) is on unless set to "0"; env_opt_in (TANDEM_AMX_OVERLAP,
+// measured slower) is off unless set to "1". Read once per call site (keep the result in a
+// function-local static).
 //
 // `static` on purpose: ISA translation units include this header, and a shared inline function
 // compiled with their -m flags could be picked by the linker for baseline code (see act.h).
@@ -14,6 +15,11 @@ namespace tandem {
 static inline bool env_switch_on(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+static inline bool env_opt_in(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 }  // namespace tandem

@@ -420,11 +420,14 @@ void bf16_tiles_body(const MatArgs& m) {
 // Block-scaled formats: kRowBlock rows at a time, dequantized into a bf16 panel, then bf16 tiles.
 // Where two panels fit beside L2's other load (K <= kOverlapMaxK), the next block is expanded into
 // the second panel during the current block's tile steps (Expand), and the weights prefetched are
-// the block after it; TANDEM_AMX_OVERLAP=0 expands each block before its tiles (the A/B).
+// the block after it. Off unless TANDEM_AMX_OVERLAP=1: on the AMX box (session 9, H100 host,
+// 14 threads) it made Q4_K slower, one call of 256 rows x 48 tokens 0.192 ms against 0.104 ms, and
+// V2-Lite's Q4_K_M layer at T=2048 73.5 ms against 52.1 ms (the vector and tile units share the
+// core's load ports and L1, so the expansion does not hide behind the tiles).
 constexpr int kOverlapMaxK = 3072;  // two panels of 64 rows: <= 768 KB
 
 bool overlap_for(int K) {
-  static const bool enabled = env_switch_on("TANDEM_AMX_OVERLAP");
+  static const bool enabled = env_opt_in("TANDEM_AMX_OVERLAP");
   return enabled && K <= kOverlapMaxK;
 }
 
