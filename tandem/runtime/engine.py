@@ -27,6 +27,7 @@ from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
 log = logging.getLogger(__name__)
 
+
 class StepFailed(Exception):
     """Engine.step() raised `error` while running the model or sampling. The sequences in `failed`
     are finished (reason 'error'); every other one is unchanged and continues in the next step."""
@@ -45,6 +46,8 @@ class StepOutput:
     # 'error': the model's logits for this sequence were NaN (token is NAN_LOGITS, text empty)
     is_prefill: bool  # the token came out of the step that finished the prompt (the first token)
     logprobs: TokenLogprobs | None = None  # when the request's params ask (None with reason 'error')
+    # the token is the eos or stop token id that ended the sequence: no text of the answer (APIs show no logprob)
+    ended_by_token: bool = False
 
 
 class _Detok:
@@ -114,11 +117,16 @@ class Engine:
         return self.scheduler.has_work()
 
     def abort(self, seq_id: int) -> None:
-        seq = self._seqs.pop(seq_id, None)
-        self._detok.pop(seq_id, None)
-        self._constraints.pop(seq_id, None)
+        seq = self._seqs.get(seq_id)
+        self._forget(seq_id)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
+
+    def _forget(self, seq_id: int) -> None:
+        """Drop a finished or aborted sequence's per-request state."""
+        self._seqs.pop(seq_id, None)
+        self._detok.pop(seq_id, None)
+        self._constraints.pop(seq_id, None)
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
@@ -162,21 +170,19 @@ class Engine:
         blamed = [s for s in batch.seqs if not s.prefilled] or list(batch.seqs)
         for seq in blamed:
             self.scheduler.finish(seq, "error")
-            self._seqs.pop(seq.seq_id, None)
-            self._detok.pop(seq.seq_id, None)
-            self._constraints.pop(seq.seq_id, None)
+            self._forget(seq.seq_id)
         return StepFailed(error, [s.seq_id for s in blamed])
 
     def _emit(self, seq: Sequence, token: int, is_prefill: bool, logprobs: TokenLogprobs | None) -> StepOutput:
         p, detok = seq.params, self._detok[seq.seq_id]
-        reason, text = None, ""
+        reason, text, by_token = None, "", False
         if token == NAN_LOGITS:
             seq.output.pop()  # not a token
             reason = "error"
         elif (not p.ignore_eos or seq.seq_id in self._constraints) and (
                 token in self.tokenizer.eos_ids or token in p.stop_token_ids):
             # a constrained sequence's eos ends it whatever ignore_eos says: its grammar allowed the end
-            reason, text = "stop", detok.finish()
+            reason, text, by_token = "stop", detok.finish(), True
         else:
             text, hit = detok.stops.feed(detok.decoder.push(token))
             constraint = self._constraints.get(seq.seq_id)
@@ -194,10 +200,8 @@ class Engine:
                 text += detok.finish()
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            self._seqs.pop(seq.seq_id, None)
-            self._detok.pop(seq.seq_id, None)
-            self._constraints.pop(seq.seq_id, None)
-        return StepOutput(seq.seq_id, token, text, reason, is_prefill, logprobs)
+            self._forget(seq.seq_id)
+        return StepOutput(seq.seq_id, token, text, reason, is_prefill, logprobs, by_token)
 
     def score(self, tokens: list[int]) -> torch.Tensor:
         """fp32 logits [len(tokens), V] of one teacher-forced pass (for perplexity); runs alone."""

@@ -13,8 +13,6 @@ mask in ~50 us on one core). A request carries its grammar as llguidance's gramm
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -24,7 +22,6 @@ import torch
 from tandem.errors import TandemError
 from tandem.runtime.staging import to_device
 
-log = logging.getLogger(__name__)
 
 
 def _llguidance():
@@ -128,14 +125,14 @@ class Grammars:
         return matcher
 
     def constraint(self, grammar: str) -> Constraint:
-        return Constraint(self._start(grammar).deep_copy(), self.vocab)
+        return Constraint(self._start(grammar).deep_copy())
 
 
 class Constraint:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher, vocab: int):
-        self._matcher, self.vocab = matcher, vocab
+    def __init__(self, matcher):
+        self._matcher = matcher
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """bitmask[row] = the tokens allowed next (host int32, contiguous rows)."""
@@ -173,13 +170,3 @@ def new_bitmask(rows: int, vocab: int) -> torch.Tensor:
     """A host bitmask for `rows` constrained rows (pinned where a GPU will read it)."""
     return torch.zeros(rows, bitmask_width(vocab), dtype=torch.int32, pin_memory=torch.cuda.is_available())
 
-
-def schema_of(text: str) -> dict[str, Any]:
-    """A JSON schema given as text (CLI files, Ollama's `format`), parsed."""
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TandemError(f"the JSON schema is not valid JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise TandemError("a JSON schema must be a JSON object")
-    return schema

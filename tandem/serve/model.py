@@ -192,7 +192,7 @@ class ServedModel:
                         run.first_token = time.perf_counter()
                     run.completion_tokens += 1
                     run.finish_reason = out.finish_reason
-                    if out.logprobs is not None and not self._stop_token(out.token, out.finish_reason, params):
+                    if out.logprobs is not None and not out.ended_by_token:  # the end token has no text
                         run.logprobs.append(out.logprobs)
                         pending.append(out.logprobs)
                     delta = self._delta(splitter, out.text, final=out.finish_reason is not None)
@@ -213,12 +213,6 @@ class ServedModel:
             if run.first_token is not None:  # rejected requests generated nothing
                 self.metrics.count_generation(run.prompt_tokens, run.completion_tokens, run.finish_reason,
                                               run.decode_tok_s)
-
-    def _stop_token(self, token: int, finish_reason: str | None, params: SamplingParams) -> bool:
-        """The token that ended the generation as eos or a stop token id: it is not part of the
-        answer's text, so the API reports no logprobs for it (as OpenAI shows no end token)."""
-        return finish_reason == "stop" and not params.ignore_eos and (
-            token in self.tokenizer.eos_ids or token in params.stop_token_ids)
 
     @staticmethod
     def _delta(splitter: ReasoningSplitter | None, text: str, final: bool) -> Delta:

@@ -78,7 +78,6 @@ class _Request(_Body):
         if self.images or any(m.images for m in messages):
             raise APIError(400, "images are not supported: this server takes text only")
 
-
     def grammar(self) -> str | None:
         """Structured output (runtime/grammar.py): `format` "json" (any JSON object) or a JSON schema."""
         if self.format is None or self.format == "":

@@ -158,15 +158,13 @@ class ChatRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true: set it, or leave out top_logprobs",
                            param="top_logprobs")
-        if self.tools is not None and not isinstance(self.tools, list):
-            raise APIError(400, "`tools` must be a list of function tools", param="tools")
         forced = self.tool_choice not in (None, "auto", "none")
         if forced and self.forced_tool is False:
             raise APIError(400, f"tool_choice {self.tool_choice!r} is not one of 'none', 'auto', 'required' or "
                            "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
         if forced and not self.tools:
             raise APIError(400, "tool_choice forces a call, but the request has no `tools`", param="tool_choice")
-        if forced and self.output_grammar() is not None:
+        if forced and (self.response_format or {}).get("type", "text") != "text":
             raise APIError(400, "response_format and a forced tool_choice cannot be combined: the reply is tool "
                            "calls", param="tool_choice")
         if self.functions:

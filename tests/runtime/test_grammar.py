@@ -179,3 +179,16 @@ def test_a_constrained_sequence_ends_at_eos_even_with_ignore_eos(llm):
         ((tokens, reason),) = run_all(engine, [(tok.encode("n="), params)], texts)
         assert reason == "stop" and tokens[-1] == eos
         assert texts[0].isdigit() and 0 <= json.loads(texts[0]) <= 99, texts[0]
+
+
+def test_the_engine_marks_the_token_that_ended_a_sequence(llm):
+    """StepOutput.ended_by_token: the eos / stop token that ended it (the APIs give it no logprob)."""
+    from tandem.runtime.sampling import SamplingParams
+
+    engine, tok = llm.engine, llm.tokenizer
+    eos = min(tok.eos_ids)
+    for ignore_eos, ended in ((False, True), (True, False)):
+        engine.add_request(tok.encode("x"), SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=ignore_eos,
+                                                           logit_bias={eos: 100.0}))
+        outs = [o for _ in range(8) if engine.has_work() for o in engine.step()]
+        assert [(o.token, o.ended_by_token) for o in outs] == [(eos, ended)]

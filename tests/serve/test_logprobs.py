@@ -286,7 +286,7 @@ def test_held_back_tokens_ride_on_the_delta_that_shows_their_text_and_the_eos_is
         StepOutput(0, 10, "x", None, True, a),
         StepOutput(0, 11, "", None, False, b),  # part of a character: no text yet
         StepOutput(0, 12, "yz", None, False, c),
-        StepOutput(0, eos, "", "stop", False, TokenLogprobs(eos, -0.1)),
+        StepOutput(0, eos, "", "stop", False, TokenLogprobs(eos, -0.1), True),  # as the Engine marks an eos end
     ])
     assert [(d.content, d.logprobs) for d in deltas] == [("x", [a]), ("yz", [b, c])]
     assert run.logprobs == [a, b, c]
