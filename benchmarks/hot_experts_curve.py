@@ -95,6 +95,20 @@ def save(args, rows: list[dict]) -> None:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "slack": SLACK, "rows": rows}, indent=1))
 
 
+def hold_to_model(row: dict, base: dict) -> None:
+    """row's model time from the no-hot row's split (base), and whether row is within SLACK of it.
+    A split whose CPU part exceeds the whole step (t_GPU < 0) is wrong, not a loose bound: the row
+    is then not within, with the reason, and no ratio."""
+    row["model_ms"] = base["t_gpu_ms"] + (1 - row["s"]) * base["t_cpu_ms"]
+    if base["t_gpu_ms"] < 0 or row["model_ms"] <= 0:
+        row["within"] = False
+        row["split_error"] = (f"t_CPU {base['t_cpu_ms']:.2f} ms exceeds the step "
+                              f"({base['t_cpu_ms'] + base['t_gpu_ms']:.2f} ms): the stream split is wrong")
+    else:
+        row["ratio"] = row["ms_per_token"] / row["model_ms"]
+        row["within"] = row["ratio"] <= SLACK
+
+
 def curve(path: str, args, done: list[dict]) -> list[dict]:
     """The budgets in ascending order, 0 first (its run gives the expert count and t_CPU / t_GPU).
     Every row is saved to --json as soon as it is measured (`done`: the other models' rows), so a
@@ -109,9 +123,7 @@ def curve(path: str, args, done: list[dict]) -> list[dict]:
         rows.append(row)
         base = rows[0]
         if "t_cpu_ms" in base:
-            row["model_ms"] = base["t_gpu_ms"] + (1 - row["s"]) * base["t_cpu_ms"]
-            row["ratio"] = row["ms_per_token"] / row["model_ms"]
-            row["within"] = row["ratio"] <= SLACK
+            hold_to_model(row, base)
         log(f"  {row['tok_s']:.1f} tok/s, s = {row['s']:.2f}" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""))
         save(args, done + rows)
     return rows

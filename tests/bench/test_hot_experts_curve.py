@@ -43,3 +43,18 @@ def test_bad_fractions_are_refused(curve, capsys):
     with pytest.raises(SystemExit):
         curve.main(["m.gguf", "--fractions", "0,2"])
     assert "fractions must be in 0..1" in capsys.readouterr().err
+
+
+def test_a_split_with_negative_gpu_time_holds_nothing(curve):
+    """Session 9's GPU run: the split's CPU part (682 ms) exceeded the step (15 ms), so every model
+    time was negative and every ratio negative, which read as 'within'."""
+    base = {"t_cpu_ms": 682.5, "t_gpu_ms": -622.0}
+    row = {"s": 0.29, "ms_per_token": 26.1}
+    curve.hold_to_model(row, base)
+    assert row["within"] is False and "ratio" not in row and "stream split is wrong" in row["split_error"]
+    good = {"s": 0.5, "ms_per_token": 9.0}
+    curve.hold_to_model(good, {"t_cpu_ms": 10.0, "t_gpu_ms": 4.0})
+    assert good["model_ms"] == 9.0 and good["ratio"] == 1.0 and good["within"] is True
+    slow = {"s": 0.5, "ms_per_token": 10.0}
+    curve.hold_to_model(slow, {"t_cpu_ms": 10.0, "t_gpu_ms": 4.0})
+    assert slow["within"] is False  # 10 / 9 > 1.1
