@@ -171,8 +171,9 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
     from tandem.layers.cpu_experts import CpuExperts
     from tandem.runtime.sampling import SamplingParams
 
-    experts = [e for m in llm.model.layers if isinstance(m.ffn, MoE)  # CpuExperts, or inside a wrapper
-               for e in m.ffn.experts.modules() if isinstance(e, CpuExperts)]
+    found = (next((e for e in m.ffn.experts.modules() if isinstance(e, CpuExperts)), None)  # or in a wrapper
+             for m in llm.model.layers if isinstance(m.ffn, MoE))
+    experts = [e for e in found if e is not None]  # one per layer: its own engine calls
     if not experts or llm.engine.runner.device.type != "cuda":
         return None
     params = SamplingParams(temperature=0.0, max_new_tokens=n + 1, ignore_eos=True)

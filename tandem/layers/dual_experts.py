@@ -129,7 +129,7 @@ class DualExperts(nn.Module):
         self.last_runs: list[list[int]] = []  # ... in their runs
         self.next_first: list[list[int]] = []  # the run stage_ahead copies (the last step's own first choice)
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
-        self.next_layer: DualExperts | None = None  # the model's next dual layer (enable_dual_prefill)
+        self.next_layer = None  # the model's next dual layer (enable_dual_prefill): a link, see __setattr__
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
         self.prestaged = 0  # long steps whose first run the layer before had copied (tests, profiles)
         self._registered = False
@@ -137,6 +137,21 @@ class DualExperts(nn.Module):
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
         # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones.
         self.learned_rates: dict[int, DualRates] = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        # next_layer is a link, not a submodule: registered, every layer would nest all those after
+        # it (one layer's modules() walked the rest of the model, and profiles read each layer's
+        # engine calls once per layer before it: session 9's 682 ms of "engine jobs" per 15 ms step).
+        if name == "next_layer":
+            if value is not None and not isinstance(value, DualExperts):
+                raise TypeError(f"next_layer must be a DualExperts or None, got {type(value).__name__}")
+            self.__dict__["_next_layer"] = value
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def next_layer(self) -> "DualExperts | None":
+        return self.__dict__.get("_next_layer")
 
     def rates_for(self, tokens: int) -> DualRates:
         return self.learned_rates.get(tokens.bit_length(), self.rates)

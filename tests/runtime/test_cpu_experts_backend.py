@@ -114,3 +114,9 @@ def test_dual_prefill_layers_know_the_next_one_in_model_order(tmp_path):
         pytest.skip("the engine's kernels here keep the file's rows: no dual path")
     assert wrapped == len(duals) >= 2
     assert [d.next_layer for d in duals] == duals[1:] + [None]
+    # A link, not a submodule: each layer's module tree holds its own engine call alone (profiles
+    # read every layer's calls through it), and the model's names stay one per layer.
+    for d in duals:
+        assert [m for m in d.modules() if isinstance(m, DualExperts)] == [d]
+    names = [n for n, m in llm.model.named_modules() if isinstance(m, DualExperts)]
+    assert all(n.endswith("ffn.experts") and n.count("experts") == 1 for n in names), names
