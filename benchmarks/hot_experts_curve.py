@@ -151,7 +151,7 @@ def plot(rows: list[dict], path: str) -> None:
         mine = [r for r in rows if r["model"] == model]
         x = [100 * r["fraction"] for r in mine]
         ax.plot(x, [r["ms_per_token"] for r in mine], "o-", color=f"C{i}", label=f"{Path(model).name} measured")
-        if all("model_ms" in r for r in mine):
+        if all("ratio" in r for r in mine):  # a wrong split (split_error) draws no model
             ax.plot(x, [SLACK * r["model_ms"] for r in mine], "--", color=f"C{i}",
                     label=f"{Path(model).name}: 1.1 x (t_GPU + (1 - s) t_CPU)")
     ax.set_xlabel("experts per layer kept on the GPU (%)")
