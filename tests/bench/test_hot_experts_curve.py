@@ -58,3 +58,20 @@ def test_a_split_with_negative_gpu_time_holds_nothing(curve):
     slow = {"s": 0.5, "ms_per_token": 10.0}
     curve.hold_to_model(slow, {"t_cpu_ms": 10.0, "t_gpu_ms": 4.0})
     assert slow["within"] is False  # 10 / 9 > 1.1
+
+
+def test_a_budget_is_also_held_with_its_own_gpu_time(curve):
+    """All hot: the engine is never called, the step is the GPU's; against the no-hot t_GPU the
+    hot experts' GPU time counts (ratio 1.5), against its own it does not (ratio 1). Half hot with
+    a CPU part that did not shrink with s fails the own model too."""
+    base = {"t_cpu_ms": 10.0, "t_gpu_ms": 4.0}
+    all_hot = {"s": 1.0, "ms_per_token": 6.0, "t_cpu_ms": 0.0, "t_gpu_ms": 6.0}
+    curve.hold_to_model(all_hot, base)
+    assert all_hot["ratio"] == 1.5 and all_hot["within"] is False
+    assert all_hot["model_own_ms"] == 6.0 and all_hot["ratio_own"] == 1.0 and all_hot["within_own"] is True
+    stuck = {"s": 0.5, "ms_per_token": 14.0, "t_cpu_ms": 10.0, "t_gpu_ms": 4.0}  # CPU time as with none hot
+    curve.hold_to_model(stuck, base)
+    assert stuck["model_own_ms"] == 9.0 and stuck["within_own"] is False
+    no_split = {"s": 0.5, "ms_per_token": 9.0}  # no split of its own (not on a GPU): the base model only
+    curve.hold_to_model(no_split, base)
+    assert "ratio" in no_split and "ratio_own" not in no_split
