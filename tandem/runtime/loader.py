@@ -13,7 +13,6 @@ read (`bind_gpu_blocks`: they keep the file's blocks on the GPU).
 """
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -28,15 +27,13 @@ from tandem.models.registry import gguf_model_class, model_class
 from tandem.runtime.experts import bind_block_experts
 from tandem.runtime.gpu_weights import bind_gpu_blocks
 from tandem.runtime.plan import cpu_block_rename, materialize
-from tandem.runtime.sampling import SamplingParams, load_generation_defaults
+from tandem.runtime.sampling import load_generation_defaults, valid_defaults
 from tandem.runtime.tokenizer import Tokenizer
 from tandem.runtime.tokenizer_gguf import tokenizer_from_gguf
 from tandem.weights.checkpoint import Checkpoint
 from tandem.weights.derived import DerivedCheckpoint
 from tandem.weights.gguf import GGUFCheckpoint
 from tandem.weights.loader import load_state
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # general.sampling.* (newer llama.cpp converters) -> SamplingParams fields
@@ -157,22 +154,11 @@ class ModelFiles:
     def generation_defaults(self) -> dict:
         if self.hf_dir is not None:
             return load_generation_defaults(self.hf_dir)
-        defaults = {}
+        found = {}
         for key, field in GGUF_SAMPLING.items():
-            if (value := self.gguf.metadata.get(f"general.sampling.{key}")) is None:
-                continue
-            if isinstance(value, float):
-                value = f32_decimal(value)
-            try:
-                SamplingParams(**{field: value})  # each value alone: a bad one leaves the others in use
-            except TandemError as e:
-                # A recommendation only: the model runs without it, so warn instead of refusing the file
-                # (or letting it fail every request).
-                log.warning("%s: general.sampling.%s = %r is not a valid %s (%s); ignored: tandem's default is "
-                            "used", self.path, key, value, field, e)
-                continue
-            defaults[field] = value
-        return defaults
+            if (value := self.gguf.metadata.get(f"general.sampling.{key}")) is not None:
+                found[f"general.sampling.{key}"] = (field, f32_decimal(value) if isinstance(value, float) else value)
+        return valid_defaults(found, str(self.path))
 
     @property
     def stored_dtype(self) -> str | None:

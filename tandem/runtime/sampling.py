@@ -148,14 +148,24 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
             defaults[name] = kind(value)
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
-    for name, value in list(defaults.items()):
+    return valid_defaults({name: (name, value) for name, value in defaults.items()}, str(path))
+
+
+def valid_defaults(found: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
+    """The sampling values a model file recommends (found: its key -> (SamplingParams field, value))
+    that SamplingParams takes, each checked alone so a bad one leaves the others in use. A bad one
+    is a recommendation only, the model runs without it: a warning naming `where`, the key and the
+    value, not an error."""
+    out: dict[str, Any] = {}
+    for key, (field, value) in found.items():
         try:
-            SamplingParams(**{name: value})  # each value alone: a bad one leaves the others in use
+            SamplingParams(**{field: value})
         except TandemError as e:
-            # A recommendation only: the model runs without it, so warn instead of refusing the model.
-            log.warning("%s: %s = %r is invalid (%s); ignored: tandem's default is used", path, name, value, e)
-            del defaults[name]
-    return defaults
+            log.warning("%s: %s = %r is not a valid %s (%s); ignored: tandem's default is used", where, key, value,
+                        field, e)
+            continue
+        out[field] = value
+    return out
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -77,7 +77,7 @@ def openai_router(model: ServedModel) -> APIRouter:
         sampling = body.sampling()
         if body.forced_tool is not False:  # tool_choice 'required' or a named function
             sampling["grammar"] = model.tool_grammar(body.offered_tools, body.forced_tool)
-        return await _complete(request, model, body, prompt, body.token_limit, chat=True, sampling=sampling)
+        return await _complete(request, model, body, prompt, body.token_limit, sampling, chat=True)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -85,14 +85,14 @@ def openai_router(model: ServedModel) -> APIRouter:
         body.check_supported()
         model.check_name(body.model)
         prompt = await model.text_prompt_async(body.single_prompt())
-        return await _complete(request, model, body, prompt, body.max_tokens, chat=False)
+        return await _complete(request, model, body, prompt, body.max_tokens, body.sampling(), chat=False)
 
     return router
 
 
 async def _complete(request: Request, model: ServedModel, body: Any, prompt: Prompt, max_tokens: int | None,
-                    chat: bool, sampling: dict[str, Any] | None = None):
-    params = model.params(prompt, max_tokens, **(sampling if sampling is not None else body.sampling()))
+                    sampling: dict[str, Any], chat: bool):
+    params = model.params(prompt, max_tokens, **sampling)
     run = Run(len(prompt.ids))
     deltas = model.generate(prompt, params, run, split_reasoning=chat)
     await accepted(deltas)
