@@ -203,7 +203,9 @@ NB_MODULE(_C, m) {
       .def("clear_error", [](BoundHostCall& b) { b.call.error.clear(); })
       .def("run_submit", [](BoundHostCall& b) { nb::gil_scoped_release r; host_submit(&b.call); },
            "Run the submit host function here (tests and CPU-only callers).")
-      .def("run_wait", [](BoundHostCall& b) { nb::gil_scoped_release r; host_wait(&b.call); });
+      .def("run_wait", [](BoundHostCall& b) { nb::gil_scoped_release r; host_wait(&b.call); })
+      .def("run", [](BoundHostCall& b) { nb::gil_scoped_release r; host_run(&b.call); },
+           "submit, then wait as a stream's doorbell does (spin, then poll), on this thread");
 
   nb::class_<Doorbell>(m, "Doorbell")
       .def(

@@ -39,6 +39,24 @@ void host_wait(void* ctx) {
   c->t_wait_end = now_ns();
 }
 
+void await_job(const HostCall& c) {
+  using clock = std::chrono::steady_clock;
+  // Spin for a decode step's job; a prefill chunk's may take long, so then poll gently (the
+  // waiting thread is not one of the engine's workers, which may hold every core).
+  const auto poll_from = clock::now() + std::chrono::milliseconds(1);
+  for (int n = 1; c.ticket != 0 && c.engine->completed() < c.ticket; ++n) {
+    if (n % 256 != 0 || clock::now() < poll_from) cpu_relax();
+    else std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+void host_run(void* ctx) {
+  auto* c = static_cast<HostCall*>(ctx);
+  host_submit(c);
+  await_job(*c);
+  host_wait(c);  // returns at once: records the job's times (or its error)
+}
+
 Doorbell::Doorbell(uint32_t* ring, uint32_t* done, int spin_us) : ring_(ring), done_(done), spin_us_(spin_us) {
   if (ring == nullptr || done == nullptr) throw std::invalid_argument("Doorbell: ring and done must be memory");
   thread_ = std::thread([this] { loop(); });
@@ -81,15 +99,7 @@ void Doorbell::loop() {
     if (c == nullptr) {
       unknown_.fetch_add(1, std::memory_order_release);
     } else {
-      host_submit(c);
-      // Spin for a decode step's job; a prefill chunk's may take long, so then poll gently
-      // (this thread is not one of the engine's workers, which may hold every core).
-      const auto poll_from = clock::now() + std::chrono::milliseconds(1);
-      for (int n = 1; c->ticket != 0 && c->engine->completed() < c->ticket; ++n) {
-        if (n % 256 != 0 || clock::now() < poll_from) cpu_relax();
-        else std::this_thread::sleep_for(std::chrono::microseconds(20));
-      }
-      host_wait(c);  // returns at once: records the job's times (or its error)
+      host_run(c);
     }
     rings_.fetch_add(1, std::memory_order_release);
     done.store(v, std::memory_order_release);  // even after a failure: the stream must not hang

@@ -312,13 +312,13 @@ class HostCall:
                                  f"({list(shape)} -> {list(t.shape)}): make a new host_call")
 
     def run(self) -> torch.Tensor:
-        """Submit and wait on this thread (what the stream would do); returns out. (Stream calls
-        keep a failure in `error` until it is cleared, so replayed graphs cannot lose it; a call
-        run here reports its own.)"""
+        """Submit and wait on this thread as a stream's doorbell does (spin for the job, then poll;
+        never a sleep on the engine's condition variable, whose wake-up a stream does not pay);
+        returns out. (Stream calls keep a failure in `error` until it is cleared, so replayed graphs
+        cannot lose it; a call run here reports its own.)"""
         self._check_buffers()
         self.native.clear_error()
-        self.native.run_submit()
-        self.native.run_wait()
+        self.native.run()
         if self.error:
             raise RuntimeError(f"CPU experts call failed: {self.error}")
         return self.out
