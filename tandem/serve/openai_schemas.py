@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, as pydantic models.
 
 Unknown fields are allowed (clients send `user`, `metadata`, ...); fields we cannot honour
-(n > 1, images, echo / prompt logprobs) are refused with a 400 that says so,
+(best_of > 1, images, echo / prompt logprobs) are refused with a 400 that says so,
 never silently ignored. Range checks of sampling values live in SamplingParams, so every front end
 agrees; the logprobs counts are checked here too, against each API's own limit (chat 20,
 completions 5).
@@ -20,6 +20,7 @@ from tandem.serve.errors import APIError
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs: 20, as OpenAI's
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's logprobs
+MAX_CHOICES = 128  # n, as OpenAI's limit: each choice is a request of its own in the engine
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -78,14 +79,12 @@ class _Sampling(_Body):
     repetition_penalty: float | None = None  # vLLM's extension, as is ignore_eos
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool | None = None
-    n: PositiveInt = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     logit_bias: dict[str, Any] | None = None
     best_of: int | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, "n > 1 is not supported: send one request per choice", param="n")
         if self.best_of is not None and self.best_of != 1:
             raise APIError(400, "best_of > 1 is not supported: send one request per candidate", param="best_of")
         if self.stream_options is not None and not self.stream:

@@ -1,5 +1,6 @@
 """HTTP plumbing shared by both APIs: JSON bodies into pydantic models, streaming responses that
-stop their generation when the client goes away, and the same for non-streaming requests.
+stop their generation when the client goes away, and the same for non-streaming requests; several
+generations of one request (OpenAI's n) drained or merged side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from tandem.serve.errors import APIError, validation_message
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
+Item = TypeVar("Item")
 
 
 async def parse_body(request: Request, model: type[Model]) -> Model:
@@ -97,17 +99,71 @@ async def accepted(deltas: AsyncIterator) -> None:
         raise
 
 
-async def drain(request: Request, deltas: AsyncIterator) -> None:
-    """Run a non-streamed generation to its end, aborting it if the client disconnects first."""
+async def drain(request: Request, *streams: AsyncIterator) -> None:
+    """Run non-streamed generations to their ends, side by side, aborting them all if the client
+    disconnects first or one of them fails (its error is raised)."""
 
-    async def consume() -> None:
+    async def consume(deltas: AsyncIterator) -> None:
         try:
             async for _ in deltas:
                 pass
         finally:
             await deltas.aclose()
 
-    await unless_disconnected(request, consume())
+    await unless_disconnected(request, together([consume(d) for d in streams]))
+
+
+async def together(works: list[Awaitable]) -> None:
+    """Await all of `works` as tasks; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+async def merged(streams: list[AsyncIterator[Item]]) -> AsyncIterator[tuple[int, Item | None]]:
+    """The items of several generations as they come, as (index, item), and (index, None) when one
+    ends. A failure in one is raised here; leaving early (or a failure) stops them all."""
+    if len(streams) == 1:  # no tasks: the plain iteration
+        async for item in streams[0]:
+            yield 0, item
+        yield 0, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Item]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, _Failed(e)))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            yield i, item
+            left -= item is None
+    finally:
+        for task in tasks:  # cancelling a pump closes its generation where it waits
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 def sse(data: dict | str) -> bytes:

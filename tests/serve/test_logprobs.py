@@ -53,7 +53,6 @@ def _expected(reference, prompt, n: int, tokens: int = 8):
     ("/v1/chat/completions", dict(logprobs=False, top_logprobs=0), "logprobs: true", "top_logprobs"),
     ("/v1/chat/completions", dict(logprobs=True, top_logprobs=2.5), "top_logprobs", "top_logprobs"),
     ("/v1/chat/completions", dict(logprobs=3), "logprobs", "logprobs"),  # chat's logprobs is a boolean
-    ("/v1/chat/completions", dict(logprobs=True, n=2), "n > 1", "n"),
     ("/v1/completions", dict(logprobs=6), "0..5", "logprobs"),
     ("/v1/completions", dict(logprobs=-1), "0..5", "logprobs"),
     ("/v1/completions", dict(logprobs=True), "logprobs", "logprobs"),  # the legacy logprobs is a count
