@@ -392,6 +392,14 @@ class DualExperts(nn.Module):
                            out=into)
         return full["gate"], full["up"], full["down"]
 
+    def device_weights(self, experts: list[int], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w_gate, w_up [n, I, H] and w_down [n, H, I] of these experts in `dtype` on `device`,
+        copied out of the engine's memory and decoded there (the device share's own path): hot
+        experts take their float copies this way instead of dequantizing the file on the host."""
+        device = torch.device(device)
+        return self._decode(len(experts), self._stage(list(experts), device), device, dtype)
+
     def register_slabs(self) -> int:
         """Page-lock the engine's slabs once (at load, enable_dual_prefill; else at the layer's
         first long step), so the copies run at the link's speed, asynchronously; returns the bytes

@@ -3,8 +3,9 @@
 
 Data path, after the model is loaded and its experts bound to the CPU engine:
 calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every router ->
-counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down read again from
-the model file (GGUF merged blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping
+counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down in float: on a GPU
+with the dual path, copied out of the engine's memory and decoded there (DualExperts.device_weights);
+else read again from the model file (GGUF merged blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping
 the layer's backend. The CPU engine keeps all experts (RAM unchanged); VRAM grows by N experts
 per layer, which the memory plan counts (placement/memory.py, hot_experts). While serving, the
 layers count routing; `moved_hot_experts` finds the layers whose traffic moved and
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from tandem.errors import TandemError
+from tandem.layers.dual_experts import DualExperts
 from tandem.layers.hot_experts import HotExperts
 from tandem.layers.moe import MoE
 from tandem.weights.gguf import torch_dequantizer
@@ -95,6 +97,17 @@ def expert_weights(checkpoint: Any, ours: dict[str, str], module: str, ids: list
     return tuple(out)
 
 
+def hot_weights(backend: nn.Module, checkpoint: Any, ours: dict[str, str], module: str, ids: list[int],
+                dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float copies of experts `ids`: on a GPU whose layer has the dual path, decoded there
+    from the engine's memory (seconds for a model's worth, where the file's reference dequantizer
+    on the host took ~80 ms an expert: 2 minutes for 64 hot experts of V2-Lite's 26 layers);
+    else read again from the model file."""
+    if isinstance(backend, DualExperts) and torch.device(device).type == "cuda":
+        return backend.device_weights(ids, dtype, device)
+    return expert_weights(checkpoint, ours, module, ids, dtype, device)
+
+
 def most_used(counts: torch.Tensor, n: int) -> list[int]:
     """The n most used expert ids by `counts` [E] (ties: lower id first), in ascending order."""
     return sorted(sorted(range(counts.numel()), key=lambda e: (-int(counts[e]), e))[:n])
@@ -113,7 +126,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
             continue
         hot = most_used(c, n)
         parent = modules[key.rsplit(".", 1)[0]]
-        gate, up, down = expert_weights(checkpoint, ours, key, hot, dtype, device)
+        gate, up, down = hot_weights(parent.experts, checkpoint, ours, key, hot, dtype, device)
         parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
         placed[key] = hot
     return placed
@@ -149,4 +162,4 @@ def replace_hot_experts(model: nn.Module, moves: dict[str, list[int]], checkpoin
     ours = {rename(n): n for n in checkpoint.names()}
     for name, hot in moves.items():
         layer = modules[name]
-        layer.replace(hot, *expert_weights(checkpoint, ours, name, hot, dtype, layer.w_gate.device))
+        layer.replace(hot, *hot_weights(layer.cold, checkpoint, ours, name, hot, dtype, layer.w_gate.device))

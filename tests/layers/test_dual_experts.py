@@ -309,3 +309,20 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "0")
     run(a, x, ids, w)
     assert b._ahead is None  # off: nothing staged
+
+
+def test_device_weights_are_the_file_weights_of_those_experts(layer):
+    """Hot experts take their float copies from the engine's memory (DualExperts.device_weights):
+    the file's weights of exactly those experts, in their order, in the asked dtype."""
+    experts, held = layer
+    dual = DualExperts(experts, E, H, I)
+    ids = [5, 0, 3]
+    got = dual.device_weights(ids, torch.float32, DEVICE)
+    for proj, g, want in zip(("gate", "up", "down"), got, held):
+        want = want[ids].float()
+        assert g.shape == want.shape and g.device.type == DEVICE, proj
+        err = float((g.cpu() - want).abs().max())
+        assert err <= (2.0**-22 * float(want.abs().max()) if DEVICE == "cuda" else 0.0), proj
+    bf = dual.device_weights([2], torch.bfloat16, DEVICE)
+    assert all(t.dtype == torch.bfloat16 for t in bf)
+    assert torch.equal(bf[0].cpu(), held[0][[2]].float().to(torch.bfloat16)) or DEVICE == "cuda"
