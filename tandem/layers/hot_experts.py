@@ -9,7 +9,7 @@ DRAM per token: that is the point.
 Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
-ops/triton/moe.py's two kernels (no host sync: a CUDA graph captures them with the CPU engine's
+ops/triton/moe.py's three kernels (no host sync: a CUDA graph captures them with the CPU engine's
 stream calls); longer steps (prefill chunks) and CPU devices group tokens in torch. The split
 itself is one kernel on a GPU (ops/triton/moe.py's hot_split): it runs before the CPU call can
 start. A layer whose experts are all hot never calls the wrapped backend.

@@ -314,7 +314,7 @@ class LLM:
 
     def _graphable(self) -> bool:
         """CUDA graphs need every routed-experts backend to be capturable: the CPU engine's stream
-        path is (and HotExperts around it, placed later, whose decode path is two Triton kernels);
+        path is (and HotExperts around it, placed later, whose decode path is three Triton kernels);
         plain-torch experts group tokens on the host (data-dependent), so they run eagerly. DualExperts
         leave decode-sized (and captured) steps to the engine's stream path."""
         eager = sorted({type(m.experts).__name__ for m in self.model.modules()

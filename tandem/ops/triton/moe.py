@@ -1,4 +1,4 @@
-"""Routed experts held on the GPU ("hot experts") for decode-sized batches: two launches, no host
+"""Routed experts held on the GPU ("hot experts") for decode-sized batches: three launches, no host
 sync, grids from shapes only, so a call can be captured in a CUDA graph.
 
 Semantics are tandem.ops.reference.moe_experts', roundings included: every matrix product
@@ -28,18 +28,23 @@ gate/up kernel, grid (T * k, cdiv(I, BLOCK_I)): one program per slot and BLOCK_I
     expert's gate and up projections. It reads its slot's id and does nothing more for a skipped
     slot; else it loops over H in BLOCK_H columns, accumulating w * x tiles in fp32 (one reduction
     at the end), and writes h[slot, rows] (W-rounded, stored in W: exact) into a [T * k, I] scratch.
-down kernel, grid (T, cdiv(H, BLOCK_D)): one program per token and BLOCK_D output columns. It visits
-    the token's slots in the reference's order (k rounds of min over keys id * BLOCK_K + slot, no
-    sort), and for each valid one accumulates BLOCK_D rows of w_down[e] . h[slot] over I in BLOCK_C
-    columns, rounds to W, multiplies by the slot's fp32 weight and adds in fp32; finally rounds to
-    x.dtype and stores. No atomics: the result is deterministic.
+down kernel, grid (T * k, cdiv(H, BLOCK_D)): one program per slot and BLOCK_D rows of its expert's
+    down projection: accumulates w_down[e] . h[slot] over I in BLOCK_C columns, rounds to W and
+    writes y[slot, rows] (stored in W: exact) into a [T * k, H] scratch. Every slot's rows at once:
+    one program per token looping over its slots (until session 10) left V2-Lite 128 programs of up
+    to 36 serial loads each, 22 us a layer for 1.7 hot slots on an H100 (measured), about 75 at
+    k = 6: twice the gate/up kernel's time for half its bytes.
+combine kernel, grid (T, cdiv(H, BLOCK_O)): one program per token and BLOCK_O output columns. It
+    visits the token's slots in the reference's order (k rounds of min over keys id * BLOCK_K + slot,
+    no sort), adds each valid slot's y times its fp32 weight in fp32, rounds to x.dtype and stores.
+    No atomics: the result is deterministic.
 
 Tiles: BLOCK_I = 16 rows x BLOCK_H = 256 columns (gate and up: one 512-byte row chunk per warp
 and step in bf16) and BLOCK_D = 16 rows x BLOCK_C = 256 columns; smaller powers of two for narrow
 matrices; masks for any H and I. Untuned guesses for decode on an H200 (DeepSeek-V3: H 7168, I 2048:
-128 gate/up programs per computed slot, 448 down programs per token; V2-Lite H 2048, I 1408: 88,
-128). Every computed slot reads its expert's weights, so tokens sharing an expert read it again: the
-kernels are for a few tokens, not prefill.
+128 gate/up and 448 down programs per computed slot; V2-Lite H 2048, I 1408: 88 and 128). Every
+computed slot reads its expert's weights, so tokens sharing an expert read it again: the kernels
+are for a few tokens, not prefill.
 
 Rounding in Triton's interpreter: it converts fp32 -> bf16 by truncation; the kernels round with
 fused._round, which under it (_INTERPRETED) rounds to nearest even with integer ops.
@@ -58,6 +63,7 @@ __all__ = ["hot_split", "moe_decode"]
 _MAX_SLOTS = 16  # k: a token's slots in one block of the down kernel
 _BLOCK_I, _BLOCK_H = 16, 256  # gate/up: rows of I x columns of H per step
 _BLOCK_D, _BLOCK_C = 16, 256  # down: rows of H x columns of I per step
+_BLOCK_O = 1024  # combine: output columns per program
 _NUM_WARPS = 4
 
 
@@ -109,42 +115,55 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr,  # contiguous [T * K, I] in W
-    ids_ptr, weights_ptr,  # contiguous [T, K]: int32, float
+    ids_ptr,  # contiguous [T * K] int32
     wd_ptr, wd_se, wd_sr,  # [N, H, I], stride 1 along I
-    out_ptr,  # contiguous [T, H] in x's dtype
+    y_ptr,  # contiguous [T * K, H] in W
     N, I, H,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    EMULATE_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    slot = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    if (e >= 0) & (e < N):
+        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < H
+        cols = tl.arange(0, BLOCK_C)
+        base = wd_ptr + e * wd_se + rows.to(tl.int64)[:, None] * wd_sr
+        h_row = h_ptr + slot * I
+        acc = tl.zeros([BLOCK_D, BLOCK_C], tl.float32)
+        for c0 in range(0, I, BLOCK_C):
+            c = c0 + cols
+            cmask = c < I
+            h = tl.load(h_row + c, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(base + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += w * h[None, :]
+        y = _round(tl.sum(acc, axis=1), wd_ptr.dtype.element_ty, EMULATE_BF16)  # F.linear's output in W
+        tl.store(y_ptr + slot * H + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr,  # contiguous [T * K, H] in W
+    ids_ptr, weights_ptr,  # contiguous [T, K]: int32, float
+    out_ptr,  # contiguous [T, H] in x's dtype
+    N, H,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < H
-    rows64 = rows.to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK_C)
-    w_dtype = wd_ptr.dtype.element_ty
     # The reference adds experts in ascending id order (a stable sort of the slots): key id * BLOCK_K
     # + slot, smallest first; skipped slots never come up.
     j = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_ptr + t * K + j, mask=j < K, other=-1).to(tl.int64)
     beyond = N * BLOCK_K  # past every valid key
     key = tl.where((ids >= 0) & (ids < N), ids * BLOCK_K + j, beyond)
-    out = tl.zeros([BLOCK_D], tl.float32)
+    out = tl.zeros([BLOCK], tl.float32)
     for _ in range(K):
         first = tl.min(key, axis=0)
         if first < beyond:
-            e = first // BLOCK_K
             s = first % BLOCK_K
             wt = tl.load(weights_ptr + t * K + s).to(tl.float32)
-            h_row = h_ptr + (t * K + s) * I
-            base = wd_ptr + e * wd_se + rows64 * wd_sr
-            acc = tl.zeros([BLOCK_D, BLOCK_C], tl.float32)
-            for c0 in range(0, I, BLOCK_C):
-                c = c0 + cols
-                cmask = c < I
-                h = tl.load(h_row + c, mask=cmask, other=0.0).to(tl.float32)
-                w = tl.load(base + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                acc += w * h[None, :]
-            y = _round(tl.sum(acc, axis=1), w_dtype, EMULATE_BF16)  # F.linear's output in W
+            y = tl.load(y_ptr + (t * K + s) * H + rows, mask=rmask, other=0.0).to(tl.float32)
             out += y * wt
         key = tl.where(key == first, beyond, key)
     out_dtype = out_ptr.dtype.element_ty
@@ -181,7 +200,7 @@ def moe_decode(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """reference.moe_experts in two launches: x [T, H], ids int32 [T, k] (k <= 16; ids outside
+    """reference.moe_experts in three launches: x [T, H], ids int32 [T, k] (k <= 16; ids outside
     0..N-1 are skipped), weights [T, k], w_gate/w_up [N, I, H], w_down [N, H, I] (one dtype W) ->
     out [T, H] in x's dtype. x of another dtype than W is rounded to W first. See the module
     docstring; raises ValueError for what it does not take."""
@@ -220,10 +239,12 @@ def moe_decode(
     ids = ids.contiguous()
     weights = weights.contiguous()
     h = torch.empty(n_tok * top_k, inter, dtype=w_gate.dtype, device=x.device)
+    y = torch.empty(n_tok * top_k, hidden, dtype=w_gate.dtype, device=x.device)
     block_i = min(_BLOCK_I, triton.next_power_of_2(inter))
     block_h = min(_BLOCK_H, triton.next_power_of_2(hidden))
     block_d = min(_BLOCK_D, triton.next_power_of_2(hidden))
     block_c = min(_BLOCK_C, triton.next_power_of_2(inter))
+    block_o = min(_BLOCK_O, triton.next_power_of_2(hidden))
     with _on(x):
         _gate_up_kernel[(n_tok * top_k, triton.cdiv(inter, block_i))](
             x, x.stride(0),
@@ -234,14 +255,18 @@ def moe_decode(
             n_exp, inter, hidden,
             K=top_k, BLOCK_I=block_i, BLOCK_H=block_h, EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
-        _down_kernel[(n_tok, triton.cdiv(hidden, block_d))](
+        _down_kernel[(n_tok * top_k, triton.cdiv(hidden, block_d))](
             h,
-            ids, weights,
+            ids,
             w_down, w_down.stride(0), w_down.stride(1),
-            out,
+            y,
             n_exp, inter, hidden,
-            K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_D=block_d, BLOCK_C=block_c,
-            EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
+            BLOCK_D=block_d, BLOCK_C=block_c, EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        _combine_kernel[(n_tok, triton.cdiv(hidden, block_o))](
+            y, ids, weights, out, n_exp, hidden,
+            K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK=block_o, EMULATE_BF16=_INTERPRETED,
+            num_warps=_NUM_WARPS,
         )  # fmt: skip
     return out
 
