@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from tandem.errors import TandemError
 from tandem.runtime.logprobs import TokenLogprobs
-from tandem.serve.errors import error_body, internal_error
+from tandem.serve.errors import APIError, error_body, internal_error
 from tandem.serve.logprobs import CompletionLogprobs, chat_logprobs
 from tandem.serve.model import Delta, Prompt, Run, ServedModel
 from tandem.serve.openai_schemas import ChatRequest, CompletionRequest
@@ -99,6 +99,10 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
     """One generation per choice (n), each its own request in the engine (the prompt is prefilled
     once per choice). With a seed, choice i samples with seed + i: the choices differ and the
     response repeats; greedy choices are all the same answer."""
+    queue = model.engine.max_queue
+    if queue is not None and body.n > queue:  # its choices wait for their first tokens together
+        raise APIError(400, f"n={body.n} choices cannot all wait in this server's queue of {queue} requests "
+                       f"(--max-queue {queue}): ask for at most {queue}", param="n")
     runs = [Run(len(prompt.ids)) for _ in range(body.n)]
     seed = sampling.get("seed")  # choice 0's is checked as given
     choices = [model.params(prompt, max_tokens, **{**sampling, "seed": s})

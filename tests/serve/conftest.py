@@ -105,6 +105,14 @@ def server(model_dir):
         yield live
 
 
+@contextlib.contextmanager
+def queue_limited(model_dir, max_queue: int):
+    """A server of its own whose queue holds `max_queue` requests waiting for their first token."""
+    llm = LLM(model_dir, dtype="float32", progress=False, max_context=MAX_CONTEXT)
+    with live_server(llm, port=0, model_name="tiny", max_queue=max_queue) as live:
+        yield live
+
+
 @pytest.fixture
 def idle(server):
     """Each test starts and ends with an idle engine and a full KV cache (nothing leaked)."""

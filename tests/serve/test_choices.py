@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from tandem.runtime.llm import LLM
-from tests.serve.conftest import MAX_CONTEXT, live_server
+from tests.serve.conftest import MAX_CONTEXT, queue_limited
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
@@ -112,26 +111,36 @@ def test_a_client_gone_before_the_answer_stops_every_choice(idle):
 
 @pytest.fixture(scope="module")
 def small_queue(model_dir):
-    llm = LLM(model_dir, dtype="float32", progress=False, max_context=MAX_CONTEXT)
-    with live_server(llm, port=0, model_name="tiny", max_queue=2) as live:
+    with queue_limited(model_dir, 3) as live:
         yield live
 
 
 def test_choices_beyond_the_queue_refuse_the_request_whole(small_queue):
     engine = small_queue.app.state.engine
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 4}, timeout=10)
+    assert r.status_code == 400 and "--max-queue 3" in r.json()["error"]["message"], r.text  # never fits: no 429
     gate = threading.Event()
     blocked = engine.call(lambda e: gate.wait(30))  # holds the engine thread between steps
-    body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0}
+    other: list[httpx.Response] = []
+    waiter = threading.Thread(target=lambda: other.append(
+        httpx.post(small_queue.url + "/v1/chat/completions", json=body, timeout=60)))
     try:
+        waiter.start()  # takes one place in the queue, so 3 choices do not fit now
+        deadline = time.monotonic() + 10
+        while engine._pending < 1:
+            assert time.monotonic() < deadline, "the other request never reached the engine"
+            time.sleep(0.01)
         r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=10)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
-        deadline = time.monotonic() + 10
-        while engine._pending:  # the two choices taken before the refusal are withdrawn
-            assert time.monotonic() < deadline, f"{engine._pending} choices of a refused request still queued"
+        while engine._pending > 1:  # the choices taken before the refusal are withdrawn
+            assert time.monotonic() < deadline, f"{engine._pending - 1} choices of a refused request still queued"
             time.sleep(0.01)
     finally:
         gate.set()
         blocked.result(timeout=30)
+        waiter.join(60)
+    assert other and other[0].status_code == 200
     assert small_queue.wait_idle()
-    r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 2}, timeout=60)  # fits: served
-    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=60)  # room again
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3

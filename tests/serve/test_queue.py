@@ -6,16 +6,14 @@ import time
 import httpx
 import pytest
 
-from tandem.runtime.llm import LLM
-from tests.serve.conftest import MAX_CONTEXT, live_server
+from tests.serve.conftest import queue_limited
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def small_queue(model_dir):
-    llm = LLM(model_dir, dtype="float32", progress=False, max_context=MAX_CONTEXT)
-    with live_server(llm, port=0, model_name="tiny", max_queue=1) as live:
+    with queue_limited(model_dir, 1) as live:
         yield live
 
 
