@@ -106,6 +106,18 @@ def server(model_dir):
 
 
 @contextlib.contextmanager
+def engine_held(live: LiveServer):
+    """The engine thread held between steps for the block: requests queue up, none is answered."""
+    gate = threading.Event()
+    blocked = live.app.state.engine.call(lambda e: gate.wait(30))
+    try:
+        yield live.app.state.engine
+    finally:
+        gate.set()
+        blocked.result(timeout=30)
+
+
+@contextlib.contextmanager
 def queue_limited(model_dir, max_queue: int):
     """A server of its own whose queue holds `max_queue` requests waiting for their first token."""
     llm = LLM(model_dir, dtype="float32", progress=False, max_context=MAX_CONTEXT)

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import MAX_CONTEXT, queue_limited
+from tests.serve.conftest import MAX_CONTEXT, engine_held, queue_limited
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
@@ -120,12 +120,10 @@ def test_choices_beyond_the_queue_refuse_the_request_whole(small_queue):
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0}
     r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 4}, timeout=10)
     assert r.status_code == 400 and "--max-queue 3" in r.json()["error"]["message"], r.text  # never fits: no 429
-    gate = threading.Event()
-    blocked = engine.call(lambda e: gate.wait(30))  # holds the engine thread between steps
     other: list[httpx.Response] = []
     waiter = threading.Thread(target=lambda: other.append(
         httpx.post(small_queue.url + "/v1/chat/completions", json=body, timeout=60)))
-    try:
+    with engine_held(small_queue):
         waiter.start()  # takes one place in the queue, so 3 choices do not fit now
         deadline = time.monotonic() + 10
         while engine._pending < 1:
@@ -136,10 +134,7 @@ def test_choices_beyond_the_queue_refuse_the_request_whole(small_queue):
         while engine._pending > 1:  # the choices taken before the refusal are withdrawn
             assert time.monotonic() < deadline, f"{engine._pending - 1} choices of a refused request still queued"
             time.sleep(0.01)
-    finally:
-        gate.set()
-        blocked.result(timeout=30)
-        waiter.join(60)
+    waiter.join(60)
     assert other and other[0].status_code == 200
     assert small_queue.wait_idle()
     r = httpx.post(small_queue.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=60)  # room again

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import queue_limited
+from tests.serve.conftest import engine_held, queue_limited
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
 
@@ -19,12 +19,10 @@ def small_queue(model_dir):
 
 def test_full_queue_gets_429_with_retry_after(small_queue):
     engine = small_queue.app.state.engine
-    gate = threading.Event()
-    blocked = engine.call(lambda e: gate.wait(30))  # holds the engine thread between steps
     first: list[httpx.Response] = []
     waiter = threading.Thread(target=lambda: first.append(
         httpx.post(small_queue.url + "/v1/chat/completions", json=BODY, timeout=60)))
-    try:
+    with engine_held(small_queue):
         waiter.start()
         deadline = time.monotonic() + 10
         while engine._pending < 1:  # the first request is submitted and waits for its first token
@@ -42,10 +40,7 @@ def test_full_queue_gets_429_with_retry_after(small_queue):
                 assert "--max-queue 1" in error["message"]
             else:
                 assert "--max-queue 1" in r.json()["error"]
-    finally:
-        gate.set()
-        blocked.result(timeout=30)
-        waiter.join(60)
+    waiter.join(60)
     assert first and first[0].status_code == 200, first and first[0].text
     assert small_queue.wait_idle()
     r = httpx.post(small_queue.url + "/v1/chat/completions", json=BODY, timeout=60)  # room again
