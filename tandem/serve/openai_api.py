@@ -105,10 +105,9 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
                        f"(--max-queue {queue}): ask for at most {queue}", param="n")
     runs = [Run(len(prompt.ids)) for _ in range(body.n)]
     seed = sampling.get("seed")  # choice 0's is checked as given
-    choices = [model.params(prompt, max_tokens, **{**sampling, "seed": s})
-               for s in [seed] + [None if seed is None else (seed + i) % 2**63 for i in range(1, body.n)]]
-    params = choices[0]
-    streams = [model.generate(prompt, p, run, split_reasoning=chat) for p, run in zip(choices, runs)]
+    per_choice = [model.params(prompt, max_tokens, **{**sampling, "seed": s})
+                  for s in [seed] + [None if seed is None else (seed + i) % 2**63 for i in range(1, body.n)]]
+    streams = [model.generate(prompt, p, run, split_reasoning=chat) for p, run in zip(per_choice, runs)]
     try:  # all submitted at once: a refusal of any (queue full: 429) withdraws the others
         await together([accepted(stream) for stream in streams])
     except BaseException:
@@ -118,7 +117,7 @@ async def _complete(request: Request, model: ServedModel, body: Any, prompt: Pro
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model.name}
-    logprobs = [_logprobs_maker(model, chat) for _ in runs] if params.logprobs is not None else None
+    logprobs = [_logprobs_maker(model, chat) for _ in runs] if per_choice[0].logprobs is not None else None
     if body.stream:
         chunks = _chat_chunks if chat else _completion_chunks
         events = _events(head, runs, streams, chunks, body.include_usage, logprobs)
