@@ -10,6 +10,18 @@ int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+// Until c's job is done (see host_run).
+void await_job(const HostCall& c) {
+  using clock = std::chrono::steady_clock;
+  // Spin for a decode step's job; a prefill chunk's may take long, so then poll gently (the
+  // waiting thread is not one of the engine's workers, which may hold every core).
+  const auto poll_from = clock::now() + std::chrono::milliseconds(1);
+  for (int n = 1; c.ticket != 0 && c.engine->completed() < c.ticket; ++n) {
+    if (n % 256 != 0 || clock::now() < poll_from) cpu_relax();
+    else std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
 }  // namespace
 
 void host_submit(void* ctx) {
@@ -37,17 +49,6 @@ void host_wait(void* ctx) {
     }
   }
   c->t_wait_end = now_ns();
-}
-
-void await_job(const HostCall& c) {
-  using clock = std::chrono::steady_clock;
-  // Spin for a decode step's job; a prefill chunk's may take long, so then poll gently (the
-  // waiting thread is not one of the engine's workers, which may hold every core).
-  const auto poll_from = clock::now() + std::chrono::milliseconds(1);
-  for (int n = 1; c.ticket != 0 && c.engine->completed() < c.ticket; ++n) {
-    if (n % 256 != 0 || clock::now() < poll_from) cpu_relax();
-    else std::this_thread::sleep_for(std::chrono::microseconds(20));
-  }
 }
 
 void host_run(void* ctx) {

@@ -35,10 +35,9 @@ struct HostCall {
 void host_submit(void* ctx);
 void host_wait(void* ctx);
 
-// Until c's job is done, waiting as a stream's doorbell does (spin for 1 ms, then poll every
-// 20 us), never on the engine's condition variable: its wake-up (tens of us) is not what a
-// stream pays. host_run: submit, await_job, wait (the doorbell's sequence, on the caller's thread).
-void await_job(const HostCall& c);
+// Submit, wait for the job as a stream's doorbell does (spin for 1 ms, then poll every 20 us;
+// never on the engine's condition variable, whose wake-up of tens of us a stream does not pay),
+// then host_wait: the doorbell's sequence, on the caller's thread.
 void host_run(void* ctx);
 
 // The one opaque thing that crosses into Python (in a capsule): the two functions and their context.

@@ -134,11 +134,6 @@ class _Failed:
 async def merged(streams: list[AsyncIterator[Item]]) -> AsyncIterator[tuple[int, Item | None]]:
     """The items of several generations as they come, as (index, item), and (index, None) when one
     ends. A failure in one is raised here; leaving early (or a failure) stops them all."""
-    if len(streams) == 1:  # no tasks: the plain iteration
-        async for item in streams[0]:
-            yield 0, item
-        yield 0, None
-        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[Item]) -> None:

@@ -111,7 +111,7 @@ def engine_held(live: LiveServer):
     gate = threading.Event()
     blocked = live.app.state.engine.call(lambda e: gate.wait(30))
     try:
-        yield live.app.state.engine
+        yield
     finally:
         gate.set()
         blocked.result(timeout=30)

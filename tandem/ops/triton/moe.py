@@ -60,7 +60,7 @@ from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _
 
 __all__ = ["hot_split", "moe_decode"]
 
-_MAX_SLOTS = 16  # k: a token's slots in one block of the down kernel
+_MAX_SLOTS = 16  # k: a token's slots in one block of the combine kernel
 _BLOCK_I, _BLOCK_H = 16, 256  # gate/up: rows of I x columns of H per step
 _BLOCK_D, _BLOCK_C = 16, 256  # down: rows of H x columns of I per step
 _BLOCK_O = 1024  # combine: output columns per program
