@@ -51,23 +51,9 @@ class BlockExperts(nn.Module):
         # to_empty and state_dict must leave alone.
         self.cfg, self.gate, self.up, self.down = cfg, gate, up, down
 
-    def expert_weights(self, expert: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-        """Dequantized (gate [I, H], up [I, H], down [H, I]) of one expert."""
-        return tuple(b.dequantize(b.data[expert]).to(device=device, dtype=dtype) for b in (self.gate, self.up, self.down))
-
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """out[t] = sum_j weights[t, j] * mlp_{ids[t, j]}(x[t]); x [T, H], ids [T, k] (-1 = none)."""
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        k = ids.shape[1]
-        flat_ids = ids.reshape(-1).long()
-        flat_w = weights.reshape(-1)
-        for expert in torch.unique(flat_ids[flat_ids >= 0]).tolist():
-            slots = (flat_ids == expert).nonzero().flatten()
-            tokens = slots // k
-            w_gate, w_up, w_down = self.expert_weights(expert, x.dtype, x.device)
-            y = ops.mlp(x[tokens], w_gate, w_up, w_down)
-            out.index_add_(0, tokens, y.float() * flat_w[slots, None].float())
-        return out.to(x.dtype)
+        return block_moe(x, ids, weights, self.gate, self.up, self.down)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle  # synchronous: the handle is the result
@@ -79,3 +65,28 @@ class BlockExperts(nn.Module):
     def extra_repr(self) -> str:
         formats = "/".join(b.format for b in (self.gate, self.up, self.down))
         return f"experts={self.cfg.num_experts}, formats={formats}, bytes={self.nbytes}"
+
+
+def expert_weights(gate: Blocks, up: Blocks, down: Blocks, expert: int, dtype: torch.dtype,
+                   device) -> tuple[torch.Tensor, ...]:
+    """Dequantized (gate [I, H], up [I, H], down [H, I]) of one expert."""
+    return tuple(b.dequantize(b.data[expert]).to(device=device, dtype=dtype) for b in (gate, up, down))
+
+
+def block_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: Blocks, up: Blocks,
+              down: Blocks) -> torch.Tensor:
+    """reference.moe_experts on blocks [N, rows, row_bytes], dequantizing only the routed experts
+    (ids outside 0..N-1 are skipped): BlockExperts' call, and hot experts' (layers/hot_experts.py)
+    steps too long for their kernels. Groups tokens on the host (a sync: not for CUDA graphs)."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1).long()
+    flat_w = weights.reshape(-1)
+    valid = (flat_ids >= 0) & (flat_ids < gate.data.shape[0])
+    for expert in torch.unique(flat_ids[valid]).tolist():
+        slots = (flat_ids == expert).nonzero().flatten()
+        tokens = slots // k
+        w_gate, w_up, w_down = expert_weights(gate, up, down, expert, x.dtype, x.device)
+        y = ops.mlp(x[tokens], w_gate, w_up, w_down)
+        out.index_add_(0, tokens, y.float() * flat_w[slots, None].float())
+    return out.to(x.dtype)

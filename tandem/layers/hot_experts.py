@@ -1,16 +1,20 @@
 """Hot routed experts on the device beside the CPU engine: an experts backend that wraps another.
 
 The N experts of a layer that routing uses most (chosen by the runtime from router statistics)
-keep a float copy on the model's device and run there in torch; every other (token, expert) pair
+keep a copy on the model's device and run there; every other (token, expert) pair
 goes to the wrapped backend (the CPU engine) with the hot slots masked out (-1). Both halves start
 before either is waited on, so the device's share overlaps the CPU's. Fewer expert bytes cross
-DRAM per token: that is the point.
+DRAM per token: that is the point. The copy is either float tensors (w_gate/w_up [N, I, H],
+w_down [N, H, I]) or, for a GGUF whose formats the GPU kernels decode, the file's blocks
+(`Blocks` [N, rows, row_bytes]: a Q4_K_M expert is ~0.28x its bf16 size, in VRAM and in the
+HBM bytes a token reads).
 
 Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
-ops/triton/moe.py's three kernels (no host sync: a CUDA graph captures them with the CPU engine's
-stream calls); longer steps (prefill chunks) and CPU devices group tokens in torch. The split
+three kernels, ops/triton/moe.py's (float) or moe_quant.py's (blocks; no host sync: a CUDA graph
+captures them with the CPU engine's stream calls); longer steps (prefill chunks) and CPU devices
+group tokens in torch (blocks: dequantizing the routed hot experts per call). The split
 itself is one kernel on a GPU (ops/triton/moe.py's hot_split): it runs before the CPU call can
 start. A layer whose experts are all hot never calls the wrapped backend.
 
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from tandem.errors import TandemError
+from tandem.layers.block_experts import Blocks, block_moe
 from tandem.layers.norm import fused_path
 from tandem.ops import reference as ops
 
@@ -31,31 +36,42 @@ HOT_KERNEL_MAX_SLOTS = 256  # T x k: each slot re-reads its expert's weights, fi
 
 class HotExperts(nn.Module):
     def __init__(self, cold: nn.Module, num_experts: int, hot_ids: list[int],
-                 w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+                 w_gate: torch.Tensor | Blocks, w_up: torch.Tensor | Blocks, w_down: torch.Tensor | Blocks):
         super().__init__()
         n = len(hot_ids)
         if not 0 < n <= num_experts or len(set(hot_ids)) != n or not all(0 <= e < num_experts for e in hot_ids):
             raise TandemError(f"hot experts must be distinct ids in 0..{num_experts - 1}, got {hot_ids}")
-        if not (w_gate.shape[0] == w_up.shape[0] == w_down.shape[0] == n):
+        tensors = [_data(w) for w in (w_gate, w_up, w_down)]
+        if len({isinstance(w, Blocks) for w in (w_gate, w_up, w_down)}) != 1:
+            raise TandemError("hot expert weights must be all float tensors or all blocks")
+        if not all(t.shape[0] == n for t in tensors):
             raise TandemError(f"hot expert weights must hold {n} experts each")
         self.cold, self.num_experts, self.hot_ids = cold, num_experts, list(hot_ids)
         # Plain attributes: bound after loading, no state_dict entries or dtype casts wanted.
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-        self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=w_gate.device)  # last: id -1
+        self.blocks = isinstance(w_gate, Blocks)
+        device = tensors[0].device
+        self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=device)  # last: id -1
         self._index(self.hot_ids)
-        self._tally = torch.zeros(num_experts + 1, dtype=torch.long, device=w_gate.device)  # last: id -1
+        self._tally = torch.zeros(num_experts + 1, dtype=torch.long, device=device)  # last: id -1
         self.counts = self._tally[:num_experts]  # routing seen since the last reset (a view)
 
-    def replace(self, hot_ids: list[int], w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+    def replace(self, hot_ids: list[int], w_gate: torch.Tensor | Blocks, w_up: torch.Tensor | Blocks,
+                w_down: torch.Tensor | Blocks) -> None:
         """Hold other experts (as many, weights shaped as now): copied in place, so CUDA graphs that
         captured this layer read the new ones."""
         n = len(self.hot_ids)
         if len(hot_ids) != n or len(set(hot_ids)) != n or not all(0 <= e < self.num_experts for e in hot_ids):
             raise TandemError(f"replace takes {n} distinct expert ids in 0..{self.num_experts - 1}, got {hot_ids}")
-        for dst, src in ((self.w_gate, w_gate), (self.w_up, w_up), (self.w_down, w_down)):
-            if src.shape != dst.shape:
-                raise TandemError(f"replacement hot expert weights must be {tuple(dst.shape)}, got {tuple(src.shape)}")
-            dst.copy_(src)
+        pairs = [(self.w_gate, w_gate), (self.w_up, w_up), (self.w_down, w_down)]
+        for dst, src in pairs:
+            if isinstance(src, Blocks) != self.blocks or _data(src).shape != _data(dst).shape or (
+                self.blocks and src.format != dst.format
+            ):
+                raise TandemError(f"replacement hot expert weights must be like the held ones: {_describe(dst)}, "
+                                  f"got {_describe(src)}")
+        for dst, src in pairs:
+            _data(dst).copy_(_data(src))
         self.lookup.fill_(-1)
         self._index(hot_ids)
         self.hot_ids = list(hot_ids)
@@ -87,13 +103,22 @@ class HotExperts(nn.Module):
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         cold_ids, local = self.split(ids)
         handle = None if self.all_hot else self.cold.submit(x, cold_ids.to(ids.device), weights)
-        xd, wd = x.to(self.w_gate.device), weights.to(self.w_gate.device)
-        if fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16:
+        device = self.lookup.device
+        xd, wd = x.to(device), weights.to(device)
+        kernel = fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16
+        g, u, d = self.w_gate, self.w_up, self.w_down
+        if kernel and self.blocks:
+            from tandem.ops.triton.moe_quant import moe_decode_blocks  # triton: imported on first use
+
+            hot = moe_decode_blocks(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format)
+        elif kernel:
             from tandem.ops.triton.moe import moe_decode  # triton: imported on first use
 
-            hot = moe_decode(xd, local, wd, self.w_gate, self.w_up, self.w_down)
+            hot = moe_decode(xd, local, wd, g, u, d)
+        elif self.blocks:
+            hot = block_moe(xd, local, wd, g, u, d)
         else:
-            hot = ops.moe_experts(xd, local, wd, self.w_gate, self.w_up, self.w_down)
+            hot = ops.moe_experts(xd, local, wd, g, u, d)
         return handle, hot, x
 
     def wait(self, pending) -> torch.Tensor:
@@ -105,7 +130,17 @@ class HotExperts(nn.Module):
 
     @property
     def hot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w_gate, self.w_up, self.w_down))
+        return sum(_data(w).numel() * _data(w).element_size() for w in (self.w_gate, self.w_up, self.w_down))
 
     def extra_repr(self) -> str:
-        return f"hot={len(self.hot_ids)}/{self.num_experts} on {self.w_gate.device}: {self.hot_ids}"
+        held = "/".join(w.format for w in (self.w_gate, self.w_up, self.w_down)) if self.blocks else str(
+            self.w_gate.dtype).removeprefix("torch.")
+        return f"hot={len(self.hot_ids)}/{self.num_experts} {held} on {self.lookup.device}: {self.hot_ids}"
+
+
+def _data(w: torch.Tensor | Blocks) -> torch.Tensor:
+    return w.data if isinstance(w, Blocks) else w
+
+
+def _describe(w: torch.Tensor | Blocks) -> str:
+    return f"{w.format} blocks {tuple(w.data.shape)}" if isinstance(w, Blocks) else f"{w.dtype} {tuple(w.shape)}"

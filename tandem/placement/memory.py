@@ -7,8 +7,10 @@ parameter costs what its target holds:
                                      --experts-format (bf16 2 B, int8 1 B + a 4 B scale per row,
                                      int4 36 B per 64 weights), as csrc/quant declares them
   quantized experts, torch on CPU    the file's blocks (BlockExperts, dequantized per call)
-  hot experts (--gpu-experts)        N experts per layer at the model dtype on the --device,
-                                     beside the engine's full set
+  hot experts (--gpu-experts)        N experts per layer on the --device, beside the engine's
+                                     full set: on a GPU the file's blocks where all of a layer's
+                                     expert formats are GPU_BLOCK_FORMATS (hot_blocks_format),
+                                     else at the model dtype
   quantized weights on a GPU         the file's blocks where the GPU kernels read the format
                                      (GPU_BLOCK_FORMATS: QuantLinear / QuantEmbedding)
   everything else                    numel x the model dtype (routers fp32): other GGUF weights
@@ -126,6 +128,15 @@ def engine_float_bytes(shape: tuple[int, ...], fmt: str) -> int:
     return rows * (-(-k // per_block) * block_bytes + header)
 
 
+def hot_blocks_format(routed: Sequence[ParamInfo], gpu: bool) -> str | None:
+    """The format mix ("Q4_K+Q6_K") in which hot experts of a layer whose routed parameters are
+    `routed` stay on the device: its file's blocks on a GPU when every one is blocks the GPU
+    kernels decode (runtime/hot_experts.py chooses the same way); None: float copies."""
+    if not gpu or not routed or not all(p.blocks and p.stored in GPU_BLOCK_FORMATS for p in routed):
+        return None
+    return "+".join(sorted({p.stored for p in routed}))
+
+
 def held(p: ParamInfo, target: Target, experts_format: str) -> tuple[int, str, str]:
     """(bytes, backend, format) of parameter p where `target` holds it."""
     if p.group == ROUTED and target.backend == "engine":
@@ -179,7 +190,7 @@ class MemoryPlan:
     kv: KVPlan
     workspace: int  # one step's activations on the --device
     step_tokens: int
-    hot_expert_bytes: int  # one expert of every engine layer at the model dtype (a --gpu-experts step)
+    hot_expert_bytes: int  # one expert of every engine layer as a hot copy holds it (a --gpu-experts step)
     step: StepShape
     experts_format: str
     load_transient: int  # RAM: the largest tensor read as float32 while streaming
@@ -280,6 +291,11 @@ def plan_memory(
         resolved.append((p, target, nbytes, backend, fmt))
         if p.group == ROUTED:
             mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
+    routed_of: dict = {}  # layer -> its routed parameters
+    for p, *_ in resolved:
+        if p.group == ROUTED:
+            routed_of.setdefault(p.layer, []).append(p)
+    hot_formats = {layer: hot_blocks_format(ps, placement.device != "cpu") for layer, ps in routed_of.items()}
     rows: dict[tuple, PlanRow] = {}
     float_torch, layer_engine, largest_read, one_expert = 0, {}, 0, 0
     dual: dict = {}  # layer -> [stored bytes, weights, device-readable, experts] of one engine expert
@@ -289,13 +305,14 @@ def plan_memory(
             per[0] += nbytes // p.shape[0]
             per[1] += p.numel // p.shape[0]
             per[2] = per[2] and fmt.upper() in DUAL_FORMATS
-            # Hot experts (--gpu-experts): a float copy of N experts per layer on the --device,
-            # beside the engine's full set.
-            per_expert = p.numel // p.shape[0] * p.dtype_bytes
+            # Hot experts (--gpu-experts): a copy of N experts per layer on the --device (blocks
+            # or float), beside the engine's full set.
+            blocks = hot_formats.get(p.layer)
+            per_expert = p.stored_bytes // p.shape[0] if blocks else p.numel // p.shape[0] * p.dtype_bytes
             one_expert += per_expert
             n = min(hot_experts, p.shape[0])
             if n:
-                name = f"{DTYPE_NAMES.get(p.dtype, p.dtype)} x {n} hot"
+                name = f"{blocks or DTYPE_NAMES.get(p.dtype, p.dtype)} x {n} hot"
                 hot = rows.setdefault((p.group, placement.device, "torch", name),
                                       PlanRow(p.group, placement.device, "torch", name))
                 hot.tensors += 1

@@ -1,13 +1,15 @@
-"""Hot experts: the routed experts that routing uses most get a float copy on the --device
+"""Hot experts: the routed experts that routing uses most get a copy on the --device
 (layers/hot_experts.py), chosen from router statistics of a calibration text.
 
 Data path, after the model is loaded and its experts bound to the CPU engine:
 calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every router ->
-counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down in float: on a GPU
-with the dual path, copied out of the engine's memory and decoded there (DualExperts.device_weights);
-else read again from the model file (GGUF merged blocks dequantized, or HF per-expert tensors) ->
-HotExperts wrapping the layer's backend. The CPU engine keeps all experts (RAM unchanged); VRAM grows by N experts
-per layer, which the memory plan counts (placement/memory.py, hot_experts). While serving, the
+counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down: on a GPU, from a
+GGUF whose expert formats the GPU kernels decode (GPU_BLOCK_FORMATS), the file's blocks as stored
+(expert_blocks); else in float: on a GPU with the dual path, copied out of the engine's memory and
+decoded there (DualExperts.device_weights), otherwise read again from the model file (GGUF merged
+blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping the layer's backend. The CPU
+engine keeps all experts (RAM unchanged); VRAM grows by N experts per layer, which the memory plan
+counts (placement/memory.py, hot_experts). While serving, the
 layers count routing; `moved_hot_experts` finds the layers whose traffic moved and
 `replace_hot_experts` gives them their new experts (between requests: LLM.rebalance_hot_experts,
 which the server calls when its engine goes idle).
@@ -21,9 +23,11 @@ import torch
 from torch import nn
 
 from tandem.errors import TandemError
+from tandem.layers.block_experts import Blocks
 from tandem.layers.dual_experts import DualExperts
 from tandem.layers.hot_experts import HotExperts
 from tandem.layers.moe import MoE
+from tandem.placement.memory import GPU_BLOCK_FORMATS
 from tandem.weights.gguf import torch_dequantizer
 
 # Used when no --calibrate text is given: prose, code and numbers, so routing sees a mix.
@@ -97,13 +101,52 @@ def expert_weights(checkpoint: Any, ours: dict[str, str], module: str, ids: list
     return tuple(out)
 
 
+def block_names(checkpoint: Any, ours: dict[str, str], module: str) -> tuple[str, str, str] | None:
+    """The file's merged gate/up/down tensors of `module` when all three are stored in formats the
+    GPU kernels decode (GPU_BLOCK_FORMATS); else None."""
+    names = tuple(ours.get(f"{module}.w_{proj}") for proj in ("gate", "up", "down"))
+    if any(n is None or not checkpoint.is_quantized(n) or checkpoint.qtype(n) not in GPU_BLOCK_FORMATS
+           for n in names):
+        return None
+    return names
+
+
+def expert_blocks(checkpoint: Any, names: tuple[str, str, str], ids: list[int],
+                  device) -> tuple[Blocks, Blocks, Blocks]:
+    """Experts `ids` of the merged tensors `names` as the file stores them: Blocks uint8 [N, rows,
+    row_bytes] on `device` (a copy of N experts' bytes; nothing is decoded), dequantized there by
+    the GPU kernels (CPU: the reference codecs) when a step is too long for the fused kernels."""
+    device = torch.device(device)
+    index = torch.tensor(ids, dtype=torch.long)
+    out = []
+    for name in names:
+        fmt = checkpoint.qtype(name)
+        data = checkpoint.raw(name)[index].to(device)
+        out.append(Blocks(data, fmt, _gpu_dequantizer(fmt) if device.type == "cuda" else torch_dequantizer(fmt)))
+    return tuple(out)
+
+
+def _gpu_dequantizer(fmt: str):
+    def dequantize(raw: torch.Tensor) -> torch.Tensor:
+        from tandem.ops.triton.quant import dequantize as kernel  # triton: imported on first use
+
+        return kernel(raw, fmt)
+
+    return dequantize
+
+
 def hot_weights(backend: nn.Module, checkpoint: Any, ours: dict[str, str], module: str, ids: list[int],
-                dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float copies of experts `ids`: on a GPU whose layer has the dual path, decoded there
-    from the engine's memory (seconds for a model's worth, where the file's reference dequantizer
-    on the host took ~80 ms an expert: 2 minutes for 64 hot experts of V2-Lite's 26 layers);
-    else read again from the model file."""
-    if isinstance(backend, DualExperts) and torch.device(device).type == "cuda":
+                dtype: torch.dtype, device, blocks: bool | None = None) -> tuple:
+    """The copies of experts `ids` on `device`. blocks (None: on a GPU): the file's blocks where
+    their formats allow (expert_blocks). Else float: on a GPU whose layer has the dual path,
+    decoded there from the engine's memory (seconds for a model's worth, where the file's reference
+    dequantizer on the host took ~80 ms an expert: 2 minutes for 64 hot experts of V2-Lite's 26
+    layers); else read again from the model file."""
+    on_gpu = torch.device(device).type == "cuda"
+    names = block_names(checkpoint, ours, module) if (on_gpu if blocks is None else blocks) else None
+    if names is not None:
+        return expert_blocks(checkpoint, names, ids, device)
+    if isinstance(backend, DualExperts) and on_gpu:
         return backend.device_weights(ids, dtype, device)
     return expert_weights(checkpoint, ours, module, ids, dtype, device)
 
@@ -114,9 +157,10 @@ def most_used(counts: torch.Tensor, n: int) -> list[int]:
 
 
 def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_layer: int, checkpoint: Any,
-                      rename: Callable[[str], str | None], dtype: torch.dtype, device) -> dict[str, list[int]]:
-    """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts;
-    returns module -> hot ids."""
+                      rename: Callable[[str], str | None], dtype: torch.dtype, device,
+                      blocks: bool | None = None) -> dict[str, list[int]]:
+    """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts
+    (blocks: see hot_weights); returns module -> hot ids."""
     placed = {}
     modules = dict(model.named_modules())
     ours = {rename(n): n for n in checkpoint.names()}
@@ -126,7 +170,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
             continue
         hot = most_used(c, n)
         parent = modules[key.rsplit(".", 1)[0]]
-        gate, up, down = hot_weights(parent.experts, checkpoint, ours, key, hot, dtype, device)
+        gate, up, down = hot_weights(parent.experts, checkpoint, ours, key, hot, dtype, device, blocks)
         parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
         placed[key] = hot
     return placed
@@ -162,4 +206,5 @@ def replace_hot_experts(model: nn.Module, moves: dict[str, list[int]], checkpoin
     ours = {rename(n): n for n in checkpoint.names()}
     for name, hot in moves.items():
         layer = modules[name]
-        layer.replace(hot, *hot_weights(layer.cold, checkpoint, ours, name, hot, dtype, layer.w_gate.device))
+        layer.replace(hot, *hot_weights(layer.cold, checkpoint, ours, name, hot, dtype, layer.lookup.device,
+                                        layer.blocks))

@@ -91,6 +91,24 @@ def test_graph_decode_with_hot_experts(tmp_path, variant):
     assert rel_err(got, base) <= 4e-3 and checked >= 16 and not bad
 
 
+def test_graph_decode_with_hot_experts_held_as_blocks(tmp_path, monkeypatch):
+    # A GGUF's hot experts stay Q4_K/Q6_K blocks on the GPU (ops/triton/moe_quant.py), captured too.
+    # The engine's generic kernels compute from the same blocks in fp32: only summation order differs.
+    monkeypatch.setenv("TANDEM_ISA", "generic")
+    from tandem.layers.hot_experts import HotExperts
+    from tandem.testing.tiny_gguf import write_tiny_gguf
+
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q4_K_M", seed=25)
+    llm = LLM(gguf, dtype="float32", device="cuda", progress=False, max_batch=3, gpu_experts=2)
+    layers = [m for m in llm.model.modules() if isinstance(m, HotExperts)]
+    assert layers and all(h.blocks for h in layers)
+    prompts, feed, got = graph_vs_eager(llm, 6, (9, 21, 14))
+    none = LLM(gguf, dtype="float32", device="cuda", progress=False, max_batch=3)
+    base = decode_logits(none, True, prompts, 24, feed)
+    checked, bad = margin_steps(got, base, BOUND)
+    assert rel_err(got, base) <= BOUND and checked >= 16 and not bad
+
+
 def test_stream_split_accounts_for_the_step(tmp_path):
     # tandem bench --profile's overlapped split, from the host functions' and the engine's stamps.
     from tandem.bench.profile import stream_split

@@ -102,13 +102,63 @@ def test_plan_counts_hot_experts_and_fills_a_budget():
                           vram_budget=int(vram * GB), ram_budget=int(512 * GB))
 
     none, two = plan(0), plan(2)
-    one_expert = 58 * 3 * 7168 * 2048 * 2  # gate, up, down of one expert in each of 58 MoE layers, bf16
+    # On a GPU hot experts keep the file's blocks: one expert's gate, up and down in each of the 58
+    # MoE layers as stored (Q4_K gate/up, Q4_K or Q6_K down: ~0.3x their bf16 size).
+    one_expert = sum(b // 256 for n, _, q, b in listing if "_exps" in n)
+    assert one_expert < 0.35 * 58 * 3 * 7168 * 2048 * 2
     assert none.hot_expert_bytes == one_expert
     assert two.vram - none.vram == 2 * one_expert and two.ram == none.ram
-    assert any("x 2 hot" in r.format and r.on_gpu for r in two.rows)
+    hot_rows = {r.format for r in two.rows if "hot" in r.format and r.on_gpu}
+    assert hot_rows == {"Q4_K x 2 hot", "Q4_K+Q6_K x 2 hot"}
     n = none.hot_experts_that_fit()
     assert n > 0 and plan(n).vram <= 24 * GB < plan(n + 1).vram
     assert plan(0, vram=13.7).hot_experts_that_fit() == 0
+
+
+def test_hot_experts_held_as_blocks(tmp_path, monkeypatch):
+    """On a GPU, hot experts of a GGUF keep the file's blocks (runtime.hot_experts.expert_blocks),
+    forced here on the CPU: the eager path (routed blocks dequantized per call) and the kernel path
+    (ops/triton/moe_quant.py in Triton's interpreter) both equal the torch experts, and re-placing
+    copies the new experts' bytes in place."""
+    from functools import partial
+
+    from tandem.layers import norm
+    from tandem.layers.block_experts import Blocks
+    from tandem.ops.triton import moe_quant
+    from tandem.runtime import hot_experts as runtime_hot
+    from tandem.runtime import llm as runtime_llm
+
+    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q4_K_M", seed=33)
+    e = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    ref = LLM(gguf, dtype="float32", progress=False, max_batch=1, experts="torch")
+    floats = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
+    monkeypatch.setattr(runtime_llm, "place_hot_experts", partial(runtime_hot.place_hot_experts, blocks=True))
+    hot = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
+    layers = [m for m in hot.model.modules() if isinstance(m, HotExperts)]
+    assert layers and all(h.blocks and isinstance(h.w_gate, Blocks) and h.w_gate.format == "Q4_K" for h in layers)
+    float_bytes = sum(m.hot_bytes for m in floats.model.modules() if isinstance(m, HotExperts))
+    assert sum(h.hot_bytes for h in layers) < 0.2 * float_bytes  # Q4_K/Q6_K against fp32 copies
+    want = logits(ref, 6)
+    assert rel_err(logits(hot, 6), want) <= 1e-5  # CPU device: block_moe
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    calls = []
+    real = moe_quant.moe_decode_blocks
+    monkeypatch.setattr(moe_quant, "moe_decode_blocks", lambda *a: calls.append(1) or real(*a))
+    assert rel_err(logits(hot, 6), want) <= 1e-5 and calls
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", False)
+
+    some = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=2)
+    name, ids = next(iter(some.hot_experts.items()))
+    new = [i for i in range(e) if i not in ids][:2]
+    layer = some.model.get_submodule(name)
+    with some._checkpoint() as (ckpt, rename):
+        runtime_hot.replace_hot_experts(some.model, {name: new}, ckpt, rename, some.dtype)
+        assert layer.hot_ids == new and layer.blocks
+        gate = next(n for n in ckpt.names() if rename(n) == f"{name}.w_gate")
+        assert torch.equal(layer.w_gate.data, ckpt.raw(gate)[new])
+    with pytest.raises(TandemError, match="like the held ones"):
+        w = torch.zeros(2, 1, 1)
+        layer.replace([0, 1], w, w, w)
 
 
 def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):

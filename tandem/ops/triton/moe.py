@@ -58,7 +58,7 @@ import triton.language as tl
 
 from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _on, _round
 
-__all__ = ["hot_split", "moe_decode"]
+__all__ = ["combine", "hot_split", "moe_decode"]
 
 _MAX_SLOTS = 16  # k: a token's slots in one block of the combine kernel
 _BLOCK_I, _BLOCK_H = 16, 256  # gate/up: rows of I x columns of H per step
@@ -244,7 +244,6 @@ def moe_decode(
     block_h = min(_BLOCK_H, triton.next_power_of_2(hidden))
     block_d = min(_BLOCK_D, triton.next_power_of_2(hidden))
     block_c = min(_BLOCK_C, triton.next_power_of_2(inter))
-    block_o = min(_BLOCK_O, triton.next_power_of_2(hidden))
     with _on(x):
         _gate_up_kernel[(n_tok * top_k, triton.cdiv(inter, block_i))](
             x, x.stride(0),
@@ -263,12 +262,23 @@ def moe_decode(
             n_exp, inter, hidden,
             BLOCK_D=block_d, BLOCK_C=block_c, EMULATE_BF16=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
+    combine(y, ids, weights, out, n_exp)
+    return out
+
+
+def combine(y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, n_exp: int) -> None:
+    """out[t] = round(sum over t's valid slots j, ascending id: fp32(y[t * k + j]) * weights[t, j]):
+    y [T * k, H] (any float dtype), contiguous ids int32 / weights [T, k], out [T, H] contiguous.
+    The last launch of every hot-experts path (moe_quant.py's too)."""
+    n_tok, top_k = ids.shape
+    hidden = out.shape[1]
+    block_o = min(_BLOCK_O, triton.next_power_of_2(hidden))
+    with _on(out):
         _combine_kernel[(n_tok, triton.cdiv(hidden, block_o))](
             y, ids, weights, out, n_exp, hidden,
             K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK=block_o, EMULATE_BF16=_INTERPRETED,
             num_warps=_NUM_WARPS,
         )  # fmt: skip
-    return out
 
 
 def hot_split(ids: torch.Tensor, lookup: torch.Tensor, tally: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
