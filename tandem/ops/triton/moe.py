@@ -223,13 +223,7 @@ def moe_decode(
     for name, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if t.stride(2) != 1:
             raise ValueError(f"{name} must have stride 1 along its last dim (not copied), got strides {t.stride()}")
-    if ids.dtype != torch.int32:
-        raise ValueError(f"ids must be int32, got {ids.dtype}")
-    if ids.dim() != 2 or ids.shape[0] != n_tok or not 1 <= ids.shape[1] <= _MAX_SLOTS:
-        raise ValueError(f"ids must be [T={n_tok}, k] with 1 <= k <= {_MAX_SLOTS}, got {tuple(ids.shape)}")
-    top_k = ids.shape[1]
-    if weights.shape != ids.shape:
-        raise ValueError(f"weights must be [T={n_tok}, k={top_k}] like ids, got {tuple(weights.shape)}")
+    top_k = check_slots(ids, weights, n_tok)
     _check_device(x, ids, weights, w_gate, w_up, w_down)
     out = torch.empty(n_tok, hidden, dtype=x.dtype, device=x.device)
     if n_tok == 0 or hidden == 0:
@@ -279,6 +273,17 @@ def combine(y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torc
             K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK=block_o, EMULATE_BF16=_INTERPRETED,
             num_warps=_NUM_WARPS,
         )  # fmt: skip
+
+
+def check_slots(ids: torch.Tensor, weights: torch.Tensor, n_tok: int) -> int:
+    """Validate ids int32 [T, k] (1 <= k <= 16) and weights [T, k] of a hot-experts call; returns k."""
+    if ids.dtype != torch.int32:
+        raise ValueError(f"ids must be int32, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != n_tok or not 1 <= ids.shape[1] <= _MAX_SLOTS:
+        raise ValueError(f"ids must be [T={n_tok}, k] with 1 <= k <= {_MAX_SLOTS}, got {tuple(ids.shape)}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights must be [T={n_tok}, k={ids.shape[1]}] like ids, got {tuple(weights.shape)}")
+    return ids.shape[1]
 
 
 def hot_split(ids: torch.Tensor, lookup: torch.Tensor, tally: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from tandem.ops.triton.fused import _check_device, _check_float, _on
-from tandem.ops.triton.moe import _MAX_SLOTS, combine
+from tandem.ops.triton.moe import check_slots, combine
 from tandem.ops.triton.quant import _format_meta, format_of
 from tandem.ops.triton.quant_blocks import STEP, decode_step, lo_index, row_pointers
 
@@ -64,6 +64,15 @@ def _k_offsets(A: tl.constexpr, B: tl.constexpr, FMT: tl.constexpr, rows):
 
 
 @triton.jit
+def _slot_rows(ids_ptr, N, BLOCK_N: tl.constexpr):
+    """This program's slot, its expert id, its BLOCK_N rows, and whether the id is one of the N."""
+    slot = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slot, e, rows, (e >= 0) & (e < N)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, x_st, ids_ptr, g_ptr, g_se, g_sr, u_ptr, u_se, u_sr, h_ptr,
     N, I, H, g_blocks, u_blocks, n_steps,
@@ -73,10 +82,8 @@ def _gate_up_kernel(
     U_FMT: tl.constexpr, U_BYTES: tl.constexpr, U_A: tl.constexpr, U_B: tl.constexpr, U_HI: tl.constexpr,
     U_ALIGN: tl.constexpr,
 ):  # fmt: skip
-    slot = tl.program_id(0).to(tl.int64)
-    e = tl.load(ids_ptr + slot).to(tl.int64)
-    if (e >= 0) & (e < N):
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot, e, rows, hot = _slot_rows(ids_ptr, N, BLOCK_N)
+    if hot:
         rmask = (rows < I)[:, None, None]
         g_row = row_pointers(g_ptr + e * g_se, rows, g_sr, G_ALIGN)
         u_row = row_pointers(u_ptr + e * u_se, rows, u_sr, U_ALIGN)
@@ -100,10 +107,8 @@ def _down_kernel(
     BLOCK_N: tl.constexpr, FMT: tl.constexpr, BLOCK_BYTES: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
     HI: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    slot = tl.program_id(0).to(tl.int64)
-    e = tl.load(ids_ptr + slot).to(tl.int64)
-    if (e >= 0) & (e < N):
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot, e, rows, hot = _slot_rows(ids_ptr, N, BLOCK_N)
+    if hot:
         rmask = (rows < H)[:, None, None]
         row = row_pointers(d_ptr + e * d_se, rows, d_sr, ALIGN)
         k_lo = _k_offsets(A, B, FMT, rows)
@@ -165,11 +170,7 @@ def moe_decode_blocks(
     g_fmt = _check_experts("gate", gate, gate_type, n_exp, inter, hidden)
     u_fmt = _check_experts("up", up, up_type, n_exp, inter, hidden)
     d_fmt = _check_experts("down", down, down_type, n_exp, hidden, inter)
-    if ids.dtype != torch.int32 or ids.dim() != 2 or ids.shape[0] != n_tok or not 1 <= ids.shape[1] <= _MAX_SLOTS:
-        raise ValueError(f"ids must be int32 [T={n_tok}, k] with 1 <= k <= {_MAX_SLOTS}, got {ids.dtype} {tuple(ids.shape)}")
-    top_k = ids.shape[1]
-    if weights.shape != ids.shape:
-        raise ValueError(f"weights must be [T={n_tok}, k={top_k}] like ids, got {tuple(weights.shape)}")
+    top_k = check_slots(ids, weights, n_tok)
     _check_device(x, ids, weights, gate, up, down)
     out = torch.empty(n_tok, hidden, dtype=x.dtype, device=x.device)
     if n_tok == 0 or n_exp == 0:
