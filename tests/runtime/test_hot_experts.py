@@ -16,7 +16,10 @@ from tandem.testing.tiny import VARIANTS, write_tiny
 from tandem.testing.tiny_gguf import write_tiny_gguf
 from tests.conftest import margin_steps, rel_err
 
-BF16_BOUND = 4e-3  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
+BF16_BOUND = 4e-3
+# The fused kernels on CPU tensors need Triton's interpreter, which is off where CUDA is (there
+# tests/runtime/test_cuda_graphs.py runs the same paths on the GPU).
+INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is off with CUDA")  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
 
 
 def logits(llm: LLM, n: int = 64) -> torch.Tensor:
@@ -115,50 +118,67 @@ def test_plan_counts_hot_experts_and_fills_a_budget():
     assert plan(0, vram=13.7).hot_experts_that_fit() == 0
 
 
-def test_hot_experts_held_as_blocks(tmp_path, monkeypatch):
-    """On a GPU, hot experts of a GGUF keep the file's blocks (runtime.hot_experts.expert_blocks),
-    forced here on the CPU: the eager path (routed blocks dequantized per call) and the kernel path
-    (ops/triton/moe_quant.py in Triton's interpreter) both equal the torch experts, and re-placing
-    copies the new experts' bytes in place."""
+def blocks_llm(path, monkeypatch, **kw) -> LLM:
+    """An LLM whose hot experts keep the file's blocks, as on a GPU, forced on the CPU device."""
     from functools import partial
 
-    from tandem.layers import norm
-    from tandem.layers.block_experts import Blocks
-    from tandem.ops.triton import moe_quant
     from tandem.runtime import hot_experts as runtime_hot
     from tandem.runtime import llm as runtime_llm
 
-    _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", "Q4_K_M", seed=33)
-    e = VARIANTS["deepseek_v3"]["n_routed_experts"]
-    ref = LLM(gguf, dtype="float32", progress=False, max_batch=1, experts="torch")
-    floats = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
     monkeypatch.setattr(runtime_llm, "place_hot_experts", partial(runtime_hot.place_hot_experts, blocks=True))
-    hot = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
+    return LLM(path, dtype="float32", progress=False, max_batch=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("hotq"), "deepseek_v3_q", "Q4_K_M", seed=33)[1]
+
+
+def test_hot_experts_held_as_blocks(tiny_q4, monkeypatch):
+    """On a GPU, hot experts of a GGUF keep the file's blocks (runtime.hot_experts.expert_blocks):
+    the eager path (routed blocks dequantized per call) equals the torch experts, and re-placing
+    copies the new experts' bytes in place."""
+    from tandem.layers.block_experts import Blocks
+    from tandem.runtime.hot_experts import replace_hot_experts
+
+    e = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    ref = LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, experts="torch")
+    floats = LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
+    hot = blocks_llm(tiny_q4, monkeypatch, gpu_experts=e)
     layers = [m for m in hot.model.modules() if isinstance(m, HotExperts)]
     assert layers and all(h.blocks and isinstance(h.w_gate, Blocks) and h.w_gate.format == "Q4_K" for h in layers)
     float_bytes = sum(m.hot_bytes for m in floats.model.modules() if isinstance(m, HotExperts))
     assert sum(h.hot_bytes for h in layers) < 0.2 * float_bytes  # Q4_K/Q6_K against fp32 copies
-    want = logits(ref, 6)
-    assert rel_err(logits(hot, 6), want) <= 1e-5  # CPU device: block_moe
-    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
-    calls = []
-    real = moe_quant.moe_decode_blocks
-    monkeypatch.setattr(moe_quant, "moe_decode_blocks", lambda *a: calls.append(1) or real(*a))
-    assert rel_err(logits(hot, 6), want) <= 1e-5 and calls
-    monkeypatch.setattr(norm, "FUSED_ON_CPU", False)
+    assert rel_err(logits(hot, 6), logits(ref, 6)) <= 1e-5
 
-    some = LLM(gguf, dtype="float32", progress=False, max_batch=1, gpu_experts=2)
+    some = blocks_llm(tiny_q4, monkeypatch, gpu_experts=2)
     name, ids = next(iter(some.hot_experts.items()))
     new = [i for i in range(e) if i not in ids][:2]
     layer = some.model.get_submodule(name)
     with some._checkpoint() as (ckpt, rename):
-        runtime_hot.replace_hot_experts(some.model, {name: new}, ckpt, rename, some.dtype)
+        replace_hot_experts(some.model, {name: new}, ckpt, rename, some.dtype)
         assert layer.hot_ids == new and layer.blocks
         gate = next(n for n in ckpt.names() if rename(n) == f"{name}.w_gate")
         assert torch.equal(layer.w_gate.data, ckpt.raw(gate)[new])
     with pytest.raises(TandemError, match="like the held ones"):
         w = torch.zeros(2, 1, 1)
         layer.replace([0, 1], w, w, w)
+
+
+@INTERPRETER_ONLY
+def test_hot_blocks_kernel_path_equals_torch_experts(tiny_q4, monkeypatch):
+    # ops/triton/moe_quant.py (with the other fused ops) in Triton's interpreter.
+    from tandem.layers import norm
+    from tandem.ops.triton import moe_quant
+
+    e = VARIANTS["deepseek_v3"]["n_routed_experts"]
+    want = logits(LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, experts="torch"), 6)
+    hot = blocks_llm(tiny_q4, monkeypatch, gpu_experts=e)
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    calls = []
+    real = moe_quant.moe_decode_blocks
+    monkeypatch.setattr(moe_quant, "moe_decode_blocks", lambda *a: calls.append(1) or real(*a))
+    assert rel_err(logits(hot, 6), want) <= 1e-5 and calls
 
 
 def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):
@@ -180,6 +200,7 @@ def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):
     assert "calibration text" in capsys.readouterr().err
 
 
+@INTERPRETER_ONLY
 def test_hot_experts_kernel_path_equals_torch_experts(tiny, monkeypatch):
     # The GPU path's kernels (ops/triton/moe.py, with the other fused ops) in Triton's interpreter.
     from tandem.layers import norm
