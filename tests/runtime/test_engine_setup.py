@@ -46,3 +46,21 @@ def test_engine_threads_and_doorbell(monkeypatch, capsys, memops):
     else:
         bell = gpu_engine.doorbell
         assert bell.device_words == (bell.address(bell.RING) + 1, bell.address(bell.DONE) + 1)
+
+
+def test_warns_when_gpu_run_threads_take_the_free_cores(monkeypatch, caplog):
+    # 16 expert threads on a 16-core GPU box decoded 6x slower than 14 (the doorbell and the thread
+    # driving the GPU lost their cores): asking for that is allowed, with a warning.
+    from tandem.ops import cpu
+    from tandem.runtime import experts
+
+    monkeypatch.setattr(cpu, "create_engine", lambda threads, spin_us: cpu.Engine(native=None, nodes=[[0]]))
+    monkeypatch.setattr(experts.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("tandem.ops.cuda_host.stream_memops", lambda: "none here")
+    with caplog.at_level("WARNING"):
+        create_cpu_engine(14, gpu=True)
+        create_cpu_engine(16, gpu=False)
+    assert "leave fewer than" not in caplog.text
+    with caplog.at_level("WARNING"):
+        create_cpu_engine(16, gpu=True)
+    assert "16 CPU expert threads on 16 cores leave fewer than 2" in caplog.text and "14 threads" in caplog.text

@@ -256,6 +256,7 @@ def test_replace_checks_its_input(tiny):
         layer.replace([0, 1], w[0][:1], *w[1:])
 
 
+@INTERPRETER_ONLY
 def test_hot_split_kernel_equals_the_torch_split(monkeypatch):
     # The GPU path's one-launch split (Triton interpreter) against the torch ops it replaces.
     from tandem.layers import norm
