@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hot_kernels.py"
 def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "hot.json"
     with script_module(BENCH, "hot_kernels_bench") as bench:
-        args = f"--device cpu --dims 256,256,4,2 --layers 1 --reps 1 --tiles 8x2 --json {out}"
+        args = f"--device cpu --dims 256,256,2,1 --layers 1 --reps 1 --tiles 8x2 --json {out}"
         assert bench.main(args.split()) == 0
     assert "hot-expert kernels" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]

@@ -24,11 +24,10 @@ gate/up kernel, grid (T * k, cdiv(I, BLOCK_N)): one program per slot and BLOCK_N
     h[slot, rows] = silu(g) * u into an fp32 [T * k, I] scratch.
 down kernel, grid (T * k, cdiv(H, BLOCK_N)): the same walk over I for the down rows -> y fp32
     [T * k, H]. Then moe.combine adds each token's slots.
-BLOCK_N = 8 rows, 2 warps: the fastest of rows 8-64 x warps 2-8 on V2-Lite shapes (H100, one token,
-six Q4_K/Q8_0 experts a layer, 26 layers' weights per CUDA-graph replay, .dev-style microbenchmark):
-42.9 us a layer (0.88 TB/s of blocks) against 50.8 at 16 x 4 and 56.8 for moe.py's bf16 kernels
-(1.83 TB/s of their 2.7x bytes). The decode of each step, not HBM, bounds it: a later tile or a
-split of H should raise that share.
+BLOCK_N = 16 rows, 4 warps (the tiles its GPU tests ran with). On V2-Lite shapes (H100, one token,
+six Q4_K/Q8_0 experts a layer, 26 layers' weights per CUDA-graph replay) they take 50.8 us a layer
+(0.75 TB/s of blocks); 8 rows x 2 warps took 42.9 (0.88 TB/s), moe.py's bf16 kernels 56.8 (1.83 TB/s
+of their 2.7x bytes). The decode of each step, not HBM, bounds them (benchmarks/hot_kernels.py).
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from tandem.ops.triton.quant_blocks import STEP, decode_step, lo_index, row_poin
 
 __all__ = ["moe_decode_blocks"]
 
-_BLOCK_N = 8
-_NUM_WARPS = 2
+_BLOCK_N = 16
+_NUM_WARPS = 4
 _STEP = tl.constexpr(STEP)
 
 
