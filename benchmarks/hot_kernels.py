@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_quant_matmul's CUDA-graph timing
 
 # (H, I, experts, k, gate/up format, down format as a Q4_K_M file stores them)
 SHAPES = {
@@ -38,31 +39,16 @@ SHAPES = {
 
 def timed(fn, reps: int, device: torch.device) -> float:
     """Median seconds of one call of fn: replayed from a CUDA graph on a GPU, plainly on a CPU."""
-    if device.type != "cuda":
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()  # compiles
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        from gpu_quant_matmul import graph_times  # imports the kernels: not before main set the interpreter
+
+        return graph_times(fn, calls=1, replays=reps)
+    fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -70,9 +56,9 @@ def copy_rate(device: torch.device) -> float | None:
     """Device-to-device copy, bytes read per second (the HBM reference), GPU only."""
     if device.type != "cuda":
         return None
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return src.numel() / timed(lambda: dst.copy_(src), 10, device)
+    from gpu_quant_matmul import copy_bandwidth
+
+    return copy_bandwidth() / 2 * 1e9  # it counts bytes read + written
 
 
 def main(argv=None) -> int:
