@@ -61,13 +61,24 @@ def copy_rate(device: torch.device) -> float | None:
     return copy_bandwidth() / 2 * 1e9  # it counts bytes read + written
 
 
+def tile_list(text: str) -> list[tuple[int, int]]:
+    """"8x2,16x4" -> [(8, 2), (16, 4)]: rows (a power of two) x warps."""
+    try:
+        tiles = [tuple(int(v) for v in t.split("x")) for t in text.split(",") if t]
+    except ValueError:
+        tiles = []
+    if not tiles or any(len(t) != 2 or t[0] < 1 or t[0] & (t[0] - 1) or t[1] < 1 for t in tiles):
+        raise argparse.ArgumentTypeError(f"expected rows x warps like 8x2,16x4 (rows a power of two), got {text!r}")
+    return tiles
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="v2-lite", choices=SHAPES)
     p.add_argument("--dims", default=None, help="H,I,experts,k instead of the shape's (small runs)")
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--layers", type=int, default=26, help="layers of distinct weights per timed call")
-    p.add_argument("--tiles", default="8x2,16x4", help="block kernels' rows x warps to time, comma list")
+    p.add_argument("--tiles", default="8x2,16x4", type=tile_list, help="block kernels' rows x warps to time, comma list")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +95,6 @@ def main(argv=None) -> int:
     hidden, inter, n_exp, top_k, gu_fmt, d_fmt = SHAPES[args.shape]
     if args.dims:
         hidden, inter, n_exp, top_k = (int(v) for v in args.dims.split(","))
-    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
     n_layers, n_tok = args.layers, args.tokens
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -127,10 +137,14 @@ def main(argv=None) -> int:
         rows.append({"kernels": name, "us_per_layer": us, "mb_per_layer": mb, "tb_s": tbs,
                      "pct_copy": 100 * tbs * 1e12 / rate if rate else None, "err": err})
 
-    for bn, warps in tiles:
-        moe_quant._BLOCK_N, moe_quant._NUM_WARPS = bn, warps
-        row(f"blocks {bn} rows x {warps} warps", lambda layer: moe_quant.moe_decode_blocks(
-            xd, idd, wd, gate[layer], up[layer], down[layer], gu_fmt, gu_fmt, d_fmt), block_mb, want)
+    default_tiles = moe_quant._BLOCK_N, moe_quant._NUM_WARPS
+    try:
+        for bn, warps in args.tiles:
+            moe_quant._BLOCK_N, moe_quant._NUM_WARPS = bn, warps
+            row(f"blocks {bn} rows x {warps} warps", lambda layer: moe_quant.moe_decode_blocks(
+                xd, idd, wd, gate[layer], up[layer], down[layer], gu_fmt, gu_fmt, d_fmt), block_mb, want)
+    finally:  # the module's own tiles again (tests import it into a process that goes on)
+        moe_quant._BLOCK_N, moe_quant._NUM_WARPS = default_tiles
     del gate, up, down
     bf = dict(dtype=torch.bfloat16, device=device)
     w_gate = torch.empty(n_layers, n_held, inter, hidden, **bf).normal_(0, hidden**-0.5)

@@ -49,7 +49,6 @@ class HotExperts(nn.Module):
         self.cold, self.num_experts, self.hot_ids = cold, num_experts, list(hot_ids)
         # Plain attributes: bound after loading, no state_dict entries or dtype casts wanted.
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-        self.blocks = isinstance(w_gate, Blocks)
         device = tensors[0].device
         self.lookup = torch.full((num_experts + 1,), -1, dtype=torch.long, device=device)  # last: id -1
         self._index(self.hot_ids)
@@ -80,6 +79,11 @@ class HotExperts(nn.Module):
         """lookup[e] = e's slot among the hot experts (in place: captured graphs read it)."""
         dev = self.lookup.device
         self.lookup[torch.tensor(hot_ids, device=dev)] = torch.arange(len(hot_ids), device=dev)
+
+    @property
+    def blocks(self) -> bool:
+        """The copy is the file's blocks (else float tensors)."""
+        return isinstance(self.w_gate, Blocks)
 
     @property
     def all_hot(self) -> bool:

@@ -285,15 +285,13 @@ def plan_memory(
         raise TandemError(f"unknown experts format {experts_format!r}; choose one of {', '.join(ENGINE_FLOAT_FORMATS)}")
     resolved = []
     mixes: dict[tuple, set] = {}  # (layer, device, backend) -> formats of that layer's routed experts
+    routed_of: dict[int, list[ParamInfo]] = {}  # layer -> its routed parameters
     for p in params:
         target = placement.resolve(p.name, p.group == ROUTED)
         nbytes, backend, fmt = held(p, target, experts_format)
         resolved.append((p, target, nbytes, backend, fmt))
         if p.group == ROUTED:
             mixes.setdefault((p.layer, target.device, backend), set()).add(fmt)
-    routed_of: dict = {}  # layer -> its routed parameters
-    for p, *_ in resolved:
-        if p.group == ROUTED:
             routed_of.setdefault(p.layer, []).append(p)
     hot_formats = {layer: hot_blocks_format(ps, placement.device != "cpu") for layer, ps in routed_of.items()}
     rows: dict[tuple, PlanRow] = {}

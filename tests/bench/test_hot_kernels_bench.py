@@ -24,3 +24,10 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert all(r["us_per_layer"] > 0 and r["mb_per_layer"] > 0 for r in rows)
     # bf16 x and output: one bf16 rounding (2^-8 relative) beside fp32 order
     assert all(r["err"] < 8e-3 for r in rows)
+
+
+def test_bad_tiles_are_refused_clearly(capsys):
+    with script_module(BENCH, "hot_kernels_bench") as bench:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--device", "cpu", "--tiles", "12x2"])
+    assert exit_.value.code == 2 and "rows a power of two" in capsys.readouterr().err

@@ -16,10 +16,10 @@ from tandem.testing.tiny import VARIANTS, write_tiny
 from tandem.testing.tiny_gguf import write_tiny_gguf
 from tests.conftest import margin_steps, rel_err
 
-BF16_BOUND = 4e-3
+BF16_BOUND = 4e-3  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
 # The fused kernels on CPU tensors need Triton's interpreter, which is off where CUDA is (there
 # tests/runtime/test_cuda_graphs.py runs the same paths on the GPU).
-INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is off with CUDA")  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
+INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is off with CUDA")
 
 
 def logits(llm: LLM, n: int = 64) -> torch.Tensor:

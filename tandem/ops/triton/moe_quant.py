@@ -107,7 +107,7 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     h_ptr, ids_ptr, d_ptr, d_se, d_sr, y_ptr, N, I, H, d_blocks, n_steps,
-    BLOCK_N: tl.constexpr, FMT: tl.constexpr, BLOCK_BYTES: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+    BLOCK_N: tl.constexpr, FMT: tl.constexpr, BYTES: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
     HI: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     slot, e, rows, hot = _slot_rows(ids_ptr, N, BLOCK_N)
@@ -118,28 +118,27 @@ def _down_kernel(
         h_row = h_ptr + slot * I
         acc = tl.zeros([BLOCK_N, A], dtype=tl.float32)
         for step in range(0, n_steps):
-            acc += _step_dot(row, h_row, step, k_lo, I, rmask, d_blocks, FMT, BLOCK_BYTES, HI)
+            acc += _step_dot(row, h_row, step, k_lo, I, rmask, d_blocks, FMT, BYTES, HI)
         tl.store(y_ptr + slot * H + rows, tl.sum(acc, axis=1), mask=rows < H)
 
 
 def _meta(prefix: str, fmt, blocks: torch.Tensor) -> dict:
-    meta = _format_meta(fmt, blocks[0] if blocks.shape[0] else blocks)
-    align = min(meta["ALIGN"], blocks.stride(0) & -blocks.stride(0) or 16)  # expert strides too
-    return {f"{prefix}FMT": meta["FMT"], f"{prefix}BYTES": meta["BLOCK_BYTES"], f"{prefix}A": meta["A"],
-            f"{prefix}B": meta["B"], f"{prefix}HI": meta["HI"], f"{prefix}ALIGN": align}
+    """quant.py's launch constants of one projection [N > 0, rows, row_bytes], keys prefixed; ALIGN
+    also divides the expert stride."""
+    meta = _format_meta(fmt, blocks[0])
+    meta["ALIGN"] = min(meta["ALIGN"], blocks.stride(0) & -blocks.stride(0) or 16)
+    meta["BYTES"] = meta.pop("BLOCK_BYTES")
+    return {prefix + key: value for key, value in meta.items()}
 
 
-def _check_experts(name: str, blocks: torch.Tensor, qtype: str, n_exp: int | None, rows: int | None, k: int):
+def _check_experts(name: str, blocks: torch.Tensor, qtype: str, n_exp: int, rows: int, k: int):
     fmt = format_of(qtype)
     want = k // fmt.block_size * fmt.block_bytes
     ok = blocks.dtype == torch.uint8 and blocks.dim() == 3 and blocks.shape[2] == want and blocks.stride(2) == 1
-    if not ok or k % fmt.block_size or (n_exp is not None and blocks.shape[0] != n_exp) or (
-        rows is not None and blocks.shape[1] != rows
-    ):
+    if not ok or k % fmt.block_size or blocks.shape[:2] != (n_exp, rows):
         raise ValueError(
-            f"{name} must be {fmt.name} blocks uint8 [N{'' if n_exp is None else f'={n_exp}'}, "
-            f"{'rows' if rows is None else rows}, {want}] (rows of {k} weights, stride 1 along a row), "
-            f"got {blocks.dtype} {tuple(blocks.shape)}"
+            f"{name} must be {fmt.name} blocks uint8 [N={n_exp}, {rows}, {want}] (rows of {k} weights, stride 1 "
+            f"along a row), got {blocks.dtype} {tuple(blocks.shape)}"
         )
     return fmt
 
@@ -189,11 +188,9 @@ def moe_decode_blocks(
             n_exp, inter, hidden, hidden // g_fmt.block_size, hidden // u_fmt.block_size, triton.cdiv(hidden, STEP),
             K=top_k, BLOCK_N=_BLOCK_N, **_meta("G_", g_fmt, gate), **_meta("U_", u_fmt, up), num_warps=_NUM_WARPS,
         )  # fmt: skip
-        d = _meta("", d_fmt, down)
         _down_kernel[(n_tok * top_k, triton.cdiv(hidden, _BLOCK_N))](
             h, ids, down, down.stride(0), down.stride(1), y, n_exp, inter, hidden, inter // d_fmt.block_size,
-            triton.cdiv(inter, STEP), BLOCK_N=_BLOCK_N, FMT=d["FMT"], BLOCK_BYTES=d["BYTES"], A=d["A"], B=d["B"],
-            HI=d["HI"], ALIGN=d["ALIGN"], num_warps=_NUM_WARPS,
+            triton.cdiv(inter, STEP), BLOCK_N=_BLOCK_N, **_meta("", d_fmt, down), num_warps=_NUM_WARPS,
         )  # fmt: skip
     combine(y, ids, weights, out, n_exp)
     return out
