@@ -12,7 +12,8 @@ keys that also returns the log-sum-exp, so MLA's long prompts attend their conte
 fused.py: the small ops of a decoder layer in one kernel each (RMSNorm with an optional
 residual add, RoPE, MLA's norm + rope + cache write, SwiGLU's silu * up), so a decode step launches
 fewer; route.py: MoE routing (scores, DeepSeek's group choice, top-k, weights) in one kernel. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
-decode-sized steps, graph-capturable.
+decode-sized steps, graph-capturable; moe_quant.py: `moe_decode_blocks`, the same on experts kept as
+the file's blocks (decoded in registers by quant_blocks.py).
 
 Only this package imports triton, and importing the package itself does no work: `quant` is imported
 by whoever needs it. Under TRITON_INTERPRET=1 (set before `quant` is first imported) the same kernels
