@@ -1,5 +1,7 @@
 """Hot experts' decode kernels on the GPU: float copies (ops/triton/moe.py) against the model file's
-blocks (ops/triton/moe_quant.py), one model shape's T tokens routed to k experts per layer.
+blocks as stored (ops/triton/moe_quant.py) and as split rows with int8 activations
+(ops/triton/moe_q8.py, what hot experts of Q4_K / Q6_K / Q8_0 run), one model shape's T tokens
+routed to k experts per layer.
 
 Each timed call runs --layers layers of distinct weights (so L2 holds none), captured once in a CUDA
 graph and replayed (as the decode step runs them). Per row: us per layer, MB of expert weights a
@@ -7,7 +9,7 @@ layer reads (each routed expert once per slot), TB/s, that as a % of the device-
 rate measured first, and err: max |out - reference| / max |reference| on layer 0 (x and out bf16, as
 decode runs them: one bf16 rounding, 2^-8, beside fp32 order), whose routed
 experts hold real quantized weights (reference.moe_experts in fp32 on their dequantization; the
-bf16 rows against the same in bf16 copies). --tiles sweeps the block kernels' rows x warps.
+bf16 rows against the same in bf16 copies; the split rows' int8 activations add ~1%). --tiles sweeps the block kernels' rows x warps.
 
     python benchmarks/hot_kernels.py --shape v2-lite --json hot_kernels.json
     python benchmarks/hot_kernels.py --shape v3 --tiles 8x2,16x4,32x4
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
     from tandem.ops import reference
-    from tandem.ops.triton import moe, moe_quant
+    from tandem.ops.triton import moe, moe_q8, moe_quant
     from tandem.ops.triton.quant import row_bytes
     from tandem.weights import quant as wq
 
@@ -145,6 +147,12 @@ def main(argv=None) -> int:
                 xd, idd, wd, gate[layer], up[layer], down[layer], gu_fmt, gu_fmt, d_fmt), block_mb, want)
     finally:  # the module's own tiles again (tests import it into a process that goes on)
         moe_quant._BLOCK_N, moe_quant._NUM_WARPS = default_tiles
+    if {gu_fmt, d_fmt} <= set(moe_q8.SPLIT_FORMATS):  # what hot experts of these formats run
+        split = [moe_q8.split_rows(t, f) for t, f in ((gate, gu_fmt), (up, gu_fmt), (down, d_fmt))]
+        split_mb = slots * (2 * split[0].shape[3] * inter + split[2].shape[3] * hidden) / 1e6
+        row("split rows, int8 x", lambda layer: moe_q8.moe_decode_split(
+            xd, idd, wd, *(t[layer] for t in split), gu_fmt, gu_fmt, d_fmt), split_mb, want)
+        del split
     del gate, up, down
     bf = dict(dtype=torch.bfloat16, device=device)
     w_gate = torch.empty(n_layers, n_held, inter, hidden, **bf).normal_(0, hidden**-0.5)

@@ -24,11 +24,13 @@ from tandem.ops import reference as ops
 
 @dataclass(frozen=True)
 class Blocks:
-    """One projection of every expert, as stored: uint8 [E, rows, row_bytes]."""
+    """One projection of every expert, as stored: uint8 [E, rows, row_bytes] (or as split rows,
+    which `dequantize` takes all the same)."""
 
     data: torch.Tensor
     format: str  # e.g. "Q4_K"; see tandem.weights.quant.FORMATS
     dequantize: Callable[[torch.Tensor], torch.Tensor]  # uint8 [rows, row_bytes] -> float32 [rows, K]
+    split: bool = False  # rows regrouped for the GPU's decode kernels (ops/triton/moe_q8.split_rows)
 
     @property
     def nbytes(self) -> int:

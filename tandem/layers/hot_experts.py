@@ -12,8 +12,10 @@ HBM bytes a token reads).
 Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
-three kernels, ops/triton/moe.py's (float) or moe_quant.py's (blocks; no host sync: a CUDA graph
-captures them with the CPU engine's stream calls); longer steps (prefill chunks) and CPU devices
+three kernels, ops/triton/moe.py's (float), moe_q8.py's (split rows of Q4_K / Q6_K / Q8_0 blocks,
+int8 activations) or moe_quant.py's (other blocks; no host sync: a CUDA graph
+captures them with the CPU engine's stream calls) on a side stream, beside the shared experts that
+the layer launches next on its own (wait() joins it); longer steps (prefill chunks) and CPU devices
 group tokens in torch (blocks: dequantizing the routed hot experts per call). The split
 itself is one kernel on a GPU (ops/triton/moe.py's hot_split): it runs before the CPU call can
 start. A layer whose experts are all hot never calls the wrapped backend.
@@ -23,6 +25,8 @@ id -1, so a call adds its ids as they are, captured in graphs too), so the runti
 the hot set between requests (`replace`: in place, so captured graphs stay valid).
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -31,6 +35,7 @@ from tandem.layers.block_experts import Blocks, block_moe
 from tandem.layers.norm import fused_path
 from tandem.ops import reference as ops
 
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the hot kernels' stream
 HOT_KERNEL_MAX_SLOTS = 256  # T x k: each slot re-reads its expert's weights, fine for decode only
 
 
@@ -65,7 +70,7 @@ class HotExperts(nn.Module):
         pairs = [(self.w_gate, w_gate), (self.w_up, w_up), (self.w_down, w_down)]
         for dst, src in pairs:
             if isinstance(src, Blocks) != self.blocks or _data(src).shape != _data(dst).shape or (
-                self.blocks and src.format != dst.format
+                self.blocks and (src.format, src.split) != (dst.format, dst.split)
             ):
                 raise TandemError(f"replacement hot expert weights must be like the held ones: {_describe(dst)}, "
                                   f"got {_describe(src)}")
@@ -111,22 +116,32 @@ class HotExperts(nn.Module):
         xd, wd = x.to(device), weights.to(device)
         kernel = fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16
         g, u, d = self.w_gate, self.w_up, self.w_down
-        if kernel and self.blocks:
-            from tandem.ops.triton.moe_quant import moe_decode_blocks  # triton: imported on first use
+        side = _side_stream(device) if kernel and device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if kernel and self.blocks and g.split:
+                from tandem.ops.triton.moe_q8 import moe_decode_split  # triton: imported on first use
 
-            hot = moe_decode_blocks(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format)
-        elif kernel:
-            from tandem.ops.triton.moe import moe_decode  # triton: imported on first use
+                hot = moe_decode_split(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format)
+            elif kernel and self.blocks:
+                from tandem.ops.triton.moe_quant import moe_decode_blocks  # triton: imported on first use
 
-            hot = moe_decode(xd, local, wd, g, u, d)
-        elif self.blocks:
-            hot = block_moe(xd, local, wd, g, u, d)
-        else:
-            hot = ops.moe_experts(xd, local, wd, g, u, d)
-        return handle, hot, x
+                hot = moe_decode_blocks(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format)
+            elif kernel:
+                from tandem.ops.triton.moe import moe_decode  # triton: imported on first use
+
+                hot = moe_decode(xd, local, wd, g, u, d)
+            elif self.blocks:
+                hot = block_moe(xd, local, wd, g, u, d)
+            else:
+                hot = ops.moe_experts(xd, local, wd, g, u, d)
+        # The side stream's inputs ride along until wait() joins it: freed earlier, the caching
+        # allocator could hand their memory to the main stream while the side kernels still read it.
+        return handle, hot, x, (side, xd, local, wd)
 
     def wait(self, pending) -> torch.Tensor:
-        handle, hot, x = pending
+        handle, hot, x, (side, *_inputs) = pending
+        if side is not None:
+            torch.cuda.current_stream(side.device).wait_stream(side)
         if handle is None:  # all hot
             return hot.to(device=x.device, dtype=x.dtype)
         cold = self.cold.wait(handle)
@@ -142,9 +157,23 @@ class HotExperts(nn.Module):
         return f"hot={len(self.hot_ids)}/{self.num_experts} {held} on {self.lookup.device}: {self.hot_ids}"
 
 
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The device's stream for hot-expert kernels (one per device, shared by the layers), forked
+    from the current stream: the kernels run beside what the layer launches next (the shared
+    experts), and a CUDA graph captures the fork and the join as two branches."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    stream.wait_stream(torch.cuda.current_stream(index))
+    return stream
+
+
 def _data(w: torch.Tensor | Blocks) -> torch.Tensor:
     return w.data if isinstance(w, Blocks) else w
 
 
 def _describe(w: torch.Tensor | Blocks) -> str:
-    return f"{w.format} blocks {tuple(w.data.shape)}" if isinstance(w, Blocks) else f"{w.dtype} {tuple(w.shape)}"
+    if isinstance(w, Blocks):
+        return f"{w.format} {'split rows' if w.split else 'blocks'} {tuple(w.data.shape)}"
+    return f"{w.dtype} {tuple(w.shape)}"

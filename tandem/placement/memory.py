@@ -40,6 +40,10 @@ ENGINE_FLOAT_FORMATS = {"bf16": (1, 2, 0), "int8": (1, 1, 4), "int4": (64, 36, 0
 DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 # Block formats the GPU's fused dequant-matmul kernels read (tandem/ops/triton/quant.py).
 GPU_BLOCK_FORMATS = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+# Hot experts whose three projections are all in these formats are held as split rows (the file's
+# bytes regrouped, each row padded to 16 bytes) for tandem/ops/triton/moe_q8.py (a test checks its
+# SPLIT_FORMATS agree).
+GPU_SPLIT_FORMATS = frozenset({"Q4_K", "Q6_K", "Q8_0"})
 PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prompts prefill in chunks
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
 # Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
@@ -135,6 +139,18 @@ def hot_blocks_format(routed: Sequence[ParamInfo], gpu: bool) -> str | None:
     if not gpu or not routed or not all(p.blocks and p.stored in GPU_BLOCK_FORMATS for p in routed):
         return None
     return "+".join(sorted({p.stored for p in routed}))
+
+
+def hot_bytes_per_expert(p: ParamInfo, blocks: str | None) -> int:
+    """VRAM of one expert of routed parameter p as a hot copy: float (blocks None), the file's
+    blocks, or split rows (every format of the mix in GPU_SPLIT_FORMATS: rows padded to 16 bytes)."""
+    if not blocks:
+        return p.numel // p.shape[0] * p.dtype_bytes
+    if not set(blocks.split("+")) <= GPU_SPLIT_FORMATS:
+        return p.stored_bytes // p.shape[0]
+    rows = math.prod(p.shape[1:-1])
+    row = p.stored_bytes // (p.shape[0] * rows)
+    return rows * (-(-row // 16) * 16)
 
 
 def held(p: ParamInfo, target: Target, experts_format: str) -> tuple[int, str, str]:
@@ -306,7 +322,7 @@ def plan_memory(
             # Hot experts (--gpu-experts): a copy of N experts per layer on the --device (blocks
             # or float), beside the engine's full set.
             blocks = hot_formats.get(p.layer)
-            per_expert = p.stored_bytes // p.shape[0] if blocks else p.numel // p.shape[0] * p.dtype_bytes
+            per_expert = hot_bytes_per_expert(p, blocks)
             one_expert += per_expert
             n = min(hot_experts, p.shape[0])
             if n:

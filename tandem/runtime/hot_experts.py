@@ -5,7 +5,7 @@ Data path, after the model is loaded and its experts bound to the CPU engine:
 calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every router ->
 counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down: on a GPU, from a
 GGUF whose expert formats the GPU kernels decode (GPU_BLOCK_FORMATS), the file's blocks as stored
-(expert_blocks); else in float: on a GPU with the dual path, copied out of the engine's memory and
+(expert_blocks; split into the decode kernels' row layout where GPU_SPLIT_FORMATS allow); else in float: on a GPU with the dual path, copied out of the engine's memory and
 decoded there (DualExperts.device_weights), otherwise read again from the model file (GGUF merged
 blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping the layer's backend. The CPU
 engine keeps all experts (RAM unchanged); VRAM grows by N experts per layer, which the memory plan
@@ -27,7 +27,7 @@ from tandem.layers.block_experts import Blocks
 from tandem.layers.dual_experts import DualExperts
 from tandem.layers.hot_experts import HotExperts
 from tandem.layers.moe import MoE
-from tandem.placement.memory import GPU_BLOCK_FORMATS
+from tandem.placement.memory import GPU_BLOCK_FORMATS, GPU_SPLIT_FORMATS
 from tandem.weights.gguf import torch_dequantizer
 
 # Used when no --calibrate text is given: prose, code and numbers, so routing sees a mix.
@@ -112,18 +112,36 @@ def block_names(checkpoint: Any, ours: dict[str, str], module: str) -> tuple[str
 
 
 def expert_blocks(checkpoint: Any, names: tuple[str, str, str], ids: list[int],
-                  device) -> tuple[Blocks, Blocks, Blocks]:
+                  device, split: bool | None = None) -> tuple[Blocks, Blocks, Blocks]:
     """Experts `ids` of the merged tensors `names` as the file stores them: Blocks uint8 [N, rows,
     row_bytes] on `device` (a copy of N experts' bytes; nothing is decoded), dequantized there by
-    the GPU kernels (CPU: the reference codecs) when a step is too long for the fused kernels."""
+    the GPU kernels (CPU: the reference codecs) when a step is too long for the fused kernels.
+    split (None: when all three formats are GPU_SPLIT_FORMATS): the rows regrouped on the device
+    for ops/triton/moe_q8.py's kernels (the same bytes, each row padded to 16)."""
     device = torch.device(device)
     index = torch.tensor(ids, dtype=torch.long)
+    formats = [checkpoint.qtype(name) for name in names]
+    if split is None:
+        split = set(formats) <= GPU_SPLIT_FORMATS
     out = []
-    for name in names:
-        fmt = checkpoint.qtype(name)
+    for name, fmt in zip(names, formats):
         data = checkpoint.raw(name)[index].to(device)
-        out.append(Blocks(data, fmt, _gpu_dequantizer(fmt) if device.type == "cuda" else torch_dequantizer(fmt)))
+        dequantize = _gpu_dequantizer(fmt) if device.type == "cuda" else torch_dequantizer(fmt)
+        if split:
+            from tandem.ops.triton.moe_q8 import split_rows  # triton: imported on first use
+
+            data, dequantize = split_rows(data, fmt), _unsplitting(dequantize, fmt)
+        out.append(Blocks(data, fmt, dequantize, split))
     return tuple(out)
+
+
+def _unsplitting(dequantize: Callable[[torch.Tensor], torch.Tensor], fmt: str):
+    def dequantize_split(raw: torch.Tensor) -> torch.Tensor:
+        from tandem.ops.triton.moe_q8 import unsplit_rows  # triton: imported on first use
+
+        return dequantize(unsplit_rows(raw, fmt))
+
+    return dequantize_split
 
 
 def _gpu_dequantizer(fmt: str):
@@ -136,16 +154,16 @@ def _gpu_dequantizer(fmt: str):
 
 
 def hot_weights(backend: nn.Module, checkpoint: Any, ours: dict[str, str], module: str, ids: list[int],
-                dtype: torch.dtype, device, blocks: bool | None = None) -> tuple:
+                dtype: torch.dtype, device, blocks: bool | None = None, split: bool | None = None) -> tuple:
     """The copies of experts `ids` on `device`. blocks (None: on a GPU): the file's blocks where
     their formats allow (expert_blocks). Else float: on a GPU whose layer has the dual path,
     decoded there from the engine's memory (seconds for a model's worth, where the file's reference
     dequantizer on the host took ~80 ms an expert: 2 minutes for 64 hot experts of V2-Lite's 26
-    layers); else read again from the model file."""
+    layers); else read again from the model file. split: see expert_blocks."""
     on_gpu = torch.device(device).type == "cuda"
     names = block_names(checkpoint, ours, module) if (on_gpu if blocks is None else blocks) else None
     if names is not None:
-        return expert_blocks(checkpoint, names, ids, device)
+        return expert_blocks(checkpoint, names, ids, device, split)
     if isinstance(backend, DualExperts) and on_gpu:
         return backend.device_weights(ids, dtype, device)
     return expert_weights(checkpoint, ours, module, ids, dtype, device)
@@ -158,7 +176,7 @@ def most_used(counts: torch.Tensor, n: int) -> list[int]:
 
 def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_layer: int, checkpoint: Any,
                       rename: Callable[[str], str | None], dtype: torch.dtype, device,
-                      blocks: bool | None = None) -> dict[str, list[int]]:
+                      blocks: bool | None = None, split: bool | None = None) -> dict[str, list[int]]:
     """Wrap each MoE layer's experts backend in HotExperts holding its `per_layer` most used experts
     (blocks: see hot_weights); returns module -> hot ids."""
     placed = {}
@@ -170,7 +188,7 @@ def place_hot_experts(model: nn.Module, counts: dict[str, torch.Tensor], per_lay
             continue
         hot = most_used(c, n)
         parent = modules[key.rsplit(".", 1)[0]]
-        gate, up, down = hot_weights(parent.experts, checkpoint, ours, key, hot, dtype, device, blocks)
+        gate, up, down = hot_weights(parent.experts, checkpoint, ours, key, hot, dtype, device, blocks, split)
         parent.experts = HotExperts(parent.experts, c.numel(), hot, gate, up, down)
         placed[key] = hot
     return placed
@@ -207,4 +225,4 @@ def replace_hot_experts(model: nn.Module, moves: dict[str, list[int]], checkpoin
     for name, hot in moves.items():
         layer = modules[name]
         layer.replace(hot, *hot_weights(layer.cold, checkpoint, ours, name, hot, dtype, layer.lookup.device,
-                                        layer.blocks))
+                                        layer.blocks, layer.blocks and layer.w_gate.split))

@@ -1,4 +1,4 @@
-"""benchmarks/hot_kernels.py end to end at a tiny size in Triton's interpreter: both kernel families
+"""benchmarks/hot_kernels.py end to end at a tiny size in Triton's interpreter: the kernel families
 run on the same routed experts, agree with the reference, and land in the table and the JSON."""
 
 import json
@@ -20,10 +20,10 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
         assert bench.main(args.split()) == 0
     assert "hot-expert kernels" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kernels"] for r in rows] == ["blocks 8 rows x 2 warps", "float (bf16 copies)"]
+    assert [r["kernels"] for r in rows] == ["blocks 8 rows x 2 warps", "split rows, int8 x", "float (bf16 copies)"]
     assert all(r["us_per_layer"] > 0 and r["mb_per_layer"] > 0 for r in rows)
-    # bf16 x and output: one bf16 rounding (2^-8 relative) beside fp32 order
-    assert all(r["err"] < 8e-3 for r in rows)
+    # bf16 x and output: one bf16 rounding (2^-8 relative) beside fp32 order; int8 x and h: ~1%
+    assert all(r["err"] < (3e-2 if r["kernels"].startswith("split") else 8e-3) for r in rows)
 
 
 def test_bad_tiles_are_refused_clearly(capsys):

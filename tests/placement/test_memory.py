@@ -8,9 +8,12 @@ from tandem.placement.advice import available_ram, budgets
 from tandem.placement.memory import (
     ENGINE_FLOAT_FORMATS,
     GB,
+    ROUTED,
+    ParamInfo,
     StepShape,
     engine_float_bytes,
     format_plan,
+    hot_bytes_per_expert,
     workspace_bytes,
 )
 from tandem.placement.rules import PlacementOptions, build_placement
@@ -108,3 +111,20 @@ def test_budgets(tmp_path):
 def test_cuda_device_without_cuda_is_one_line():
     with pytest.raises(TandemError, match="needs a CUDA GPU, and torch sees none; pass --device cpu"):
         budgets("cuda", None, None)
+
+
+def test_hot_copies_count_split_rows_padding():
+    # V2-Lite's Q4_K_M experts: gate/up Q4_K rows of 2048 (1152 bytes, 16-aligned), down Q8_0 rows of
+    # 1408 (1496 bytes): held as split rows padded to 1504 (ops/triton/moe_q8.py's split_bytes).
+    from tandem.ops.triton.moe_q8 import split_bytes
+
+    def routed(name, shape, fmt, row_bytes):
+        return ParamInfo(name, ROUTED, shape, "bfloat16", 2, layer=1, stored=fmt,
+                         stored_bytes=shape[0] * shape[1] * row_bytes, blocks=True)
+
+    gate = routed("w_gate", (64, 1408, 2048), "Q4_K", 1152)
+    down = routed("w_down", (64, 2048, 1408), "Q8_0", 1496)
+    assert hot_bytes_per_expert(gate, "Q4_K+Q8_0") == 1408 * split_bytes("Q4_K", 2048) == 1408 * 1152
+    assert hot_bytes_per_expert(down, "Q4_K+Q8_0") == 2048 * split_bytes("Q8_0", 1408) == 2048 * 1504
+    assert hot_bytes_per_expert(down, "Q5_0+Q8_0") == 2048 * 1496  # blocks as stored (moe_quant.py)
+    assert hot_bytes_per_expert(down, None) == 2048 * 1408 * 2  # a bf16 copy

@@ -17,6 +17,7 @@ from tandem.testing.tiny_gguf import write_tiny_gguf
 from tests.conftest import margin_steps, rel_err
 
 BF16_BOUND = 4e-3  # the engine's BF16 experts against float ones (tests/runtime/test_cpu_experts_backend.py)
+Q8_BOUND = 2e-2  # int8 activations (ops/triton/moe_q8.py) against fp32 ones, of max |logit|
 # The fused kernels on CPU tensors need Triton's interpreter, which is off where CUDA is (there
 # tests/runtime/test_cuda_graphs.py runs the same paths on the GPU).
 INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is off with CUDA")
@@ -118,14 +119,16 @@ def test_plan_counts_hot_experts_and_fills_a_budget():
     assert plan(0, vram=13.7).hot_experts_that_fit() == 0
 
 
-def blocks_llm(path, monkeypatch, **kw) -> LLM:
-    """An LLM whose hot experts keep the file's blocks, as on a GPU, forced on the CPU device."""
+def blocks_llm(path, monkeypatch, split: bool | None = None, **kw) -> LLM:
+    """An LLM whose hot experts keep the file's blocks, as on a GPU, forced on the CPU device
+    (split: as split rows; None: where the formats allow, as on a GPU)."""
     from functools import partial
 
     from tandem.runtime import hot_experts as runtime_hot
     from tandem.runtime import llm as runtime_llm
 
-    monkeypatch.setattr(runtime_llm, "place_hot_experts", partial(runtime_hot.place_hot_experts, blocks=True))
+    place = partial(runtime_hot.place_hot_experts, blocks=True, split=split)
+    monkeypatch.setattr(runtime_llm, "place_hot_experts", place)
     return LLM(path, dtype="float32", progress=False, max_batch=1, **kw)
 
 
@@ -134,24 +137,28 @@ def tiny_q4(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("hotq"), "deepseek_v3_q", "Q4_K_M", seed=33)[1]
 
 
-def test_hot_experts_held_as_blocks(tiny_q4, monkeypatch):
-    """On a GPU, hot experts of a GGUF keep the file's blocks (runtime.hot_experts.expert_blocks):
-    the eager path (routed blocks dequantized per call) equals the torch experts, and re-placing
-    copies the new experts' bytes in place."""
+@pytest.mark.parametrize("split", [True, False])
+def test_hot_experts_held_as_blocks(tiny_q4, monkeypatch, split):
+    """On a GPU, hot experts of a GGUF keep the file's blocks (runtime.hot_experts.expert_blocks),
+    as split rows where the formats allow (Q4_K/Q6_K here): the eager path (routed blocks
+    dequantized per call) equals the torch experts, and re-placing copies the new experts' bytes in
+    place."""
     from tandem.layers.block_experts import Blocks
+    from tandem.ops.triton.moe_q8 import unsplit_rows
     from tandem.runtime.hot_experts import replace_hot_experts
 
     e = VARIANTS["deepseek_v3"]["n_routed_experts"]
     ref = LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, experts="torch")
     floats = LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, gpu_experts=e)
-    hot = blocks_llm(tiny_q4, monkeypatch, gpu_experts=e)
+    hot = blocks_llm(tiny_q4, monkeypatch, split=None if split else False, gpu_experts=e)
     layers = [m for m in hot.model.modules() if isinstance(m, HotExperts)]
     assert layers and all(h.blocks and isinstance(h.w_gate, Blocks) and h.w_gate.format == "Q4_K" for h in layers)
+    assert all(w.split == split for h in layers for w in (h.w_gate, h.w_up, h.w_down))
     float_bytes = sum(m.hot_bytes for m in floats.model.modules() if isinstance(m, HotExperts))
     assert sum(h.hot_bytes for h in layers) < 0.2 * float_bytes  # Q4_K/Q6_K against fp32 copies
     assert rel_err(logits(hot, 6), logits(ref, 6)) <= 1e-5
 
-    some = blocks_llm(tiny_q4, monkeypatch, gpu_experts=2)
+    some = blocks_llm(tiny_q4, monkeypatch, split=None if split else False, gpu_experts=2)
     name, ids = next(iter(some.hot_experts.items()))
     new = [i for i in range(e) if i not in ids][:2]
     layer = some.model.get_submodule(name)
@@ -159,26 +166,36 @@ def test_hot_experts_held_as_blocks(tiny_q4, monkeypatch):
         replace_hot_experts(some.model, {name: new}, ckpt, rename, some.dtype)
         assert layer.hot_ids == new and layer.blocks
         gate = next(n for n in ckpt.names() if rename(n) == f"{name}.w_gate")
-        assert torch.equal(layer.w_gate.data, ckpt.raw(gate)[new])
+        assert layer.w_gate.split == split
+        held = unsplit_rows(layer.w_gate.data, "Q4_K") if split else layer.w_gate.data
+        assert torch.equal(held, ckpt.raw(gate)[new])
     with pytest.raises(TandemError, match="like the held ones"):
         w = torch.zeros(2, 1, 1)
         layer.replace([0, 1], w, w, w)
+    other = Blocks(layer.w_gate.data, "Q4_K", layer.w_gate.dequantize, not split)  # same bytes, other layout
+    with pytest.raises(TandemError, match="like the held ones"):
+        layer.replace([0, 1], other, layer.w_up, layer.w_down)
 
 
 @INTERPRETER_ONLY
-def test_hot_blocks_kernel_path_equals_torch_experts(tiny_q4, monkeypatch):
-    # ops/triton/moe_quant.py (with the other fused ops) in Triton's interpreter.
+@pytest.mark.parametrize("split", [False, True])
+def test_hot_blocks_kernel_path_equals_torch_experts(tiny_q4, monkeypatch, split):
+    # ops/triton/moe_quant.py (blocks as stored: fp32 activations) or moe_q8.py (split rows, int8
+    # activations), with the other fused ops, in Triton's interpreter.
     from tandem.layers import norm
-    from tandem.ops.triton import moe_quant
+    from tandem.ops.triton import moe_q8, moe_quant
 
     e = VARIANTS["deepseek_v3"]["n_routed_experts"]
     want = logits(LLM(tiny_q4, dtype="float32", progress=False, max_batch=1, experts="torch"), 6)
-    hot = blocks_llm(tiny_q4, monkeypatch, gpu_experts=e)
+    hot = blocks_llm(tiny_q4, monkeypatch, split=split, gpu_experts=e)
     monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
     calls = []
-    real = moe_quant.moe_decode_blocks
-    monkeypatch.setattr(moe_quant, "moe_decode_blocks", lambda *a: calls.append(1) or real(*a))
-    assert rel_err(logits(hot, 6), want) <= 1e-5 and calls
+    module, name = (moe_q8, "moe_decode_split") if split else (moe_quant, "moe_decode_blocks")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    got = logits(hot, 6)
+    print(f"rel_err {rel_err(got, want):.1e}")
+    assert rel_err(got, want) <= (Q8_BOUND if split else 1e-5) and calls
 
 
 def test_cli_gpu_experts_flags(tiny, tmp_path, capsys):

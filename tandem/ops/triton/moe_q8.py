@@ -1,0 +1,364 @@
+"""Hot routed experts on the GPU from split rows with int8 activations: the decode kernels that
+layers/hot_experts.py runs for GGUF Q4_K / Q8_0 experts (a Q4_K_M file's routed formats).
+
+moe_quant.py decodes the file's blocks as stored, in fp32: each 256-weight step costs a byte load
+per scale and a dozen fp32 ops per weight, so its kernels run at ~0.8 TB/s on an H100. Here the
+hot experts' rows are first split once, on the GPU, when they are placed (`split_rows`: the same
+bytes, regrouped, so VRAM and HBM reads stay the file's): every block's quants first, then every
+block's scales, so a step's quants are one aligned run of words. The activations are quantized to
+int8 per 32 (as the CPU engine quantizes them for these formats, csrc/kernels/act.h), so four
+weights cost one integer dot product (dp4a) and the scales apply once per 32.
+
+Split row layouts (K weights a row, nb blocks; bytes), zero-padded to a multiple of 16 bytes:
+    Q4_K  [qs: nb x 128][headers: nb x 16 (d, dmin fp16, 12 bytes of 6-bit scales and mins)]
+    Q8_0  [qs: nb x 32 int8][d: nb x fp16][0-14 bytes of padding]
+    Q6_K  [ql: nb x 128][qh: nb x 64][scales: nb x 16 int8][d: nb x fp16][padding]
+A block's fields keep their ggml byte order inside each part (tandem/weights/quant*.py are the
+spec), so `unsplit_rows` restores the file's bytes exactly.
+
+Semantics: with x~ = x quantized per 32 consecutive values (d = max|x| / 127, q = round-half-even
+of x * (1 / d), x~ = d * q; 0 where d = 0),
+    g = W_gate[e] . x~   u = W_up[e] . x~   h = silu(g) * u   y = W_down[e] . h~
+    out[t] = round_x(sum_j y_j * weights[t, j])   (slots j with ids 0..N-1, ascending id: moe.combine)
+in fp32 on the dequantized weights (integer sums exact). Against fp32 activations the result
+differs by the int8 rounding of x and h: ~1% of the largest output (tests bound it).
+
+Kernels: gate/up, grid (T * k, I / BLOCK_I): BLOCK_I rows (a multiple of 32) of one slot; each
+256-weight step quantizes its x values (8 groups of 32) in registers, then decodes the gate and up
+tiles; h is quantized per 32 as it is stored (words, d, d * sum(q)). down, grid (T * k, cdiv(H,
+BLOCK_D)): the same step over I on h's words. Then moe.combine. A step's 8 groups are taken as
+4 "lo" groups (0, 2, 4, 6) and 4 "hi" groups (1, 3, 5, 7): Q4_K keeps group 2c in the low nibbles
+and 2c + 1 in the high nibbles of the same 32 bytes, and Q8_0 reads the same way.
+In Triton's interpreter (tests) the dot products are emulated with integer ops: the same sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _on
+from tandem.ops.triton.moe import check_slots, combine
+
+__all__ = ["SPLIT_FORMATS", "moe_decode_split", "split_bytes", "split_rows", "unsplit_rows"]
+
+# format -> (block weights, block bytes, the block's byte ranges in the order the split row holds them)
+_PARTS = {
+    "Q4_K": (256, 144, ((16, 144), (0, 16))),
+    "Q8_0": (32, 34, ((2, 34), (0, 2))),
+    "Q6_K": (256, 210, ((0, 128), (128, 192), (192, 208), (208, 210))),
+}
+SPLIT_FORMATS = tuple(_PARTS)
+_CODES = {"Q4_K": 0, "Q8_0": 1, "Q6_K": 2}
+_Q4_K, _Q8_0, _Q6_K = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
+_BLOCK_I = 32  # gate/up rows a program: one quantization group of h
+_BLOCK_D = 16  # down rows a program
+_NUM_WARPS = 4
+
+
+# ---------------------------------------------------------------- layout (torch, once per placement)
+
+
+def split_bytes(fmt: str, k: int) -> int:
+    """Bytes of a split row of k weights: the file's, rounded up to 16 so that every row starts
+    16-byte aligned (Q8_0 rows of 34-byte blocks need not)."""
+    size, nbytes, _ = _PARTS[fmt]
+    return -(-(k // size * nbytes) // 16) * 16
+
+
+def _geometry(data: torch.Tensor, fmt: str, min_bytes: int) -> tuple[int, int, tuple]:
+    if fmt not in _PARTS:
+        raise ValueError(f"split rows take {', '.join(SPLIT_FORMATS)}, got {fmt!r}")
+    size, nbytes, parts = _PARTS[fmt]
+    nb = data.shape[-1] // nbytes if data.dim() else 0
+    if data.dtype != torch.uint8 or data.dim() < 1 or data.shape[-1] < min_bytes * nb:
+        raise ValueError(f"{fmt} rows must be uint8 [..., row_bytes], got {data.dtype} {tuple(data.shape)}")
+    return nb, nbytes, parts
+
+
+def split_rows(data: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A file's rows uint8 [..., nb * block_bytes] -> split rows [..., split_bytes] (a new tensor)."""
+    nb, nbytes, parts = _geometry(data, fmt, 1)
+    if data.shape[-1] != nb * nbytes:
+        raise ValueError(f"{fmt} rows must be whole {nbytes}-byte blocks, got {data.shape[-1]} bytes")
+    lead = data.shape[:-1]
+    blocks = data.reshape(*lead, nb, nbytes)
+    pad = split_bytes(fmt, nb * _PARTS[fmt][0]) - nb * nbytes
+    fields = [blocks[..., a:b].reshape(*lead, nb * (b - a)) for a, b in parts]
+    return torch.cat(fields + [data.new_zeros(*lead, pad)], dim=-1)
+
+
+def unsplit_rows(data: torch.Tensor, fmt: str) -> torch.Tensor:
+    """split_rows' inverse: the file's bytes."""
+    nb, nbytes, parts = _geometry(data, fmt, 1)
+    lead = data.shape[:-1]
+    out = torch.empty(*lead, nb, nbytes, dtype=torch.uint8, device=data.device)
+    start = 0
+    for a, b in parts:
+        out[..., a:b] = data[..., start:start + nb * (b - a)].reshape(*lead, nb, b - a)
+        start += nb * (b - a)
+    return out.reshape(*lead, nb * nbytes)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot4(a, b, SIGNED: tl.constexpr, EMULATE: tl.constexpr):
+    """Per int32 element: the sum of its 4 bytes' products, a's bytes signed or not, b's signed."""
+    if EMULATE:
+        acc = a * 0
+        for i in tl.static_range(4):
+            if SIGNED:
+                ai = (a << (24 - 8 * i)) >> 24
+            else:
+                ai = (a >> (8 * i)) & 255
+            acc += ai * ((b << (24 - 8 * i)) >> 24)
+        return acc
+    elif SIGNED:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, a * 0],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, a * 0],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _quantize(v):
+    """v [G, 8, 4] fp32 (G groups of 32) -> (int8 words [G, 8], d [G], d * sum(q) [G])."""
+    d = tl.max(tl.max(tl.abs(v), axis=2), axis=1) / 127.0
+    inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+    q = ((v * inv[:, None, None] + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even
+    words = tl.sum((q & 255) << (8 * tl.arange(0, 4)[None, None, :]), axis=2)
+    return words, d, d * tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32)
+
+
+@triton.jit
+def _fp16(bits):
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q4k_header(hp, rmask, c):
+    """A Q4_K header (4 words at hp [BLOCK_N]): d, dmin [BLOCK_N, 1] and the scales and mins of
+    groups 2c (lo) and 2c + 1 (hi), [BLOCK_N, 4] each, fp32."""
+    w0 = tl.load(hp, mask=rmask, other=0)[:, None]
+    s0 = tl.load(hp + 1, mask=rmask, other=0)[:, None]
+    s1 = tl.load(hp + 2, mask=rmask, other=0)[:, None]
+    s2 = tl.load(hp + 3, mask=rmask, other=0)[:, None]
+    d = _fp16(w0 & 0xFFFF)
+    dmin = _fp16((w0 >> 16) & 0xFFFF)
+    j = 2 * c[None, :]  # lo; hi is j + 1
+    shift = 8 * (j % 4)
+    b0l, b1l, b2l = (s0 >> shift) & 255, (s1 >> shift) & 255, (s2 >> shift) & 255
+    b0h, b1h, b2h = (s0 >> (shift + 8)) & 255, (s1 >> (shift + 8)) & 255, (s2 >> (shift + 8)) & 255
+    low = j < 4
+    sc_l = tl.where(low, b0l & 63, (b2l & 15) | ((b0l >> 6) << 4)).to(tl.float32)
+    m_l = tl.where(low, b1l & 63, (b2l >> 4) | ((b1l >> 6) << 4)).to(tl.float32)
+    sc_h = tl.where(low, b0h & 63, (b2h & 15) | ((b0h >> 6) << 4)).to(tl.float32)
+    m_h = tl.where(low, b1h & 63, (b2h >> 4) | ((b1h >> 6) << 4)).to(tl.float32)
+    return d, dmin, sc_l, m_l, sc_h, m_h
+
+
+@triton.jit
+def _q6k_group(row, step, K, rmask, c, x, HI: tl.constexpr, EMULATE: tl.constexpr):
+    """Q6_K: the integer sums of groups 2c + HI of a step against their x words x [4, 8], scaled by
+    their two int8 sub-block scales (one per 16 weights) -> [BLOCK_N, 4] int32.
+
+    Group j = 4h + t of a step (h = j // 4, t = j % 4) holds element l (0..31) in the low (t < 2)
+    or high nibble of ql byte 64h + 32(t % 2) + l and in bits 2t of qh byte 32h + l; q - 32 as a
+    signed byte is ((q | 0x80) - 32) ^ 0x80, four at a time (no borrow crosses a byte)."""
+    s2 = tl.arange(0, 2)[None, :, None]  # which 16 of the group
+    v = tl.arange(0, 4)[None, None, :]  # word within the 16
+    h = c[:, None, None] // 2
+    t = 2 * (c[:, None, None] % 2) + HI
+    m = rmask[:, None, None, None]
+    ql = tl.load(row[:, None, None, None] + (step * 32 + 16 * h + 8 * (t % 2) + 4 * s2 + v)[None], mask=m, other=0)
+    qh = tl.load(row[:, None, None, None] + (K // 8 + step * 16 + 8 * h + 4 * s2 + v)[None], mask=m, other=0)
+    q = ((ql >> (4 * (t // 2))[None]) & 0x0F0F0F0F) | (((qh >> (2 * t)[None]) & 0x03030303) << 4)
+    q = ((q | _HIGH_BITS) - 0x20202020) ^ _HIGH_BITS
+    isum = tl.sum(_dot4(q, tl.reshape(x, [4, 2, 4])[None], True, EMULATE), axis=3)  # [BLOCK_N, 4, 2]
+    cc = c[:, None]
+    sc_byte = 3 * K // 4 + step * 16 + 8 * (cc // 2) + 2 * (2 * (cc % 2) + HI) + tl.arange(0, 2)[None, :]  # [4, 2]
+    sc_word = tl.load(row[:, None, None] + (sc_byte // 4)[None], mask=rmask[:, None, None], other=0)
+    sc = (sc_word << (24 - 8 * (sc_byte % 4))[None]) >> 24  # the signed scale byte of each 16
+    return tl.sum(isum * sc, axis=2)
+
+
+@triton.jit
+def _q6k_step(row, half, step, K, rmask, xl, xh, dl, dh, EMULATE: tl.constexpr):
+    c = tl.arange(0, 4)
+    il = _q6k_group(row, step, K, rmask, c, xl, 0, EMULATE).to(tl.float32)
+    ih = _q6k_group(row, step, K, rmask, c, xh, 1, EMULATE).to(tl.float32)
+    d = tl.load(half + 13 * K // 32 + step, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    return d * (dl[None, :] * il + dh[None, :] * ih)
+
+
+@triton.jit
+def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    """Step `step` (256 weights) of BLOCK_N split rows (row: int32 pointers [BLOCK_N], half: the
+    same rows as fp16 pointers) dotted with the step's activations: lo / hi words [4, 8], their
+    d [4] and d * sum(q) [4] -> [BLOCK_N, 4] fp32 (a column per lo/hi group pair)."""
+    c = tl.arange(0, 4)
+    w = tl.arange(0, 8)
+    if FMT == _Q4_K:
+        qw = tl.load(row[:, None, None] + (step * 32 + 8 * c[:, None] + w[None, :])[None], mask=rmask[:, None, None],
+                     other=0)
+        il = tl.sum(_dot4(qw & 0x0F0F0F0F, xl[None], False, EMULATE), axis=2).to(tl.float32)
+        ih = tl.sum(_dot4((qw >> 4) & 0x0F0F0F0F, xh[None], False, EMULATE), axis=2).to(tl.float32)
+        d, dmin, sc_l, m_l, sc_h, m_h = _q4k_header(row + K // 8 + 4 * step, rmask, c)
+        return d * (sc_l * (dl[None, :] * il) + sc_h * (dh[None, :] * ih)) - dmin * (
+            m_l * sl[None, :] + m_h * sh[None, :])
+    elif FMT == _Q6_K:
+        return _q6k_step(row, half, step, K, rmask, xl, xh, dl, dh, EMULATE)
+    else:  # Q8_0: group g's 8 words at 8g, its d at K / 2 + g (halves)
+        g_lo = step * 8 + 2 * c
+        m_lo = rmask[:, None] & (g_lo < K // 32)[None, :]
+        m_hi = rmask[:, None] & (g_lo + 1 < K // 32)[None, :]
+        ql = tl.load(row[:, None, None] + (8 * g_lo[:, None] + w[None, :])[None], mask=m_lo[:, :, None], other=0)
+        qh = tl.load(row[:, None, None] + (8 * g_lo[:, None] + 8 + w[None, :])[None], mask=m_hi[:, :, None], other=0)
+        il = tl.sum(_dot4(ql, xl[None], True, EMULATE), axis=2).to(tl.float32)
+        ih = tl.sum(_dot4(qh, xh[None], True, EMULATE), axis=2).to(tl.float32)
+        d_lo = tl.load(half[:, None] + K // 2 + g_lo[None, :], mask=m_lo, other=0.0).to(tl.float32)
+        d_hi = tl.load(half[:, None] + K // 2 + 1 + g_lo[None, :], mask=m_hi, other=0.0).to(tl.float32)
+        return d_lo * (dl[None, :] * il) + d_hi * (dh[None, :] * ih)
+
+
+@triton.jit
+def _slot(ids_ptr, N):
+    slot = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    return slot, e, (e >= 0) & (e < N)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, N, I, H, n_steps,
+    G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
+    G_FMT: tl.constexpr, U_FMT: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    slot, e, hot = _slot(ids_ptr, N)
+    if hot:
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        rmask = rows < I
+        r = e * I + rows.to(tl.int64)
+        g_row, g_half = gw + r * G_RW, gh + r * (2 * G_RW)
+        u_row, u_half = uw + r * U_RW, uh + r * (2 * U_RW)
+        c = tl.arange(0, 4)[:, None, None]
+        kx = 64 * c + 4 * tl.arange(0, 8)[None, :, None] + tl.arange(0, 4)[None, None, :]  # lo groups' x
+        x_row = x_ptr + (slot // K) * x_st
+        acc_g = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
+        for step in range(0, n_steps):
+            k = step * 256 + kx
+            xl, dl, sl = _quantize(tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32))
+            xh, dh, sh = _quantize(tl.load(x_row + k + 32, mask=k + 32 < H, other=0.0).to(tl.float32))
+            acc_g += _step(g_row, g_half, step, H, rmask, xl, xh, dl, dh, sl, sh, G_FMT, EMULATE)
+            acc_u += _step(u_row, u_half, step, H, rmask, xl, xh, dl, dh, sl, sh, U_FMT, EMULATE)
+        g = tl.sum(acc_g, axis=1)
+        h = g / (1.0 + tl.exp(-g)) * tl.sum(acc_u, axis=1)
+        words, d, s = _quantize(tl.reshape(h, [BLOCK_I // 32, 8, 4]))
+        grp = tl.program_id(1) * (BLOCK_I // 32) + tl.arange(0, BLOCK_I // 32)
+        gmask = grp < I // 32
+        tl.store(hq_ptr + slot * (I // 4) + 8 * grp[:, None] + tl.arange(0, 8)[None, :], words, mask=gmask[:, None])
+        tl.store(hd_ptr + slot * (I // 32) + grp, d, mask=gmask)
+        tl.store(hs_ptr + slot * (I // 32) + grp, s, mask=gmask)
+
+
+@triton.jit
+def _down_kernel(
+    hq_ptr, hd_ptr, hs_ptr, ids_ptr, dw, dh_ptr, y_ptr, N, I, H, n_steps,
+    RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    slot, e, hot = _slot(ids_ptr, N)
+    if hot:
+        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rmask = rows < H
+        r = e * H + rows.to(tl.int64)
+        row, half = dw + r * RW, dh_ptr + r * (2 * RW)
+        c = tl.arange(0, 4)
+        w = tl.arange(0, 8)
+        acc = tl.zeros([BLOCK_D, 4], dtype=tl.float32)
+        for step in range(0, n_steps):
+            g_lo = step * 8 + 2 * c
+            ml, mh = g_lo < I // 32, g_lo + 1 < I // 32
+            base = slot * (I // 4) + 8 * g_lo[:, None] + w[None, :]
+            xl = tl.load(hq_ptr + base, mask=ml[:, None], other=0)
+            xh = tl.load(hq_ptr + base + 8, mask=mh[:, None], other=0)
+            gi = slot * (I // 32) + g_lo
+            dl, sl = tl.load(hd_ptr + gi, mask=ml, other=0.0), tl.load(hs_ptr + gi, mask=ml, other=0.0)
+            dh, sh = tl.load(hd_ptr + gi + 1, mask=mh, other=0.0), tl.load(hs_ptr + gi + 1, mask=mh, other=0.0)
+            acc += _step(row, half, step, I, rmask, xl, xh, dl, dh, sl, sh, FMT, EMULATE)
+        tl.store(y_ptr + slot * H + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+# ---------------------------------------------------------------- host
+
+
+def _check_split(name: str, data: torch.Tensor, fmt: str, n_exp: int, rows: int, k: int) -> None:
+    if fmt not in _PARTS:
+        raise ValueError(f"{name}: split rows take {', '.join(SPLIT_FORMATS)}, got {fmt!r}")
+    want = split_bytes(fmt, k)
+    if (data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape) != (n_exp, rows, want) or k % _PARTS[fmt][0]
+            or not data.is_contiguous()):
+        raise ValueError(f"{name} must be contiguous {fmt} split rows uint8 [N={n_exp}, {rows}, {want}] (rows of {k} "
+                         f"weights), got {data.dtype} {tuple(data.shape)}")
+
+
+def moe_decode_split(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gate_type: str,
+    up_type: str,
+    down_type: str,
+) -> torch.Tensor:
+    """Hot experts on split rows (see the module docstring): x [T, H] float, ids int32 [T, k] (k <=
+    16; ids outside 0..N-1 skipped), weights [T, k], gate/up uint8 [N, I, row_bytes(H)], down
+    uint8 [N, H, row_bytes(I)] as split_rows left them -> out [T, H] in x's dtype. Raises
+    ValueError for what it does not take."""
+    _check_float("x", x)
+    _check_float("weights", weights)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
+    n_tok, hidden = x.shape
+    if gate.dim() != 3:
+        raise ValueError(f"gate must be split rows [N, I, row_bytes], got {tuple(gate.shape)}")
+    n_exp, inter = gate.shape[:2]
+    _check_split("gate", gate, gate_type, n_exp, inter, hidden)
+    _check_split("up", up, up_type, n_exp, inter, hidden)
+    _check_split("down", down, down_type, n_exp, hidden, inter)
+    if inter % 32:
+        raise ValueError(f"the experts' intermediate size must be a multiple of 32, got {inter}")
+    top_k = check_slots(ids, weights, n_tok)
+    _check_device(x, ids, weights, gate, up, down)
+    out = torch.empty(n_tok, hidden, dtype=x.dtype, device=x.device)
+    if n_tok == 0 or n_exp == 0:
+        return out.zero_()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids, weights = ids.contiguous(), weights.contiguous()
+    slots = n_tok * top_k
+    hq = torch.empty(slots, inter // 4, dtype=torch.int32, device=x.device)
+    hd = torch.empty(slots, inter // 32, dtype=torch.float32, device=x.device)
+    hs = torch.empty_like(hd)
+    y = torch.empty(slots, hidden, dtype=torch.float32, device=x.device)
+    words = [t.view(torch.int32) for t in (gate, up, down)]
+    halves = [t.view(torch.float16) for t in (gate, up, down)]
+    with _on(x):
+        _gate_up_kernel[(slots, triton.cdiv(inter, _BLOCK_I))](
+            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, n_exp, inter, hidden,
+            triton.cdiv(hidden, 256), G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k, BLOCK_I=_BLOCK_I,
+            G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        _down_kernel[(slots, triton.cdiv(hidden, _BLOCK_D))](
+            hq, hd, hs, ids, words[2], halves[2], y, n_exp, inter, hidden, triton.cdiv(inter, 256),
+            RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+    combine(y, ids, weights, out, n_exp)
+    return out
