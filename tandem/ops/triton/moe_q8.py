@@ -227,10 +227,13 @@ def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, 
 
 
 @triton.jit
-def _slot(ids_ptr, N):
+def _slot_rows(ids_ptr, N, n_rows, BLOCK: tl.constexpr):
+    """This program's slot, whether its id is one of the N, its BLOCK rows (a mask for those past
+    n_rows) and their indices among all experts' rows (e * n_rows + row, int64)."""
     slot = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + slot).to(tl.int64)
-    return slot, e, (e >= 0) & (e < N)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return slot, (e >= 0) & (e < N), rows < n_rows, e * n_rows + rows.to(tl.int64)
 
 
 @triton.jit
@@ -239,11 +242,8 @@ def _gate_up_kernel(
     G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
     G_FMT: tl.constexpr, U_FMT: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    slot, e, hot = _slot(ids_ptr, N)
+    slot, hot, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
     if hot:
-        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        rmask = rows < I
-        r = e * I + rows.to(tl.int64)
         g_row, g_half = gw + r * G_RW, gh + r * (2 * G_RW)
         u_row, u_half = uw + r * U_RW, uh + r * (2 * U_RW)
         c = tl.arange(0, 4)[:, None, None]
@@ -272,11 +272,8 @@ def _down_kernel(
     hq_ptr, hd_ptr, hs_ptr, ids_ptr, dw, dh_ptr, y_ptr, N, I, H, n_steps,
     RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    slot, e, hot = _slot(ids_ptr, N)
+    slot, hot, rmask, r = _slot_rows(ids_ptr, N, H, BLOCK_D)
     if hot:
-        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        rmask = rows < H
-        r = e * H + rows.to(tl.int64)
         row, half = dw + r * RW, dh_ptr + r * (2 * RW)
         c = tl.arange(0, 4)
         w = tl.arange(0, 8)
@@ -291,6 +288,7 @@ def _down_kernel(
             dl, sl = tl.load(hd_ptr + gi, mask=ml, other=0.0), tl.load(hs_ptr + gi, mask=ml, other=0.0)
             dh, sh = tl.load(hd_ptr + gi + 1, mask=mh, other=0.0), tl.load(hs_ptr + gi + 1, mask=mh, other=0.0)
             acc += _step(row, half, step, I, rmask, xl, xh, dl, dh, sl, sh, FMT, EMULATE)
+        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         tl.store(y_ptr + slot * H + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
