@@ -5,14 +5,14 @@ Data path, after the model is loaded and its experts bound to the CPU engine:
 calibration tokens -> one teacher-forced pass (Engine.score) with hooks on every router ->
 counts [E] per MoE layer -> the N most used ids per layer -> their gate/up/down: on a GPU, from a
 GGUF whose expert formats the GPU kernels decode (GPU_BLOCK_FORMATS), the file's blocks as stored
-(expert_blocks; split into the decode kernels' row layout where GPU_SPLIT_FORMATS allow); else in float: on a GPU with the dual path, copied out of the engine's memory and
-decoded there (DualExperts.device_weights), otherwise read again from the model file (GGUF merged
-blocks dequantized, or HF per-expert tensors) -> HotExperts wrapping the layer's backend. The CPU
-engine keeps all experts (RAM unchanged); VRAM grows by N experts per layer, which the memory plan
-counts (placement/memory.py, hot_experts). While serving, the
-layers count routing; `moved_hot_experts` finds the layers whose traffic moved and
-`replace_hot_experts` gives them their new experts (between requests: LLM.rebalance_hot_experts,
-which the server calls when its engine goes idle).
+(expert_blocks; split into the decode kernels' row layout where GPU_SPLIT_FORMATS allow); else in
+float: on a GPU with the dual path, copied out of the engine's memory and decoded there
+(DualExperts.device_weights), otherwise read again from the model file (GGUF merged blocks
+dequantized, or HF per-expert tensors) -> HotExperts wrapping the layer's backend. The CPU engine
+keeps all experts (RAM unchanged); VRAM grows by N experts per layer, which the memory plan counts
+(placement/memory.py, hot_experts). While serving, the layers count routing; `moved_hot_experts`
+finds the layers whose traffic moved and `replace_hot_experts` gives them their new experts (between
+requests: LLM.rebalance_hot_experts, which the server calls when its engine goes idle).
 """
 
 from collections.abc import Callable
