@@ -22,6 +22,9 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["kernels"] for r in rows] == ["blocks 8 rows x 2 warps", "split rows, int8 x", "float (bf16 copies)"]
     assert all(r["us_per_layer"] > 0 and r["mb_per_layer"] > 0 for r in rows)
+    # one slot's gate, up and down: 2 x 256 rows of Q4_K (144 bytes) + 256 rows of Q8_0 (272 bytes),
+    # as stored and as split rows (272 is already a multiple of 16)
+    assert rows[0]["mb_per_layer"] == rows[1]["mb_per_layer"] == (2 * 256 * 144 + 256 * 272) / 1e6
     # bf16 x and output: one bf16 rounding (2^-8 relative) beside fp32 order; int8 x and h: ~1%
     assert all(r["err"] < (3e-2 if r["kernels"].startswith("split") else 8e-3) for r in rows)
 

@@ -29,7 +29,12 @@ tiles; h is quantized per 32 as it is stored (words, d, d * sum(q)). down, grid 
 BLOCK_D)): the same step over I on h's words. Then moe.combine. A step's 8 groups are taken as
 4 "lo" groups (0, 2, 4, 6) and 4 "hi" groups (1, 3, 5, 7): Q4_K keeps group 2c in the low nibbles
 and 2c + 1 in the high nibbles of the same 32 bytes, and Q8_0 reads the same way.
-In Triton's interpreter (tests) the dot products are emulated with integer ops: the same sums.
+In Triton's interpreter (tests) the dot products are emulated with integer ops: the same sums
+(a tiny model's 76 decode steps gave the same logits there as on an H200, to 1e-7).
+Tiles: BLOCK_I = 32 (gate/up), BLOCK_D = 16 (down), 4 warps, untuned. On an H200 (V2-Lite, one
+token, six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay) the three launches take 38.2 us a
+layer against moe_quant.py's 49.5: ~1 TB/s, bound by each program's walk of 6-8 steps, a DRAM
+round trip each (benchmarks/hot_kernels.py).
 """
 
 from __future__ import annotations
