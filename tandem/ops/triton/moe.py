@@ -275,6 +275,15 @@ def combine(y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torc
         )  # fmt: skip
 
 
+def check_tokens(x: torch.Tensor, weights: torch.Tensor) -> tuple[int, int]:
+    """Validate x [T, H] and the routing weights' dtype of a hot-experts call on blocks; returns (T, H)."""
+    _check_float("x", x)
+    _check_float("weights", weights)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
 def check_slots(ids: torch.Tensor, weights: torch.Tensor, n_tok: int) -> int:
     """Validate ids int32 [T, k] (1 <= k <= 16) and weights [T, k] of a hot-experts call; returns k."""
     if ids.dtype != torch.int32:

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.ops.triton.fused import _INTERPRETED, _check_device, _check_float, _on
-from tandem.ops.triton.moe import check_slots, combine
+from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on
+from tandem.ops.triton.moe import check_slots, check_tokens, combine
 
 __all__ = ["SPLIT_FORMATS", "moe_decode_split", "split_bytes", "split_rows", "unsplit_rows"]
 
@@ -325,11 +325,7 @@ def moe_decode_split(
     16; ids outside 0..N-1 skipped), weights [T, k], gate/up uint8 [N, I, row_bytes(H)], down
     uint8 [N, H, row_bytes(I)] as split_rows left them -> out [T, H] in x's dtype. Raises
     ValueError for what it does not take."""
-    _check_float("x", x)
-    _check_float("weights", weights)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-    n_tok, hidden = x.shape
+    n_tok, hidden = check_tokens(x, weights)
     if gate.dim() != 3:
         raise ValueError(f"gate must be split rows [N, I, row_bytes], got {tuple(gate.shape)}")
     n_exp, inter = gate.shape[:2]

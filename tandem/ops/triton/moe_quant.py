@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.ops.triton.fused import _check_device, _check_float, _on
-from tandem.ops.triton.moe import check_slots, combine
+from tandem.ops.triton.fused import _check_device, _on
+from tandem.ops.triton.moe import check_slots, check_tokens, combine
 from tandem.ops.triton.quant import _format_meta, format_of
 from tandem.ops.triton.quant_blocks import STEP, decode_step, lo_index, row_pointers
 
@@ -158,11 +158,7 @@ def moe_decode_blocks(
     0..N-1 skipped), weights [T, k], gate/up uint8 [N, I, row_bytes(H)], down uint8 [N, H,
     row_bytes(I)] in the named GGUF formats -> out [T, H] in x's dtype. See the module docstring;
     raises ValueError for what it does not take."""
-    _check_float("x", x)
-    _check_float("weights", weights)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-    n_tok, hidden = x.shape
+    n_tok, hidden = check_tokens(x, weights)
     if down.dim() != 3 or down.shape[1] != hidden:
         raise ValueError(f"down must be blocks [N, H={hidden}, row_bytes], got {tuple(down.shape)}")
     n_exp = down.shape[0]
