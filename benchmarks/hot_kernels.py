@@ -9,7 +9,8 @@ layer reads (each routed expert once per slot), TB/s, that as a % of the device-
 rate measured first, and err: max |out - reference| / max |reference| on layer 0 (x and out bf16, as
 decode runs them: one bf16 rounding, 2^-8, beside fp32 order), whose routed
 experts hold real quantized weights (reference.moe_experts in fp32 on their dequantization; the
-bf16 rows against the same in bf16 copies; the split rows' int8 activations add ~1%). --tiles sweeps the block kernels' rows x warps.
+bf16 rows against the same in bf16 copies; the split rows' int8 activations add ~1%). --tiles sweeps
+the block kernels' rows x warps.
 
     python benchmarks/hot_kernels.py --shape v2-lite --json hot_kernels.json
     python benchmarks/hot_kernels.py --shape v3 --tiles 8x2,16x4,32x4
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--dims", default=None, help="H,I,experts,k instead of the shape's (small runs)")
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--layers", type=int, default=26, help="layers of distinct weights per timed call")
-    p.add_argument("--tiles", default="8x2,16x4", type=tile_list, help="block kernels' rows x warps to time, comma list")
+    p.add_argument("--tiles", default="8x2,16x4", type=tile_list,
+                   help="block kernels' rows x warps to time, comma list")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
     from tandem.ops import reference
+    from tandem.ops.split_rows import SPLIT_FORMATS, split_rows
     from tandem.ops.triton import moe, moe_q8, moe_quant
     from tandem.ops.triton.quant import row_bytes
     from tandem.weights import quant as wq
@@ -147,8 +150,8 @@ def main(argv=None) -> int:
                 xd, idd, wd, gate[layer], up[layer], down[layer], gu_fmt, gu_fmt, d_fmt), block_mb, want)
     finally:  # the module's own tiles again (tests import it into a process that goes on)
         moe_quant._BLOCK_N, moe_quant._NUM_WARPS = default_tiles
-    if {gu_fmt, d_fmt} <= set(moe_q8.SPLIT_FORMATS):  # what hot experts of these formats run
-        split = [moe_q8.split_rows(t, f) for t, f in ((gate, gu_fmt), (up, gu_fmt), (down, d_fmt))]
+    if {gu_fmt, d_fmt} <= set(SPLIT_FORMATS):  # what hot experts of these formats run
+        split = [split_rows(t, f) for t, f in ((gate, gu_fmt), (up, gu_fmt), (down, d_fmt))]
         split_mb = slots * (2 * split[0].shape[3] * inter + split[2].shape[3] * hidden) / 1e6
         row("split rows, int8 x", lambda layer: moe_q8.moe_decode_split(
             xd, idd, wd, *(t[layer] for t in split), gu_fmt, gu_fmt, d_fmt), split_mb, want)

@@ -30,7 +30,7 @@ class Blocks:
     data: torch.Tensor
     format: str  # e.g. "Q4_K"; see tandem.weights.quant.FORMATS
     dequantize: Callable[[torch.Tensor], torch.Tensor]  # uint8 [rows, row_bytes] -> float32 [rows, K]
-    split: bool = False  # rows regrouped for the GPU's decode kernels (ops/triton/moe_q8.split_rows)
+    split: bool = False  # rows regrouped for the GPU's decode kernels (ops/split_rows.py)
 
     @property
     def nbytes(self) -> int:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tandem.errors import TandemError
+from tandem.ops.split_rows import SPLIT_FORMATS, split_bytes
 from tandem.placement.rules import Placement, Target
 
 GB = 10**9  # the plan and the --*-budget flags count decimal gigabytes
@@ -41,9 +42,8 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 # Block formats the GPU's fused dequant-matmul kernels read (tandem/ops/triton/quant.py).
 GPU_BLOCK_FORMATS = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 # Hot experts whose three projections are all in these formats are held as split rows (the file's
-# bytes regrouped, each row padded to 16 bytes) for tandem/ops/triton/moe_q8.py (a test checks its
-# SPLIT_FORMATS agree).
-GPU_SPLIT_FORMATS = frozenset({"Q4_K", "Q6_K", "Q8_0"})
+# bytes regrouped, each row padded to 16 bytes: tandem/ops/split_rows.py) for ops/triton/moe_q8.py.
+GPU_SPLIT_FORMATS = frozenset(SPLIT_FORMATS)
 PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prompts prefill in chunks
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
 # Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
@@ -148,9 +148,7 @@ def hot_bytes_per_expert(p: ParamInfo, blocks: str | None) -> int:
         return p.numel // p.shape[0] * p.dtype_bytes
     if not set(blocks.split("+")) <= GPU_SPLIT_FORMATS:
         return p.stored_bytes // p.shape[0]
-    rows = math.prod(p.shape[1:-1])
-    row = p.stored_bytes // (p.shape[0] * rows)
-    return rows * (-(-row // 16) * 16)
+    return math.prod(p.shape[1:-1]) * split_bytes(p.stored, p.shape[-1])
 
 
 def held(p: ParamInfo, target: Target, experts_format: str) -> tuple[int, str, str]:

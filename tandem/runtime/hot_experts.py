@@ -27,6 +27,7 @@ from tandem.layers.block_experts import Blocks
 from tandem.layers.dual_experts import DualExperts
 from tandem.layers.hot_experts import HotExperts
 from tandem.layers.moe import MoE
+from tandem.ops.split_rows import split_rows, unsplit_rows
 from tandem.placement.memory import GPU_BLOCK_FORMATS, GPU_SPLIT_FORMATS
 from tandem.weights.gguf import torch_dequantizer
 
@@ -128,8 +129,6 @@ def expert_blocks(checkpoint: Any, names: tuple[str, str, str], ids: list[int],
         data = checkpoint.raw(name)[index].to(device)
         dequantize = _gpu_dequantizer(fmt) if device.type == "cuda" else torch_dequantizer(fmt)
         if split:
-            from tandem.ops.triton.moe_q8 import split_rows  # triton: imported on first use
-
             data, dequantize = split_rows(data, fmt), _unsplitting(dequantize, fmt)
         out.append(Blocks(data, fmt, dequantize, split))
     return tuple(out)
@@ -137,8 +136,6 @@ def expert_blocks(checkpoint: Any, names: tuple[str, str, str], ids: list[int],
 
 def _unsplitting(dequantize: Callable[[torch.Tensor], torch.Tensor], fmt: str):
     def dequantize_split(raw: torch.Tensor) -> torch.Tensor:
-        from tandem.ops.triton.moe_q8 import unsplit_rows  # triton: imported on first use
-
         return dequantize(unsplit_rows(raw, fmt))
 
     return dequantize_split

@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 from tandem.ops import reference as ref
-from tandem.ops.triton.moe_q8 import SPLIT_FORMATS, moe_decode_split, split_bytes, split_rows, unsplit_rows
+from tandem.ops.split_rows import SPLIT_FORMATS, split_bytes, split_rows, unsplit_rows
+from tandem.ops.triton.moe_q8 import moe_decode_split
 from tandem.placement.memory import GPU_SPLIT_FORMATS
 from tests.ops.test_triton_moe_quant import quantized
 

@@ -115,8 +115,8 @@ def test_cuda_device_without_cuda_is_one_line():
 
 def test_hot_copies_count_split_rows_padding():
     # V2-Lite's Q4_K_M experts: gate/up Q4_K rows of 2048 (1152 bytes, 16-aligned), down Q8_0 rows of
-    # 1408 (1496 bytes): held as split rows padded to 1504 (ops/triton/moe_q8.py's split_bytes).
-    from tandem.ops.triton.moe_q8 import split_bytes
+    # 1408 (1496 bytes): held as split rows padded to 1504 (ops/split_rows.py's split_bytes).
+    from tandem.ops.split_rows import split_bytes
 
     def routed(name, shape, fmt, row_bytes):
         return ParamInfo(name, ROUTED, shape, "bfloat16", 2, layer=1, stored=fmt,

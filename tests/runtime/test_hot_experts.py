@@ -144,7 +144,7 @@ def test_hot_experts_held_as_blocks(tiny_q4, monkeypatch, split):
     dequantized per call) equals the torch experts, and re-placing copies the new experts' bytes in
     place."""
     from tandem.layers.block_experts import Blocks
-    from tandem.ops.triton.moe_q8 import unsplit_rows
+    from tandem.ops.split_rows import unsplit_rows
     from tandem.runtime.hot_experts import replace_hot_experts
 
     e = VARIANTS["deepseek_v3"]["n_routed_experts"]

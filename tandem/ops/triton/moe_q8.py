@@ -1,20 +1,14 @@
 """Hot routed experts on the GPU from split rows with int8 activations: the decode kernels that
-layers/hot_experts.py runs for GGUF Q4_K / Q8_0 experts (a Q4_K_M file's routed formats).
+layers/hot_experts.py runs for GGUF Q4_K / Q6_K / Q8_0 experts (a Q4_K_M file's routed formats).
 
 moe_quant.py decodes the file's blocks as stored, in fp32: each 256-weight step costs a byte load
 per scale and a dozen fp32 ops per weight, so its kernels run at ~0.8 TB/s on an H100. Here the
-hot experts' rows are first split once, on the GPU, when they are placed (`split_rows`: the same
-bytes, regrouped, so VRAM and HBM reads stay the file's): every block's quants first, then every
-block's scales, so a step's quants are one aligned run of words. The activations are quantized to
-int8 per 32 (as the CPU engine quantizes them for these formats, csrc/kernels/act.h), so four
-weights cost one integer dot product (dp4a) and the scales apply once per 32.
-
-Split row layouts (K weights a row, nb blocks; bytes), zero-padded to a multiple of 16 bytes:
-    Q4_K  [qs: nb x 128][headers: nb x 16 (d, dmin fp16, 12 bytes of 6-bit scales and mins)]
-    Q8_0  [qs: nb x 32 int8][d: nb x fp16][0-14 bytes of padding]
-    Q6_K  [ql: nb x 128][qh: nb x 64][scales: nb x 16 int8][d: nb x fp16][padding]
-A block's fields keep their ggml byte order inside each part (tandem/weights/quant*.py are the
-spec), so `unsplit_rows` restores the file's bytes exactly.
+hot experts' rows are first split once, on the GPU, when they are placed (ops/split_rows.py: the
+same bytes, regrouped, so VRAM and HBM reads stay the file's; the row layouts are there): every
+block's quants first, then every block's scales, so a step's quants are one aligned run of words.
+The activations are quantized to int8 per 32 (as the CPU engine quantizes them for these formats,
+csrc/kernels/act.h), so four weights cost one integer dot product (dp4a) and the scales apply once
+per 32.
 
 Semantics: with x~ = x quantized per 32 consecutive values (d = max|x| / 127, q = round-half-even
 of x * (1 / d), x~ = d * q; 0 where d = 0),
@@ -44,67 +38,17 @@ import triton
 import triton.language as tl
 
 from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on
+from tandem.ops.split_rows import LAYOUTS, SPLIT_FORMATS, split_bytes
 from tandem.ops.triton.moe import check_slots, check_tokens, combine
 
-__all__ = ["SPLIT_FORMATS", "moe_decode_split", "split_bytes", "split_rows", "unsplit_rows"]
+__all__ = ["moe_decode_split"]
 
-# format -> (block weights, block bytes, the block's byte ranges in the order the split row holds them)
-_PARTS = {
-    "Q4_K": (256, 144, ((16, 144), (0, 16))),
-    "Q8_0": (32, 34, ((2, 34), (0, 2))),
-    "Q6_K": (256, 210, ((0, 128), (128, 192), (192, 208), (208, 210))),
-}
-SPLIT_FORMATS = tuple(_PARTS)
-_CODES = {"Q4_K": 0, "Q8_0": 1, "Q6_K": 2}
-_Q4_K, _Q8_0, _Q6_K = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_CODES = {fmt: i for i, fmt in enumerate(SPLIT_FORMATS)}  # the kernels' constexpr switch
+_Q4_K, _Q8_0, _Q6_K = (tl.constexpr(_CODES[fmt]) for fmt in ("Q4_K", "Q8_0", "Q6_K"))
 _HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 16  # down rows a program
 _NUM_WARPS = 4
-
-
-# ---------------------------------------------------------------- layout (torch, once per placement)
-
-
-def split_bytes(fmt: str, k: int) -> int:
-    """Bytes of a split row of k weights: the file's, rounded up to 16 so that every row starts
-    16-byte aligned (Q8_0 rows of 34-byte blocks need not)."""
-    size, nbytes, _ = _PARTS[fmt]
-    return -(-(k // size * nbytes) // 16) * 16
-
-
-def _geometry(data: torch.Tensor, fmt: str, min_bytes: int) -> tuple[int, int, tuple]:
-    if fmt not in _PARTS:
-        raise ValueError(f"split rows take {', '.join(SPLIT_FORMATS)}, got {fmt!r}")
-    size, nbytes, parts = _PARTS[fmt]
-    nb = data.shape[-1] // nbytes if data.dim() else 0
-    if data.dtype != torch.uint8 or data.dim() < 1 or data.shape[-1] < min_bytes * nb:
-        raise ValueError(f"{fmt} rows must be uint8 [..., row_bytes], got {data.dtype} {tuple(data.shape)}")
-    return nb, nbytes, parts
-
-
-def split_rows(data: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A file's rows uint8 [..., nb * block_bytes] -> split rows [..., split_bytes] (a new tensor)."""
-    nb, nbytes, parts = _geometry(data, fmt, 1)
-    if data.shape[-1] != nb * nbytes:
-        raise ValueError(f"{fmt} rows must be whole {nbytes}-byte blocks, got {data.shape[-1]} bytes")
-    lead = data.shape[:-1]
-    blocks = data.reshape(*lead, nb, nbytes)
-    pad = split_bytes(fmt, nb * _PARTS[fmt][0]) - nb * nbytes
-    fields = [blocks[..., a:b].reshape(*lead, nb * (b - a)) for a, b in parts]
-    return torch.cat(fields + [data.new_zeros(*lead, pad)], dim=-1)
-
-
-def unsplit_rows(data: torch.Tensor, fmt: str) -> torch.Tensor:
-    """split_rows' inverse: the file's bytes."""
-    nb, nbytes, parts = _geometry(data, fmt, 1)
-    lead = data.shape[:-1]
-    out = torch.empty(*lead, nb, nbytes, dtype=torch.uint8, device=data.device)
-    start = 0
-    for a, b in parts:
-        out[..., a:b] = data[..., start:start + nb * (b - a)].reshape(*lead, nb, b - a)
-        start += nb * (b - a)
-    return out.reshape(*lead, nb * nbytes)
 
 
 # ---------------------------------------------------------------- kernels
@@ -301,10 +245,10 @@ def _down_kernel(
 
 
 def _check_split(name: str, data: torch.Tensor, fmt: str, n_exp: int, rows: int, k: int) -> None:
-    if fmt not in _PARTS:
+    if fmt not in LAYOUTS:
         raise ValueError(f"{name}: split rows take {', '.join(SPLIT_FORMATS)}, got {fmt!r}")
     want = split_bytes(fmt, k)
-    if (data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape) != (n_exp, rows, want) or k % _PARTS[fmt][0]
+    if (data.dtype != torch.uint8 or data.dim() != 3 or tuple(data.shape) != (n_exp, rows, want) or k % LAYOUTS[fmt][0]
             or not data.is_contiguous()):
         raise ValueError(f"{name} must be contiguous {fmt} split rows uint8 [N={n_exp}, {rows}, {want}] (rows of {k} "
                          f"weights), got {data.dtype} {tuple(data.shape)}")
