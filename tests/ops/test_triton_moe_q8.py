@@ -121,3 +121,13 @@ def test_bad_input_is_refused_clearly(device):
         moe_decode_split(x, ids.long(), w, gate, gate, down, "Q4_K", "Q4_K", "Q8_0")
     with pytest.raises(ValueError, match="whole 144-byte blocks"):
         split_rows(torch.zeros(2, 100, dtype=torch.uint8), "Q4_K")
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_walks_in_parts_equal_the_q8_reference(device, parts, monkeypatch):
+    """H = 768 (3 steps) and I = 288 (2 steps) walked in parts: the partial sums add up to the whole."""
+    from tandem.ops.triton import moe_q8
+
+    monkeypatch.setattr(moe_q8, "_WALK_PARTS", parts)
+    got, want_q8, _ = case(3, 288, 768, ("Q4_K", "Q4_K", "Q8_0"), n_tok=2, top_k=2, device=device, seed=4)
+    assert close(got, want_q8, Q8_REF)

@@ -49,6 +49,8 @@ _HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 16  # down rows a program
 _NUM_WARPS = 4
+_WALK_PARTS = 1  # each program's walk over K in up to this many parts (partials added by one more launch)
+_STAGES = 1  # tl.range's num_stages for the walks (1: no software pipelining)
 
 
 # ---------------------------------------------------------------- kernels
@@ -187,9 +189,9 @@ def _slot_rows(ids_ptr, N, n_rows, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, N, I, H, n_steps,
+    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, N, I, H, n_steps, per_part, n_slots,
     G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
-    G_FMT: tl.constexpr, U_FMT: tl.constexpr, EMULATE: tl.constexpr,
+    G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, hot, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
     if hot:
@@ -200,26 +202,54 @@ def _gate_up_kernel(
         x_row = x_ptr + (slot // K) * x_st
         acc_g = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
-        for step in range(0, n_steps):
+        first = tl.program_id(2) * per_part
+        for step in tl.range(first, tl.minimum(first + per_part, n_steps), num_stages=STAGES):
             k = step * 256 + kx
             xl, dl, sl = _quantize(tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32))
             xh, dh, sh = _quantize(tl.load(x_row + k + 32, mask=k + 32 < H, other=0.0).to(tl.float32))
             acc_g += _step(g_row, g_half, step, H, rmask, xl, xh, dl, dh, sl, sh, G_FMT, EMULATE)
             acc_u += _step(u_row, u_half, step, H, rmask, xl, xh, dl, dh, sl, sh, U_FMT, EMULATE)
         g = tl.sum(acc_g, axis=1)
-        h = g / (1.0 + tl.exp(-g)) * tl.sum(acc_u, axis=1)
-        words, d, s = _quantize(tl.reshape(h, [BLOCK_I // 32, 8, 4]))
-        grp = tl.program_id(1) * (BLOCK_I // 32) + tl.arange(0, BLOCK_I // 32)
-        gmask = grp < I // 32
-        tl.store(hq_ptr + slot * (I // 4) + 8 * grp[:, None] + tl.arange(0, 8)[None, :], words, mask=gmask[:, None])
-        tl.store(hd_ptr + slot * (I // 32) + grp, d, mask=gmask)
-        tl.store(hs_ptr + slot * (I // 32) + grp, s, mask=gmask)
+        u = tl.sum(acc_u, axis=1)
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        if PARTS > 1:  # partial sums [parts, slots, 2, I]: _act_kernel adds them
+            part = part_ptr + ((tl.program_id(2) * n_slots + slot) * 2) * I
+            tl.store(part + rows, g, mask=rmask)
+            tl.store(part + I + rows, u, mask=rmask)
+        else:
+            _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
+
+
+@triton.jit
+def _store_h(h, slot, block, I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I: tl.constexpr):
+    """h [BLOCK_I] (rows block * BLOCK_I ...) quantized per 32 into the slot's words, d and d * sum(q)."""
+    words, d, s = _quantize(tl.reshape(h, [BLOCK_I // 32, 8, 4]))
+    grp = block * (BLOCK_I // 32) + tl.arange(0, BLOCK_I // 32)
+    gmask = grp < I // 32
+    tl.store(hq_ptr + slot * (I // 4) + 8 * grp[:, None] + tl.arange(0, 8)[None, :], words, mask=gmask[:, None])
+    tl.store(hd_ptr + slot * (I // 32) + grp, d, mask=gmask)
+    tl.store(hs_ptr + slot * (I // 32) + grp, s, mask=gmask)
+
+
+@triton.jit
+def _act_kernel(part_ptr, ids_ptr, hq_ptr, hd_ptr, hs_ptr, N, I, n_slots, parts, BLOCK_I: tl.constexpr):
+    """h = silu(sum of the gate parts) * (sum of the up parts), parts added in order, quantized."""
+    slot, hot, rmask, _r = _slot_rows(ids_ptr, N, I, BLOCK_I)
+    if hot:
+        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        g = tl.zeros([BLOCK_I], dtype=tl.float32)
+        u = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for p in range(0, parts):
+            part = part_ptr + ((p * n_slots + slot) * 2) * I
+            g += tl.load(part + rows, mask=rmask, other=0.0)
+            u += tl.load(part + I + rows, mask=rmask, other=0.0)
+        _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
 
 
 @triton.jit
 def _down_kernel(
-    hq_ptr, hd_ptr, hs_ptr, ids_ptr, dw, dh_ptr, y_ptr, N, I, H, n_steps,
-    RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr,
+    hq_ptr, hd_ptr, hs_ptr, ids_ptr, dw, dh_ptr, y_ptr, N, I, H, n_steps, per_part, n_slots,
+    RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, hot, rmask, r = _slot_rows(ids_ptr, N, H, BLOCK_D)
     if hot:
@@ -227,7 +257,8 @@ def _down_kernel(
         c = tl.arange(0, 4)
         w = tl.arange(0, 8)
         acc = tl.zeros([BLOCK_D, 4], dtype=tl.float32)
-        for step in range(0, n_steps):
+        first = tl.program_id(2) * per_part
+        for step in tl.range(first, tl.minimum(first + per_part, n_steps), num_stages=STAGES):
             g_lo = step * 8 + 2 * c
             ml, mh = g_lo < I // 32, g_lo + 1 < I // 32
             base = slot * (I // 4) + 8 * g_lo[:, None] + w[None, :]
@@ -238,7 +269,19 @@ def _down_kernel(
             dh, sh = tl.load(hd_ptr + gi + 1, mask=mh, other=0.0), tl.load(hs_ptr + gi + 1, mask=mh, other=0.0)
             acc += _step(row, half, step, I, rmask, xl, xh, dl, dh, sl, sh, FMT, EMULATE)
         rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        tl.store(y_ptr + slot * H + rows, tl.sum(acc, axis=1), mask=rmask)
+        tl.store(y_ptr + (tl.program_id(2) * n_slots + slot) * H + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, ids_ptr, y_ptr, N, H, n_slots, parts, BLOCK: tl.constexpr):
+    """y[slot] = sum over the down walk's parts [parts, slots, H], in order."""
+    slot, hot, cmask, _r = _slot_rows(ids_ptr, N, H, BLOCK)
+    if hot:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in range(0, parts):
+            acc += tl.load(part_ptr + (p * n_slots + slot) * H + cols, mask=cmask, other=0.0)
+        tl.store(y_ptr + slot * H + cols, acc, mask=cmask)
 
 
 # ---------------------------------------------------------------- host
@@ -293,15 +336,29 @@ def moe_decode_split(
     y = torch.empty(slots, hidden, dtype=torch.float32, device=x.device)
     words = [t.view(torch.int32) for t in (gate, up, down)]
     halves = [t.view(torch.float16) for t in (gate, up, down)]
+    gu_steps, d_steps = triton.cdiv(hidden, 256), triton.cdiv(inter, 256)
+    gu_per, d_per = triton.cdiv(gu_steps, _WALK_PARTS), triton.cdiv(d_steps, _WALK_PARTS)
+    gu_parts, d_parts = triton.cdiv(gu_steps, gu_per), triton.cdiv(d_steps, d_per)  # no empty parts
+    g_part = torch.empty(gu_parts, slots, 2, inter, dtype=torch.float32, device=x.device) if gu_parts > 1 else y
+    y_part = torch.empty(d_parts, slots, hidden, dtype=torch.float32, device=x.device) if d_parts > 1 else y
     with _on(x):
-        _gate_up_kernel[(slots, triton.cdiv(inter, _BLOCK_I))](
-            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, n_exp, inter, hidden,
-            triton.cdiv(hidden, 256), G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k, BLOCK_I=_BLOCK_I,
-            G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+        _gate_up_kernel[(slots, triton.cdiv(inter, _BLOCK_I), gu_parts)](
+            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, n_exp, inter, hidden,
+            gu_steps, gu_per, slots, G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k, BLOCK_I=_BLOCK_I,
+            G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts, STAGES=_STAGES, EMULATE=_INTERPRETED,
+            num_warps=_NUM_WARPS,
         )  # fmt: skip
-        _down_kernel[(slots, triton.cdiv(hidden, _BLOCK_D))](
-            hq, hd, hs, ids, words[2], halves[2], y, n_exp, inter, hidden, triton.cdiv(inter, 256),
-            RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+        if gu_parts > 1:
+            _act_kernel[(slots, triton.cdiv(inter, _BLOCK_I))](g_part, ids, hq, hd, hs, n_exp, inter, slots, gu_parts,
+                                                               BLOCK_I=_BLOCK_I, num_warps=_NUM_WARPS)
+        _down_kernel[(slots, triton.cdiv(hidden, _BLOCK_D), d_parts)](
+            hq, hd, hs, ids, words[2], halves[2], y_part, n_exp, inter, hidden, d_steps, d_per, slots,
+            RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], STAGES=_STAGES, EMULATE=_INTERPRETED,
+            num_warps=_NUM_WARPS,
         )  # fmt: skip
+        if d_parts > 1:
+            block = min(1024, triton.next_power_of_2(hidden))
+            _sum_parts_kernel[(slots, triton.cdiv(hidden, block))](y_part, ids, y, n_exp, hidden, slots, d_parts,
+                                                                   BLOCK=block, num_warps=_NUM_WARPS)
     combine(y, ids, weights, out, n_exp)
     return out
