@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on
+from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on, _round
 from tandem.ops.split_rows import LAYOUTS, SPLIT_FORMATS, split_bytes
 from tandem.ops.triton.moe import check_slots, check_tokens, combine
 
@@ -51,6 +51,8 @@ _BLOCK_D = 16  # down rows a program
 _NUM_WARPS = 4
 _WALK_PARTS = 1  # each program's walk over K in up to this many parts (partials added by one more launch)
 _STAGES = 1  # tl.range's num_stages for the walks (1: no software pipelining)
+_FUSED = False  # the parts' sums, the activation and combine done by the last program to arrive
+_COUNTERS: dict[int, torch.Tensor] = {}  # device index -> arrival counters (_counters)
 
 
 # ---------------------------------------------------------------- kernels
@@ -189,9 +191,10 @@ def _slot_rows(ids_ptr, N, n_rows, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, N, I, H, n_steps, per_part, n_slots,
-    G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
-    G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, cnt_ptr, N, I, H, n_steps, per_part,
+    n_slots, G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
+    G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, hot, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
     if hot:
@@ -216,6 +219,9 @@ def _gate_up_kernel(
             part = part_ptr + ((tl.program_id(2) * n_slots + slot) * 2) * I
             tl.store(part + rows, g, mask=rmask)
             tl.store(part + I + rows, u, mask=rmask)
+            if FUSED:  # the last part of this slot's rows to arrive adds them all (in order) and stores h
+                if _arrive(cnt_ptr + slot * tl.num_programs(1) + tl.program_id(1), PARTS):
+                    _act(part_ptr, slot, tl.program_id(1), I, n_slots, PARTS, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
         else:
             _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
 
@@ -232,26 +238,47 @@ def _store_h(h, slot, block, I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
+def _arrive(cnt, expected):
+    """Count this program in at cnt (after its stores: a CTA barrier, then one acq_rel atomic);
+    True for the last of `expected` programs, which resets the counter for the next launch."""
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt, 1, sem="acq_rel") == expected - 1
+    if last:
+        tl.atomic_xchg(cnt, 0)
+    return last
+
+
+@triton.jit
+def _act(part_ptr, slot, block, I, n_slots, parts, hq_ptr, hd_ptr, hs_ptr, BLOCK_I: tl.constexpr):
+    """h = silu(sum of the gate parts) * (sum of the up parts) of rows block * BLOCK_I..., parts
+    added in order (loads from L2: other programs wrote them), quantized into the slot's h."""
+    rows = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    rmask = rows < I
+    g = tl.zeros([BLOCK_I], dtype=tl.float32)
+    u = tl.zeros([BLOCK_I], dtype=tl.float32)
+    for p in range(0, parts):
+        part = part_ptr + ((p * n_slots + slot) * 2) * I
+        g += tl.load(part + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+        u += tl.load(part + I + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+    _store_h(g / (1.0 + tl.exp(-g)) * u, slot, block, I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
+
+
+@triton.jit
 def _act_kernel(part_ptr, ids_ptr, hq_ptr, hd_ptr, hs_ptr, N, I, n_slots, parts, BLOCK_I: tl.constexpr):
-    """h = silu(sum of the gate parts) * (sum of the up parts), parts added in order, quantized."""
-    slot, hot, rmask, _r = _slot_rows(ids_ptr, N, I, BLOCK_I)
+    """_act as a launch of its own: one program per (slot, BLOCK_I rows)."""
+    slot, hot, _rmask, _r = _slot_rows(ids_ptr, N, I, BLOCK_I)
     if hot:
-        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        g = tl.zeros([BLOCK_I], dtype=tl.float32)
-        u = tl.zeros([BLOCK_I], dtype=tl.float32)
-        for p in range(0, parts):
-            part = part_ptr + ((p * n_slots + slot) * 2) * I
-            g += tl.load(part + rows, mask=rmask, other=0.0)
-            u += tl.load(part + I + rows, mask=rmask, other=0.0)
-        _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
+        _act(part_ptr, slot, tl.program_id(1), I, n_slots, parts, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
 
 
 @triton.jit
 def _down_kernel(
-    hq_ptr, hd_ptr, hs_ptr, ids_ptr, dw, dh_ptr, y_ptr, N, I, H, n_steps, per_part, n_slots,
-    RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    hq_ptr, hd_ptr, hs_ptr, ids_ptr, w_ptr, dw, dh_ptr, y_ptr, out_ptr, cnt_ptr, N, I, H, n_steps, per_part,
+    n_slots, parts, RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
+    BLOCK_K: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, hot, rmask, r = _slot_rows(ids_ptr, N, H, BLOCK_D)
+    rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     if hot:
         row, half = dw + r * RW, dh_ptr + r * (2 * RW)
         c = tl.arange(0, 4)
@@ -268,8 +295,34 @@ def _down_kernel(
             dl, sl = tl.load(hd_ptr + gi, mask=ml, other=0.0), tl.load(hs_ptr + gi, mask=ml, other=0.0)
             dh, sh = tl.load(hd_ptr + gi + 1, mask=mh, other=0.0), tl.load(hs_ptr + gi + 1, mask=mh, other=0.0)
             acc += _step(row, half, step, I, rmask, xl, xh, dl, dh, sl, sh, FMT, EMULATE)
-        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         tl.store(y_ptr + (tl.program_id(2) * n_slots + slot) * H + rows, tl.sum(acc, axis=1), mask=rmask)
+    if FUSED:  # every program counts in (hot or not); the token's last one combines its rows
+        t = slot // K
+        if _arrive(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), K * parts):
+            _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots, parts, K, BLOCK_K, EMULATE)
+
+
+@triton.jit
+def _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots, parts, K: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """moe.combine for some rows of token t, each slot's y the sum of its parts [parts, slots, H]
+    (in order; loads from L2: other programs wrote them): slots in ascending id order."""
+    j = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + t * K + j, mask=j < K, other=-1).to(tl.int64)
+    beyond = N * BLOCK_K  # past every valid key
+    key = tl.where((ids >= 0) & (ids < N), ids * BLOCK_K + j, beyond)
+    out = tl.zeros(rows.shape, tl.float32)
+    for _ in range(K):
+        first = tl.min(key, axis=0)
+        if first < beyond:
+            s = first % BLOCK_K
+            y = tl.zeros(rows.shape, tl.float32)
+            for p in range(0, parts):
+                y += tl.load(y_ptr + (p * n_slots + t * K + s) * H + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+            out += y * tl.load(w_ptr + t * K + s).to(tl.float32)
+        key = tl.where(key == first, beyond, key)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + t * H + rows, _round(out, out_dtype, EMULATE).to(out_dtype), mask=rmask)
 
 
 @triton.jit
@@ -341,24 +394,45 @@ def moe_decode_split(
     gu_parts, d_parts = triton.cdiv(gu_steps, gu_per), triton.cdiv(d_steps, d_per)  # no empty parts
     g_part = torch.empty(gu_parts, slots, 2, inter, dtype=torch.float32, device=x.device) if gu_parts > 1 else y
     y_part = torch.empty(d_parts, slots, hidden, dtype=torch.float32, device=x.device) if d_parts > 1 else y
+    gu_blocks, d_blocks = triton.cdiv(inter, _BLOCK_I), triton.cdiv(hidden, _BLOCK_D)
+    fused = _FUSED
+    if fused:  # arrival counters: [slots, gu_blocks] for gate/up, then [T, d_blocks] for down
+        cnt = _counters(x.device, slots * gu_blocks + n_tok * d_blocks)
+        gu_cnt, d_cnt = cnt, cnt[slots * gu_blocks:]
+    else:
+        gu_cnt = d_cnt = ids  # not read
     with _on(x):
-        _gate_up_kernel[(slots, triton.cdiv(inter, _BLOCK_I), gu_parts)](
-            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, n_exp, inter, hidden,
-            gu_steps, gu_per, slots, G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k, BLOCK_I=_BLOCK_I,
-            G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts, STAGES=_STAGES, EMULATE=_INTERPRETED,
+        _gate_up_kernel[(slots, gu_blocks, gu_parts)](
+            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, gu_cnt, n_exp, inter,
+            hidden, gu_steps, gu_per, slots, G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k,
+            BLOCK_I=_BLOCK_I, G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts, FUSED=fused,
+            STAGES=_STAGES, EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        if gu_parts > 1 and not fused:
+            _act_kernel[(slots, gu_blocks)](g_part, ids, hq, hd, hs, n_exp, inter, slots, gu_parts, BLOCK_I=_BLOCK_I,
+                                            num_warps=_NUM_WARPS)
+        _down_kernel[(slots, d_blocks, d_parts)](
+            hq, hd, hs, ids, weights, words[2], halves[2], y_part, out, d_cnt, n_exp, inter, hidden, d_steps, d_per,
+            slots, d_parts, RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k), FUSED=fused, STAGES=_STAGES, EMULATE=_INTERPRETED,
             num_warps=_NUM_WARPS,
         )  # fmt: skip
-        if gu_parts > 1:
-            _act_kernel[(slots, triton.cdiv(inter, _BLOCK_I))](g_part, ids, hq, hd, hs, n_exp, inter, slots, gu_parts,
-                                                               BLOCK_I=_BLOCK_I, num_warps=_NUM_WARPS)
-        _down_kernel[(slots, triton.cdiv(hidden, _BLOCK_D), d_parts)](
-            hq, hd, hs, ids, words[2], halves[2], y_part, n_exp, inter, hidden, d_steps, d_per, slots,
-            RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], STAGES=_STAGES, EMULATE=_INTERPRETED,
-            num_warps=_NUM_WARPS,
-        )  # fmt: skip
+        if fused:
+            return out
         if d_parts > 1:
             block = min(1024, triton.next_power_of_2(hidden))
             _sum_parts_kernel[(slots, triton.cdiv(hidden, block))](y_part, ids, y, n_exp, hidden, slots, d_parts,
                                                                    BLOCK=block, num_warps=_NUM_WARPS)
     combine(y, ids, weights, out, n_exp)
     return out
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's arrival counters, at least n, all 0 between launches (the last program to
+    arrive at one resets it). Shared by every call on the device: launches must not overlap (the
+    hot experts run on one side stream a device)."""
+    key = device.index if device.type == "cuda" else -1
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < n:
+        cnt = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return cnt
