@@ -36,6 +36,7 @@ from tandem.layers.norm import fused_path
 from tandem.ops import reference as ops
 
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the hot kernels' stream
+_SIDE_PRIORITY = -1  # the side stream's priority (lower runs first): the hot kernels are the longer branch
 HOT_KERNEL_MAX_SLOTS = 256  # T x k: each slot re-reads its expert's weights, fine for decode only
 
 
@@ -74,6 +75,9 @@ class HotExperts(nn.Module):
             ):
                 raise TandemError(f"replacement hot expert weights must be like the held ones: {_describe(dst)}, "
                                   f"got {_describe(src)}")
+        if (list(hot_ids) == list(range(self.num_experts))) != self._identity:
+            raise TandemError("replace keeps a layer holding every expert in id order as it is, or out of it "
+                              "(captured graphs take its ids as they are)")
         for dst, src in pairs:
             _data(dst).copy_(_data(src))
         self.lookup.fill_(-1)
@@ -84,6 +88,7 @@ class HotExperts(nn.Module):
         """lookup[e] = e's slot among the hot experts (in place: captured graphs read it)."""
         dev = self.lookup.device
         self.lookup[torch.tensor(hot_ids, device=dev)] = torch.arange(len(hot_ids), device=dev)
+        self._identity = list(hot_ids) == list(range(self.num_experts))  # every expert, in id order
 
     @property
     def blocks(self) -> bool:
@@ -110,18 +115,25 @@ class HotExperts(nn.Module):
         return cold.to(torch.int32), local.to(torch.int32)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        cold_ids, local = self.split(ids)
-        handle = None if self.all_hot else self.cold.submit(x, cold_ids.to(ids.device), weights)
         device = self.lookup.device
         xd, wd = x.to(device), weights.to(device)
-        kernel = fused_path(xd) and local.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16
+        kernel = fused_path(xd) and ids.numel() <= HOT_KERNEL_MAX_SLOTS and ids.shape[1] <= 16
         g, u, d = self.w_gate, self.w_up, self.w_down
+        # All hot in id order on split rows: the ids are the hot indices and the kernels count them,
+        # so no split launch sits on the step's path.
+        direct = kernel and self._identity and self.blocks and g.split and ids.dtype == torch.int32
+        if direct:
+            handle, local, tally = None, ids.to(device).contiguous(), self._tally
+        else:
+            cold_ids, local = self.split(ids)
+            handle = None if self.all_hot else self.cold.submit(x, cold_ids.to(ids.device), weights)
+            tally = None
         side = _side_stream(device) if kernel and device.type == "cuda" else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if kernel and self.blocks and g.split:
                 from tandem.ops.triton.moe_q8 import moe_decode_split  # triton: imported on first use
 
-                hot = moe_decode_split(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format)
+                hot = moe_decode_split(xd, local, wd, g.data, u.data, d.data, g.format, u.format, d.format, tally)
             elif kernel and self.blocks:
                 from tandem.ops.triton.moe_quant import moe_decode_blocks  # triton: imported on first use
 
@@ -164,7 +176,7 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _SIDE_STREAMS.get(index)
     if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=_SIDE_PRIORITY)
     stream.wait_stream(torch.cuda.current_stream(index))
     return stream
 

@@ -309,3 +309,36 @@ def test_all_hot_layer_never_calls_its_backend():
     partial = HotExperts(Refuses(), 5, [0, 1, 2, 3], w_gate, w_up, w_down)
     with pytest.raises(AssertionError, match="wrapped backend"):
         partial.submit(x, ids, weights)
+
+
+@INTERPRETER_ONLY
+def test_all_hot_split_rows_skip_the_split_and_still_count(monkeypatch):
+    """Every expert hot, in id order, on split rows: the ids go to the kernels as they are (no
+    split launch) and the kernels count them; same output and tally as through the split."""
+    import numpy as np
+
+    from tandem.layers import norm
+    from tandem.layers.block_experts import Blocks
+    from tandem.ops.split_rows import split_rows
+    from tandem.ops.triton import moe
+    from tests.ops.test_triton_moe_quant import quantized
+
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
+    rng = np.random.default_rng(7)
+    w = [Blocks(split_rows(quantized(4, rows, k, fmt, rng)[0], fmt), fmt, None, True)
+         for rows, k, fmt in ((256, 256, "Q4_K"), (256, 256, "Q4_K"), (256, 256, "Q8_0"))]
+    direct, through = HotExperts(None, 4, [0, 1, 2, 3], *w), HotExperts(None, 4, [0, 1, 2, 3], *w)
+    through._identity = False
+    splits = []
+    real = moe.hot_split
+    monkeypatch.setattr(moe, "hot_split", lambda *a: splits.append(1) or real(*a))
+    x = torch.randn(3, 256)
+    ids = torch.tensor([[0, 2], [3, -1], [2, 1]], dtype=torch.int32)
+    weights = torch.rand(3, 2)
+    want = through.wait(through.submit(x, ids, weights))
+    assert splits == [1]
+    got = direct.wait(direct.submit(x, ids, weights))
+    assert splits == [1] and torch.equal(got, want) and want.abs().max() > 0
+    assert direct._tally.tolist() == through._tally.tolist() == [1, 1, 2, 1, 1]
+    with pytest.raises(TandemError, match="id order"):  # a captured graph takes the ids as they are
+        direct.replace([1, 0, 2, 3], *w)

@@ -47,11 +47,11 @@ _CODES = {fmt: i for i, fmt in enumerate(SPLIT_FORMATS)}  # the kernels' constex
 _Q4_K, _Q8_0, _Q6_K = (tl.constexpr(_CODES[fmt]) for fmt in ("Q4_K", "Q8_0", "Q6_K"))
 _HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
-_BLOCK_D = 16  # down rows a program
-_NUM_WARPS = 4
-_WALK_PARTS = 1  # each program's walk over K in up to this many parts (partials added by one more launch)
+_BLOCK_D = 32  # down rows a program
+_NUM_WARPS = 2
+_WALK_PARTS = 4  # each program's walk over K in up to this many parts
 _STAGES = 1  # tl.range's num_stages for the walks (1: no software pipelining)
-_FUSED = False  # the parts' sums, the activation and combine done by the last program to arrive
+_FUSED = True  # the parts' sums, the activation and combine done by the last program to arrive (else launches)
 _COUNTERS: dict[int, torch.Tensor] = {}  # device index -> arrival counters (_counters)
 
 
@@ -191,12 +191,16 @@ def _slot_rows(ids_ptr, N, n_rows, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, cnt_ptr, N, I, H, n_steps, per_part,
-    n_slots, G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr,
-    G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr,
-    EMULATE: tl.constexpr,
+    x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, cnt_ptr, tally_ptr, N, I, H, n_steps,
+    per_part, n_slots, TALLY: tl.constexpr, G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr,
+    BLOCK_I: tl.constexpr, G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
+    STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, hot, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
+    if TALLY:  # count the slot's id (N for one outside 0..N-1), as moe.hot_split would have
+        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            e = tl.load(ids_ptr + slot)
+            tl.atomic_add(tally_ptr + tl.where(hot, e, N), 1)
     if hot:
         g_row, g_half = gw + r * G_RW, gh + r * (2 * G_RW)
         u_row, u_half = uw + r * U_RW, uh + r * (2 * U_RW)
@@ -360,11 +364,14 @@ def moe_decode_split(
     gate_type: str,
     up_type: str,
     down_type: str,
+    tally: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hot experts on split rows (see the module docstring): x [T, H] float, ids int32 [T, k] (k <=
     16; ids outside 0..N-1 skipped), weights [T, k], gate/up uint8 [N, I, row_bytes(H)], down
-    uint8 [N, H, row_bytes(I)] as split_rows left them -> out [T, H] in x's dtype. Raises
-    ValueError for what it does not take."""
+    uint8 [N, H, row_bytes(I)] as split_rows left them -> out [T, H] in x's dtype. `tally` (int64
+    [N + 1], optional): each slot's id counted in place, N for one outside 0..N-1 (what
+    moe.hot_split counts, for a layer whose experts are all hot: ids are then the hot indices and
+    no split runs). Raises ValueError for what it does not take."""
     n_tok, hidden = check_tokens(x, weights)
     if gate.dim() != 3:
         raise ValueError(f"gate must be split rows [N, I, row_bytes], got {tuple(gate.shape)}")
@@ -375,7 +382,9 @@ def moe_decode_split(
     if inter % 32:
         raise ValueError(f"the experts' intermediate size must be a multiple of 32, got {inter}")
     top_k = check_slots(ids, weights, n_tok)
-    _check_device(x, ids, weights, gate, up, down)
+    _check_device(x, ids, weights, gate, up, down, *([] if tally is None else [tally]))
+    if tally is not None and (tally.dtype != torch.int64 or tuple(tally.shape) != (n_exp + 1,)):
+        raise ValueError(f"tally must be int64 [N + 1 = {n_exp + 1}], got {tally.dtype} {tuple(tally.shape)}")
     out = torch.empty(n_tok, hidden, dtype=x.dtype, device=x.device)
     if n_tok == 0 or n_exp == 0:
         return out.zero_()
@@ -403,8 +412,9 @@ def moe_decode_split(
         gu_cnt = d_cnt = ids  # not read
     with _on(x):
         _gate_up_kernel[(slots, gu_blocks, gu_parts)](
-            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, gu_cnt, n_exp, inter,
-            hidden, gu_steps, gu_per, slots, G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k,
+            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, gu_cnt,
+            ids if tally is None else tally, n_exp, inter, hidden, gu_steps, gu_per, slots, TALLY=tally is not None,
+            G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k,
             BLOCK_I=_BLOCK_I, G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts, FUSED=fused,
             STAGES=_STAGES, EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
