@@ -18,7 +18,10 @@ captures them with the CPU engine's stream calls) on a side stream, beside the s
 the layer launches next on its own (wait() joins it); longer steps (prefill chunks) and CPU devices
 group tokens in torch (blocks: dequantizing the routed hot experts per call). The split
 itself is one kernel on a GPU (ops/triton/moe.py's hot_split): it runs before the CPU call can
-start. A layer whose experts are all hot never calls the wrapped backend.
+start. A layer whose experts are all hot never calls the wrapped backend; one holding them in id
+order on split rows skips the split too (its ids are the hot indices; moe_q8's first kernel
+counts them). The side stream has a high priority: at 100% hot its kernels are the longer
+branch, the shared experts fill in around them.
 
 Routing is counted online (`counts` [E] on the device: a tally with one more slot for the padding
 id -1, so a call adds its ids as they are, captured in graphs too), so the runtime can re-place

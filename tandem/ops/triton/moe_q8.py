@@ -17,18 +17,26 @@ of x * (1 / d), x~ = d * q; 0 where d = 0),
 in fp32 on the dequantized weights (integer sums exact). Against fp32 activations the result
 differs by the int8 rounding of x and h: ~1% of the largest output (tests bound it).
 
-Kernels: gate/up, grid (T * k, I / BLOCK_I): BLOCK_I rows (a multiple of 32) of one slot; each
-256-weight step quantizes its x values (8 groups of 32) in registers, then decodes the gate and up
-tiles; h is quantized per 32 as it is stored (words, d, d * sum(q)). down, grid (T * k, cdiv(H,
-BLOCK_D)): the same step over I on h's words. Then moe.combine. A step's 8 groups are taken as
-4 "lo" groups (0, 2, 4, 6) and 4 "hi" groups (1, 3, 5, 7): Q4_K keeps group 2c in the low nibbles
-and 2c + 1 in the high nibbles of the same 32 bytes, and Q8_0 reads the same way.
+Kernels: gate/up, grid (T * k, I / BLOCK_I, parts): BLOCK_I rows (a multiple of 32) of one
+slot, a part of the walk over H (_WALK_PARTS parts: more programs in flight, each a shorter walk);
+each 256-weight step quantizes its x values (8 groups of 32) in registers, then decodes the gate
+and up tiles; the part's sums go to scratch [parts, slots, 2, I]. The last part of a (slot, rows)
+to arrive (an arrival counter: stores, a CTA barrier, one acq_rel atomic; it resets the counter)
+adds the parts in order and quantizes h per 32 as it stores it (words, d, d * sum(q)). down,
+grid (T * k, cdiv(H, BLOCK_D), parts): the same step over I on h's words into [parts, slots, H];
+the last program of a token's rows to arrive (over its k slots and their parts, skipped slots
+included) does moe.combine's sum for those rows. Sums in a fixed order: deterministic. With
+_FUSED off, an act launch, a parts sum and moe.combine do the same as three more launches.
+A step's 8 groups are taken as 4 "lo" groups (0, 2, 4, 6) and 4 "hi" groups (1, 3, 5, 7): Q4_K
+keeps group 2c in the low nibbles and 2c + 1 in the high nibbles of the same 32 bytes, and Q8_0
+reads the same way. The arrival counters are shared by a device's calls: launches on one device
+must not overlap (hot experts run on one side stream a device).
 In Triton's interpreter (tests) the dot products are emulated with integer ops: the same sums
 (a tiny model's 76 decode steps gave the same logits there as on an H200, to 1e-7).
-Tiles: BLOCK_I = 32 (gate/up), BLOCK_D = 16 (down), 4 warps, untuned. On an H200 (V2-Lite, one
-token, six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay) the three launches take 38.2 us a
-layer against moe_quant.py's 49.5: ~1 TB/s, bound by each program's walk of 6-8 steps, a DRAM
-round trip each (benchmarks/hot_kernels.py).
+Tiles: BLOCK_I = 32, BLOCK_D = 32, 2 warps, 4 parts (a sweep on an H100: V2-Lite, one token,
+six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay: 30.9 us a layer, 1.23 TB/s, against 37.8
+unsplit with three more launches at 32/16 rows and 4 warps; moe_quant.py's blocks as stored were
+49.5 on an H200). Still far from HBM's rate (benchmarks/hot_kernels.py).
 """
 
 from __future__ import annotations
