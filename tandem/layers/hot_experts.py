@@ -79,8 +79,8 @@ class HotExperts(nn.Module):
                 raise TandemError(f"replacement hot expert weights must be like the held ones: {_describe(dst)}, "
                                   f"got {_describe(src)}")
         if (list(hot_ids) == list(range(self.num_experts))) != self._identity:
-            raise TandemError("replace keeps a layer holding every expert in id order as it is, or out of it "
-                              "(captured graphs take its ids as they are)")
+            raise TandemError("a layer holding every expert in id order keeps that order, and one not in it stays "
+                              "out of it: captured CUDA graphs pass its ids to the kernels as they are")
         for dst, src in pairs:
             _data(dst).copy_(_data(src))
         self.lookup.fill_(-1)

@@ -137,3 +137,21 @@ def test_walks_in_parts_equal_the_q8_reference(device, parts, fused, monkeypatch
         assert close(got, want_q8, Q8_REF)
     if fused:
         assert not moe_q8._COUNTERS[-1 if device == "cpu" else torch.device(device).index or 0].any()
+
+
+def test_outgrown_counters_stay_allocated(device, monkeypatch):
+    """A call needing more arrival counters than the device has gets a bigger buffer; the old one
+    stays allocated (a CUDA graph captured with it still reads it) and both calls are right."""
+    from tandem.ops.triton import moe_q8
+
+    monkeypatch.setattr(moe_q8, "_FUSED", True)
+    monkeypatch.setattr(moe_q8, "_MIN_COUNTERS", 1)
+    monkeypatch.setattr(moe_q8, "_COUNTERS", {})
+    monkeypatch.setattr(moe_q8, "_OUTGROWN", [])
+    got, want_q8, _ = case(3, 256, 256, ("Q4_K", "Q4_K", "Q8_0"), n_tok=1, top_k=2, device=device, seed=6)
+    assert close(got, want_q8, Q8_REF)
+    (first,) = moe_q8._COUNTERS.values()
+    got, want_q8, _ = case(3, 256, 256, ("Q4_K", "Q4_K", "Q8_0"), n_tok=3, top_k=2, device=device, seed=6)
+    assert close(got, want_q8, Q8_REF)
+    (second,) = moe_q8._COUNTERS.values()
+    assert second.numel() > first.numel() and len(moe_q8._OUTGROWN) == 1 and moe_q8._OUTGROWN[0] is first

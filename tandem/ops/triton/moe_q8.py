@@ -61,6 +61,8 @@ _WALK_PARTS = 4  # each program's walk over K in up to this many parts
 _STAGES = 1  # tl.range's num_stages for the walks (1: no software pipelining)
 _FUSED = True  # the parts' sums, the activation and combine done by the last program to arrive (else launches)
 _COUNTERS: dict[int, torch.Tensor] = {}  # device index -> arrival counters (_counters)
+_OUTGROWN: list[torch.Tensor] = []  # counters replaced by bigger ones, kept for the graphs that use them
+_MIN_COUNTERS = 1 << 18  # 1 MB: 256 slots of a DeepSeek-V3 layer take ~24K
 
 
 # ---------------------------------------------------------------- kernels
@@ -448,9 +450,16 @@ def moe_decode_split(
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The device's arrival counters, at least n, all 0 between launches (the last program to
     arrive at one resets it). Shared by every call on the device: launches must not overlap (the
-    hot experts run on one side stream a device)."""
+    hot experts run on one side stream a device). A buffer outgrown stays allocated (CUDA graphs
+    captured with it still use it); none is made while a graph is being captured (its zeroing
+    would run only at replays): the engine's eager warm-up before each capture makes it."""
     key = device.index if device.type == "cuda" else -1
     cnt = _COUNTERS.get(key)
     if cnt is None or cnt.numel() < n:
-        cnt = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"moe_decode_split needs {n} arrival counters on {device} and has "
+                             f"{0 if cnt is None else cnt.numel()}: call it once outside the capture first")
+        if cnt is not None:
+            _OUTGROWN.append(cnt)
+        cnt = _COUNTERS[key] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
     return cnt
