@@ -34,9 +34,9 @@ must not overlap (hot experts run on one side stream a device).
 In Triton's interpreter (tests) the dot products are emulated with integer ops: the same sums
 (a tiny model's 76 decode steps gave the same logits there as on an H200, to 1e-7).
 Tiles: BLOCK_I = 32, BLOCK_D = 32, 2 warps, 4 parts (a sweep on an H100: V2-Lite, one token,
-six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay: 30.9 us a layer, 1.23 TB/s, against 37.8
-unsplit with three more launches at 32/16 rows and 4 warps; moe_quant.py's blocks as stored were
-49.5 on an H200). Still far from HBM's rate (benchmarks/hot_kernels.py).
+six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay: 30.9 us a layer, 1.23 TB/s, against 42.1
+unsplit with three more launches at 32/16 rows and 4 warps; moe_quant.py's blocks as stored:
+49.4). Still far from HBM's rate (benchmarks/hot_kernels.py).
 """
 
 from __future__ import annotations
