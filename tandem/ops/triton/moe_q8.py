@@ -25,8 +25,7 @@ to arrive (an arrival counter: stores, a CTA barrier, one acq_rel atomic; it res
 adds the parts in order and quantizes h per 32 as it stores it (words, d, d * sum(q)). down,
 grid (T * k, cdiv(H, BLOCK_D), parts): the same step over I on h's words into [parts, slots, H];
 the last program of a token's rows to arrive (over its k slots and their parts, skipped slots
-included) does moe.combine's sum for those rows. Sums in a fixed order: deterministic. With
-_FUSED off, an act launch, a parts sum and moe.combine do the same as three more launches.
+included) does moe.combine's sum for those rows. Sums in a fixed order: deterministic.
 A step's 8 groups are taken as 4 "lo" groups (0, 2, 4, 6) and 4 "hi" groups (1, 3, 5, 7): Q4_K
 keeps group 2c in the low nibbles and 2c + 1 in the high nibbles of the same 32 bytes, and Q8_0
 reads the same way. The arrival counters are shared by a device's calls: launches on one device
@@ -35,8 +34,10 @@ In Triton's interpreter (tests) the dot products are emulated with integer ops: 
 (a tiny model's 76 decode steps gave the same logits there as on an H200, to 1e-7).
 Tiles: BLOCK_I = 32, BLOCK_D = 32, 2 warps, 4 parts (a sweep on an H100: V2-Lite, one token,
 six Q4_K/Q8_0 experts, 26 layers a CUDA-graph replay: 30.9 us a layer, 1.23 TB/s, against 42.1
-unsplit with three more launches at 32/16 rows and 4 warps; moe_quant.py's blocks as stored:
-49.4). Still far from HBM's rate (benchmarks/hot_kernels.py).
+unsplit with three more launches at 32/16 rows and 4 warps, and 31.3 with the parts added by
+launches of their own instead of the last program to arrive; software pipelining of the walks
+(tl.range num_stages 2-3) slowed them; moe_quant.py's blocks as stored: 49.4). Still far from
+HBM's rate (benchmarks/hot_kernels.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import triton.language as tl
 
 from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on, _round
 from tandem.ops.split_rows import LAYOUTS, SPLIT_FORMATS, split_bytes
-from tandem.ops.triton.moe import check_slots, check_tokens, combine
+from tandem.ops.triton.moe import check_slots, check_tokens
 
 __all__ = ["moe_decode_split"]
 
@@ -58,8 +59,6 @@ _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 32  # down rows a program
 _NUM_WARPS = 2
 _WALK_PARTS = 4  # each program's walk over K in up to this many parts
-_STAGES = 1  # tl.range's num_stages for the walks (1: no software pipelining)
-_FUSED = True  # the parts' sums, the activation and combine done by the last program to arrive (else launches)
 _COUNTERS: dict[int, torch.Tensor] = {}  # device index -> arrival counters (_counters)
 _OUTGROWN: list[torch.Tensor] = []  # counters replaced by bigger ones, kept for the graphs that use them
 _MIN_COUNTERS = 1 << 18  # 1 MB: 256 slots of a DeepSeek-V3 layer take ~24K
@@ -191,25 +190,23 @@ def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, 
 
 @triton.jit
 def _slot_rows(ids_ptr, N, n_rows, BLOCK: tl.constexpr):
-    """This program's slot, whether its id is one of the N, its BLOCK rows (a mask for those past
-    n_rows) and their indices among all experts' rows (e * n_rows + row, int64)."""
+    """This program's slot, its id e, whether e is one of the N, its BLOCK rows, a mask for those
+    past n_rows and their indices among all experts' rows (e * n_rows + row, int64)."""
     slot = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + slot).to(tl.int64)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return slot, (e >= 0) & (e < N), rows < n_rows, e * n_rows + rows.to(tl.int64)
+    return slot, e, (e >= 0) & (e < N), rows, rows < n_rows, e * n_rows + rows.to(tl.int64)
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, x_st, ids_ptr, gw, gh, uw, uh, hq_ptr, hd_ptr, hs_ptr, part_ptr, cnt_ptr, tally_ptr, N, I, H, n_steps,
     per_part, n_slots, TALLY: tl.constexpr, G_RW: tl.constexpr, U_RW: tl.constexpr, K: tl.constexpr,
-    BLOCK_I: tl.constexpr, G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, FUSED: tl.constexpr,
-    STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_I: tl.constexpr, G_FMT: tl.constexpr, U_FMT: tl.constexpr, PARTS: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    slot, hot, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
+    slot, e, hot, rows, rmask, r = _slot_rows(ids_ptr, N, I, BLOCK_I)
     if TALLY:  # count the slot's id (N for one outside 0..N-1), as moe.hot_split would have
         if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-            e = tl.load(ids_ptr + slot)
             tl.atomic_add(tally_ptr + tl.where(hot, e, N), 1)
     if hot:
         g_row, g_half = gw + r * G_RW, gh + r * (2 * G_RW)
@@ -220,7 +217,7 @@ def _gate_up_kernel(
         acc_g = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_I, 4], dtype=tl.float32)
         first = tl.program_id(2) * per_part
-        for step in tl.range(first, tl.minimum(first + per_part, n_steps), num_stages=STAGES):
+        for step in range(first, tl.minimum(first + per_part, n_steps)):
             k = step * 256 + kx
             xl, dl, sl = _quantize(tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32))
             xh, dh, sh = _quantize(tl.load(x_row + k + 32, mask=k + 32 < H, other=0.0).to(tl.float32))
@@ -228,14 +225,12 @@ def _gate_up_kernel(
             acc_u += _step(u_row, u_half, step, H, rmask, xl, xh, dl, dh, sl, sh, U_FMT, EMULATE)
         g = tl.sum(acc_g, axis=1)
         u = tl.sum(acc_u, axis=1)
-        rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        if PARTS > 1:  # partial sums [parts, slots, 2, I]: _act_kernel adds them
+        if PARTS > 1:  # partial sums [parts, slots, 2, I]; the last part of these rows to arrive adds them
             part = part_ptr + ((tl.program_id(2) * n_slots + slot) * 2) * I
             tl.store(part + rows, g, mask=rmask)
             tl.store(part + I + rows, u, mask=rmask)
-            if FUSED:  # the last part of this slot's rows to arrive adds them all (in order) and stores h
-                if _arrive(cnt_ptr + slot * tl.num_programs(1) + tl.program_id(1), PARTS):
-                    _act(part_ptr, slot, tl.program_id(1), I, n_slots, PARTS, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
+            if _arrive(cnt_ptr + slot * tl.num_programs(1) + tl.program_id(1), PARTS):
+                _act(part_ptr, slot, tl.program_id(1), I, n_slots, PARTS, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
         else:
             _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
 
@@ -278,28 +273,19 @@ def _act(part_ptr, slot, block, I, n_slots, parts, hq_ptr, hd_ptr, hs_ptr, BLOCK
 
 
 @triton.jit
-def _act_kernel(part_ptr, ids_ptr, hq_ptr, hd_ptr, hs_ptr, N, I, n_slots, parts, BLOCK_I: tl.constexpr):
-    """_act as a launch of its own: one program per (slot, BLOCK_I rows)."""
-    slot, hot, _rmask, _r = _slot_rows(ids_ptr, N, I, BLOCK_I)
-    if hot:
-        _act(part_ptr, slot, tl.program_id(1), I, n_slots, parts, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
-
-
-@triton.jit
 def _down_kernel(
     hq_ptr, hd_ptr, hs_ptr, ids_ptr, w_ptr, dw, dh_ptr, y_ptr, out_ptr, cnt_ptr, N, I, H, n_steps, per_part,
     n_slots, parts, RW: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
-    BLOCK_K: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    slot, hot, rmask, r = _slot_rows(ids_ptr, N, H, BLOCK_D)
-    rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    slot, _e, hot, rows, rmask, r = _slot_rows(ids_ptr, N, H, BLOCK_D)
     if hot:
         row, half = dw + r * RW, dh_ptr + r * (2 * RW)
         c = tl.arange(0, 4)
         w = tl.arange(0, 8)
         acc = tl.zeros([BLOCK_D, 4], dtype=tl.float32)
         first = tl.program_id(2) * per_part
-        for step in tl.range(first, tl.minimum(first + per_part, n_steps), num_stages=STAGES):
+        for step in range(first, tl.minimum(first + per_part, n_steps)):
             g_lo = step * 8 + 2 * c
             ml, mh = g_lo < I // 32, g_lo + 1 < I // 32
             base = slot * (I // 4) + 8 * g_lo[:, None] + w[None, :]
@@ -310,10 +296,10 @@ def _down_kernel(
             dh, sh = tl.load(hd_ptr + gi + 1, mask=mh, other=0.0), tl.load(hs_ptr + gi + 1, mask=mh, other=0.0)
             acc += _step(row, half, step, I, rmask, xl, xh, dl, dh, sl, sh, FMT, EMULATE)
         tl.store(y_ptr + (tl.program_id(2) * n_slots + slot) * H + rows, tl.sum(acc, axis=1), mask=rmask)
-    if FUSED:  # every program counts in (hot or not); the token's last one combines its rows
-        t = slot // K
-        if _arrive(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), K * parts):
-            _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots, parts, K, BLOCK_K, EMULATE)
+    # Every program counts in (hot or not); the token's last one combines its rows.
+    t = slot // K
+    if _arrive(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), K * parts):
+        _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots, parts, K, BLOCK_K, EMULATE)
 
 
 @triton.jit
@@ -337,18 +323,6 @@ def _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots,
         key = tl.where(key == first, beyond, key)
     out_dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + t * H + rows, _round(out, out_dtype, EMULATE).to(out_dtype), mask=rmask)
-
-
-@triton.jit
-def _sum_parts_kernel(part_ptr, ids_ptr, y_ptr, N, H, n_slots, parts, BLOCK: tl.constexpr):
-    """y[slot] = sum over the down walk's parts [parts, slots, H], in order."""
-    slot, hot, cmask, _r = _slot_rows(ids_ptr, N, H, BLOCK)
-    if hot:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for p in range(0, parts):
-            acc += tl.load(part_ptr + (p * n_slots + slot) * H + cols, mask=cmask, other=0.0)
-        tl.store(y_ptr + slot * H + cols, acc, mask=cmask)
 
 
 # ---------------------------------------------------------------- host
@@ -405,45 +379,29 @@ def moe_decode_split(
     hq = torch.empty(slots, inter // 4, dtype=torch.int32, device=x.device)
     hd = torch.empty(slots, inter // 32, dtype=torch.float32, device=x.device)
     hs = torch.empty_like(hd)
-    y = torch.empty(slots, hidden, dtype=torch.float32, device=x.device)
     words = [t.view(torch.int32) for t in (gate, up, down)]
     halves = [t.view(torch.float16) for t in (gate, up, down)]
     gu_steps, d_steps = triton.cdiv(hidden, 256), triton.cdiv(inter, 256)
     gu_per, d_per = triton.cdiv(gu_steps, _WALK_PARTS), triton.cdiv(d_steps, _WALK_PARTS)
     gu_parts, d_parts = triton.cdiv(gu_steps, gu_per), triton.cdiv(d_steps, d_per)  # no empty parts
-    g_part = torch.empty(gu_parts, slots, 2, inter, dtype=torch.float32, device=x.device) if gu_parts > 1 else y
-    y_part = torch.empty(d_parts, slots, hidden, dtype=torch.float32, device=x.device) if d_parts > 1 else y
+    y_part = torch.empty(d_parts, slots, hidden, dtype=torch.float32, device=x.device)
+    g_part = torch.empty(gu_parts, slots, 2, inter, dtype=torch.float32, device=x.device) if gu_parts > 1 else y_part
     gu_blocks, d_blocks = triton.cdiv(inter, _BLOCK_I), triton.cdiv(hidden, _BLOCK_D)
-    fused = _FUSED
-    if fused:  # arrival counters: [slots, gu_blocks] for gate/up, then [T, d_blocks] for down
-        cnt = _counters(x.device, slots * gu_blocks + n_tok * d_blocks)
-        gu_cnt, d_cnt = cnt, cnt[slots * gu_blocks:]
-    else:
-        gu_cnt = d_cnt = ids  # not read
+    # Arrival counters: [slots, gu_blocks] for gate/up, then [T, d_blocks] for down.
+    cnt = _counters(x.device, slots * gu_blocks + n_tok * d_blocks)
     with _on(x):
         _gate_up_kernel[(slots, gu_blocks, gu_parts)](
-            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, gu_cnt,
+            x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, cnt,
             ids if tally is None else tally, n_exp, inter, hidden, gu_steps, gu_per, slots, TALLY=tally is not None,
             G_RW=gate.shape[2] // 4, U_RW=up.shape[2] // 4, K=top_k,
-            BLOCK_I=_BLOCK_I, G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts, FUSED=fused,
-            STAGES=_STAGES, EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
+            BLOCK_I=_BLOCK_I, G_FMT=_CODES[gate_type], U_FMT=_CODES[up_type], PARTS=gu_parts,
+            EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
-        if gu_parts > 1 and not fused:
-            _act_kernel[(slots, gu_blocks)](g_part, ids, hq, hd, hs, n_exp, inter, slots, gu_parts, BLOCK_I=_BLOCK_I,
-                                            num_warps=_NUM_WARPS)
         _down_kernel[(slots, d_blocks, d_parts)](
-            hq, hd, hs, ids, weights, words[2], halves[2], y_part, out, d_cnt, n_exp, inter, hidden, d_steps, d_per,
-            slots, d_parts, RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], K=top_k,
-            BLOCK_K=triton.next_power_of_2(top_k), FUSED=fused, STAGES=_STAGES, EMULATE=_INTERPRETED,
-            num_warps=_NUM_WARPS,
+            hq, hd, hs, ids, weights, words[2], halves[2], y_part, out, cnt[slots * gu_blocks:], n_exp, inter, hidden,
+            d_steps, d_per, slots, d_parts, RW=down.shape[2] // 4, BLOCK_D=_BLOCK_D, FMT=_CODES[down_type], K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k), EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
-        if fused:
-            return out
-        if d_parts > 1:
-            block = min(1024, triton.next_power_of_2(hidden))
-            _sum_parts_kernel[(slots, triton.cdiv(hidden, block))](y_part, ids, y, n_exp, hidden, slots, d_parts,
-                                                                   BLOCK=block, num_warps=_NUM_WARPS)
-    combine(y, ids, weights, out, n_exp)
     return out
 
 
