@@ -65,7 +65,9 @@ def reset_counts(llm: LLM) -> None:
 
 
 def measure(path: str, n_hot: int, args, rng: np.random.Generator) -> dict:
-    llm = LLM(path, device=args.device, cpu_threads=args.threads, gpu_experts=n_hot, max_batch=1,
+    # No look-ahead: the stream split that gives t_CPU and t_GPU reads each step's calls when it
+    # ended, so the steps measured against it must not overlap the host's work either.
+    llm = LLM(path, device=args.device, cpu_threads=args.threads, gpu_experts=n_hot, max_batch=1, look_ahead=False,
               max_context=args.context + args.decode_tokens + 16, progress=False, show_plan=False)
     prompt = rng.integers(0, llm.tokenizer.vocab_size, args.context).tolist()
     try:

@@ -39,6 +39,7 @@ class BenchConfig:
     seed: int = 0
     experts_format: str = "bf16"
     cuda_graph: bool = True
+    look_ahead: bool = True  # queue each decode step before the last one's tokens reach the host
     max_step_tokens: int | str = 512  # the protocol's chunk; "auto" as LLM chooses
     gpu_experts: int | str = 0  # hot experts per layer on the GPU (issue 11's curve); 0 in the protocol's runs
     dual_prefill: bool = True  # long prefill steps split each layer's experts with the GPU (issue 10)
@@ -98,7 +99,7 @@ def load(cfg: BenchConfig, progress: bool = True) -> tuple[LLM, float]:
     kw = {"dtype": cfg.dtype, "device": cfg.device, "max_context": cfg.max_context, "max_batch": max(1, cfg.users),
               "progress": progress, "cpu_threads": cfg.threads, "experts_format": cfg.experts_format,
           "cuda_graph": cfg.cuda_graph, "max_step_tokens": cfg.max_step_tokens, "gpu_experts": cfg.gpu_experts,
-          "dual_prefill": cfg.dual_prefill,
+          "dual_prefill": cfg.dual_prefill, "look_ahead": cfg.look_ahead,
           "kv_cache": cfg.kv_cache}
     if "cpu_moe" in inspect.signature(LLM.__init__).parameters:
         kw["cpu_moe"] = True  # the protocol: no routed expert on the GPU

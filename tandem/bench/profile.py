@@ -156,7 +156,8 @@ def layer_split(calls: list) -> dict[str, list[int]]:
 
 
 def stream_split(llm, prompt: list[int], n: int) -> dict | None:
-    """Where decode time goes with the CPU experts on the CUDA stream (graphs as configured), from
+    """Where decode time goes with the CPU experts on the CUDA stream (graphs as configured; no
+    look-ahead: each step's calls are read when it ended), from
     the host functions' own timestamps, so nothing is synchronized inside a step. Per step and
     MoE layer: submit -> wait entered is CPU expert work overlapped by GPU work (shared experts,
     copies), wait entered -> left is the GPU stream stalled on the CPU; the rest of the step is GPU
@@ -182,18 +183,22 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
              "gpu between": "gpu between expert calls"}
     sums = dict.fromkeys(names.values(), 0.0)
     wall, steps, last, job_us = 0.0, 0, None, []
-    for out in llm.engine.stream(prompt, params):
-        torch.cuda.synchronize()
-        now = time.perf_counter()
-        if not out.is_prefill and last is not None:
-            # a layer whose experts are all hot never calls the engine: it has no call to read
-            split = layer_split([c for e in experts if (c := e.latest_call()) is not None])
-            for key, name in names.items():
-                sums[name] += sum(split[key]) / 1e9
-            job_us += [t / 1e3 for t in split["engine job"]]
-            wall += now - last
-            steps += 1
-        last = now
+    ahead, llm.engine.look_ahead = llm.engine.look_ahead, False  # else the latest call is the next step's
+    try:
+        for out in llm.engine.stream(prompt, params):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            if not out.is_prefill and last is not None:
+                # a layer whose experts are all hot never calls the engine: it has no call to read
+                split = layer_split([c for e in experts if (c := e.latest_call()) is not None])
+                for key, name in names.items():
+                    sums[name] += sum(split[key]) / 1e9
+                job_us += [t / 1e3 for t in split["engine job"]]
+                wall += now - last
+                steps += 1
+            last = now
+    finally:
+        llm.engine.look_ahead = ahead
     if not steps:
         return None
     overlap, stall = sums["cpu experts overlapped by gpu"], sums["gpu stalled on cpu experts"]
@@ -212,6 +217,7 @@ def profile_run(llm, cfg, timer, log=print) -> dict:
     boundary synchronized: attribution), then the overlapped split of a decode on the CUDA stream."""
     sync = torch.device(cfg.device).type == "cuda"
     graphs, llm.engine.runner.cuda_graphs = llm.engine.runner.cuda_graphs, False  # hooks must not be captured
+    ahead, llm.engine.look_ahead = llm.engine.look_ahead, False  # nor a step's work run inside the step before
     out = {}
     p = cfg.prompts[0]
     with profiled(llm.model, sync) as prof:
@@ -224,7 +230,7 @@ def profile_run(llm, cfg, timer, log=print) -> dict:
     with profiled(llm.model, sync) as prof:
         g = llm.generate(prompt, max_new_tokens=n + 1, temperature=0.0, ignore_eos=True)
     out[f"decode_after_{cfg.context}"] = prof.summary(g.decode_seconds, n, skip_first=True)
-    llm.engine.runner.cuda_graphs = graphs
+    llm.engine.runner.cuda_graphs, llm.engine.look_ahead = graphs, ahead
     split = stream_split(llm, prompt, n)
     if split is not None:
         out[f"decode_split_after_{cfg.context}"] = split

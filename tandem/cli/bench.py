@@ -46,6 +46,8 @@ def add_bench_parser(sub) -> None:
                    help="what float-checkpoint experts become (GGUF experts keep their blocks)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="decode eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-look-ahead", dest="look_ahead", action="store_false",
+                   help="wait for each decode step's tokens before queuing the next (default: queue it first)")
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="prefill with the CPU engine alone (default with a GPU: each layer's experts split with it)")
     p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"), help="KV cache format (default: auto)")
@@ -164,7 +166,7 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model or args.extrapolate[0], prompts=_prompts(args.prompts), context=args.context,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                       device=args.device, dtype=args.dtype, users=args.users, seed=args.seed,
-                      experts_format=args.experts_format, cuda_graph=args.cuda_graph,
+                      experts_format=args.experts_format, cuda_graph=args.cuda_graph, look_ahead=args.look_ahead,
                       max_step_tokens=args.max_step_tokens, gpu_experts=args.gpu_experts,
                       dual_prefill=args.dual_prefill, kv_cache=args.kv_cache)
 

@@ -36,6 +36,7 @@ def open_model(args: argparse.Namespace, path) -> LLM:
             vram_budget=args.vram_budget,
             ram_budget=args.ram_budget,
             cuda_graph=args.cuda_graph,
+            look_ahead=args.look_ahead,
             dual_prefill=args.dual_prefill,
             gpu_experts=args.gpu_experts,
             calibrate=args.calibrate,

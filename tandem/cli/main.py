@@ -40,6 +40,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "budget; smaller chunks delay other users' tokens less)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
+    p.add_argument("--no-look-ahead", dest="look_ahead", action="store_false",
+                   help="wait for each decode step's tokens on the host before queuing the next step (by default, "
+                        "with CUDA graphs, the next step is queued first and the host's work overlaps it)")
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="keep long prefill steps' routed experts on the CPU engine alone (by default, with a GPU, "
                         "each layer's experts are split between the engine and the GPU, which copies its share)")

@@ -7,6 +7,13 @@ Callers add requests and pull StepOutputs. A step mixes decodes of running seque
 chunks of new ones (continuous batching); only sequences that sampled a token this step produce a
 StepOutput. A step whose model call or sampling raises finishes only the sequences it blames
 (StepFailed); the rest run on.
+
+Look-ahead (on with CUDA graphs): when a decode step will most likely be followed by a decode
+step of the same sequences, that next step is queued on the device with the sampled tokens still
+there (Runner.run_next), before they are copied to the host; the host's work between the steps then
+overlaps the model. The next step() uses its logits rows for the sequences still running (one
+that ended, by a stop token or an abort, just drops its row) and only waits for it; requests that
+arrive meanwhile join one step later. A step that feeds anything else discards it.
 """
 
 import itertools
@@ -21,7 +28,7 @@ from tandem.runtime.grammar import Constraint, Grammars, new_bitmask
 from tandem.runtime.kv_cache import PagedKVCache
 from tandem.runtime.logprobs import TokenLogprobs
 from tandem.runtime.runner import Runner
-from tandem.runtime.sampling import NAN_LOGITS, Sampled, SamplingParams, make_generator, sample
+from tandem.runtime.sampling import NAN_LOGITS, Sampled, SamplingParams, make_generator, sample_async
 from tandem.runtime.scheduler import Batch, Scheduler, Sequence
 from tandem.runtime.tokenizer import StopStrings, Tokenizer
 
@@ -62,6 +69,32 @@ class _Detok:
         return self.stops.feed(self.decoder.flush())[0] + self.stops.flush()
 
 
+class _Ahead:
+    """A decode step queued before the previous step's tokens reached the host (Engine.step)."""
+
+    def __init__(self, batch: Batch, logits: torch.Tensor):
+        self.seqs = list(batch.seqs)
+        self.positions = [s.num_cached + 1 for s in batch.seqs]  # where each fed token sits
+        self.tokens: list[int] | None = None  # the fed tokens, once on the host
+        self.logits = logits
+
+    def logits_for(self, batch: Batch) -> torch.Tensor | None:
+        """Its logits rows for `batch`, if `batch` is a decode step of some of its sequences (in
+        its order: the others ended) feeding what it fed where it fed it; else None."""
+        if self.tokens is None or not all(len(f) == 1 for f in batch.new_tokens) or not all(batch.sample):
+            return None
+        row = {id(s): i for i, s in enumerate(self.seqs)}
+        rows = [row.get(id(s), -1) for s in batch.seqs]
+        if min(rows, default=-1) < 0 or rows != sorted(rows):
+            return None
+        for i, s, fed in zip(rows, batch.seqs, batch.new_tokens):
+            if s.num_cached != self.positions[i] or fed[0] != self.tokens[i]:
+                return None
+        if len(rows) == len(self.seqs):
+            return self.logits
+        return self.logits[torch.tensor(rows, device=self.logits.device)]
+
+
 class Engine:
     def __init__(
         self,
@@ -75,12 +108,18 @@ class Engine:
         device="cpu",
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
+        look_ahead: bool | None = None,
     ):
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         num_blocks = max_batch * -(-max_context // block_size)
         self.cache = PagedKVCache(model.cache_widths(), num_blocks, block_size, model.cache_dtype(dtype), device)
         self.scheduler = Scheduler(self.cache, max_batch, max_step_tokens)
         self.runner = Runner(model, self.cache, device, cuda_graphs=cuda_graphs, max_context=max_context)
+        # Queue each decode step before the previous one's tokens reach the host, so the host's
+        # work between steps (sampling's transfer, detokenizing, scheduling) overlaps the model's:
+        # on by default with CUDA graphs (the host is then the gap between steps).
+        self.look_ahead = cuda_graphs if look_ahead is None else look_ahead
+        self._ahead: _Ahead | None = None
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, _Detok] = {}
@@ -129,15 +168,19 @@ class Engine:
         self._constraints.pop(seq_id, None)
 
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+        ahead, self._ahead = self._ahead, None
+        batch = self.scheduler.schedule(admit=ahead is None)
         if batch is None:
             return []
         seqs = batch.sampling  # the rest fed a middle chunk of their prompt: no logits, no output
         first = [not s.output for s in seqs]
         try:
-            logits = self.runner.run(batch)
-            sampled = (
-                sample(
+            logits = ahead.logits_for(batch) if ahead is not None else None
+            if logits is None:
+                logits = self.runner.run(batch)
+            sampled = Sampled([], [])
+            if seqs:
+                pending = sample_async(
                     logits,
                     [s.params for s in seqs],
                     [s.generator for s in seqs],
@@ -145,13 +188,35 @@ class Engine:
                     [len(s.prompt) for s in seqs],
                     self._masks(seqs, logits.shape[1]),
                 )
-                if seqs
-                else Sampled([], [])
-            )
+                if self._reserve_look_ahead(batch):
+                    self._ahead = _Ahead(batch, self.runner.run_next(batch, pending.tokens))
+                sampled = pending.result()
+                if self._ahead is not None:
+                    self._ahead.tokens = sampled.tokens
         except Exception as e:  # noqa: BLE001 - handed on in StepFailed
+            self._ahead = None
             raise self._fail_step(batch, e) from e
         self.scheduler.update(batch, sampled.tokens)
         return [self._emit(*row) for row in zip(seqs, sampled.tokens, first, sampled.logprobs)]
+
+    def _reserve_look_ahead(self, batch: Batch) -> bool:
+        """Queue the next decode step before this one's tokens reach the host? Only when it will
+        most likely be the next step: every running sequence decodes now and none ends by length,
+        nobody waits to join, and the cache has a slot for each one's next token (taken here)."""
+        running = self.scheduler.running
+        if not self.look_ahead or self.scheduler.waiting or len(batch.seqs) != len(running):
+            return False
+        if not all(len(f) == 1 for f in batch.new_tokens) or not all(batch.sample):
+            return False
+        if any(len(s.output) + 1 >= s.params.max_new_tokens or len(s.tokens) + 1 >= self.max_context
+               for s in batch.seqs):
+            return False
+        need = sum(self.cache.blocks_for(len(s.tokens) + 1) - len(s.block_table) for s in batch.seqs)
+        if need > self.cache.free_blocks:
+            return False
+        for s in batch.seqs:
+            self.cache.grow(s.block_table, len(s.tokens) + 1)
+        return True
 
     def _masks(self, seqs: list[Sequence], vocab: int) -> tuple[list[int], torch.Tensor] | None:
         """Structured output: the rows whose sequences are constrained and the tokens each may pick."""

@@ -161,6 +161,7 @@ class LLM:
         ram_budget: float | None = None,
         show_plan: bool | None = None,
         cuda_graph: bool = True,
+        look_ahead: bool = True,
         gpu_experts: int | str = 0,
         calibrate: str | Path | None = None,
         prefill_kv_chunk: int | str = "auto",
@@ -181,6 +182,9 @@ class LLM:
         largest of STEP_TOKEN_CHOICES whose workspace fits the budgets (chosen value: self.max_step_tokens).
         cuda_graph: on a CUDA device, replay each decode batch size's step as one CUDA graph
         (captured on first use); False runs every step eagerly (--no-cuda-graph).
+        look_ahead: with CUDA graphs, queue each decode step before the previous one's tokens reach
+        the host (runtime/engine.py), so the host's work between steps overlaps the model's
+        (--no-look-ahead: each step waits for the host).
         gpu_experts: N hot experts per MoE layer get a float copy on `device` (the N that routing
         of the `calibrate` text -- a file, default a built-in mix -- uses most); "auto": as many
         as the VRAM budget leaves room for.
@@ -280,6 +284,7 @@ class LLM:
         self.engine = Engine(
             self.model, self.tokenizer, max_context=self.max_context, max_batch=max_batch,
             max_step_tokens=self.max_step_tokens, device=device, dtype=self.dtype, cuda_graphs=graphs,
+            look_ahead=graphs and look_ahead,
         )
         self.hot_experts: dict[str, list[int]] = {}
         if self.gpu_experts:

@@ -6,7 +6,8 @@ With `kernels`, ForwardMeta also carries the device tensors the attention kernel
 block tables, the sequence of each token). With `cuda_graphs`, a decode-only step of B sequences
 (one new token each, all sampling) replays a CUDA graph captured for B on first use: static input
 buffers are filled, the graph runs the whole model (GPU kernels, copies and the CPU experts' host
-functions), and its static logits come back. Everything else runs eagerly.
+functions), and its static logits come back. Everything else runs eagerly. `run_next` queues the
+decode step after a decode step with its tokens still on the device (the engine's look-ahead).
 """
 
 import logging
@@ -17,7 +18,7 @@ import torch
 
 from tandem.layers.meta import ForwardMeta
 from tandem.runtime.kv_cache import PagedKVCache
-from tandem.runtime.scheduler import Batch
+from tandem.runtime.scheduler import Batch, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,16 @@ class Runner:
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta
 
     def _block_table(self, tables: list[list[int]]) -> torch.Tensor:
+        return self._block_rows(tables).to(self.device)
+
+    def _block_rows(self, tables: list[list[int]]) -> torch.Tensor:
         # Filled row by row in numpy: per decode step this is B x max_blocks entries (8K for 16
         # sequences at 8K context), too many for Python lists on the hot path.
         width = max(self.max_blocks, max(len(t) for t in tables))
         rows = np.full((len(tables), width), self.cache.scratch_block, dtype=np.int32)
         for i, t in enumerate(tables):
             rows[i, : len(t)] = t
-        return torch.from_numpy(rows).to(self.device)
+        return torch.from_numpy(rows)
 
     @torch.inference_mode()
     def run(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
@@ -95,17 +99,36 @@ class Runner:
         return all(len(f) == 1 for f in batch.new_tokens) and all(batch.sample)
 
     def _replay(self, batch: Batch) -> torch.Tensor:
-        b = len(batch.seqs)
-        g = self._graphs.get(b) or self._capture(b)
+        ids = torch.tensor([f[0] for f in batch.new_tokens], dtype=torch.int64)
+        return self._replay_decode(ids, [s.num_cached for s in batch.seqs], [s.block_table for s in batch.seqs])
+
+    def _replay_decode(self, ids: torch.Tensor, positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Sequence i feeds ids[i] (host or device) at positions[i]: the graph for len(positions)."""
+        g = self._graphs.get(len(positions)) or self._capture(len(positions))
         m = g.meta
-        g.ids.copy_(torch.tensor([f[0] for f in batch.new_tokens], dtype=torch.int64), non_blocking=True)
-        pos = [s.num_cached for s in batch.seqs]
-        m.positions.copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
-        slots = [self.cache.slots(s.block_table, p, p + 1)[0] for s, p in zip(batch.seqs, pos)]
-        m.slot_mapping.copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        m.block_table.copy_(self._block_table([s.block_table for s in batch.seqs]), non_blocking=True)
+        slots = [self.cache.slots(t, p, p + 1)[0] for t, p in zip(tables, positions)]
+        # From pinned memory: copies from pageable memory may wait for the stream (a look-ahead
+        # step is queued behind the running one); torch's pinned cache keeps each buffer until its copy ran.
+        g.ids.copy_(ids, non_blocking=True)
+        m.positions.copy_(torch.tensor(positions, dtype=torch.int64).pin_memory(), non_blocking=True)
+        m.slot_mapping.copy_(torch.tensor(slots, dtype=torch.int64).pin_memory(), non_blocking=True)
+        m.block_table.copy_(self._block_rows(tables).pin_memory(), non_blocking=True)
         g.graph.replay()
         return g.logits
+
+    @torch.inference_mode()
+    def run_next(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of the decode step after `batch` (one token fed and sampled per sequence),
+        each sequence feeding its token in `tokens` [B], a device tensor: queued on the stream
+        before the tokens reach the host. The caller has grown the block tables by one token."""
+        ids = tokens.clamp(min=0)  # a NAN_LOGITS row's sequence ends; any id keeps the step valid
+        positions = [s.num_cached + 1 for s in batch.seqs]
+        if self.cuda_graphs:
+            return self._replay_decode(ids, positions, [s.block_table for s in batch.seqs])
+        ahead = [Sequence(s.seq_id, [], s.params, block_table=s.block_table, num_cached=p)
+                 for s, p in zip(batch.seqs, positions)]
+        _, meta = self.build_meta(Batch(ahead, [[0]] * len(ahead)))
+        return self.model(ids, meta)
 
     def _capture(self, b: int) -> _Graph:
         dev, scratch = self.device, self.cache.scratch_block * self.cache.block_size

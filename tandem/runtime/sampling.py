@@ -10,7 +10,9 @@ applies its logits processors, so results can be checked against it:
 
 temperature 0 means greedy: argmax of the penalized logits. Each request samples with its own
 `torch.Generator` (see `make_generator`), so a seeded request gives the same tokens whatever
-else shares its batch.
+else shares its batch. `sample_async` queues the same work and returns a PendingSample: the picks
+as a device tensor (the engine feeds them to the next decode step before they reach the host,
+runtime/engine.py) and `result()`, the one transfer to the host.
 """
 
 from __future__ import annotations
@@ -189,14 +191,45 @@ class Sampled:
     logprobs: list[TokenLogprobs | None]  # one per row; None where the row's params did not ask
 
 
-def sample(
+class PendingSample:
+    """A step's picks, queued on the logits' device and not yet on the host: `tokens` [B] int64
+    (NAN_LOGITS for a broken row) can feed the next step's model call before `result()` waits.
+    On a GPU their copy to the host is queued at once (pinned memory, an event): work queued after
+    it, such as that next step, does not delay it."""
+
+    def __init__(self, tokens: torch.Tensor, plan: LogprobsPlan | None, values: torch.Tensor):
+        self.tokens, self._plan, self._values, self._copied = tokens, plan, values, None
+        if values.is_cuda:
+            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._values.copy_(values, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(values.device))
+
+    def result(self) -> Sampled:
+        """The picks on the host (one transfer: tokens, and the logprobs rows that asked)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        batch = self.tokens.shape[0]
+        if self._plan is None:
+            return Sampled(self._values.tolist(), [None] * batch)
+        host = self._values.tolist()
+        tokens = [int(t) for t in host[:batch]]
+        return Sampled(tokens, self._plan.unpack(host[batch:], tokens))
+
+
+def sample(*args, **kwargs) -> Sampled:
+    """sample_async(...).result(): the picks on the host."""
+    return sample_async(*args, **kwargs).result()
+
+
+def sample_async(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[Sequence[int]],
     prompt_lens: Sequence[int] | None = None,
     masks: tuple[list[int], torch.Tensor] | None = None,
-) -> Sampled:
+) -> PendingSample:
     """Pick one token per row of `logits` [B, V]; NAN_LOGITS for a row holding NaN (the model's
     output is broken: bad weights, or activations that overflowed into NaN), so its request can fail alone.
     Rows whose params set `logprobs` also get their TokenLogprobs; when none does, nothing extra runs.
@@ -253,11 +286,9 @@ def sample(
     chosen = chosen.masked_fill_(broken_rows, NAN_LOGITS)
     plan = LogprobsPlan.of([p.logprobs for p in params], vocab)
     if plan is None:
-        return Sampled(chosen.tolist(), [None] * batch)  # one transfer for tokens and flags
+        return PendingSample(chosen, None, chosen)  # one transfer for tokens and flags
     # One transfer for tokens, flags and logprobs (float64 holds every token id exactly).
-    host = torch.cat([chosen.double(), plan.values(raw, chosen)]).tolist()
-    tokens = [int(t) for t in host[:batch]]
-    return Sampled(tokens, plan.unpack(host[batch:], tokens))
+    return PendingSample(chosen, plan, torch.cat([chosen.double(), plan.values(raw, chosen)]))
 
 
 def _repetition_penalty(row: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:

@@ -81,7 +81,9 @@ class Scheduler:
         need = self.cache.blocks_for(len(seq.prompt) + self.reserve_tokens) - len(seq.block_table)
         return need <= self.cache.free_blocks
 
-    def schedule(self) -> Batch | None:
+    def schedule(self, admit: bool = True) -> Batch | None:
+        """The next step's batch; with admit False no waiting sequence joins it (the engine's
+        look-ahead already ran this step's decodes: new ones join the step after)."""
         seqs: list[Sequence] = []
         fed: list[list[int]] = []
         sample: list[bool] = []
@@ -96,7 +98,7 @@ class Scheduler:
                 budget -= 1
         # 2. Admit waiting sequences while the batch and the KV cache have room (their prompt's
         #    blocks are taken now, so later chunks never run out of cache).
-        while self.waiting and len(self.running) < self.max_batch:
+        while admit and self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             if not self._fits(seq) and self.running:
                 break  # wait for running sequences to free blocks
