@@ -43,8 +43,9 @@ ENDS = ("step -> layer 1", "last -> step end")
 
 
 def measure(path: str, threads: int, context: int, steps: int, skip: int) -> dict:
+    # No look-ahead: each step is timed and split alone (a queued next step would run inside it).
     llm = LLM(path, device="cuda", cpu_threads=threads, cuda_graph=True, max_context=context + steps + 8,
-              progress=False, show_plan=False)
+              progress=False, show_plan=False, look_ahead=False)
     experts = [m for m in llm.model.modules() if isinstance(m, CpuExperts)]
     if not experts:
         raise SystemExit("this model has no MoE layer on the CPU engine: nothing to split")
