@@ -218,7 +218,7 @@ class PendingSample:
 
 
 def sample(*args, **kwargs) -> Sampled:
-    """sample_async(...).result(): the picks on the host."""
+    """sample_async(same arguments).result(): the picks on the host."""
     return sample_async(*args, **kwargs).result()
 
 
