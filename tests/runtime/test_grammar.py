@@ -138,6 +138,29 @@ def test_constrained_requests_give_schema_json_and_leave_their_batch_alone(llm):
     assert engine.cache.free_blocks == engine.cache.num_blocks and not engine._constraints
 
 
+def test_constrained_requests_with_look_ahead(llm):
+    """With the next step queued before the tokens reach the host (runtime/engine.py's look-ahead;
+    on the CPU it runs eagerly), each step's masks still come from the grammar state after the last
+    token: the same tokens as without, and grammar-ended requests drop out of a queued step."""
+    from tandem.runtime.sampling import SamplingParams
+
+    engine, tok = llm.engine, llm.tokenizer
+    requests = [(tok.encode("Give me JSON"),
+                 SamplingParams(temperature=0, max_new_tokens=200, grammar=json_grammar(SCHEMA))),
+                (tok.encode("Tell a story"), SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)),
+                (tok.encode("More JSON"), SamplingParams(temperature=0.9, seed=3, max_new_tokens=200,
+                                                         grammar=json_grammar(SCHEMA)))]
+    without = run_all(engine, requests)
+    engine.look_ahead = True
+    try:
+        with_ = run_all(engine, requests)
+    finally:
+        engine.look_ahead = False
+    assert with_ == without
+    assert [r for _, r in with_] == ["stop", "length", "stop"]
+    assert engine.cache.free_blocks == engine.cache.num_blocks and not engine._constraints
+
+
 def test_a_grammar_that_does_not_compile_is_refused_with_the_request(llm):
     from tandem.runtime.sampling import SamplingParams
 
