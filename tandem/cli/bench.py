@@ -64,10 +64,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary (default: on PATH)")
 
 
-def _defaults() -> argparse.Namespace:
+def _bench_parser() -> argparse.ArgumentParser:
     sub = argparse.ArgumentParser().add_subparsers()
     add_bench_parser(sub)
-    return sub.choices["bench"].parse_args([])
+    return sub.choices["bench"]
+
+
+def _defaults() -> argparse.Namespace:
+    return _bench_parser().parse_args([])
 
 
 def _prompts(text: str) -> tuple[int, ...]:
@@ -96,12 +100,17 @@ def _check_plot_format(path: str) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option that differs from its default)."""
     parts = ["tandem", "bench"] + ([shlex.quote(args.model)] if args.model else [])
-    defaults = vars(_defaults())
+    parser = _bench_parser()
+    defaults = vars(parser.parse_args([]))
+    switches = {a.dest: a.option_strings[0] for a in parser._actions  # --no-cuda-graph sets cuda_graph False
+                if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and a.option_strings}
     for key, value in vars(args).items():
         if key in ("command", "model") or key not in defaults or value == defaults[key]:
             continue
         flag = "--" + key.replace("_", "-")
-        if value is True:
+        if key in switches:
+            parts.append(switches[key])
+        elif value is True:
             parts.append(flag)
         elif isinstance(value, (list, tuple)):
             parts += [flag, *(shlex.quote(str(v)) for v in value)]

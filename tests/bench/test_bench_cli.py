@@ -72,3 +72,18 @@ def test_bench_with_hot_experts(truncations, tmp_path, capsys):
     capsys.readouterr()
     r = json.loads(out.read_text())
     assert r["models"][0]["config"]["gpu_experts"] == 4 and r["models"][0]["measured"]["decode_tok_s"] > 0
+
+
+def test_the_reproduce_line_parses_back_to_the_same_options():
+    """Every option that differs from its default, switches as their own flags (--no-look-ahead,
+    not '--look-ahead False'): parsed again, the line gives the same options."""
+    import shlex
+
+    from tandem.cli.bench import _bench_parser, _command
+
+    argv = ["m.gguf", "--threads", "14", "--prompts", "512,2048", "--no-look-ahead", "--no-cuda-graph",
+            "--no-dual-prefill", "--users", "16"]
+    args = _bench_parser().parse_args(argv)
+    line = _command(args)
+    assert line.startswith("tandem bench m.gguf ") and "False" not in line
+    assert vars(_bench_parser().parse_args(shlex.split(line)[2:])) == vars(args)
