@@ -8,7 +8,8 @@ same bytes, so it is also the share of expert bytes per token moved off the CPU)
 
 The model the measurement is held to: time per token <= 1.1 x (t_GPU + (1 - s) x t_CPU), where
 t_CPU is the CPU experts' time per token without hot experts (the engine's jobs and wake-ups in
-`tandem bench --profile`'s stream split) and t_GPU the rest of that step ("ratio"); and, since
+`tandem bench --profile`'s stream split; medians of --repeats splits) and t_GPU the rest of that
+step ("ratio"); and, since
 the hot experts' own GPU time is not in that t_GPU, also with each budget's own t_GPU, its step
 minus its own engine time ("own": holds the CPU side alone, t_CPU shrinking with 1 - s). Only on
 a GPU (the split needs the experts' calls on a CUDA stream); elsewhere the curve is measured alone.
@@ -81,7 +82,7 @@ def measure(path: str, n_hot: int, args, rng: np.random.Generator) -> dict:
         row = {"model": path, "hot_per_layer": n_hot, "experts": experts_per_layer(llm),
                "tok_s": statistics.median(rates), "s": statistics.median(shares)}
         row["ms_per_token"] = 1e3 / row["tok_s"]
-        row.update(own_split(llm, prompt, args.decode_tokens, row["ms_per_token"]))
+        row.update(own_split(llm, prompt, args.decode_tokens, row["ms_per_token"], args.repeats))
         return row
     finally:
         del llm
@@ -89,21 +90,25 @@ def measure(path: str, n_hot: int, args, rng: np.random.Generator) -> dict:
             torch.cuda.empty_cache()
 
 
-def own_split(llm: LLM, prompt: list[int], n: int, ms_per_token: float) -> dict:
+def own_split(llm: LLM, prompt: list[int], n: int, ms_per_token: float, repeats: int = 1) -> dict:
     """This budget's t_CPU and t_GPU per token from its own stream split (GPU only): the engine's
-    jobs and wake-ups, and the rest of the step. With every expert hot the engine is never called:
-    t_CPU 0, the whole step GPU."""
+    jobs and wake-ups, and the rest of the step; the medians of `repeats` splits (one split's t_GPU
+    moved 3.4-3.8 ms between runs on one box, session 15; every reading is kept in t_gpu_ms_runs).
+    With every expert hot the engine is never called: t_CPU 0, the whole step GPU."""
     if llm.engine.runner.device.type != "cuda":
         return {}
     hot = [m for m in llm.model.modules() if isinstance(m, HotExperts)]
     if hot and all(m.all_hot for m in hot):
         return {"t_cpu_ms": 0.0, "t_gpu_ms": ms_per_token}
-    split = stream_split(llm, prompt, n)
-    if split is None:
-        return {}
-    ms = split["ms_per_step"]
-    t_cpu = ms["engine jobs"] + ms["wake-up after a job"]
-    return {"t_cpu_ms": t_cpu, "t_gpu_ms": split["wall_ms_per_step"] - t_cpu}
+    t_cpu, t_gpu = [], []
+    for _ in range(max(1, repeats)):
+        split = stream_split(llm, prompt, n)
+        if split is None:
+            return {}
+        ms = split["ms_per_step"]
+        t_cpu.append(ms["engine jobs"] + ms["wake-up after a job"])
+        t_gpu.append(split["wall_ms_per_step"] - t_cpu[-1])
+    return {"t_cpu_ms": statistics.median(t_cpu), "t_gpu_ms": statistics.median(t_gpu), "t_gpu_ms_runs": t_gpu}
 
 
 def save(args, rows: list[dict]) -> None:
