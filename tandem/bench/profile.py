@@ -183,8 +183,7 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
              "gpu between": "gpu between expert calls"}
     sums = dict.fromkeys(names.values(), 0.0)
     wall, steps, last, job_us = 0.0, 0, None, []
-    ahead, llm.engine.look_ahead = llm.engine.look_ahead, False  # else the latest call is the next step's
-    try:
+    with steps_alone(llm):  # else the latest call would be the next step's
         for out in llm.engine.stream(prompt, params):
             torch.cuda.synchronize()
             now = time.perf_counter()
@@ -197,8 +196,6 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
                 wall += now - last
                 steps += 1
             last = now
-    finally:
-        llm.engine.look_ahead = ahead
     if not steps:
         return None
     overlap, stall = sums["cpu experts overlapped by gpu"], sums["gpu stalled on cpu experts"]
@@ -212,12 +209,21 @@ def stream_split(llm, prompt: list[int], n: int) -> dict | None:
             "graphs": llm.engine.runner.cuda_graphs, "doorbell": experts[0].engine.doorbell is not None}
 
 
+@contextmanager
+def steps_alone(llm):
+    """Within: the engine runs each step by itself (no look-ahead), so what a step's end shows is its own."""
+    ahead, llm.engine.look_ahead = llm.engine.look_ahead, False
+    try:
+        yield
+    finally:
+        llm.engine.look_ahead = ahead
+
+
 def profile_run(llm, cfg, timer, log=print) -> dict:
     """One profiled prefill (the first prompt length) and one profiled decode (eager, every
     boundary synchronized: attribution), then the overlapped split of a decode on the CUDA stream."""
     sync = torch.device(cfg.device).type == "cuda"
     graphs, llm.engine.runner.cuda_graphs = llm.engine.runner.cuda_graphs, False  # hooks must not be captured
-    ahead, llm.engine.look_ahead = llm.engine.look_ahead, False  # nor a step's work run inside the step before
     out = {}
     p = cfg.prompts[0]
     with profiled(llm.model, sync) as prof:
@@ -227,10 +233,10 @@ def profile_run(llm, cfg, timer, log=print) -> dict:
     n = cfg.decode_tokens
     prompt = timer.prompt(cfg.context)
     llm.generate(prompt[:16], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # warm
-    with profiled(llm.model, sync) as prof:
+    with profiled(llm.model, sync) as prof, steps_alone(llm):  # no step's work inside the step before
         g = llm.generate(prompt, max_new_tokens=n + 1, temperature=0.0, ignore_eos=True)
     out[f"decode_after_{cfg.context}"] = prof.summary(g.decode_seconds, n, skip_first=True)
-    llm.engine.runner.cuda_graphs, llm.engine.look_ahead = graphs, ahead
+    llm.engine.runner.cuda_graphs = graphs
     split = stream_split(llm, prompt, n)
     if split is not None:
         out[f"decode_split_after_{cfg.context}"] = split

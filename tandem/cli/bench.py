@@ -102,16 +102,14 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["tandem", "bench"] + ([shlex.quote(args.model)] if args.model else [])
     parser = _bench_parser()
     defaults = vars(parser.parse_args([]))
-    switches = {a.dest: a.option_strings[0] for a in parser._actions  # --no-cuda-graph sets cuda_graph False
-                if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and a.option_strings}
+    # Options that take no value (store_true / store_false: --no-cuda-graph sets cuda_graph False).
+    switches = {a.dest: a.option_strings[0] for a in parser._actions if a.nargs == 0 and a.option_strings}
     for key, value in vars(args).items():
         if key in ("command", "model") or key not in defaults or value == defaults[key]:
             continue
         flag = "--" + key.replace("_", "-")
         if key in switches:
             parts.append(switches[key])
-        elif value is True:
-            parts.append(flag)
         elif isinstance(value, (list, tuple)):
             parts += [flag, *(shlex.quote(str(v)) for v in value)]
         else:
