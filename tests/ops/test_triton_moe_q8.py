@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 from tandem.ops import reference as ref
 from tandem.ops.split_rows import SPLIT_FORMATS, split_bytes, split_rows, unsplit_rows
+from tandem.ops.triton import arrive
 from tandem.ops.triton.moe_q8 import moe_decode_split
 from tandem.placement.memory import GPU_SPLIT_FORMATS
 from tests.ops.test_triton_moe_quant import quantized
@@ -134,21 +135,19 @@ def test_walks_in_parts_equal_the_q8_reference(device, parts, monkeypatch):
     for _ in range(2):  # the second call finds the arrival counters reset
         got, want_q8, _ = case(3, 288, 768, ("Q4_K", "Q4_K", "Q8_0"), n_tok=3, top_k=2, device=device, seed=4, ids=ids)
         assert close(got, want_q8, Q8_REF)
-    assert not moe_q8._COUNTERS[-1 if device == "cpu" else torch.device(device).index or 0].any()
+    assert not arrive._BUFFERS["moe_q8", -1 if device == "cpu" else torch.device(device).index or 0].any()
 
 
 def test_outgrown_counters_stay_allocated(device, monkeypatch):
     """A call needing more arrival counters than the device has gets a bigger buffer; the old one
     stays allocated (a CUDA graph captured with it still reads it) and both calls are right."""
-    from tandem.ops.triton import moe_q8
-
-    monkeypatch.setattr(moe_q8, "_MIN_COUNTERS", 1)
-    monkeypatch.setattr(moe_q8, "_COUNTERS", {})
-    monkeypatch.setattr(moe_q8, "_OUTGROWN", [])
+    monkeypatch.setattr(arrive, "MIN_COUNTERS", 1)
+    monkeypatch.setattr(arrive, "_BUFFERS", {})
+    monkeypatch.setattr(arrive, "_OUTGROWN", [])
     got, want_q8, _ = case(3, 256, 256, ("Q4_K", "Q4_K", "Q8_0"), n_tok=1, top_k=2, device=device, seed=6)
     assert close(got, want_q8, Q8_REF)
-    (first,) = moe_q8._COUNTERS.values()
+    (first,) = arrive._BUFFERS.values()
     got, want_q8, _ = case(3, 256, 256, ("Q4_K", "Q4_K", "Q8_0"), n_tok=3, top_k=2, device=device, seed=6)
     assert close(got, want_q8, Q8_REF)
-    (second,) = moe_q8._COUNTERS.values()
-    assert second.numel() > first.numel() and len(moe_q8._OUTGROWN) == 1 and moe_q8._OUTGROWN[0] is first
+    (second,) = arrive._BUFFERS.values()
+    assert second.numel() > first.numel() and len(arrive._OUTGROWN) == 1 and arrive._OUTGROWN[0] is first

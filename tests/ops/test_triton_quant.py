@@ -104,13 +104,34 @@ def test_matmul(fmt, m, path, dtype, device):
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q8_0"])
 @pytest.mark.parametrize("m", [1, 5])
 def test_split_k_and_bias(fmt, m, device):
-    """Split K (partial sums + the reduction kernel) on the GEMV (m=1) and tensor-core (m=5) variants."""
+    """Split K (partial sums added by the last split to arrive) on the GEMV (m=1) and tensor-core (m=5) variants."""
     blocks, w = tensors(fmt, device)
     x = activations(m, K, torch.float32, device)
     bias = torch.randn(N).to(device)
     assert_matmul(tq.quant_matmul(x, blocks, fmt, bias, path="gemv", split_k=2), x, w, bias)
     assert_matmul(tq.quant_matmul(x, blocks, fmt, path="gemv", split_k=2), x, w)
     assert_matmul(tq.quant_matmul(x, blocks, fmt, bias.bfloat16(), path="tiled"), x, w, bias.bfloat16())
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_split_k_adds_each_split_once_in_order(fmt, m, device):
+    """K = 3 splits of 256 weights: the result is, bit for bit, the three splits' own products
+    (each a call on its slice of K) added in split order, then the bias; twice (the second call
+    finds the arrival counters reset), and the counters end at 0."""
+    from tandem.ops.triton import arrive
+
+    k = 768
+    blocks, _ = tensors(fmt, device, k=k, seed=3)
+    x = activations(m, k, torch.float32, device)
+    bias = torch.randn(N).to(device)
+    step_bytes = tq.row_bytes(fmt, 256)
+    parts = [tq.quant_matmul(x[:, 256 * s : 256 * (s + 1)].contiguous(), blocks[:, step_bytes * s : step_bytes * (s + 1)]
+                             .contiguous(), fmt, path="gemv", split_k=1) for s in range(3)]
+    want = (torch.zeros_like(parts[0]) + parts[0] + parts[1] + parts[2]) + bias
+    for _ in range(2):
+        assert torch.equal(tq.quant_matmul(x, blocks, fmt, bias, path="gemv", split_k=3), want)
+    assert not arrive._BUFFERS["quant_matmul", -1 if device == "cpu" else torch.device(device).index or 0].any()
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K", "Q5_0"])

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.ops.triton.arrive import arrive, counters
 from tandem.ops.triton.fused import _INTERPRETED, _check_device, _on, _round
 from tandem.ops.split_rows import LAYOUTS, SPLIT_FORMATS, split_bytes
 from tandem.ops.triton.moe import check_slots, check_tokens
@@ -59,9 +60,6 @@ _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 32  # down rows a program
 _NUM_WARPS = 2
 _WALK_PARTS = 4  # each program's walk over K in up to this many parts
-_COUNTERS: dict[int, torch.Tensor] = {}  # device index -> arrival counters (_counters)
-_OUTGROWN: list[torch.Tensor] = []  # counters replaced by bigger ones, kept for the graphs that use them
-_MIN_COUNTERS = 1 << 18  # 1 MB: 256 slots of a DeepSeek-V3 layer take ~24K
 
 
 # ---------------------------------------------------------------- kernels
@@ -229,7 +227,7 @@ def _gate_up_kernel(
             part = part_ptr + ((tl.program_id(2) * n_slots + slot) * 2) * I
             tl.store(part + rows, g, mask=rmask)
             tl.store(part + I + rows, u, mask=rmask)
-            if _arrive(cnt_ptr + slot * tl.num_programs(1) + tl.program_id(1), PARTS):
+            if arrive(cnt_ptr + slot * tl.num_programs(1) + tl.program_id(1), PARTS):
                 _act(part_ptr, slot, tl.program_id(1), I, n_slots, PARTS, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
         else:
             _store_h(g / (1.0 + tl.exp(-g)) * u, slot, tl.program_id(1), I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I)
@@ -244,17 +242,6 @@ def _store_h(h, slot, block, I, hq_ptr, hd_ptr, hs_ptr, BLOCK_I: tl.constexpr):
     tl.store(hq_ptr + slot * (I // 4) + 8 * grp[:, None] + tl.arange(0, 8)[None, :], words, mask=gmask[:, None])
     tl.store(hd_ptr + slot * (I // 32) + grp, d, mask=gmask)
     tl.store(hs_ptr + slot * (I // 32) + grp, s, mask=gmask)
-
-
-@triton.jit
-def _arrive(cnt, expected):
-    """Count this program in at cnt (after its stores: a CTA barrier, then one acq_rel atomic);
-    True for the last of `expected` programs, which resets the counter for the next launch."""
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt, 1, sem="acq_rel") == expected - 1
-    if last:
-        tl.atomic_xchg(cnt, 0)
-    return last
 
 
 @triton.jit
@@ -298,7 +285,7 @@ def _down_kernel(
         tl.store(y_ptr + (tl.program_id(2) * n_slots + slot) * H + rows, tl.sum(acc, axis=1), mask=rmask)
     # Every program counts in (hot or not); the token's last one combines its rows.
     t = slot // K
-    if _arrive(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), K * parts):
+    if arrive(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), K * parts):
         _combine_rows(y_ptr, ids_ptr, w_ptr, out_ptr, t, rows, rmask, N, H, n_slots, parts, K, BLOCK_K, EMULATE)
 
 
@@ -388,7 +375,7 @@ def moe_decode_split(
     g_part = torch.empty(gu_parts, slots, 2, inter, dtype=torch.float32, device=x.device) if gu_parts > 1 else y_part
     gu_blocks, d_blocks = triton.cdiv(inter, _BLOCK_I), triton.cdiv(hidden, _BLOCK_D)
     # Arrival counters: [slots, gu_blocks] for gate/up, then [T, d_blocks] for down.
-    cnt = _counters(x.device, slots * gu_blocks + n_tok * d_blocks)
+    cnt = counters("moe_q8", x.device, slots * gu_blocks + n_tok * d_blocks)
     with _on(x):
         _gate_up_kernel[(slots, gu_blocks, gu_parts)](
             x, x.stride(0), ids, words[0], halves[0], words[1], halves[1], hq, hd, hs, g_part, cnt,
@@ -403,21 +390,3 @@ def moe_decode_split(
             BLOCK_K=triton.next_power_of_2(top_k), EMULATE=_INTERPRETED, num_warps=_NUM_WARPS,
         )  # fmt: skip
     return out
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's arrival counters, at least n, all 0 between launches (the last program to
-    arrive at one resets it). Shared by every call on the device: launches must not overlap (the
-    hot experts run on one side stream a device). A buffer outgrown stays allocated (CUDA graphs
-    captured with it still use it); none is made while a graph is being captured (its zeroing
-    would run only at replays): the engine's eager warm-up before each capture makes it."""
-    key = device.index if device.type == "cuda" else -1
-    cnt = _COUNTERS.get(key)
-    if cnt is None or cnt.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(f"moe_decode_split needs {n} arrival counters on {device} and has "
-                             f"{0 if cnt is None else cnt.numel()}: call it once outside the capture first")
-        if cnt is not None:
-            _OUTGROWN.append(cnt)
-        cnt = _COUNTERS[key] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-    return cnt

@@ -10,7 +10,9 @@ matrix is ever made. Data path of `quant_matmul(x [M, K], blocks)`:
                tensor-core cycles that a memory-bound GEMV has to spare, and W is read once)
     M > 16     _mma_kernel, 64/128-token tiles (prefill), W tiles re-read from L2 per token tile
     split-K    decode grids too small to fill the GPU split K; partial sums [S, M, N] fp32 are added
-               (+ bias) by _sum_splits_kernel in a fixed order: deterministic
+               (+ bias) in split order by the last split of each row tile to arrive (ops/triton/
+               arrive.py), in the same launch: deterministic. quant_matmul's launches on a device
+               must not overlap (they share its arrival counters): one stream runs them
 
 No host syncs and grids from shapes only, so every call is CUDA-graph capturable (after a warm-up
 call has compiled the kernel: tile choices are fixed tables, never autotuned at first call).
@@ -27,6 +29,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from tandem.errors import TandemError
+from tandem.ops.triton.arrive import arrive, counters
 from tandem.ops.triton.quant_blocks import (
     FORMATS,
     STEP,
@@ -81,15 +84,25 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 # Sizes that change from call to call are not specialized on (each value would be a new compile).
-_VARYING = ["M", "n_blocks", "n_steps", "steps_per_split", "stride_split"]
+_VARYING = ["M", "n_blocks", "n_steps", "steps_per_split", "n_splits", "stride_split"]
+
+
+@triton.jit
+def _sum_splits(part, stride_split, n_splits, mask):
+    """The partial sums at part + s * stride_split (every split's program has stored its own),
+    added in split order from 0, read through L2 (other programs wrote them)."""
+    acc = tl.zeros(part.shape, dtype=tl.float32)
+    for s in range(n_splits):
+        acc += tl.load(part + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
 
 
 @triton.jit(do_not_specialize=_VARYING)
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, M, K, N, n_blocks, n_steps, steps_per_split,
+    x_ptr, w_ptr, out_ptr, y_ptr, bias_ptr, cnt_ptr, M, K, N, n_blocks, n_steps, steps_per_split, n_splits,
     stride_xm, stride_wn, stride_om, stride_split,
     FMT: tl.constexpr, BLOCK_BYTES: tl.constexpr, A: tl.constexpr, B: tl.constexpr, HI: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, FINISH: tl.constexpr,
 ):  # fmt: skip
     """out[m, rows] for one token m (grid axis 2), BLOCK_N rows (axis 0), one split of K (axis 1).
 
@@ -97,7 +110,9 @@ def _gemv_kernel(
     out like the weight bytes and every product stays in the thread that decoded it (with a
     [1, A, B] x it moved both fp32 tiles through shared memory each step). The repeats hit L1. No
     software pipelining (it would copy that broadcast x to shared memory): a step's loads issue
-    together, and several programs per SM keep enough bytes in flight."""
+    together, and several programs per SM keep enough bytes in flight. FINISH (K split): out is
+    the fp32 partial sums [splits, M, N]; the last split of (m, rows) to arrive adds them (+ bias)
+    into y."""
     pid_n, pid_s, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = (rows < N)[:, None, None]
@@ -114,22 +129,31 @@ def _gemv_kernel(
         x_hi = tl.load(x_row + k + HI, mask=k < K, other=0.0).to(tl.float32)
         acc += tl.sum(lo * x_lo + hi * x_hi, axis=2)
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    out = out_ptr + pid_s * stride_split + m.to(tl.int64) * stride_om + rows
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+    if FINISH:
+        part = out_ptr + m.to(tl.int64) * stride_om + rows
+        tl.store(part + pid_s * stride_split, y, mask=rows < N)
+        if arrive(cnt_ptr + m * tl.num_programs(0) + pid_n, n_splits):
+            y = _sum_splits(part, stride_split, n_splits, rows < N)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m.to(tl.int64) * stride_om + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m.to(tl.int64) * stride_om + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=_VARYING)
 def _mma_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, M, K, N, n_blocks, n_steps, steps_per_split,
+    x_ptr, w_ptr, out_ptr, y_ptr, bias_ptr, cnt_ptr, M, K, N, n_blocks, n_steps, steps_per_split, n_splits,
     stride_xm, stride_wn, stride_om, stride_split,
     FMT: tl.constexpr, BLOCK_BYTES: tl.constexpr, A: tl.constexpr, B: tl.constexpr, HI: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """out[tokens, rows]^T = W[rows] x[tokens]^T on tensor cores. Grid (token tiles, row tiles,
-    splits of K): token tiles vary fastest, so the tiles sharing weight rows run together (L2)."""
+    """y[tokens, rows]^T = W[rows] x[tokens]^T on tensor cores. Grid (token tiles, row tiles,
+    splits of K): token tiles vary fastest, so the tiles sharing weight rows run together (L2).
+    FINISH: as _gemv_kernel's, per (token tile, row tile)."""
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,25 +173,19 @@ def _mma_kernel(
         x_hi = tl.load(xt + k + HI, mask=tmask & (k < K), other=0.0)
         acc = _dot(tl.reshape(lo, [BLOCK_N, A * B]).to(dtype), x_lo, acc, IEEE, UPCAST)
         acc = _dot(tl.reshape(hi, [BLOCK_N, A * B]).to(dtype), x_hi, acc, IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + pid_s * stride_split + tokens[None, :].to(tl.int64) * stride_om + rows[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tmask & (rows < N)[:, None])
-
-
-@triton.jit(do_not_specialize=["splits", "stride_split"])
-def _sum_splits_kernel(part_ptr, bias_ptr, y_ptr, N, splits, stride_split, stride_ym, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
-    """y[m] = sum over splits of part[s, m] (+ bias), in split order. Grid (M, column tiles)."""
-    m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(part_ptr + s * stride_split + m * N + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    at = tokens[None, :].to(tl.int64) * stride_om + rows[:, None]
+    mask = tmask & (rows < N)[:, None]
+    if FINISH:
+        tl.store(out_ptr + at + pid_s * stride_split, acc, mask=mask)
+        if arrive(cnt_ptr + pid_m * tl.num_programs(1) + pid_n, n_splits):
+            acc = _sum_splits(out_ptr + at, stride_split, n_splits, mask)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -282,23 +300,22 @@ def quant_matmul(
     splits = split_k or (_pick_split(grid_m * grid_n, n_steps, x.device) if path == "gemv" else 1)
     per_split = triton.cdiv(n_steps, splits)
     splits = triton.cdiv(n_steps, per_split)  # no empty splits
+    # Split K: partial sums [splits, M, N] fp32, added by the last split of each group to arrive
+    # (a group: one token's, or one token tile's, rows of a program), one counter a group.
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    groups = (m if tiles.tokens == 1 else grid_m) * grid_n
+    cnt = counters("quant_matmul", x.device, groups) if splits > 1 else y  # never read unsplit
 
-    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    args = (x, blocks, out, bias_arg, m, k, n, k // fmt.block_size, n_steps, per_split,
+    bias_arg = bias if bias is not None else y  # never read without HAS_BIAS
+    args = (x, blocks, out, y, bias_arg, cnt, m, k, n, k // fmt.block_size, n_steps, per_split, splits,
             x.stride(0), blocks.stride(0), n, m * n)  # fmt: skip
-    meta = dict(_format_meta(fmt, blocks), BLOCK_N=tiles.rows, HAS_BIAS=bias is not None and splits == 1,
+    meta = dict(_format_meta(fmt, blocks), BLOCK_N=tiles.rows, HAS_BIAS=bias is not None, FINISH=splits > 1,
                 num_warps=tiles.warps, num_stages=tiles.stages)  # fmt: skip
     if tiles.tokens == 1:
         _gemv_kernel[(grid_n, splits, m)](*args, **meta)
     else:
         _mma_kernel[(grid_m, grid_n, splits)](*args, **meta, BLOCK_M=tiles.tokens, IEEE=x.dtype == torch.float32,
                                               UPCAST=_INTERPRETED)  # fmt: skip
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(m, triton.cdiv(n, block))](
-            out, bias_arg, y, n, splits, m * n, n, HAS_BIAS=bias is not None, BLOCK=block
-        )
     return y
 
 
