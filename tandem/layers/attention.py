@@ -102,6 +102,37 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.bias)
         self.rope = Rope(cfg.rope)
         self.scale = qk_dim**-0.5 * cfg.rope.softmax_scale_factor()
+        self.q_kv_a = None  # one layer computing [q (or q_a) | latent | k_pe] once merged (merge_q_kv_a)
+
+    @property
+    def q_in(self) -> nn.Module:
+        """The projection of x that starts q: q_proj, or q_a_proj with a low-rank q."""
+        return self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+
+    def merge_q_kv_a(self, q_kv_a: nn.Module) -> None:
+        """Serve q_in and kv_a_proj_with_mqa (both read x) from one layer whose output is their two
+        outputs side by side (one GEMV, not two; the runtime merges GPU block layers this way when
+        both share a format)."""
+        if self.cfg.q_lora_rank is None:
+            del self.q_proj
+        else:
+            del self.q_a_proj
+        del self.kv_a_proj_with_mqa
+        self.q_kv_a = q_kv_a
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, nh * (dn + dr)], kv [T, latent | k_pe]) of x."""
+        cfg = self.cfg
+        if self.q_kv_a is None:
+            q = self.q_in(x)
+            kv = self.kv_a_proj_with_mqa(x)
+        else:  # contiguous() copies only in prefill: one row of a decode step is contiguous as it is
+            width = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) if cfg.q_lora_rank is None \
+                else cfg.q_lora_rank
+            q, kv = (t.contiguous() for t in self.q_kv_a(x).split([width, cfg.kv_lora_rank + cfg.qk_rope_head_dim], -1))
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q, kv
 
     @property
     def cache_width(self) -> int:
@@ -117,9 +148,8 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         n_tok, nh, dn, dr, dv = x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv = self._project(x)  # kv: [T, latent | k_pe]
         q_nope, q_pe = q.view(n_tok, nh, dn + dr).split([dn, dr], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)  # [T, latent | k_pe]
         q_pe = self.rope(q_pe, cos, sin)  # [T, nh, dr]
         cache = meta.kv[self.layer_idx]
         norm = self.kv_a_layernorm

@@ -9,7 +9,8 @@ by a QuantLinear / QuantEmbedding holding those blocks on that GPU. Tensors a mo
 several file tensors (DeepSeek's kv_b, Mixtral's un-permuted q/k) load as float like the rest;
 the memory plan (placement/memory.py) counts exactly this split. An MLP whose gate and up
 projections both became blocks of one format then gets them as one QuantLinear ([gate | up] rows,
-the same bytes): a decode step runs one GEMV there instead of two.
+the same bytes): a decode step runs one GEMV there instead of two; so does an MLA layer's pair
+that reads x, [q (or q_a) | kv_a].
 """
 
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tandem.layers.attention import MLAttention
 from tandem.layers.linear import MLP, Linear
 from tandem.placement.memory import GPU_BLOCK_FORMATS
 from tandem.placement.rules import Placement
@@ -58,8 +60,23 @@ def bind_gpu_blocks(net: nn.Module, checkpoint: Any, rename: Callable[[str], str
         kept.append(src)
     for module in net.modules():
         if isinstance(module, MLP) and module.gate_up is None:
-            gate, up = module.gate_proj, module.up_proj
-            if (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear) and gate.bias is None and up.bias is None
-                    and gate.weight_format == up.weight_format and gate.blocks.device == up.blocks.device):
-                module.merge_gate_up(QuantLinear.from_blocks(torch.cat((gate.blocks, up.blocks)), gate.weight_format))
+            merged = _merged(module.gate_proj, module.up_proj)
+            if merged is not None:
+                module.merge_gate_up(merged)
+        elif isinstance(module, MLAttention) and module.q_kv_a is None:
+            merged = _merged(module.q_in, module.kv_a_proj_with_mqa)
+            if merged is not None:
+                module.merge_q_kv_a(merged)
     return kept
+
+
+def _merged(*layers: nn.Module) -> nn.Module | None:
+    """One QuantLinear whose rows are the layers' rows in order (the same bytes), if every layer is
+    a QuantLinear without bias, all of one format on one device; else None."""
+    from tandem.layers.quant_linear import QuantLinear
+
+    if not all(isinstance(m, QuantLinear) and m.bias is None for m in layers):
+        return None
+    if len({m.weight_format for m in layers}) != 1 or len({m.blocks.device for m in layers}) != 1:
+        return None
+    return QuantLinear.from_blocks(torch.cat([m.blocks for m in layers]), layers[0].weight_format)

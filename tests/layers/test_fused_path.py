@@ -77,3 +77,30 @@ def test_mlp_with_merged_gate_up_equals_the_separate_layers(monkeypatch, fused):
     with torch.no_grad():
         got = mlp(x)
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2_lite"])  # q through q_a / q_b, and q_proj
+@pytest.mark.parametrize("fused", [False, True])
+def test_mla_with_merged_q_and_kv_a_equals_the_separate_layers(tmp_path, monkeypatch, variant, fused):
+    """Each MLA layer's two projections of x as one layer ([q or q_a | latent | k_pe] rows), as the
+    runtime merges GPU block layers: the same logits over a prompt (rows split and made contiguous)
+    and decode steps."""
+    from tandem.layers.attention import MLAttention
+    from tandem.layers.linear import Linear
+
+    monkeypatch.setattr(norm, "FUSED_ON_CPU", fused)
+    llm = LLM(write_tiny(tmp_path, variant, seed=7), dtype="float32", progress=False, max_batch=1, experts="torch")
+    prompt = llm.tokenizer.encode("def parse(text):\n    return")
+    tokens = prompt + llm.generate(prompt, max_new_tokens=STEPS, temperature=0, ignore_eos=True).token_ids
+    want = logits(llm, tokens, len(prompt))
+    layers = [m for m in llm.model.modules() if isinstance(m, MLAttention)]
+    for attn in layers:
+        first, kv_a = attn.q_in, attn.kv_a_proj_with_mqa
+        merged = Linear(first.weight.shape[1], first.weight.shape[0] + kv_a.weight.shape[0])
+        merged.weight = torch.nn.Parameter(torch.cat((first.weight, kv_a.weight)))
+        attn.merge_q_kv_a(merged)
+        assert not hasattr(attn, "kv_a_proj_with_mqa") and attn.q_kv_a is merged
+    got = logits(llm, tokens, len(prompt))
+    assert layers and rel_err(got, want) <= 1e-6
+    checked, bad = margin_steps(got, want, 1e-6)
+    assert checked >= 16 and not bad, (checked, bad)
