@@ -12,6 +12,7 @@ import gc
 import pytest
 import torch
 
+from tandem.layers.attention import MLAttention
 from tandem.layers.cpu_experts import CpuExperts
 from tandem.layers.linear import MLP
 from tandem.layers.moe import TorchExperts
@@ -99,6 +100,9 @@ def test_hybrid_gguf_and_mixed_layers(tmp_path, qtype):
     mlps = [m for m in gpu.model.modules() if isinstance(m, MLP)]
     assert mlps and all(isinstance(m.gate_up, QuantLinear) for m in mlps if m.gate_up is not None)
     assert any(m.gate_up is not None for m in mlps)
+    # So do the MLA layers' two projections of x (q_a and kv_a): the same blocks, side by side.
+    attns = [m for m in gpu.model.modules() if isinstance(m, MLAttention)]
+    assert attns and all(isinstance(m.q_kv_a, QuantLinear) for m in attns)
     # Layer 1's experts in the engine (blocks), layer 2's dequantized to fp32 torch on the GPU,
     # exact where the engine rounds activations to 8 bits (measured 5.5e-3 Q8_0, 9.0e-3 Q4_K_M).
     mixed = compare(gguf, 2e-2, min_checked=4, n_cpu_moe_layers=1)
