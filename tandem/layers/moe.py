@@ -61,7 +61,6 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # [T, E], routing always in fp32
         how = dict(
             top_k=c.top_k,
             scoring=c.scoring,
@@ -72,14 +71,16 @@ class Router(nn.Module):
             routed_scaling_factor=c.routed_scaling_factor,
             correction_bias=self.correction_bias,
         )
-        if self._fused and fused_path(logits):
-            from tandem.ops.triton.route import route  # triton: imported on first use
+        if self._fused and fused_path(x):
+            from tandem.ops.triton import route  # triton: imported on first use
 
             try:
-                return route(logits, **how)  # one kernel: scores, group choice, top-k, weights
+                if x.shape[0] <= route.ROUTE_X_MAX_TOKENS and self.weight.dtype == torch.float32:
+                    return route.route_x(x, self.weight, **how)  # one kernel: the logits too
+                return route.route(F.linear(x.float(), self.weight.float()), **how)  # scores, groups, top-k, weights
             except ValueError:  # a config the kernel does not take: the reference from now on
                 self._fused = False
-        return ops.route(logits, **how)
+        return ops.route(F.linear(x.float(), self.weight.float()), **how)  # [T, E] logits: routing always in fp32
 
 
 class TorchExperts(nn.Module):

@@ -49,13 +49,14 @@ def test_fused_path_runs_the_kernels(tmp_path, monkeypatch):
     from tandem.ops.triton import fused, route
 
     calls = []
-    for module, name in ((fused, "rms_norm"), (fused, "rope"), (fused, "mla_cache_write"), (route, "route")):
+    for module, name in ((fused, "rms_norm"), (fused, "rope"), (fused, "mla_cache_write"), (route, "route"),
+                         (route, "route_x")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setattr(norm, "FUSED_ON_CPU", True)
     llm = LLM(write_tiny(tmp_path, "deepseek_v3", seed=5), dtype="float32", progress=False, max_batch=1, experts="torch")
-    llm.generate([1, 2, 3], max_new_tokens=2, temperature=0, ignore_eos=True)
-    assert set(calls) == {"rms_norm", "rope", "mla_cache_write", "route"}
+    llm.generate(list(range(1, 9)), max_new_tokens=2, temperature=0, ignore_eos=True)  # 8 tokens: route; 1: route_x
+    assert set(calls) == {"rms_norm", "rope", "mla_cache_write", "route", "route_x"}
 
 
 @pytest.mark.parametrize("fused", [False, True])

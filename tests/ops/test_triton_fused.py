@@ -276,6 +276,31 @@ def test_route_cases_exercise_the_bias_and_the_groups(device, case):
         assert not torch.equal(ids, biased)
 
 
+@pytest.mark.parametrize("case", list(ROUTES))
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_route_x_computes_the_logits_and_routes(device, case, n_tok):
+    """route_x(x, W) against the reference route of x @ W^T in fp32 (H = 300: not a multiple of
+    the kernel's 256-wide steps): the same ids, weights within 1e-5 (the logits' 300 products are
+    summed in another order, and softmax's exponent moves that ~1e-6 relative); twice (the second
+    call finds the arrival counters reset)."""
+    from tandem.ops.triton import arrive
+
+    scoring, method, n_exp, top_k, n_group, topk_group, norm, scaling, has_bias = ROUTES[case]
+    x = randn(n_tok, 300, device=device, seed=5).bfloat16()
+    w = randn(n_exp, 300, device=device, seed=6, scale=0.2)
+    kw = {
+        "top_k": top_k, "scoring": scoring, "topk_method": method, "n_group": n_group, "topk_group": topk_group,
+        "norm_topk_prob": norm, "routed_scaling_factor": scaling,
+        "correction_bias": randn(n_exp, device=device, seed=4, scale=0.5) if has_bias else None,
+    }  # fmt: skip
+    ids_ref, weights_ref = ref.route(x.float() @ w.T, **kw)
+    for _ in range(2):
+        ids, weights = routing.route_x(x, w, **kw)
+        assert torch.equal(ids, ids_ref), f"{ids} != {ids_ref}"
+        assert (weights - weights_ref).abs().max() <= 1e-5 * weights_ref.abs().max()
+    assert not arrive._BUFFERS["route_x", -1 if device == "cpu" else torch.device(device).index or 0].any()
+
+
 def test_route_rejects_what_it_does_not_support(device):
     logits = randn(2, 64, device=device)
     good = {

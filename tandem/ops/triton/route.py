@@ -1,5 +1,10 @@
 """MoE routing in one kernel: scores, DeepSeek's group choice, top-k and the weights.
 
+route_x    x [T, H], router weight fp32 [E, H] -> as route, with the logits computed in the same
+           launch (decode steps: grid (T, expert blocks); each token's last block to arrive,
+           ops/triton/arrive.py, routes it from its stored logits row): one launch a MoE layer
+           instead of a cast, a GEMV (two kernels in cuBLAS) and route's.
+
 route      logits [T, E] -> ids int32 [T, k] (best first, as torch.topk), weights fp32 [T, k].
            One program per token holding all E experts as a [groups, group size] tile (greedy:
            one group of E): scores (softmax / sigmoid) -> choice (+ correction bias) -> for
@@ -17,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.ops.triton.arrive import arrive, counters
 from tandem.ops.triton.fused import _check_device, _check_float, _on, _warps
 
-__all__ = ["route"]
+__all__ = ["ROUTE_X_MAX_TOKENS", "route", "route_x"]
 
 _MAX_EXPERTS = 1024  # all experts of a token in one block
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -35,14 +41,53 @@ def _route_kernel(
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_METHOD: tl.constexpr, NORM: tl.constexpr,
 ):
-    # GROUP_METHOD: 0 greedy (n_group == 1), 1 group_limited_greedy, 2 noaux_tc.
     t = tl.program_id(0).to(tl.int64)
+    _route_row(logits_ptr + t * logits_st, t, bias_ptr, ids_ptr, weights_ptr, n_group, group_size, scaling,
+               TOP_K, TOPK_GROUP, BLOCK_G, BLOCK_S, BLOCK_K, SOFTMAX, HAS_BIAS, GROUP_METHOD, NORM)
+
+
+@triton.jit
+def _logits_route_kernel(
+    x_ptr, x_st, w_ptr, H, E,  # x [T, H] (a float dtype), router weight fp32 [E, H] contiguous
+    logits_ptr, cnt_ptr,  # scratch fp32 [T, E]; arrival counters [T]
+    bias_ptr, ids_ptr, weights_ptr, n_group, group_size, scaling,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_METHOD: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid (T, expert blocks): BLOCK_E experts' fp32 logits of token t; the last block of the
+    token to arrive routes it from the stored row."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        xv = tl.load(x_ptr + t * x_st + h, mask=h < H, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None].to(tl.int64) * H + h[None, :], mask=(e[:, None] < E) & (h[None, :] < H),
+                     other=0.0)
+        acc += wv * xv[None, :]
+    tl.store(logits_ptr + t * E + e, tl.sum(acc, axis=1), mask=e < E)
+    if arrive(cnt_ptr + t, tl.num_programs(1)):
+        _route_row(logits_ptr + t * E, t, bias_ptr, ids_ptr, weights_ptr, n_group, group_size, scaling,
+                   TOP_K, TOPK_GROUP, BLOCK_G, BLOCK_S, BLOCK_K, SOFTMAX, HAS_BIAS, GROUP_METHOD, NORM)
+
+
+@triton.jit
+def _route_row(
+    row_ptr, t, bias_ptr, ids_ptr, weights_ptr, n_group, group_size, scaling,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_METHOD: tl.constexpr, NORM: tl.constexpr,
+):
+    """Token t's routing from its logits row (read through L2: another program may have written it).
+    GROUP_METHOD: 0 greedy (n_group == 1), 1 group_limited_greedy, 2 noaux_tc."""
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_S)[None, :]
     expert = g[:, None] * group_size + j  # [BLOCK_G, BLOCK_S]; padding cells are masked by `valid`
     valid = (g[:, None] < n_group) & (j < group_size)
     neg_inf = float("-inf")
-    x = tl.load(logits_ptr + t * logits_st + expert, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(row_ptr + expert, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
     if SOFTMAX:
         x = tl.where(valid, x, neg_inf)
         p = tl.exp(x - tl.max(tl.max(x, 1), 0))
@@ -109,14 +154,76 @@ def route(
     """reference.route in one launch: logits [T, E] (E <= 1024) -> ids int32 [T, top_k] (best
     first), weights fp32 [T, top_k]. Raises ValueError for what it does not support (the caller
     can fall back to the reference)."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-    if topk_method not in _TOPK_METHODS:
-        raise ValueError(f"topk_method must be one of {', '.join(_TOPK_METHODS)}, got {topk_method!r}")
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got {tuple(logits.shape)}")
     n_tok, n_exp = logits.shape
+    meta, groups = _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
+                               correction_bias)
+    _check_device(logits, *([correction_bias] if correction_bias is not None else []))
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    ids, weights = _outputs(n_tok, top_k, logits.device)
+    if n_tok:
+        with _on(logits):
+            _route_kernel[(n_tok,)](
+                logits, logits.stride(0), _bias(correction_bias, logits), ids, weights, groups, n_exp // groups,
+                float(routed_scaling_factor), **meta, num_warps=_warps(meta["BLOCK_G"] * meta["BLOCK_S"]),
+            )  # fmt: skip
+    return ids, weights
+
+
+def route_x(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    top_k: int,
+    scoring: str,
+    topk_method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(x @ weight^T in fp32, ...) in one launch for decode steps (each token's logits in
+    expert blocks; the last block to arrive routes the token): x [T, H] (a float dtype), weight
+    fp32 [E, H]. Every token re-reads the weight: for a few tokens (ROUTE_X_MAX_TOKENS)."""
+    _check_float("x", x)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != torch.float32:
+        raise ValueError(f"route_x takes x [T, H] and an fp32 weight [E, H], got {tuple(x.shape)} and "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    (n_tok, hidden), n_exp = x.shape, weight.shape[0]
+    meta, groups = _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
+                               correction_bias)
+    _check_device(x, weight, *([correction_bias] if correction_bias is not None else []))
+    x, weight = (x if x.stride(1) == 1 else x.contiguous()), weight.contiguous()
+    ids, weights = _outputs(n_tok, top_k, x.device)
+    if n_tok:
+        logits = torch.empty(n_tok, n_exp, dtype=torch.float32, device=x.device)
+        block_e = min(_ROUTE_X_BLOCK_E, triton.next_power_of_2(n_exp))
+        with _on(x):
+            _logits_route_kernel[(n_tok, triton.cdiv(n_exp, block_e))](
+                x, x.stride(0), weight, hidden, n_exp, logits, counters("route_x", x.device, n_tok),
+                _bias(correction_bias, logits), ids, weights, groups, n_exp // groups, float(routed_scaling_factor),
+                **meta, BLOCK_E=block_e, BLOCK_H=_ROUTE_X_BLOCK_H, num_warps=4,
+            )  # fmt: skip
+    return ids, weights
+
+
+ROUTE_X_MAX_TOKENS = 4  # route_x's tokens each read the whole router weight; more go through a GEMM
+_ROUTE_X_BLOCK_E = 8  # experts a program: DeepSeek-V3's 256 make 32 programs a token
+_ROUTE_X_BLOCK_H = 256
+
+
+def _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
+                correction_bias) -> tuple[dict, int]:
+    """The kernels' constexprs for a routing config and its groups (1 for greedy), after checking
+    it (ValueError: not supported)."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if topk_method not in _TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {', '.join(_TOPK_METHODS)}, got {topk_method!r}")
     if not 0 < n_exp <= _MAX_EXPERTS:
         raise ValueError(f"route takes 1..{_MAX_EXPERTS} experts, got {n_exp}")
     if not 1 <= top_k <= n_exp:
@@ -133,28 +240,18 @@ def route(
         _check_float("correction_bias", correction_bias)
         if correction_bias.shape != (n_exp,):
             raise ValueError(f"correction_bias must be [{n_exp}], got {tuple(correction_bias.shape)}")
-        _check_device(logits, correction_bias)
-    else:
-        _check_device(logits)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    ids = torch.empty(n_tok, top_k, dtype=torch.int32, device=logits.device)
-    weights = torch.empty(n_tok, top_k, dtype=torch.float32, device=logits.device)
-    if n_tok == 0:
-        return ids, weights
-    group_size = n_exp // n_group
-    block_g, block_s = triton.next_power_of_2(n_group), triton.next_power_of_2(group_size)
-    bias = correction_bias.contiguous() if correction_bias is not None else logits
-    with _on(logits):
-        _route_kernel[(n_tok,)](
-            logits, logits.stride(0),
-            bias,
-            ids, weights,
-            n_group, group_size, float(routed_scaling_factor),
-            TOP_K=top_k, TOPK_GROUP=topk_group,
-            BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
-            SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
-            GROUP_METHOD=_TOPK_METHODS.index(topk_method) if grouped else 0, NORM=bool(norm_topk_prob),
-            num_warps=_warps(block_g * block_s),
-        )  # fmt: skip
-    return ids, weights
+    return dict(
+        TOP_K=top_k, TOPK_GROUP=topk_group, BLOCK_G=triton.next_power_of_2(n_group),
+        BLOCK_S=triton.next_power_of_2(n_exp // n_group), BLOCK_K=triton.next_power_of_2(top_k),
+        SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None,
+        GROUP_METHOD=_TOPK_METHODS.index(topk_method) if grouped else 0, NORM=bool(norm_topk_prob),
+    ), n_group
+
+
+def _outputs(n_tok: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(n_tok, top_k, dtype=torch.int32, device=device),
+            torch.empty(n_tok, top_k, dtype=torch.float32, device=device))
+
+
+def _bias(correction_bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    return correction_bias.contiguous() if correction_bias is not None else other  # never read without HAS_BIAS
