@@ -10,6 +10,8 @@ restores the file's exactly.
     Q4_K  [qs: nb x 128][headers: nb x 16 (d, dmin fp16, 12 bytes of 6-bit scales and mins)]
     Q8_0  [qs: nb x 32 int8][d: nb x fp16][0-14 bytes of padding]
     Q6_K  [ql: nb x 128][qh: nb x 64][scales: nb x 16 int8][d: nb x fp16][padding]
+    Q5_0  [qs: nb x 16 (low nibbles: weights 0-15, high: 16-31)][qh: nb x 4 (bit j: weight j's
+          fifth bit)][d: nb x fp16][padding]
 """
 
 import torch
@@ -19,6 +21,7 @@ LAYOUTS = {
     "Q4_K": (256, 144, ((16, 144), (0, 16))),
     "Q8_0": (32, 34, ((2, 34), (0, 2))),
     "Q6_K": (256, 210, ((0, 128), (128, 192), (192, 208), (208, 210))),
+    "Q5_0": (32, 22, ((6, 22), (2, 6), (0, 2))),
 }
 SPLIT_FORMATS = tuple(LAYOUTS)
 
