@@ -127,8 +127,7 @@ class MLAttention(nn.Module):
             q = self.q_in(x)
             kv = self.kv_a_proj_with_mqa(x)
         else:  # contiguous() copies only in prefill: one row of a decode step is contiguous as it is
-            width = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) if cfg.q_lora_rank is None \
-                else cfg.q_lora_rank
+            width = cfg.q_lora_rank or cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
             q, kv = (t.contiguous() for t in self.q_kv_a(x).split([width, cfg.kv_lora_rank + cfg.qk_rope_head_dim], -1))
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
