@@ -18,6 +18,8 @@ a decode step that routes can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -173,29 +175,22 @@ def route(
     return ids, weights
 
 
-def route_x(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    top_k: int,
-    scoring: str,
-    topk_method: str = "greedy",
-    n_group: int = 1,
-    topk_group: int = 1,
-    norm_topk_prob: bool = False,
-    routed_scaling_factor: float = 1.0,
-    correction_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """route(x @ weight^T in fp32, ...) in one launch for decode steps (each token's logits in
+def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(x @ weight^T in fp32, **how) in one launch for decode steps (each token's logits in
     expert blocks; the last block to arrive routes the token): x [T, H] (a float dtype), weight
-    fp32 [E, H]. Every token re-reads the weight: for a few tokens (ROUTE_X_MAX_TOKENS)."""
+    fp32 [E, H], `how` route()'s keyword arguments. Every token re-reads the weight: for a few
+    tokens (ROUTE_X_MAX_TOKENS)."""
+    bound = inspect.signature(route).bind(None, **how)  # route()'s defaults; a wrong name raises TypeError
+    bound.apply_defaults()
+    how = bound.arguments
+    top_k, correction_bias, routed_scaling_factor = how["top_k"], how["correction_bias"], how["routed_scaling_factor"]
     _check_float("x", x)
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != torch.float32:
         raise ValueError(f"route_x takes x [T, H] and an fp32 weight [E, H], got {tuple(x.shape)} and "
                          f"{weight.dtype} {tuple(weight.shape)}")
     (n_tok, hidden), n_exp = x.shape, weight.shape[0]
-    meta, groups = _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
-                               correction_bias)
+    meta, groups = _route_meta(n_exp, how["top_k"], how["scoring"], how["topk_method"], how["n_group"],
+                               how["topk_group"], how["norm_topk_prob"], correction_bias)
     _check_device(x, weight, *([correction_bias] if correction_bias is not None else []))
     x, weight = (x if x.stride(1) == 1 else x.contiguous()), weight.contiguous()
     ids, weights = _outputs(n_tok, top_k, x.device)
