@@ -12,6 +12,7 @@ restores the file's exactly.
     Q6_K  [ql: nb x 128][qh: nb x 64][scales: nb x 16 int8][d: nb x fp16][padding]
     Q5_0  [qs: nb x 16 (low nibbles: weights 0-15, high: 16-31)][qh: nb x 4 (bit j: weight j's
           fifth bit)][d: nb x fp16][padding]
+    Q4_0  [qs: nb x 16 (as Q5_0's)][d: nb x fp16][padding]
 """
 
 import torch
@@ -22,6 +23,7 @@ LAYOUTS = {
     "Q8_0": (32, 34, ((2, 34), (0, 2))),
     "Q6_K": (256, 210, ((0, 128), (128, 192), (192, 208), (208, 210))),
     "Q5_0": (32, 22, ((6, 22), (2, 6), (0, 2))),
+    "Q4_0": (32, 18, ((2, 18), (0, 2))),
 }
 SPLIT_FORMATS = tuple(LAYOUTS)
 

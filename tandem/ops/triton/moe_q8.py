@@ -1,6 +1,7 @@
 """Hot routed experts on the GPU from split rows with int8 activations: the decode kernels that
-layers/hot_experts.py runs for GGUF Q4_K / Q6_K / Q8_0 / Q5_0 experts (a Q4_K_M file's routed
-formats; Q5_0 and Q8_0 where rows are not multiples of 256, e.g. DeepSeek-V2-Lite's down).
+layers/hot_experts.py runs for GGUF Q4_K / Q6_K / Q8_0 / Q5_0 / Q4_0 experts (a Q4_K_M file's
+routed formats, with Q5_0 and Q8_0 where rows are not multiples of 256, e.g. DeepSeek-V2-Lite's
+down; and Q4_0 files').
 
 moe_quant.py decodes the file's blocks as stored, in fp32: each 256-weight step costs a byte load
 per scale and a dozen fp32 ops per weight, so its kernels run at ~0.8 TB/s on an H100. Here the
@@ -55,7 +56,7 @@ from tandem.ops.triton.moe import check_slots, check_tokens
 __all__ = ["moe_decode_split"]
 
 _CODES = {fmt: i for i, fmt in enumerate(SPLIT_FORMATS)}  # the kernels' constexpr switch
-_Q4_K, _Q8_0, _Q6_K, _Q5_0 = (tl.constexpr(_CODES[fmt]) for fmt in ("Q4_K", "Q8_0", "Q6_K", "Q5_0"))
+_Q4_K, _Q8_0, _Q6_K, _Q5_0, _Q4_0 = (tl.constexpr(_CODES[fmt]) for fmt in ("Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q4_0"))
 _HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 32  # down rows a program
@@ -158,21 +159,23 @@ def _q6k_step(row, half, step, K, rmask, xl, xh, dl, dh, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _q50_groups(row, half, g, K, m, x, dx, sx, EMULATE: tl.constexpr):
-    """Q5_0: blocks g [4] (32 weights each: 16 bytes of nibbles at word 4g, the fifth bits at word
-    K / 8 + g, d at half 5K / 16 + g) against their x words x [4, 8], d [4], d * sum(q) [4] ->
-    [BLOCK_N, 4] fp32. Nibble word i holds weights 4i.. (low) and 16 + 4i.. (high); their fifth
-    bits are qh bits 4i.. and 16 + 4i.., moved to bit 4 of each byte; q - 16 comes out of the sum
-    as 16 * sum(x)."""
+def _q_0_groups(row, half, g, K, m, x, dx, sx, FIVE: tl.constexpr, EMULATE: tl.constexpr):
+    """Q4_0 / Q5_0 (FIVE): blocks g [4] (32 weights each: 16 bytes of nibbles at word 4g; Q5_0's
+    fifth bits at word K / 8 + g; d at half K / 4 + g, Q5_0's at 5K / 16 + g) against their x words
+    x [4, 8], d [4], d * sum(q) [4] -> [BLOCK_N, 4] fp32. Nibble word i holds weights 4i.. (low) and
+    16 + 4i.. (high); Q5_0's fifth bits of those are qh bits 4i.. and 16 + 4i.., moved to bit 4 of
+    each byte; the codes' offset (8 or 16) comes out of the sum as offset * sum(x)."""
     s2 = tl.arange(0, 2)[None, None, :, None]  # low / high nibbles: weights 0-15 / 16-31
     i = tl.arange(0, 4)[None, None, None, :]
     qs = tl.load(row[:, None, None, None] + (4 * g)[None, :, None, None] + i, mask=m[:, :, None, None], other=0)
-    qh = tl.load(row[:, None] + (K // 8 + g)[None, :], mask=m, other=0)[:, :, None, None]
-    b = (qh >> (16 * s2 + 4 * i)) & 0xF
-    q = ((qs >> (4 * s2)) & 0x0F0F0F0F) | ((b & 1) << 4) | ((b & 2) << 11) | ((b & 4) << 18) | ((b & 8) << 25)
+    q = (qs >> (4 * s2)) & 0x0F0F0F0F
+    if FIVE:
+        qh = tl.load(row[:, None] + (K // 8 + g)[None, :], mask=m, other=0)[:, :, None, None]
+        b = (qh >> (16 * s2 + 4 * i)) & 0xF
+        q = q | ((b & 1) << 4) | ((b & 2) << 11) | ((b & 4) << 18) | ((b & 8) << 25)
     isum = tl.sum(tl.sum(_dot4(q, tl.reshape(x, [4, 2, 4])[None], False, EMULATE), axis=3), axis=2).to(tl.float32)
-    d = tl.load(half[:, None] + 5 * K // 16 + g[None, :], mask=m, other=0.0).to(tl.float32)
-    return d * (dx[None, :] * isum - 16.0 * sx[None, :])
+    d = tl.load(half[:, None] + (5 * K // 16 if FIVE else K // 4) + g[None, :], mask=m, other=0.0).to(tl.float32)
+    return d * (dx[None, :] * isum - (16.0 if FIVE else 8.0) * sx[None, :])
 
 
 @triton.jit
@@ -192,12 +195,12 @@ def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, 
             m_l * sl[None, :] + m_h * sh[None, :])
     elif FMT == _Q6_K:
         return _q6k_step(row, half, step, K, rmask, xl, xh, dl, dh, EMULATE)
-    elif FMT == _Q5_0:  # groups are blocks: lo 2c, hi 2c + 1
+    elif FMT == _Q5_0 or FMT == _Q4_0:  # groups are blocks: lo 2c, hi 2c + 1
         g_lo = step * 8 + 2 * c
         m_lo = rmask[:, None] & (g_lo < K // 32)[None, :]
         m_hi = rmask[:, None] & (g_lo + 1 < K // 32)[None, :]
-        return (_q50_groups(row, half, g_lo, K, m_lo, xl, dl, sl, EMULATE)
-                + _q50_groups(row, half, g_lo + 1, K, m_hi, xh, dh, sh, EMULATE))
+        return (_q_0_groups(row, half, g_lo, K, m_lo, xl, dl, sl, FMT == _Q5_0, EMULATE)
+                + _q_0_groups(row, half, g_lo + 1, K, m_hi, xh, dh, sh, FMT == _Q5_0, EMULATE))
     else:  # Q8_0: group g's 8 words at 8g, its d at K / 2 + g (halves)
         g_lo = step * 8 + 2 * c
         m_lo = rmask[:, None] & (g_lo < K // 32)[None, :]
