@@ -12,8 +12,8 @@ HBM bytes a token reads).
 Data path: ids [T, k] -> local index of each id among the hot ones (-1: cold) -> cold ids (hot
 masked) -> cold.submit(x, cold_ids, w) -> hot experts on the device -> cold.wait + hot. On a GPU,
 decode-sized steps (up to HOT_KERNEL_MAX_SLOTS (token, expert) slots) run the hot experts in
-ops/triton/moe.py's three kernels (float), moe_q8.py's two (split rows of Q4_K / Q6_K / Q8_0 / Q5_0 / Q4_0
-blocks, int8 activations) or moe_quant.py's three (other blocks; no host sync: a CUDA graph
+ops/triton/moe.py's three kernels (float), moe_q8.py's two (split rows of any GPU block format,
+int8 activations) or moe_quant.py's three (blocks as stored, when split is off; no host sync: a CUDA graph
 captures them with the CPU engine's stream calls) on a side stream, beside the shared experts that
 the layer launches next on its own (wait() joins it); longer steps (prefill chunks) and CPU devices
 group tokens in torch (blocks: dequantizing the routed hot experts per call). The split

@@ -13,6 +13,8 @@ restores the file's exactly.
     Q5_0  [qs: nb x 16 (low nibbles: weights 0-15, high: 16-31)][qh: nb x 4 (bit j: weight j's
           fifth bit)][d: nb x fp16][padding]
     Q4_0  [qs: nb x 16 (as Q5_0's)][d: nb x fp16][padding]
+    Q5_K  [qs: nb x 128 (as Q4_K's)][qh: nb x 32 (bit j of byte l: group j's weight l)][headers: nb x 16
+          (as Q4_K's)]
 """
 
 import torch
@@ -24,6 +26,7 @@ LAYOUTS = {
     "Q6_K": (256, 210, ((0, 128), (128, 192), (192, 208), (208, 210))),
     "Q5_0": (32, 22, ((6, 22), (2, 6), (0, 2))),
     "Q4_0": (32, 18, ((2, 18), (0, 2))),
+    "Q5_K": (256, 176, ((48, 176), (16, 48), (0, 16))),
 }
 SPLIT_FORMATS = tuple(LAYOUTS)
 

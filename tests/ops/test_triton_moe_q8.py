@@ -78,9 +78,9 @@ def close(got, want, bound) -> bool:
     [(("Q4_K", "Q4_K", "Q6_K"), 256, 512), (("Q6_K", "Q4_K", "Q4_K"), 256, 512),
      (("Q4_K", "Q4_K", "Q8_0"), 288, 512), (("Q8_0", "Q8_0", "Q4_K"), 256, 288),
      (("Q4_K", "Q4_K", "Q5_0"), 288, 512), (("Q5_0", "Q5_0", "Q4_K"), 256, 288),
-     (("Q4_0", "Q4_0", "Q4_0"), 288, 288)],
+     (("Q4_0", "Q4_0", "Q4_0"), 288, 288), (("Q5_K", "Q5_K", "Q5_K"), 256, 512)],
     ids=["q4_k_m", "q6_k-gate", "ragged-inter-q8_0-down", "ragged-hidden-q8_0-gate", "ragged-inter-q5_0-down",
-         "ragged-hidden-q5_0-gate", "ragged-q4_0"],
+         "ragged-hidden-q5_0-gate", "ragged-q4_0", "q5_k"],
 )
 def test_split_kernels_equal_the_q8_reference(formats, inter, hidden, device):
     """Every split format as gate/up and as down; I = 288 (V2-Lite's 1408 is not a multiple of 256
@@ -101,7 +101,7 @@ def test_skipped_slots_and_empty_token(device):
 
 def test_split_rows_keep_the_file_bytes():
     rng = np.random.default_rng(2)
-    for fmt, k in (("Q4_K", 512), ("Q6_K", 512), ("Q8_0", 288), ("Q5_0", 288), ("Q4_0", 288)):
+    for fmt, k in (("Q4_K", 512), ("Q6_K", 512), ("Q8_0", 288), ("Q5_0", 288), ("Q4_0", 288), ("Q5_K", 512)):
         blocks, _ = quantized(2, 3, k, fmt, rng)
         split = split_rows(blocks, fmt)
         assert split.shape == (2, 3, split_bytes(fmt, k)) and split.shape[2] % 16 == 0
@@ -120,7 +120,7 @@ def test_bad_input_is_refused_clearly(device):
     with pytest.raises(ValueError, match="down must be contiguous Q6_K split rows"):
         moe_decode_split(x, ids, w, gate, gate, down, "Q4_K", "Q4_K", "Q6_K")  # down in another format
     with pytest.raises(ValueError, match="split rows take"):
-        moe_decode_split(x, ids, w, gate, gate, down, "Q5_K", "Q4_K", "Q8_0")
+        moe_decode_split(x, ids, w, gate, gate, down, "Q3_K", "Q4_K", "Q8_0")
     with pytest.raises(ValueError, match="ids must be int32"):
         moe_decode_split(x, ids.long(), w, gate, gate, down, "Q4_K", "Q4_K", "Q8_0")
     with pytest.raises(ValueError, match="whole 144-byte blocks"):

@@ -14,7 +14,8 @@ residual add, RoPE, MLA's norm + rope + cache write, SwiGLU's silu * up), so a d
 fewer; route.py: MoE routing (scores, DeepSeek's group choice, top-k, weights) in one kernel. moe.py: `moe_decode`, a few routed experts held on the GPU (hot experts) for
 decode-sized steps, graph-capturable; moe_quant.py: `moe_decode_blocks`, the same on experts kept as
 the file's blocks (decoded in registers by quant_blocks.py); moe_q8.py: `moe_decode_split`, the same
-on Q4_K / Q6_K / Q8_0 / Q5_0 / Q4_0 experts as split rows (ops/split_rows.py) with int8 activations.
+on split rows (ops/split_rows.py) of any GPU block format (Q4_0 / Q5_0 / Q8_0 / Q4_K / Q5_K /
+Q6_K) with int8 activations.
 
 Only this package imports triton, and importing the package itself does no work: `quant` is imported
 by whoever needs it. Under TRITON_INTERPRET=1 (set before `quant` is first imported) the same kernels

@@ -1,7 +1,7 @@
 """Hot routed experts on the GPU from split rows with int8 activations: the decode kernels that
-layers/hot_experts.py runs for GGUF Q4_K / Q6_K / Q8_0 / Q5_0 / Q4_0 experts (a Q4_K_M file's
-routed formats, with Q5_0 and Q8_0 where rows are not multiples of 256, e.g. DeepSeek-V2-Lite's
-down; and Q4_0 files').
+layers/hot_experts.py runs for GGUF Q4_K / Q6_K / Q8_0 / Q5_0 / Q4_0 / Q5_K experts (a Q4_K_M
+file's routed formats, with Q5_0 and Q8_0 where rows are not multiples of 256, e.g. DeepSeek-V2-
+Lite's down; Q5_K_M's and Q4_0 files').
 
 moe_quant.py decodes the file's blocks as stored, in fp32: each 256-weight step costs a byte load
 per scale and a dozen fp32 ops per weight, so its kernels run at ~0.8 TB/s on an H100. Here the
@@ -56,7 +56,7 @@ from tandem.ops.triton.moe import check_slots, check_tokens
 __all__ = ["moe_decode_split"]
 
 _CODES = {fmt: i for i, fmt in enumerate(SPLIT_FORMATS)}  # the kernels' constexpr switch
-_Q4_K, _Q8_0, _Q6_K, _Q5_0, _Q4_0 = (tl.constexpr(_CODES[fmt]) for fmt in ("Q4_K", "Q8_0", "Q6_K", "Q5_0", "Q4_0"))
+_Q4_K, _Q8_0, _Q6_K, _Q5_0, _Q4_0, _Q5_K = (tl.constexpr(_CODES[fmt]) for fmt in SPLIT_FORMATS)
 _HIGH_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _BLOCK_I = 32  # gate/up rows a program: one quantization group of h
 _BLOCK_D = 32  # down rows a program
@@ -185,12 +185,19 @@ def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, 
     d [4] and d * sum(q) [4] -> [BLOCK_N, 4] fp32 (a column per lo/hi group pair)."""
     c = tl.arange(0, 4)
     w = tl.arange(0, 8)
-    if FMT == _Q4_K:
+    if FMT == _Q4_K or FMT == _Q5_K:
         qw = tl.load(row[:, None, None] + (step * 32 + 8 * c[:, None] + w[None, :])[None], mask=rmask[:, None, None],
                      other=0)
-        il = tl.sum(_dot4(qw & 0x0F0F0F0F, xl[None], False, EMULATE), axis=2).to(tl.float32)
-        ih = tl.sum(_dot4((qw >> 4) & 0x0F0F0F0F, xh[None], False, EMULATE), axis=2).to(tl.float32)
-        d, dmin, sc_l, m_l, sc_h, m_h = _q4k_header(row + K // 8 + 4 * step, rmask, c)
+        lo, hi = qw & 0x0F0F0F0F, (qw >> 4) & 0x0F0F0F0F
+        if FMT == _Q5_K:  # bit j of qh byte l is the fifth bit of group j's weight l
+            qh = tl.load(row[:, None, None] + (K // 8 + step * 8 + w)[None, None, :], mask=rmask[:, None, None],
+                         other=0)
+            lo = lo | (((qh >> (2 * c)[None, :, None]) & 0x01010101) << 4)
+            hi = hi | (((qh >> (2 * c + 1)[None, :, None]) & 0x01010101) << 4)
+        il = tl.sum(_dot4(lo, xl[None], False, EMULATE), axis=2).to(tl.float32)
+        ih = tl.sum(_dot4(hi, xh[None], False, EMULATE), axis=2).to(tl.float32)
+        header = row + (5 * K // 32 if FMT == _Q5_K else K // 8) + 4 * step
+        d, dmin, sc_l, m_l, sc_h, m_h = _q4k_header(header, rmask, c)
         return d * (sc_l * (dl[None, :] * il) + sc_h * (dh[None, :] * ih)) - dmin * (
             m_l * sl[None, :] + m_h * sh[None, :])
     elif FMT == _Q6_K:
