@@ -188,14 +188,16 @@ def _step(row, half, step, K, rmask, xl, xh, dl, dh, sl, sh, FMT: tl.constexpr, 
     if FMT == _Q4_K or FMT == _Q5_K:
         qw = tl.load(row[:, None, None] + (step * 32 + 8 * c[:, None] + w[None, :])[None], mask=rmask[:, None, None],
                      other=0)
-        lo, hi = qw & 0x0F0F0F0F, (qw >> 4) & 0x0F0F0F0F
         if FMT == _Q5_K:  # bit j of qh byte l is the fifth bit of group j's weight l
             qh = tl.load(row[:, None, None] + (K // 8 + step * 8 + w)[None, None, :], mask=rmask[:, None, None],
                          other=0)
-            lo = lo | (((qh >> (2 * c)[None, :, None]) & 0x01010101) << 4)
-            hi = hi | (((qh >> (2 * c + 1)[None, :, None]) & 0x01010101) << 4)
-        il = tl.sum(_dot4(lo, xl[None], False, EMULATE), axis=2).to(tl.float32)
-        ih = tl.sum(_dot4(hi, xh[None], False, EMULATE), axis=2).to(tl.float32)
+            lo = (qw & 0x0F0F0F0F) | (((qh >> (2 * c)[None, :, None]) & 0x01010101) << 4)
+            hi = ((qw >> 4) & 0x0F0F0F0F) | (((qh >> (2 * c + 1)[None, :, None]) & 0x01010101) << 4)
+            il = tl.sum(_dot4(lo, xl[None], False, EMULATE), axis=2).to(tl.float32)
+            ih = tl.sum(_dot4(hi, xh[None], False, EMULATE), axis=2).to(tl.float32)
+        else:  # Q4_K: written as the kernel was tuned (the same PTX)
+            il = tl.sum(_dot4(qw & 0x0F0F0F0F, xl[None], False, EMULATE), axis=2).to(tl.float32)
+            ih = tl.sum(_dot4((qw >> 4) & 0x0F0F0F0F, xh[None], False, EMULATE), axis=2).to(tl.float32)
         header = row + (5 * K // 32 if FMT == _Q5_K else K // 8) + 4 * step
         d, dmin, sc_l, m_l, sc_h, m_h = _q4k_header(header, rmask, c)
         return d * (sc_l * (dl[None, :] * il) + sc_h * (dh[None, :] * ih)) - dmin * (
