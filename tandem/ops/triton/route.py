@@ -175,12 +175,15 @@ def route(
     return ids, weights
 
 
+_ROUTE_ARGS = inspect.signature(route)  # route_x takes route()'s keyword arguments
+
+
 def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor, torch.Tensor]:
     """route(x @ weight^T in fp32, **how) in one launch for decode steps (each token's logits in
     expert blocks; the last block to arrive routes the token): x [T, H] (a float dtype), weight
     fp32 [E, H], `how` route()'s keyword arguments. Every token re-reads the weight: for a few
     tokens (ROUTE_X_MAX_TOKENS)."""
-    bound = inspect.signature(route).bind(None, **how)  # route()'s defaults; a wrong name raises TypeError
+    bound = _ROUTE_ARGS.bind(None, **how)  # route()'s defaults; a wrong name raises TypeError
     bound.apply_defaults()
     how = bound.arguments
     top_k, correction_bias, routed_scaling_factor = how["top_k"], how["correction_bias"], how["routed_scaling_factor"]
