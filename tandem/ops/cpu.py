@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import importlib
 import os
 import threading
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tandem.ops.cpu_topology import check_nodes, default_nodes, split_threads
 
 _FLOATS = (torch.float32, torch.bfloat16)
 # The C types the extension's functions take for counts and ids: nanobind refuses a Python int
@@ -168,7 +169,7 @@ def create_engine(
     build or the CPU lacks it.
     """
     allowed = sorted(os.sched_getaffinity(0))
-    nodes = _default_nodes(allowed) if numa_nodes is None else _check_nodes(numa_nodes, allowed)
+    nodes = default_nodes(allowed) if numa_nodes is None else check_nodes(numa_nodes, allowed)
     if n_threads is None:
         n_threads = sum(len(n) for n in nodes)
     if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < len(nodes):
@@ -181,7 +182,7 @@ def create_engine(
         raise ValueError(f"spin_us must be an int in [0, 10**7]; got {spin_us!r}")
     if isa is not None and not isinstance(isa, str):
         raise TypeError(f"isa must be a string; got {type(isa).__name__}")
-    threads = _split_threads(n_threads, [len(n) for n in nodes])
+    threads = split_threads(n_threads, [len(n) for n in nodes])
     return Engine(_ext().Engine(nodes, threads, spin_us, isa or ""), nodes)
 
 
@@ -443,59 +444,3 @@ def _check_tensor(t, name: str, dtypes: tuple, ndim: int, hint: str = "") -> Non
         raise ValueError(f"{name} must be {ndim}-D; got shape {list(t.shape)}")
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor; got {t.device}")
-
-
-def _parse_cpulist(text: str) -> list[int]:
-    cpus = []
-    for part in text.strip().split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            cpus += range(int(lo), int(hi) + 1)
-        elif part:
-            cpus.append(int(part))
-    return cpus
-
-
-def _default_nodes(allowed: list[int]) -> list[list[int]]:
-    """The machine's NUMA nodes (sysfs), restricted to the cpus this process may use."""
-    nodes, seen = [], set()
-    paths = glob.glob("/sys/devices/system/node/node[0-9]*/cpulist")
-    for path in sorted(paths, key=lambda p: int(p.split("/node")[-1].split("/")[0])):
-        with open(path) as f:
-            cpus = [c for c in _parse_cpulist(f.read()) if c in allowed]
-        if cpus:
-            nodes.append(cpus)
-            seen.update(cpus)
-    rest = [c for c in allowed if c not in seen]
-    if not nodes:
-        return [allowed]
-    nodes[0] += rest  # cpus sysfs does not place (unusual): keep them usable
-    return nodes
-
-
-def _check_nodes(numa_nodes, allowed: list[int]) -> list[list[int]]:
-    if not isinstance(numa_nodes, (list, tuple)) or not numa_nodes:
-        raise ValueError("numa_nodes must be a non-empty list of cpu-id lists, one per node")
-    seen: set[int] = set()
-    nodes = []
-    for i, node in enumerate(numa_nodes):
-        cpus = list(node) if isinstance(node, (list, tuple)) else None
-        if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
-            raise ValueError(f"numa_nodes[{i}] must be a non-empty list of cpu ids; got {node!r}")
-        for c in cpus:
-            if c in seen:
-                raise ValueError(f"numa_nodes: cpu {c} appears in more than one node")
-            if c not in allowed:
-                raise ValueError(f"numa_nodes: cpu {c} is not available to this process (allowed: {allowed})")
-            seen.add(c)
-        nodes.append(cpus)
-    return nodes
-
-
-def _split_threads(n: int, sizes: list[int]) -> list[int]:
-    """n threads over nodes in proportion to their cpu counts, at least one each."""
-    shares = [1] * len(sizes)
-    for _ in range(n - len(sizes)):
-        i = max(range(len(sizes)), key=lambda j: (sizes[j] / shares[j], -j))
-        shares[i] += 1
-    return shares

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tandem.ops import cpu
+from tandem.ops.cpu_topology import split_threads
 from tests.ops.moe_cases import (
     TOL_F32,
     assert_matches,
@@ -105,9 +106,9 @@ def test_fake_two_nodes_prefill_equal_one_node(isa, fmts, E, I, H):
 
 
 def test_threads_split_over_nodes():
-    assert cpu._split_threads(16, [8, 8]) == [8, 8]
-    assert cpu._split_threads(6, [4, 2]) == [4, 2]
-    assert cpu._split_threads(2, [7, 1]) == [1, 1]
+    assert split_threads(16, [8, 8]) == [8, 8]
+    assert split_threads(6, [4, 2]) == [4, 2]
+    assert split_threads(2, [7, 1]) == [1, 1]
     e = cpu.create_engine(n_threads=3, numa_nodes=[CPUS[:1], CPUS[1:2] or CPUS[:1]] if len(CPUS) > 1 else [CPUS])
     assert e.n_threads == 3
 
