@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import moe_layers
 from tandem.ops import cpu
 from tests.conftest import script_module
 from tests.ops.moe_cases import (
@@ -59,14 +60,14 @@ def test_benchmark_rejects_bad_arguments(bench):
         bench.main(["--experts", "4", "--shapes", "v3"])  # below top-8
 
 
-def test_down_type_of_q4_k_m_follows_llama_cpp(bench):
+def test_down_type_of_q4_k_m_follows_llama_cpp():
     """I = 1408 is no multiple of 256: V2-Lite's down falls back to a 32-block type."""
-    assert bench.fmt_types("q4_k_m", bench.SHAPES["v2-lite"]) == ("Q4_K", "Q4_K", "Q8_0")
-    assert bench.fmt_types("q4_k_m", bench.SHAPES["v3"]) == ("Q4_K", "Q4_K", "Q6_K")
+    assert moe_layers.fmt_types("q4_k_m", moe_layers.SHAPES["v2-lite"]) == ("Q4_K", "Q4_K", "Q8_0")
+    assert moe_layers.fmt_types("q4_k_m", moe_layers.SHAPES["v3"]) == ("Q4_K", "Q4_K", "Q6_K")
 
 
 @pytest.mark.parametrize("fmt", ["BF16", "INT8", "INT4"])
-def test_prequantized_rows_equal_quantizing_at_load(bench, fmt):
+def test_prequantized_rows_equal_quantizing_at_load(fmt):
     """Rows already in the format's row layout (as the benchmark writes them) load like floats that
     the engine quantizes itself."""
     E, I, H = 3, 64, 128
@@ -83,7 +84,7 @@ def test_prequantized_rows_equal_quantizing_at_load(bench, fmt):
     assert torch.equal(a, b)
     assert rel_err(b, reference(x, ids, w, *held)) < 2e-5
     # the benchmark's random rows have the right length for their format
-    assert bench.random_weight(fmt, E, I, H, seed=0).shape == rows[0].shape
+    assert moe_layers.random_weight(fmt, E, I, H, seed=0).shape == rows[0].shape
     with pytest.raises(TypeError, match="prequantized rows as uint8"):
         cpu.add_layer(eng, fmt, *dense, prequantized=True)
     with pytest.raises(ValueError, match="is not|must be"):  # INT8 rows of any K: a shape mismatch
