@@ -45,7 +45,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "with CUDA graphs, the next step is queued first and the host's work overlaps it)")
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="keep long prefill steps' routed experts on the CPU engine alone (by default, with a GPU, "
-                        "each layer's experts are split between the engine and the GPU, which copies its share)")
+                        "each layer's experts are split between the engine and the GPU, which copies its share; the split "
+                        "follows measured times, so greedy output may differ from run to run with it)")
     p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"),
                    help="KV cache format: auto = the model's dtype; int8 = int8 codes with a scale per 64 "
                         "values, about half the memory of bf16 (MLA models: DeepSeek-V2/V3/R1)")
