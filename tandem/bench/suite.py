@@ -18,7 +18,7 @@ import torch
 
 from tandem.bench import bounds as bnd
 from tandem.bench.extrapolate import check_pair, estimate
-from tandem.bench.machine import measure_machine
+from tandem.bench.machine import measure_machine, reprobe
 from tandem.bench.measure import BenchConfig, Timer, free_memory, load, run
 from tandem.bench.peer import measure_peer
 from tandem.bench.profile import profile_run
@@ -92,7 +92,7 @@ def bench_model(cfg: BenchConfig, machine, *, profile: bool, progress: bool, log
 def full_shape(a: dict, moe_full: int | None) -> tuple[bnd.ExpertShape, int]:
     """The full model's expert shape: exact for synthetic files (they record it), else per-layer bytes
     of the truncation times the full MoE depth (--full-layers)."""
-    shape = bnd.ExpertShape(**{k: v for k, v in a["shape"].items() if k != "bytes_per_token"})
+    shape = _shape_of(a)
     meta = a["synth"]
     if moe_full is None and meta.get("full_moe_block_count"):
         moe_full = int(meta["full_moe_block_count"])
@@ -132,6 +132,11 @@ def bench(cfg: BenchConfig, *, extrapolate: tuple[str, str] | None = None, profi
     paths = list(extrapolate) if extrapolate else [cfg.model]
     for path in paths:
         result["models"].append(bench_model(replace(cfg, model=path), machine, profile=profile, progress=progress, log=log))
+    rose = reprobe(machine, bw_bytes, "after the engines", log)
+    result["machine"] = machine.as_dict()
+    if rose:  # the bounds follow the best reading of the run
+        for section in result["models"]:
+            section["bounds"] = bnd.all_bounds(_shape_of(section), machine, list(cfg.prompts), cfg.users or 16)
     if extrapolate:
         result["estimate"] = _estimate(result["models"], machine, cfg, full_layers)
     if peer:
@@ -146,10 +151,13 @@ def bench(cfg: BenchConfig, *, extrapolate: tuple[str, str] | None = None, profi
     return result
 
 
+def _shape_of(section: dict) -> bnd.ExpertShape:
+    return bnd.ExpertShape(**{k: v for k, v in section["shape"].items() if k != "bytes_per_token"})
+
+
 def _estimate(models: list[dict], machine, cfg: BenchConfig, full_layers: int | None) -> dict:
     a, b = sorted(models, key=lambda s: -s["shape"]["moe_layers"])
-    sa = bnd.ExpertShape(**{k: v for k, v in a["shape"].items() if k != "bytes_per_token"})
-    sb = bnd.ExpertShape(**{k: v for k, v in b["shape"].items() if k != "bytes_per_token"})
+    sa, sb = _shape_of(a), _shape_of(b)
     check_pair(sa, sb, a["dense_layers"], b["dense_layers"])
     moe_full = full_layers - a["dense_layers"] if full_layers else None
     shape, moe_full = full_shape(a, moe_full)
