@@ -256,12 +256,8 @@ void MoeEngine::wait(uint64_t ticket) {
 
 namespace {
 
-// Rows per task: a multiple of 64 (so of every row group) or 16. Prefill (`big` kernels): a
-// task's rows all read the same activation rows (one expert's tokens for gate/up, every expert's h for down), which come
-// from L3 or DRAM once per task and from L2 for every further 64-row block, so tasks take up to
-// 256 rows while that leaves >= 4 tasks per worker (`fixed` > 0: that many rows).
 // TANDEM_DECODE_ROWS=N fixes the rows of decode tasks (rounded down to a multiple of 16, at least
-// 16) for A/B runs; unset or 0: the rule below. Read once.
+// 16) for A/B runs; unset or 0: rows_per_task's rule. Read once.
 int decode_rows() {
   static const int rows = [] {
     const char* v = std::getenv("TANDEM_DECODE_ROWS");
@@ -271,6 +267,10 @@ int decode_rows() {
   return rows;
 }
 
+// Rows per task: a multiple of 64 (so of every row group) or 16. Prefill (`big` kernels): a
+// task's rows all read the same activation rows (one expert's tokens for gate/up, every expert's
+// h for down), which come from L3 or DRAM once per task and from L2 for every further 64-row
+// block, so tasks take up to 256 rows leaving >= 4 a worker (`fixed` > 0: that many rows).
 int rows_per_task(int64_t rows, int workers, bool big, int fixed) {
   if (big) {
     if (fixed > 0) return fixed;
