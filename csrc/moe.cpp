@@ -259,12 +259,8 @@ namespace {
 // TANDEM_DECODE_ROWS=N fixes the rows of decode tasks (rounded down to a multiple of 16, at least
 // 16) for A/B runs; unset or 0: rows_per_task's rule. Read once.
 int decode_rows() {
-  static const int rows = [] {
-    const char* v = std::getenv("TANDEM_DECODE_ROWS");
-    const long n = v == nullptr ? 0 : std::strtol(v, nullptr, 10);
-    return n <= 0 ? 0 : int(std::clamp<long>(n / 16 * 16, 16, 4096));
-  }();
-  return rows;
+  static const long n = env_count("TANDEM_DECODE_ROWS");
+  return n == 0 ? 0 : int(std::clamp<long>(n / 16 * 16, 16, 4096));
 }
 
 // Rows per task: a multiple of 64 (so of every row group) or 16. Prefill (`big` kernels): a
