@@ -5,6 +5,9 @@ TOL_BF16 = 8e-3 with bfloat16 output, on the weights the format holds (the numpy
 of moe_cases); and, against the unquantized weights, 1% for BF16, 3% for INT8, 25% for INT4."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +162,34 @@ def test_inputs_are_copied_at_submit(engine, layers):
     h = cpu.submit(engine, layer, x, ids, w)
     x.zero_(), ids.fill_(0), w.zero_()  # the caller reuses its buffers at once
     assert_matches(cpu.wait(engine, h), ref, TOL_F32)
+
+
+_ROWS_RUN = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tandem.ops import cpu
+from tests.ops.moe_cases import dense_weights, routing, tokens
+e = cpu.create_engine(n_threads=3, isa="generic")
+layer = cpu.add_layer(e, "INT8", *dense_weights(6, 320, 192, seed=5))
+outs = [cpu.wait(e, cpu.submit(e, layer, tokens(T, 192, seed=T), *routing(T, 6, 2, seed=T))) for T in (1, 5)]
+torch.save(outs, {path!r})
+"""
+
+
+def test_results_do_not_depend_on_decode_task_rows(tmp_path):
+    """Decode tasks of 16, 48 (I = 320 in 7 tasks, the last partial), the automatic rule's rows and
+    one task per expert (TANDEM_DECODE_ROWS, read once per process: a fresh interpreter each) give
+    the same bits: a task's rows are computed alone and each token's positions summed in one order."""
+    root = str(Path(__file__).resolve().parents[2])
+    outs = []
+    for rows in (None, "16", "48", "4096"):
+        path = tmp_path / f"out_{rows}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "TANDEM_DECODE_ROWS"}
+        if rows is not None:
+            env["TANDEM_DECODE_ROWS"] = rows
+        done = subprocess.run([sys.executable, "-c", _ROWS_RUN.format(root=root, path=str(path))],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append(torch.load(path))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
