@@ -77,10 +77,13 @@ class Router(nn.Module):
             try:
                 if x.shape[0] <= route.ROUTE_X_MAX_TOKENS and self.weight.dtype == torch.float32:
                     return route.route_x(x, self.weight, **how)  # one kernel: the logits too
-                return route.route(F.linear(x.float(), self.weight.float()), **how)  # scores, groups, top-k, weights
+                return route.route(self._logits(x), **how)  # scores, groups, top-k, weights
             except ValueError:  # a config the kernel does not take: the reference from now on
                 self._fused = False
-        return ops.route(F.linear(x.float(), self.weight.float()), **how)  # [T, E] logits: routing always in fp32
+        return ops.route(self._logits(x), **how)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())  # [T, E]: routing always in fp32
 
 
 class TorchExperts(nn.Module):

@@ -81,7 +81,7 @@ class _Ahead:
     def logits_for(self, batch: Batch) -> torch.Tensor | None:
         """Its logits rows for `batch`, if `batch` is a decode step of some of its sequences (in
         its order: the others ended) feeding what it fed where it fed it; else None."""
-        if self.tokens is None or not all(len(f) == 1 for f in batch.new_tokens) or not all(batch.sample):
+        if self.tokens is None or not batch.is_decode:
             return None
         row = {id(s): i for i, s in enumerate(self.seqs)}
         rows = [row.get(id(s), -1) for s in batch.seqs]
@@ -204,9 +204,7 @@ class Engine:
         most likely be the next step: every running sequence decodes now and none ends by length,
         nobody waits to join, and the cache has a slot for each one's next token (taken here)."""
         running = self.scheduler.running
-        if not self.look_ahead or self.scheduler.waiting or len(batch.seqs) != len(running):
-            return False
-        if not all(len(f) == 1 for f in batch.new_tokens) or not all(batch.sample):
+        if not self.look_ahead or self.scheduler.waiting or len(batch.seqs) != len(running) or not batch.is_decode:
             return False
         if any(len(s.output) + 1 >= s.params.max_new_tokens or len(s.tokens) + 1 >= self.max_context
                for s in batch.seqs):

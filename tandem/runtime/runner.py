@@ -67,14 +67,11 @@ class Runner:
             logits_indices=last,
         )
         if self.kernels:
-            meta.block_table = self._block_table([s.block_table for s in batch.seqs])
+            meta.block_table = self._block_rows([s.block_table for s in batch.seqs]).to(self.device)
             meta.seq_of_token = torch.tensor(owner, dtype=torch.int32, device=dev)
             meta.max_query_len = max(len(f) for f in batch.new_tokens)
             meta.max_context = max(context_lens)
         return torch.tensor(ids, dtype=torch.int64, device=dev), meta
-
-    def _block_table(self, tables: list[list[int]]) -> torch.Tensor:
-        return self._block_rows(tables).to(self.device)
 
     def _block_rows(self, tables: list[list[int]]) -> torch.Tensor:
         # Filled row by row in numpy: per decode step this is B x max_blocks entries (8K for 16
@@ -88,16 +85,12 @@ class Runner:
     @torch.inference_mode()
     def run(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """fp32 logits: [N, V] (last token of each of the N sampling sequences) or [T, V] with all_logits."""
-        if self.cuda_graphs and not all_logits and self._graphable(batch):
+        if self.cuda_graphs and not all_logits and batch.is_decode:
             return self._replay(batch)
         ids, meta = self.build_meta(batch, all_logits)
         return self.model(ids, meta)
 
     # --- CUDA graphs -------------------------------------------------------------------------
-    @staticmethod
-    def _graphable(batch: Batch) -> bool:
-        return all(len(f) == 1 for f in batch.new_tokens) and all(batch.sample)
-
     def _replay(self, batch: Batch) -> torch.Tensor:
         ids = torch.tensor([f[0] for f in batch.new_tokens], dtype=torch.int64)
         return self._replay_decode(ids, [s.num_cached for s in batch.seqs], [s.block_table for s in batch.seqs])

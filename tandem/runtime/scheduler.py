@@ -58,6 +58,11 @@ class Batch:
     def sampling(self) -> list[Sequence]:
         return [s for s, flag in zip(self.seqs, self.sample) if flag]
 
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence feeds one token and samples (what a CUDA graph replays, and look-ahead queues)."""
+        return all(len(f) == 1 for f in self.new_tokens) and all(self.sample)
+
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_batch: int, max_step_tokens: int = 512,

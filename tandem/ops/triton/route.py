@@ -192,7 +192,7 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
         raise ValueError(f"route_x takes x [T, H] and an fp32 weight [E, H], got {tuple(x.shape)} and "
                          f"{weight.dtype} {tuple(weight.shape)}")
     (n_tok, hidden), n_exp = x.shape, weight.shape[0]
-    meta, groups = _route_meta(n_exp, how["top_k"], how["scoring"], how["topk_method"], how["n_group"],
+    meta, groups = _route_meta(n_exp, top_k, how["scoring"], how["topk_method"], how["n_group"],
                                how["topk_group"], how["norm_topk_prob"], correction_bias)
     _check_device(x, weight, *([correction_bias] if correction_bias is not None else []))
     x, weight = (x if x.stride(1) == 1 else x.contiguous()), weight.contiguous()
