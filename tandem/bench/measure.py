@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tandem.bench import dual_split
 from tandem.errors import TandemError
 from tandem.runtime.llm import LLM
 
@@ -73,6 +74,9 @@ class Measured:
     load_peak_allocated_gb: float | None = None  # tensors' peak while loading (the loader's transients)
     plan_vram_gb: float | None = None
     samples: dict = field(default_factory=dict)  # every timed value, for the JSON
+    # prompt tokens -> the last timed prefill's dual-path split per chunk (bench/dual_split.py);
+    # empty where no layer splits (CPU runs, --no-dual-prefill, prompts under DUAL_MIN_TOKENS)
+    prefill_split: dict[int, list[dict]] = field(default_factory=dict)
 
 
 def _status_gb(key: str) -> float:
@@ -121,13 +125,16 @@ class Timer:
         self.llm, self.cfg = llm, cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.vocab = llm.tokenizer.vocab_size
+        self.last_split: list[dict] = []  # the last prefill's dual-path split per chunk
 
     def prompt(self, n: int) -> list[int]:
         return self.rng.integers(0, self.vocab, size=n).tolist()
 
     def prefill(self, n: int) -> float:
-        """Seconds to the first token of an n-token prompt."""
+        """Seconds to the first token of an n-token prompt (its dual-path split: last_split)."""
+        since = dual_split.mark(self.llm.model)
         g = self.llm.generate(self.prompt(n), max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        self.last_split = dual_split.chunks(self.llm.model, since)  # after the timed part
         return g.prefill_seconds
 
     def decode(self, context: int, n: int) -> float:
@@ -175,6 +182,8 @@ def run(llm: LLM, cfg: BenchConfig, log=print) -> Measured:
         m.samples[f"ttft_{p}"] = times
         m.ttft_s[p] = statistics.median(times)
         m.prefill_tok_s[p] = p / m.ttft_s[p]
+        if timer.last_split:
+            m.prefill_split[p] = timer.last_split
         log(f"prefill {p:>6} tokens: {m.prefill_tok_s[p]:9.1f} tok/s (TTFT {m.ttft_s[p]:.3f} s)")
     rates = [timer.decode(cfg.context, cfg.decode_tokens) for _ in range(cfg.repeats)]
     m.samples["decode_tok_s"] = rates

@@ -64,6 +64,22 @@ def rows(section: dict, peer: dict | None) -> list[list[str]]:
     return out
 
 
+def split_lines(splits: dict) -> list[str]:
+    """The dual-path split of each prompt length's last timed prefill, per chunk (bench/dual_split.py)."""
+    out = []
+    for p, cs in splits.items():
+        for i, c in enumerate(cs):
+            share = 100 * c["device_experts"] / c["active"] if c["active"] else 0.0
+            sides = []
+            for side, name in (("cpu", "CPU"), ("device", "GPU")):
+                pct = c.get(f"{side}_pct_of_bound")
+                sides.append(f"{name} {1e3 * c[f'{side}_s']:.1f} ms at {c[f'{side}_gbs']:.1f} GB/s = {pct:.0f}% of its bound"
+                             if pct is not None else f"{name} -")
+            out.append(f"prefill {int(p)} split, chunk {i + 1}/{len(cs)} ({c['tokens']} tokens, {c['layers']} layers): "
+                       f"GPU took {share:.0f}% of the active experts; " + "; ".join(sides))
+    return out
+
+
 def table(result: dict) -> str:
     mach = result["machine"]
     readings = mach.get("dram_readings") or {}
@@ -92,6 +108,7 @@ def table(result: dict) -> str:
         widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
         for r in [header] + body:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines += [f"  {line}" for line in split_lines(s["measured"].get("prefill_split") or {})]
     if result.get("command"):
         lines += ["", f"reproduce: {result['command']}"]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 import torch
 
 from tandem.bench import bounds as bnd
+from tandem.bench import dual_split
 from tandem.bench.extrapolate import check_pair, estimate
 from tandem.bench.machine import measure_machine, reprobe
 from tandem.bench.measure import BenchConfig, Timer, free_memory, load, run
@@ -78,6 +79,9 @@ def bench_model(cfg: BenchConfig, machine, *, profile: bool, progress: bool, log
             "bounds": bnd.all_bounds(shape, machine, list(cfg.prompts), cfg.users or 16),
         }
         measured = run(llm, cfg, log)
+        peak, _ = bnd.compute_peak(shape, machine.amx_int8_tops, machine.amx_bf16_tflops)
+        measured.prefill_split = {p: [dual_split.with_bounds(c, machine.both_cpu_gbs, machine.both_h2d_gbs, peak)
+                                      for c in cs] for p, cs in measured.prefill_split.items()}
         measured.load_seconds = seconds
         measured.load_peak_allocated_gb = load_peak
         section["measured"] = asdict(measured)

@@ -28,6 +28,7 @@ Shorter steps (decode) stay on the engine alone.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -44,6 +45,7 @@ from tandem.ops import reference as ops
 log = logging.getLogger(__name__)
 
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
+HISTORY_STEPS = 4096  # long steps a layer remembers (DualExperts.history)
 PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-lock (staged by the driver)
 _REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on a 2 MiB page of their own
 _COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the slabs' copy stream
@@ -137,6 +139,10 @@ class DualExperts(nn.Module):
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
         # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones.
         self.learned_rates: dict[int, DualRates] = {}
+        # Each long step once learned from: its split and each side's bytes, FLOPs and measured
+        # seconds (None where not measured), for `tandem bench`'s split per chunk (bench/dual_split.py).
+        self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_STEPS)
+        self.steps_recorded = 0  # long steps appended to history so far (a mark survives the deque's turnover)
 
     def __setattr__(self, name: str, value) -> None:
         # next_layer is a link, not a submodule: registered, every layer would nest all those after
@@ -179,11 +185,19 @@ class DualExperts(nn.Module):
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
+        copied = len(taken) - (len(ahead[0]) if ahead else 0)  # the experts whose copies this step times
+        on_device = set(taken)
         step = self._step = {"cpu": sum(cpu_s) - sum(cpu_s[e] for e in taken), "cpu_measured": None,
                              "t0": time.monotonic_ns(),  # steady_clock, as the engine's timestamps
-                             "device": (len(taken) - (len(ahead[0]) if ahead else 0)) * self.expert_bytes / rates.h2d_bw,
+                             "device": copied * self.expert_bytes / rates.h2d_bw,
                              "events": None,
-                             "bucket": x.shape[0].bit_length(), "rates": rates}
+                             "bucket": x.shape[0].bit_length(), "rates": rates,
+                             "record": {"tokens": x.shape[0], "active": sum(c > 0 for c in counts),
+                                        "device_experts": len(taken), "device_bytes": copied * self.expert_bytes,
+                                        "cpu_bytes": sum(c > 0 and e not in on_device for e, c in enumerate(counts))
+                                        * self.expert_bytes,
+                                        "cpu_flops": sum(c for e, c in enumerate(counts) if e not in on_device)
+                                        * self.flops_per_token}}
         if not taken:
             handle = self.cpu_experts.submit(x, ids, weights)
             self._note_call(step, x)
@@ -296,7 +310,9 @@ class DualExperts(nn.Module):
         step["call"], step["calls"] = call, self.cpu_experts.last_stream_runs if call is not None else None
 
     def learn(self) -> None:
-        """Fold the last long step's measured times into the rates (see `learned`); once per step."""
+        """Fold the last long step's measured times into the rates (see `learned`) and append its
+        record to `history`; once per step. The next long step calls it; so may anyone once the
+        stream ran past the step (`tandem bench` after each timed prefill)."""
         step, self._step = self._step, None
         if step is None:
             return
@@ -312,6 +328,9 @@ class DualExperts(nn.Module):
         self.learned_rates[step["bucket"]] = learned(
             step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
             (step["device"], device_measured) if device_measured else None)
+        self.history.append(dict(step["record"], cpu_s=cpu_measured, device_s=device_measured,
+                                 cpu_predicted_s=step["cpu"], device_predicted_s=step["device"]))
+        self.steps_recorded += 1
 
     def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
         """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its

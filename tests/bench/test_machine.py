@@ -31,6 +31,8 @@ def test_users_are_warmed_up_before_they_are_timed(monkeypatch):
     calls = []
 
     class Timer:
+        last_split = []  # no dual-path split (the real one's after each prefill)
+
         def __init__(self, llm, cfg):
             pass
 

@@ -11,6 +11,7 @@ Without CUDA the "device" is the CPU (Triton's interpreter decodes the slabs); o
 x lives there and the engine's slabs are copied to it.
 """
 
+import collections
 import os
 
 import pytest
@@ -239,7 +240,8 @@ def test_engine_times_of_a_call_that_ran_again_teach_nothing(layer):
             return 10.0  # ms
 
     step = {"cpu": 0.01, "cpu_measured": None, "t0": 1_000_000_000, "device": 0.001, "bucket": T.bit_length(),
-            "rates": dual.rates, "call": Call(), "calls": 6, "events": (Events(), Events()), "recorded": True}
+            "rates": dual.rates, "call": Call(), "calls": 6, "events": (Events(), Events()), "recorded": True,
+            "record": {"tokens": T}}
     dual._step = dict(step)
     dual.learn()
     got = dual.rates_for(T)
@@ -251,6 +253,57 @@ def test_engine_times_of_a_call_that_ran_again_teach_nothing(layer):
     dual._step = dict(step, calls=7, recorded=False)  # an error before the end event: no device time
     dual.learn()
     assert dual.rates_for(T).h2d_bw == dual.rates.h2d_bw
+    assert [(r["cpu_s"], r["device_s"]) for r in dual.history] == [(None, 0.01), (1.0, 0.01), (1.0, None)]
+
+
+def test_each_long_step_is_recorded_once_learned_from(layer):
+    # The record tandem bench reads per chunk (bench/dual_split.py): the split, each side's bytes
+    # and FLOPs as counted from the step's routing, and the engine's measured time; learning from
+    # a step twice records it once. Here the device's time is not measured (no CUDA events off CUDA).
+    experts, _ = layer
+    dual = DualExperts(experts, E, H, I, rates=DualRates(cpu_bw=1e9, cpu_flops=1e12, h2d_bw=1e9), min_tokens=1)
+    x = tokens(T, H, seed=14)
+    ids, w = routing(T, E, K, seed=15)
+    run(dual, x, ids, w)
+    assert dual.history == collections.deque() and dual.steps_recorded == 0  # not yet learned from
+    dual.learn()
+    dual.learn()
+    assert dual.steps_recorded == 1 and len(dual.history) == 1
+    rec = dual.history[-1]
+    counts = torch.bincount(ids.flatten().long(), minlength=E).tolist()
+    taken = set(dual.last_split)
+    assert 0 < len(taken) < sum(c > 0 for c in counts)  # both sides hold experts
+    assert rec["tokens"] == T and rec["active"] == sum(c > 0 for c in counts)
+    assert rec["device_experts"] == len(taken) and rec["device_bytes"] == len(taken) * dual.expert_bytes
+    assert rec["cpu_bytes"] == (rec["active"] - len(taken)) * dual.expert_bytes
+    assert rec["cpu_flops"] == sum(c for e, c in enumerate(counts) if e not in taken) * 6 * H * I
+    assert rec["cpu_s"] > 0 and rec["cpu_predicted_s"] > 0
+    assert rec["device_s"] is None if DEVICE == "cpu" else rec["device_s"] > 0
+
+
+def test_bench_reads_each_chunk_summed_over_the_layers(layer):
+    # tandem bench's split per chunk (bench/dual_split.py): two layers, two long steps each since
+    # the mark (one before it is left out): per chunk, the layers' records summed.
+    from tandem.bench import dual_split
+
+    experts, _ = layer
+    rates = DualRates(cpu_bw=1e9, cpu_flops=1e12, h2d_bw=1e9)
+    model = torch.nn.ModuleList([DualExperts(experts, E, H, I, rates=rates, min_tokens=1) for _ in range(2)])
+    x = tokens(T, H, seed=16)
+    ids, w = routing(T, E, K, seed=17)
+    run(model[0], x, ids, w)  # before the mark: not the prompt's
+    since = dual_split.mark(model)
+    for n in (T, T // 2):
+        for d in model:
+            run(d, x[:n], ids[:n], w[:n])
+    got = dual_split.chunks(model, since)
+    assert [c["tokens"] for c in got] == [T, T // 2] and [c["layers"] for c in got] == [2, 2]
+    recs = [list(d.history)[-2:] for d in model]
+    for k, c in enumerate(got):
+        for key in ("active", "device_experts", "cpu_bytes", "cpu_flops", "device_bytes"):
+            assert c[key] == recs[0][k][key] + recs[1][k][key], key
+        assert c["cpu_s"] == pytest.approx(recs[0][k]["cpu_s"] + recs[1][k]["cpu_s"]) and c["cpu_timed_layers"] == 2
+    assert dual_split.chunks(model, dual_split.mark(model)) == []  # nothing ran since
 
 
 def test_an_error_in_the_device_share_fails_the_step_only(layer, monkeypatch):
