@@ -22,7 +22,8 @@ shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defa
 test machine's), then learned at run time: after each long step each side's measured time (the
 engine job's own timestamps; CUDA events around the device's share) against what the split
 predicted moves that side's rates halfway (in log scale) toward what it achieved, kept per
-power-of-two step length, so the split follows the machine, the format and the chunk length.
+power-of-two step length, so the split follows the machine, the format and the chunk length
+(a layer's first step of a length teaches nothing: it pays for first uses, e.g. compiling).
 Shorter steps (decode) stay on the engine alone.
 """
 
@@ -139,6 +140,10 @@ class DualExperts(nn.Module):
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
         # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones.
         self.learned_rates: dict[int, DualRates] = {}
+        # Buckets whose first long step ran: that step pays for first uses (Triton compiling the
+        # decoder on the device's side, the engine's first prefill job), which would teach the
+        # rates a machine many times slower than it is (each later step undoes at most sqrt(10)x).
+        self._warm: set[int] = set()
         # Each long step once learned from: its split and each side's bytes, FLOPs and measured
         # seconds (None where not measured), for `tandem bench`'s split per chunk (bench/dual_split.py).
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_STEPS)
@@ -310,8 +315,8 @@ class DualExperts(nn.Module):
         step["call"], step["calls"] = call, self.cpu_experts.last_stream_runs if call is not None else None
 
     def learn(self) -> None:
-        """Fold the last long step's measured times into the rates (see `learned`) and append its
-        record to `history`; once per step. The next long step calls it; so may anyone once the
+        """Fold the last long step's measured times into the rates (see `learned`; not a layer's
+        first step of a length: _warm) and append its record to `history`; once per step. The next long step calls it; so may anyone once the
         stream ran past the step (`tandem bench` after each timed prefill)."""
         step, self._step = self._step, None
         if step is None:
@@ -325,9 +330,12 @@ class DualExperts(nn.Module):
         device_measured = None
         if step["events"] is not None and step.get("recorded") and step["events"][1].query():
             device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3
-        self.learned_rates[step["bucket"]] = learned(
-            step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
-            (step["device"], device_measured) if device_measured else None)
+        if step["bucket"] in self._warm:
+            self.learned_rates[step["bucket"]] = learned(
+                step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
+                (step["device"], device_measured) if device_measured else None)
+        else:  # a layer's first long step of a length: recorded, not learned from (see _warm)
+            self._warm.add(step["bucket"])
         self.history.append(dict(step["record"], cpu_s=cpu_measured, device_s=device_measured,
                                  cpu_predicted_s=step["cpu"], device_predicted_s=step["device"]))
         self.steps_recorded += 1
