@@ -83,4 +83,3 @@ def with_bounds(chunk: dict, cpu_gbs: float | None, h2d_gbs: float | None, peak_
     if t and h2d_gbs:
         c["device_gbs"], c["device_pct_of_bound"] = b / t / GB, 100 * b / (h2d_gbs * GB) / t
     return c
-
