@@ -75,9 +75,9 @@ def measure(path: str, threads: int, context: int, steps: int, skip: int, users:
         for key, times in layer_split(calls).items():
             if key in rows:
                 rows[key] += times
-    med = statistics.median(step_s)
     if not step_s:
         raise SystemExit(f"no decode step of all {users} users was measured: raise --steps")
+    med = statistics.median(step_s)
     out = {"model": path, "threads": threads, "context": context, "users": users, "steps": len(step_s),
            "doorbell": experts[0].engine.doorbell is not None, "step_ms": 1e3 * med, "tok_s": users / med,
            "layers": len(experts), "per_layer_us": {}, "per_step_ms": {}}

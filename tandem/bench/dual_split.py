@@ -17,9 +17,6 @@ import torch
 from tandem.bench import bounds as bnd
 from tandem.layers.dual_experts import DualExperts
 
-GB = bnd.GB
-
-
 def dual_layers(model: torch.nn.Module) -> list[DualExperts]:
     return [m for m in model.modules() if isinstance(m, DualExperts)]
 
@@ -48,7 +45,7 @@ def chunks(model: torch.nn.Module, since: list[int]) -> list[dict]:
     per_layer = []
     for d, before in zip(layers, since):
         new = d.steps_recorded - before
-        per_layer.append(list(d.history)[len(d.history) - min(new, len(d.history)):] if new > 0 else [])
+        per_layer.append(list(d.history)[-new:] if new > 0 else [])
     return by_chunk(per_layer)
 
 
@@ -67,7 +64,7 @@ def by_chunk(per_layer: list[list[dict]]) -> list[dict]:
             c[f"{side}_s"] = sum(r[f"{side}_s"] for r in timed) if timed else None
             c[f"{side}_timed_layers"] = len(timed)
             c[f"{side}_timed_bytes"] = sum(r[f"{side}_bytes"] for r in timed)
-            c[f"{side}_timed_flops"] = sum(r["cpu_flops"] for r in timed) if side == "cpu" else 0
+        c["cpu_timed_flops"] = sum(r["cpu_flops"] for r in recs if r["cpu_s"] is not None)
         out.append(c)
     return out
 
@@ -77,9 +74,9 @@ def with_bounds(chunk: dict, cpu_gbs: float | None, h2d_gbs: float | None, peak_
     c = dict(chunk)
     t, b = c.get("cpu_s"), c["cpu_timed_bytes"]
     if t and cpu_gbs:
-        bound = max(b / (cpu_gbs * GB), c["cpu_timed_flops"] / peak_flops if peak_flops else 0.0)
-        c["cpu_gbs"], c["cpu_pct_of_bound"] = b / t / GB, 100 * bound / t
+        bound = max(b / (cpu_gbs * bnd.GB), c["cpu_timed_flops"] / peak_flops if peak_flops else 0.0)
+        c["cpu_gbs"], c["cpu_pct_of_bound"] = b / t / bnd.GB, 100 * bound / t
     t, b = c.get("device_s"), c["device_timed_bytes"]
     if t and h2d_gbs:
-        c["device_gbs"], c["device_pct_of_bound"] = b / t / GB, 100 * b / (h2d_gbs * GB) / t
+        c["device_gbs"], c["device_pct_of_bound"] = b / t / bnd.GB, 100 * b / (h2d_gbs * bnd.GB) / t
     return c

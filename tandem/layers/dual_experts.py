@@ -138,12 +138,11 @@ class DualExperts(nn.Module):
         self._registered = False
         self._step: dict | None = None  # the last long step's predictions and timers, until learned from
         # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
-        # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones.
+        # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones. A
+        # bucket enters with its first long step's rates unchanged: that step pays for first uses
+        # (Triton compiling the decoder on the device's side, the engine's first prefill job), which
+        # would teach a machine many times slower than it is (each later step undoes <= sqrt(10)x).
         self.learned_rates: dict[int, DualRates] = {}
-        # Buckets whose first long step ran: that step pays for first uses (Triton compiling the
-        # decoder on the device's side, the engine's first prefill job), which would teach the
-        # rates a machine many times slower than it is (each later step undoes at most sqrt(10)x).
-        self._warm: set[int] = set()
         # Each long step once learned from: its split and each side's bytes, FLOPs and measured
         # seconds (None where not measured), for `tandem bench`'s split per chunk (bench/dual_split.py).
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_STEPS)
@@ -316,8 +315,9 @@ class DualExperts(nn.Module):
 
     def learn(self) -> None:
         """Fold the last long step's measured times into the rates (see `learned`; not a layer's
-        first step of a length: _warm) and append its record to `history`; once per step. The next long step calls it; so may anyone once the
-        stream ran past the step (`tandem bench` after each timed prefill)."""
+        first step of a length) and append its record to `history`; once per step. The next long
+        step calls it; so may anyone once the stream ran past the step (`tandem bench` does after
+        each timed prefill)."""
         step, self._step = self._step, None
         if step is None:
             return
@@ -330,12 +330,12 @@ class DualExperts(nn.Module):
         device_measured = None
         if step["events"] is not None and step.get("recorded") and step["events"][1].query():
             device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3
-        if step["bucket"] in self._warm:
+        if step["bucket"] in self.learned_rates:
             self.learned_rates[step["bucket"]] = learned(
                 step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
                 (step["device"], device_measured) if device_measured else None)
-        else:  # a layer's first long step of a length: recorded, not learned from (see _warm)
-            self._warm.add(step["bucket"])
+        else:  # a layer's first long step of a length: recorded, not learned from (see learned_rates)
+            self.learned_rates[step["bucket"]] = step["rates"]
         self.history.append(dict(step["record"], cpu_s=cpu_measured, device_s=device_measured,
                                  cpu_predicted_s=step["cpu"], device_predicted_s=step["device"]))
         self.steps_recorded += 1
