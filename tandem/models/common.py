@@ -164,7 +164,9 @@ class Renamer:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x)). The last add is left to the
+    next layer's attn_norm (or the model's final norm), which fuses it with its normalization: a
+    layer takes and returns (out, residual), the hidden state being their sum."""
 
     def __init__(self, attn: nn.Module, ffn: nn.Module, hidden_size: int, eps: float):
         super().__init__()
@@ -173,9 +175,13 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(hidden_size, eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h, x = self.ffn_norm(self.attn(self.attn_norm(x), meta, cos, sin), residual=x)  # x += attn
-        return x + self.ffn(h)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, meta: ForwardMeta, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (ffn out, residual stream); residual None: x is the whole hidden state."""
+        h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual=residual)
+        h, residual = self.ffn_norm(self.attn(h, meta, cos, sin), residual=residual)  # residual += attn
+        return self.ffn(h), residual
 
 
 class CausalLM(nn.Module):
@@ -190,13 +196,13 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         """ids [T] -> fp32 logits [N, V] for the rows meta.logits_indices (all rows when None)."""
-        x = self.embed(ids)
+        x, residual = self.embed(ids), None
         cos, sin = self.layers[0].attn.rope.cos_sin(meta.positions)
         for layer in self.layers:
-            x = layer(x, meta, cos, sin)
+            x, residual = layer(x, residual, meta, cos, sin)
         if meta.logits_indices is not None:
-            x = x[meta.logits_indices]
-        x = self.norm(x)
+            x, residual = x[meta.logits_indices], residual[meta.logits_indices]
+        x, _ = self.norm(x, residual=residual)  # the last layer's add, fused
         if self.lm_head is None:  # tied: the embedding is the output head
             return torch.nn.functional.linear(x, self.embed.weight).float()
         return self.lm_head(x).float()
