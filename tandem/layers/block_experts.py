@@ -57,8 +57,8 @@ class BlockExperts(nn.Module):
         """out[t] = sum_j weights[t, j] * mlp_{ids[t, j]}(x[t]); x [T, H], ids [T, k] (-1 = none)."""
         return block_moe(x, ids, weights, self.gate, self.up, self.down)
 
-    def wait(self, handle: torch.Tensor) -> torch.Tensor:
-        return handle  # synchronous: the handle is the result
+    def wait(self, handle: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return handle if add is None else handle + add  # synchronous: the handle is the result
 
     @property
     def nbytes(self) -> int:

@@ -79,11 +79,13 @@ class CpuExperts(nn.Module):
         )
         return handle, x.dtype, x.device
 
-    def wait(self, pending) -> torch.Tensor:
+    def wait(self, pending, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' output (+ add)."""
         if isinstance(pending[0], cpu.HostCall):
-            return self._wait_stream(*pending)
+            return self._wait_stream(*pending, add)
         handle, dtype, device = pending
-        return cpu.wait(self.engine, handle).to(device=device, dtype=dtype)
+        out = cpu.wait(self.engine, handle).to(device=device, dtype=dtype)
+        return out if add is None else out + add
 
     def _submit_stream(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         from tandem.ops.cuda_host import launch_host_func, write_value
@@ -119,7 +121,8 @@ class CpuExperts(nn.Module):
             launch_host_func(submit_fn, ctx)
         return call, x.dtype, x.device
 
-    def _wait_stream(self, call: "cpu.HostCall", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _wait_stream(self, call: "cpu.HostCall", dtype: torch.dtype, device: torch.device,
+                     add: torch.Tensor | None) -> torch.Tensor:
         from tandem.ops.cuda_host import launch_host_func, wait_value
 
         bell = self.engine.doorbell
@@ -131,8 +134,9 @@ class CpuExperts(nn.Module):
         if self._zero_copy(call.out.shape[0]):
             from tandem.ops.triton.host_io import from_host  # triton: imported on first use
 
-            return from_host(call.out, dtype, device)  # one kernel reads the pinned rows
-        return call.out.to(device, non_blocking=True).to(dtype)
+            return from_host(call.out, dtype, device, add)  # one kernel reads the pinned rows (and adds)
+        out = call.out.to(device, non_blocking=True).to(dtype)
+        return out if add is None else out + add
 
     @staticmethod
     def _zero_copy(n_tokens: int) -> bool:

@@ -297,13 +297,17 @@ class DualExperts(nn.Module):
             return None
         return ahead
 
-    def wait(self, pending) -> torch.Tensor:
+    def wait(self, pending, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' output (+ add): the engine's part (+ the device's part) (+ add)."""
         handle, dev = pending
-        out = self.cpu_experts.wait(handle)
+        out = self.cpu_experts.wait(handle, add if dev is None else None)  # the engine alone may fuse the add
         step = self._step
         if step is not None and step.get("call") is None and step["cpu_measured"] is None:
             step["cpu_measured"] = self.cpu_experts.engine.last_phases()["done"] / 1e3  # a synchronous engine job
-        return out if dev is None else out + dev.to(device=out.device, dtype=out.dtype)
+        if dev is not None:
+            out = out + dev.to(device=out.device, dtype=out.dtype)
+            out = out if add is None else out + add
+        return out
 
     def _note_call(self, step: dict, x: torch.Tensor) -> None:
         """Keep the HostCall a stream submit just enqueued (its engine timestamps are read later)

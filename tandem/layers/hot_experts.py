@@ -153,14 +153,16 @@ class HotExperts(nn.Module):
         # allocator could hand their memory to the main stream while the side kernels still read it.
         return handle, hot, x, (side, xd, local, wd)
 
-    def wait(self, pending) -> torch.Tensor:
+    def wait(self, pending, add: torch.Tensor | None = None) -> torch.Tensor:
         handle, hot, x, (side, *_inputs) = pending
         if side is not None:
             torch.cuda.current_stream(side.device).wait_stream(side)
         if handle is None:  # all hot
-            return hot.to(device=x.device, dtype=x.dtype)
-        cold = self.cold.wait(handle)
-        return cold + hot.to(device=cold.device, dtype=cold.dtype)
+            routed = hot.to(device=x.device, dtype=x.dtype)
+        else:
+            cold = self.cold.wait(handle)
+            routed = cold + hot.to(device=cold.device, dtype=cold.dtype)
+        return routed if add is None else routed + add  # in MoE's order: (cold + hot) + shared
 
     @property
     def hot_bytes(self) -> int:

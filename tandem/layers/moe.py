@@ -1,9 +1,11 @@
 """The one Mixture-of-Experts block for every MoE architecture.
 
 Data path: router logits (fp32) -> route (top-k ids, weights) -> experts.submit(x, ids, w)
--> shared experts meanwhile -> experts.wait(handle) -> add. `experts` is a backend bound to this
-layer when the model is placed (plain torch here; layers/cpu_experts.py, block_experts.py and
-hot_experts.py hold the others); models never subclass this block, they only fill MoEConfig.
+-> shared experts meanwhile -> experts.wait(handle, add=shared) -> routed + shared (the CPU
+experts' stream path reads its result and adds in one kernel). `experts` is a backend bound to
+this layer when the model is placed (plain torch here; layers/cpu_experts.py, block_experts.py,
+dual_experts.py and hot_experts.py hold the others); models never subclass this block, they only
+fill MoEConfig.
 """
 
 from dataclasses import dataclass
@@ -100,8 +102,8 @@ class TorchExperts(nn.Module):
         # Synchronous backend: the "handle" is the finished result.
         return ops.moe_experts(x, ids, weights, self.w_gate, self.w_up, self.w_down)
 
-    def wait(self, handle: torch.Tensor) -> torch.Tensor:
-        return handle
+    def wait(self, handle: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return handle if add is None else handle + add
 
 
 class MoE(nn.Module):
@@ -121,5 +123,4 @@ class MoE(nn.Module):
             out = self.shared(x)
             if self.shared_gate is not None:
                 out = out * torch.sigmoid(self.shared_gate(x))
-        routed = self.experts.wait(handle)
-        return routed if out is None else routed + out
+        return self.experts.wait(handle, add=out)

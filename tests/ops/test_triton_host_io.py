@@ -56,6 +56,25 @@ def test_from_host_equals_copy_and_cast(src_dtype, dtype, n_tok, hidden):
     assert torch.equal(got.cpu(), src.to(dtype))
 
 
+@pytest.mark.parametrize("src_dtype, dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32)])
+@pytest.mark.parametrize("n_tok, hidden", [(1, 2048), (2, 7168)])
+def test_from_host_adds_as_torch_adds(src_dtype, dtype, n_tok, hidden):
+    """from_host(src, add=a) is bit-equal to src.to(dtype) + a: the cast rounds, then the sum does
+    (the MoE block's routed + shared experts), on a strided view of a as well."""
+    g = torch.Generator().manual_seed(hidden + n_tok)
+    src = host((n_tok, hidden), src_dtype)
+    src.copy_(torch.randn(n_tok, hidden, generator=g) * 3)
+    add = (torch.randn(n_tok, 2 * hidden, generator=g) * 5).to(dtype).to(DEVICE)[:, :hidden]
+    add[0, :3] = torch.tensor([2**-8, -(2**-8), 3 * 2**-8]).to(dtype)  # sums that land on bf16 ties
+    src[0, :3] = 1.0
+    got = host_io.from_host(src, dtype, torch.device(DEVICE), add)
+    want = src.to(dtype).to(DEVICE) + add
+    assert got.dtype == dtype and torch.equal(got.cpu(), want.cpu())
+    with pytest.raises(ValueError, match="adds a"):
+        host_io.from_host(src, dtype, torch.device(DEVICE), add[:, :64])
+
+
 def test_from_host_reads_new_rows_each_call():
     src = host((1, 2048), torch.float32)
     src.fill_(1.0)

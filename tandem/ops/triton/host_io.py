@@ -6,8 +6,9 @@ to_host    x [T, H] (fp32/bf16/fp16), ids [T, k] (int32/int64), w [T, k] (float)
            the engine's pinned buffers bx [T, H] (fp32 or bf16), bids int32, bw fp32: one
            launch, one program per token, instead of three device-to-host copies (and casts).
 from_host  the engine's pinned out [T, H] (fp32/bf16) -> a new GPU tensor of `dtype`, rounded
-           as torch's .to(dtype) rounds (to nearest even): one launch instead of a host-to-device
-           copy and a cast. Loads are volatile (system scope, never served from a cache): the CPU
+           as torch's .to(dtype) rounds (to nearest even), plus (optionally) a GPU tensor added as
+           torch adds (the MoE block's shared experts): one launch instead of a host-to-device
+           copy, a cast and an add. Loads are volatile (system scope, never served from a cache): the CPU
            wrote the rows since the last read. (Not cache_modifier=".cv": Triton's NVIDIA backend
            ignored .cv on loads until triton-lang/triton#9936, e.g. in 3.6.)
 
@@ -49,13 +50,18 @@ def _to_host_kernel(
 
 
 @triton.jit
-def _from_host_kernel(src_ptr, dst_ptr, H, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def _from_host_kernel(
+    src_ptr, add_ptr, dst_ptr, H, add_st,
+    BLOCK_H: tl.constexpr, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, HAS_ADD: tl.constexpr,
+):  # fmt: skip
     t = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     for h0 in range(0, H, BLOCK_H):
         c = h0 + cols
-        v = tl.load(src_ptr + t * H + c, mask=c < H, volatile=True).to(tl.float32)
-        tl.store(dst_ptr + t * H + c, _round(v, DTYPE, EMULATE_BF16).to(DTYPE), mask=c < H)
+        v = _round(tl.load(src_ptr + t * H + c, mask=c < H, volatile=True).to(tl.float32), DTYPE, EMULATE_BF16)
+        if HAS_ADD:  # as torch adds two tensors of DTYPE: in fp32, rounded once
+            v = _round(v + tl.load(add_ptr + t * add_st + c, mask=c < H).to(tl.float32), DTYPE, EMULATE_BF16)
+        tl.store(dst_ptr + t * H + c, v.to(DTYPE), mask=c < H)
 
 
 def to_host(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
@@ -81,18 +87,25 @@ def to_host(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
         )  # fmt: skip
 
 
-def from_host(src: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """src (pinned [T, H] fp32/bf16, contiguous) as a new tensor of `dtype` on `device`."""
+def from_host(src: torch.Tensor, dtype: torch.dtype, device: torch.device,
+              add: torch.Tensor | None = None) -> torch.Tensor:
+    """src (pinned [T, H] fp32/bf16, contiguous) as a new tensor of `dtype` on `device`; with `add`
+    ([T, H] of `dtype` on `device`) that tensor plus `add`, rounded as torch's src.to(dtype) + add."""
     if src.dim() != 2 or src.dtype not in (torch.float32, torch.bfloat16) or dtype not in _FLOATS:
         raise ValueError(f"from_host reads fp32/bf16 [T, H] into fp32/bf16/fp16, got {src.dtype} "
                          f"{tuple(src.shape)} -> {dtype}")
     _check_host(src)
     out = torch.empty(src.shape, dtype=dtype, device=device)
+    if add is not None and (add.shape != src.shape or add.dtype != dtype or add.device != out.device
+                            or add.stride(1) != 1):
+        raise ValueError(f"from_host adds a [T, H] {dtype} tensor with contiguous rows on {out.device}, got "
+                         f"{add.dtype} {tuple(add.shape)} on {add.device}")
     if src.numel():
         block = min(4096, triton.next_power_of_2(src.shape[1]))
         with _on(out):
             _from_host_kernel[(src.shape[0],)](
-                src, out, src.shape[1], BLOCK_H=block, DTYPE=_FLOATS[dtype], EMULATE_BF16=_INTERPRETED,
+                src, add if add is not None else out, out, src.shape[1], add.stride(0) if add is not None else 0,
+                BLOCK_H=block, DTYPE=_FLOATS[dtype], EMULATE_BF16=_INTERPRETED, HAS_ADD=add is not None,
                 num_warps=_warps(block),
             )  # fmt: skip
     return out
