@@ -291,7 +291,10 @@ def test_bench_reads_each_chunk_summed_over_the_layers(layer):
 
     experts, _ = layer
     rates = DualRates(cpu_bw=1e9, cpu_flops=1e12, h2d_bw=1e9)
-    model = torch.nn.ModuleList([DualExperts(experts, E, H, I, rates=rates, min_tokens=1) for _ in range(2)])
+    # Each layer its own CpuExperts, as a model's layers have (on a GPU one stream call per
+    # CpuExperts and length: two layers sharing it would find their calls run again since).
+    model = torch.nn.ModuleList([DualExperts(CpuExperts(experts.engine, experts.layer, FMTS), E, H, I, rates=rates,
+                                             min_tokens=1) for _ in range(2)])
     x = tokens(T, H, seed=16)
     ids, w = routing(T, E, K, seed=17)
     run(model[0], x, ids, w)  # before the mark: not the prompt's

@@ -53,7 +53,11 @@ class Tiles:
 
 
 # Fixed tables (checked by compiling for sm_90 offline: registers, shared memory, no spills on Q4_K).
-_GEMV = Tiles(rows=32, tokens=1, warps=4)  # 72-125 registers: ~4-6 programs per SM keep ~25 KB in flight
+# 16 rows on 2 warps (the same work a thread as 32 on 4): twice the programs, so more of them per SM
+# keep bytes in flight; graph-replayed from HBM on an H100 (session 18, us, 32 rows / 4 warps ->
+# this): V2-Lite q_proj 10.6 -> 9.4, o_proj 8.9 -> 7.7, shared gate/up 16.7 -> 12.8, V3 o_proj
+# 131 -> 83 (.dev-style A/B: benchmarks/gpu_quant_matmul.py shapes).
+_GEMV = Tiles(rows=16, tokens=1, warps=2)
 _DECODE = Tiles(rows=64, tokens=16, warps=4, stages=3)  # one wgmma 64 x 16 per half step; 32-80 KB smem
 _PREFILL = (  # (shared memory per block needed, tiles), best first
     (200 << 10, Tiles(rows=128, tokens=128, warps=8, stages=2)),  # H100/H200: ~180 KB

@@ -199,7 +199,7 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
     ids, weights = _outputs(n_tok, top_k, x.device)
     if n_tok:
         logits = torch.empty(n_tok, n_exp, dtype=torch.float32, device=x.device)
-        block_e = min(_ROUTE_X_BLOCK_E, triton.next_power_of_2(n_exp))
+        block_e = min(triton.next_power_of_2(n_exp), max(2, triton.next_power_of_2(n_exp) // _ROUTE_X_PROGRAMS))
         with _on(x):
             _logits_route_kernel[(n_tok, triton.cdiv(n_exp, block_e))](
                 x, x.stride(0), weight, hidden, n_exp, logits, counters("route_x", x.device, n_tok),
@@ -210,8 +210,11 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
 
 
 ROUTE_X_MAX_TOKENS = 4  # route_x's tokens each read the whole router weight; more go through a GEMM
-_ROUTE_X_BLOCK_E = 8  # experts a program: DeepSeek-V3's 256 make 32 programs a token
-_ROUTE_X_BLOCK_H = 256
+# Programs a token (its experts in blocks of >= 2): enough to read the weight in parallel. With 8
+# experts a program (V2-Lite's 64 in 8 programs, each reading 64 KB in a serial loop) the kernel
+# took 17 us a call on an H100 (session 18's decode profile).
+_ROUTE_X_PROGRAMS = 64
+_ROUTE_X_BLOCK_H = 1024
 
 
 def _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
