@@ -54,9 +54,9 @@ class Tiles:
 
 # Fixed tables (checked by compiling for sm_90 offline: registers, shared memory, no spills on Q4_K).
 # 16 rows on 2 warps (the same work a thread as 32 on 4): twice the programs, so more of them per SM
-# keep bytes in flight; graph-replayed from HBM on an H100 (session 18, us, 32 rows / 4 warps ->
-# this): V2-Lite q_proj 10.6 -> 9.4, o_proj 8.9 -> 7.7, shared gate/up 16.7 -> 12.8, V3 o_proj
-# 131 -> 83 (.dev-style A/B: benchmarks/gpu_quant_matmul.py shapes).
+# keep bytes in flight. Graph-replayed from HBM on an H100 (session 18, Q4_K, us, 32 rows on 4
+# warps -> this): V2-Lite q_proj 10.6 -> 9.4, o_proj 8.9 -> 7.7, shared gate/up 16.7 -> 12.8, V3
+# o_proj 131 -> 83; the MMA tiles (64 x 16) were slower on every shape at M = 1.
 _GEMV = Tiles(rows=16, tokens=1, warps=2)
 _DECODE = Tiles(rows=64, tokens=16, warps=4, stages=3)  # one wgmma 64 x 16 per half step; 32-80 KB smem
 _PREFILL = (  # (shared memory per block needed, tiles), best first
