@@ -32,6 +32,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 STEPS = 32
+# The GGUF models' engine rounds activations to 8 bits, so their bounds are wide and few steps clear
+# the margin rule's 10 x bound: on an H100 box (session 18) 16-19 steps of 192 cleared 2e-2.
+GGUF_STEPS = 192
 
 
 def teacher_forced(llm: LLM, tokens: list[int], n_prompt: int, device: str) -> torch.Tensor:
@@ -45,12 +48,12 @@ def teacher_forced(llm: LLM, tokens: list[int], n_prompt: int, device: str) -> t
     return torch.cat(rows)
 
 
-def compare(path, bound: float, dtype: str = "float32", min_checked: int = 8, **gpu_kw) -> LLM:
+def compare(path, bound: float, dtype: str = "float32", min_checked: int = 8, steps: int = STEPS, **gpu_kw) -> LLM:
     cpu = LLM(path, dtype=dtype, device="cpu", progress=False, max_batch=1)
     # The dual path off: these compare the placement's backends (tests/layers/test_dual_experts.py covers it).
     gpu = LLM(path, dtype=dtype, device="cuda", progress=False, max_batch=1, dual_prefill=False, **gpu_kw)
     prompt = cpu.tokenizer.encode("def parse(text):\n    return")
-    tokens = prompt + cpu.generate(prompt, max_new_tokens=STEPS, temperature=0, ignore_eos=True).token_ids
+    tokens = prompt + cpu.generate(prompt, max_new_tokens=steps, temperature=0, ignore_eos=True).token_ids
     want = teacher_forced(cpu, tokens, len(prompt), "cpu")
     got = teacher_forced(gpu, tokens, len(prompt), "cuda")
     err = rel_err(got, want)
@@ -87,8 +90,10 @@ def test_hybrid_matches_cpu_only(tmp_path, variant):
 def test_hybrid_gguf_and_mixed_layers(tmp_path, qtype):
     _, gguf = write_tiny_gguf(tmp_path, "deepseek_v3_q", qtype, seed=12)
     # The engine quantizes activations to 8 bits for K-quant blocks, so the GPU's rounding of x
-    # can show at that scale (measured on an H200 box: 3.7e-7 for Q8_0, 2.6e-3 for Q4_K_M).
-    gpu = compare(gguf, 1e-2)
+    # can show at that scale (measured on an H200 box: 3.7e-7 for Q8_0, 2.6e-3 for Q4_K_M; on an
+    # H100 box, session 18, over 192 steps: 6.0e-3 and 9.0e-3, the prompt's experts of < 16
+    # tokens then running the VNNI kernels, int8 activations, instead of bf16 tiles).
+    gpu = compare(gguf, 1e-2, steps=GGUF_STEPS, min_checked=16)
     # The GPU keeps the file's blocks of its linears and embedding (fused dequant-matmul kernels),
     # exactly as the plan counted them.
     quant = [m for m in gpu.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
@@ -105,7 +110,7 @@ def test_hybrid_gguf_and_mixed_layers(tmp_path, qtype):
     assert attns and all(isinstance(m.q_kv_a, QuantLinear) for m in attns)
     # Layer 1's experts in the engine (blocks), layer 2's dequantized to fp32 torch on the GPU,
     # exact where the engine rounds activations to 8 bits (measured 5.5e-3 Q8_0, 9.0e-3 Q4_K_M).
-    mixed = compare(gguf, 2e-2, min_checked=4, n_cpu_moe_layers=1)
+    mixed = compare(gguf, 2e-2, steps=GGUF_STEPS, min_checked=16, n_cpu_moe_layers=1)
     experts = [m.experts for m in mixed.model.modules() if hasattr(m, "experts")]
     assert isinstance(experts[0], CpuExperts) and isinstance(experts[1], TorchExperts)
     assert experts[1].w_gate.device.type == "cuda"
