@@ -98,11 +98,15 @@ def users_bound(shape: ExpertShape, bw_gbs: float, users: int) -> float:
     return users * bw_gbs * GB / step_bytes
 
 
+def cpu_seconds(nbytes: float, flops: float, bw_gbs: float, peak_flops: float | None) -> float:
+    """Experts on the CPU: reading their bytes, or their FLOPs at the matrix units' peak."""
+    return max(nbytes / (bw_gbs * GB), flops / peak_flops if peak_flops else 0.0)
+
+
 def cpu_layer_seconds(shape: ExpertShape, tokens: int, bw_gbs: float, peak_flops: float | None) -> float:
     """One MoE layer's experts on the CPU: reading the touched experts, or the matrix units' peak."""
-    read = distinct_experts(shape.experts, shape.top_k, tokens) * shape.expert_bytes / (bw_gbs * GB)
-    compute = tokens * shape.flops_per_token_layer() / peak_flops if peak_flops else 0.0
-    return max(read, compute)
+    return cpu_seconds(distinct_experts(shape.experts, shape.top_k, tokens) * shape.expert_bytes,
+                       tokens * shape.flops_per_token_layer(), bw_gbs, peak_flops)
 
 
 def prefill_bound(shape: ExpertShape, tokens: int, cpu_bw_gbs: float, peak_flops: float | None,

@@ -17,6 +17,7 @@ import torch
 from tandem.bench import bounds as bnd
 from tandem.layers.dual_experts import DualExperts
 
+
 def dual_layers(model: torch.nn.Module) -> list[DualExperts]:
     return [m for m in model.modules() if isinstance(m, DualExperts)]
 
@@ -74,7 +75,7 @@ def with_bounds(chunk: dict, cpu_gbs: float | None, h2d_gbs: float | None, peak_
     c = dict(chunk)
     t, b = c.get("cpu_s"), c["cpu_timed_bytes"]
     if t and cpu_gbs:
-        bound = max(b / (cpu_gbs * bnd.GB), c["cpu_timed_flops"] / peak_flops if peak_flops else 0.0)
+        bound = bnd.cpu_seconds(b, c["cpu_timed_flops"], cpu_gbs, peak_flops)
         c["cpu_gbs"], c["cpu_pct_of_bound"] = b / t / bnd.GB, 100 * bound / t
     t, b = c.get("device_s"), c["device_timed_bytes"]
     if t and h2d_gbs:

@@ -189,15 +189,16 @@ class DualExperts(nn.Module):
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
-        copied = len(taken) - (len(ahead[0]) if ahead else 0)  # the experts whose copies this step times
+        # the bytes of the experts whose copies this step times (not a run the layer before staged)
+        copied = (len(taken) - (len(ahead[0]) if ahead else 0)) * self.expert_bytes
         on_device = set(taken)
         step = self._step = {"cpu": sum(cpu_s) - sum(cpu_s[e] for e in taken), "cpu_measured": None,
                              "t0": time.monotonic_ns(),  # steady_clock, as the engine's timestamps
-                             "device": copied * self.expert_bytes / rates.h2d_bw,
+                             "device": copied / rates.h2d_bw,
                              "events": None,
                              "bucket": x.shape[0].bit_length(), "rates": rates,
                              "record": {"tokens": x.shape[0], "active": sum(c > 0 for c in counts),
-                                        "device_experts": len(taken), "device_bytes": copied * self.expert_bytes,
+                                        "device_experts": len(taken), "device_bytes": copied,
                                         "cpu_bytes": sum(c > 0 and e not in on_device for e, c in enumerate(counts))
                                         * self.expert_bytes,
                                         "cpu_flops": sum(c for e, c in enumerate(counts) if e not in on_device)
