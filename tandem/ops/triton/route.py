@@ -199,7 +199,8 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
     ids, weights = _outputs(n_tok, top_k, x.device)
     if n_tok:
         logits = torch.empty(n_tok, n_exp, dtype=torch.float32, device=x.device)
-        block_e = min(triton.next_power_of_2(n_exp), max(2, triton.next_power_of_2(n_exp) // _ROUTE_X_PROGRAMS))
+        wide = triton.next_power_of_2(n_exp)
+        block_e = min(wide, max(_ROUTE_X_MIN_BLOCK_E, wide // _ROUTE_X_PROGRAMS))
         with _on(x):
             _logits_route_kernel[(n_tok, triton.cdiv(n_exp, block_e))](
                 x, x.stride(0), weight, hidden, n_exp, logits, counters("route_x", x.device, n_tok),
@@ -214,6 +215,7 @@ ROUTE_X_MAX_TOKENS = 4  # route_x's tokens each read the whole router weight; mo
 # experts a program (V2-Lite's 64 in 8 programs, each reading 64 KB in a serial loop) the kernel
 # took 17 us a call on an H100 (session 18's decode profile).
 _ROUTE_X_PROGRAMS = 64
+_ROUTE_X_MIN_BLOCK_E = 2
 _ROUTE_X_BLOCK_H = 1024
 
 
