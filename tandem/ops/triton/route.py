@@ -211,12 +211,13 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
 
 
 ROUTE_X_MAX_TOKENS = 4  # route_x's tokens each read the whole router weight; more go through a GEMM
-# Programs a token (its experts in blocks of >= 2): enough to read the weight in parallel. With 8
-# experts a program (V2-Lite's 64 in 8 programs, each reading 64 KB in a serial loop) the kernel
-# took 17 us a call on an H100 (session 18's decode profile).
-_ROUTE_X_PROGRAMS = 64
-_ROUTE_X_MIN_BLOCK_E = 2
-_ROUTE_X_BLOCK_H = 1024
+# Programs a token (its experts in blocks of >= 1) and the H read per step: enough programs to read
+# the weight in parallel, each in few long steps. Graph-replayed on an H100 (session 19, us a call,
+# 64 programs x >= 2 experts x 1024 -> this): V2-Lite 6.7 -> 5.7, V3 20.5 -> 13.7 (the GEMV + route
+# kernel pair: 8.5 / 13.5), Qwen3-30B-A3B 7.4 -> 7.0. (Session 18: 8 experts a program, 17 us.)
+_ROUTE_X_PROGRAMS = 128
+_ROUTE_X_MIN_BLOCK_E = 1
+_ROUTE_X_BLOCK_H = 2048
 
 
 def _route_meta(n_exp, top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
