@@ -54,7 +54,9 @@ bool cpu_has_avx2() {
 
 // AVX-512 F/BW/VL with VNNI (int8 dot products) and BF16 (dpbf16ps): the kernels use all five.
 bool cpu_has_avx512() {
-#if defined(__x86_64__)
+#if defined(TANDEM_SIMDE)
+  return cpu_has_avx2();  // the kernels run on SIMDe's AVX2 code (CMakeLists.txt's TANDEM_SIMDE)
+#elif defined(__x86_64__)
   if (!cpu_has_avx2()) return false;
   const Regs l7 = cpuid(7, 0), l71 = cpuid(7, 1);
   const bool os_zmm = (xcr0() & 0xe6) == 0xe6;  // + opmask, ZMM_Hi256, Hi16_ZMM
@@ -117,9 +119,15 @@ constexpr auto kAvx2 = &avx2_kernels;
 constexpr const KernelTable& (*kAvx2)() = nullptr;
 #endif
 
+#if defined(TANDEM_SIMDE)
+constexpr bool kAvx512Automatic = false;  // emulated: only when named
+#else
+constexpr bool kAvx512Automatic = true;
+#endif
+
 constexpr Entry kEntries[] = {
     {"amx", kAmx, &cpu_has_amx, true},
-    {"avx512", kAvx512, &cpu_has_avx512, true},
+    {"avx512", kAvx512, &cpu_has_avx512, kAvx512Automatic},
     {"avx2", kAvx2, &cpu_has_avx2, true},
     {"generic", &generic_kernels, &cpu_any, true},
     // The AMX kernels on software tiles: slow, for testing them where the CPU has no AMX.
