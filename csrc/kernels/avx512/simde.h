@@ -36,48 +36,26 @@ inline uint16_t bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-inline simde__m512i cvtepi8_epi32(simde__m128i v) {
-  int8_t a[16];
-  int32_t r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = a[i];
-  return from_array<simde__m512i>(r, 16);
+// Lane by lane: N lanes of A in v -> f(lane) as N lanes of R in an RV.
+template <class RV, class R, class A, int N, class V, class F>
+inline RV lanes(const V& v, F f) {
+  A a[N];
+  R r[N];
+  to_array(v, a, N);
+  for (int i = 0; i < N; ++i) r[i] = f(a[i]);
+  return from_array<RV>(r, N);
 }
-inline simde__m512i cvtepu8_epi32(simde__m128i v) {
-  uint8_t a[16];
-  int32_t r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = a[i];
-  return from_array<simde__m512i>(r, 16);
-}
-inline simde__m128i cvtepi32_epi8(simde__m512i v) {  // truncating, as vpmovdb
-  int32_t a[16];
-  int8_t r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = int8_t(a[i]);
-  return from_array<simde__m128i>(r, 16);
-}
-inline simde__m512 cvtepi32_ps(simde__m512i v) {
-  int32_t a[16];
-  float r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = float(a[i]);
-  return from_array<simde__m512>(r, 16);
-}
-inline simde__m512i cvtps_epi32(simde__m512 v) {  // nearest even, as the default MXCSR
-  float a[16];
-  int32_t r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = int32_t(std::nearbyint(a[i]));
-  return from_array<simde__m512i>(r, 16);
-}
-inline simde__m512 cvtph_ps(simde__m256i v) {
-  uint16_t a[16];
-  float r[16];
-  to_array(v, a, 16);
-  for (int i = 0; i < 16; ++i) r[i] = _cvtsh_ss(a[i]);  // F16C, in the AVX2 flags
-  return from_array<simde__m512>(r, 16);
-}
+
+inline simde__m512i cvtepi8_epi32(simde__m128i v) { return lanes<simde__m512i, int32_t, int8_t, 16>(v, [](int8_t x) { return int32_t(x); }); }
+inline simde__m512i cvtepu8_epi32(simde__m128i v) { return lanes<simde__m512i, int32_t, uint8_t, 16>(v, [](uint8_t x) { return int32_t(x); }); }
+// truncating, as vpmovdb
+inline simde__m128i cvtepi32_epi8(simde__m512i v) { return lanes<simde__m128i, int8_t, int32_t, 16>(v, [](int32_t x) { return int8_t(x); }); }
+inline simde__m512 cvtepi32_ps(simde__m512i v) { return lanes<simde__m512, float, int32_t, 16>(v, [](int32_t x) { return float(x); }); }
+// nearest even, as the default MXCSR
+inline simde__m512i cvtps_epi32(simde__m512 v) { return lanes<simde__m512i, int32_t, float, 16>(v, [](float x) { return int32_t(std::nearbyint(x)); }); }
+// F16C (in the AVX2 flags)
+inline simde__m512 cvtph_ps(simde__m256i v) { return lanes<simde__m512, float, uint16_t, 16>(v, [](uint16_t x) { return _cvtsh_ss(x); }); }
+inline simde__m256i cvtneps_pbh(simde__m512 v) { return lanes<simde__m256i, uint16_t, float, 16>(v, bf16); }
 inline simde__m512i cvtne2ps_pbh(simde__m512 a, simde__m512 b) {  // words 0..15 from b, 16..31 from a
   float fa[16], fb[16];
   uint16_t r[32];
@@ -86,33 +64,23 @@ inline simde__m512i cvtne2ps_pbh(simde__m512 a, simde__m512 b) {  // words 0..15
   for (int i = 0; i < 16; ++i) r[i] = bf16(fb[i]), r[16 + i] = bf16(fa[i]);
   return from_array<simde__m512i>(r, 32);
 }
-inline simde__m256i cvtneps_pbh(simde__m512 a) {
-  float fa[16];
-  uint16_t r[16];
-  to_array(a, fa, 16);
-  for (int i = 0; i < 16; ++i) r[i] = bf16(fa[i]);
-  return from_array<simde__m256i>(r, 16);
+// The N lanes of A in v folded left to right from `init`.
+template <class A, int N, class V, class F>
+inline A fold(const V& v, A init, F f) {
+  A a[N];
+  to_array(v, a, N);
+  for (int i = 0; i < N; ++i) init = f(init, a[i]);
+  return init;
 }
-inline int reduce_add_epi32(simde__m512i v) {
-  int32_t a[16];
-  to_array(v, a, 16);
-  uint32_t s = 0;
-  for (int i = 0; i < 16; ++i) s += uint32_t(a[i]);
-  return int32_t(s);
+
+inline int reduce_add_epi32(simde__m512i v) {  // wrapping, as the vector adds
+  return fold<int32_t, 16>(v, 0, [](int32_t s, int32_t x) { return int32_t(uint32_t(s) + uint32_t(x)); });
 }
 inline float reduce_max_ps(simde__m512 v) {
-  float a[16];
-  to_array(v, a, 16);
-  float m = a[0];
-  for (int i = 1; i < 16; ++i) m = a[i] > m ? a[i] : m;
-  return m;
+  return fold<float, 16>(v, -INFINITY, [](float m, float x) { return x > m ? x : m; });
 }
 inline long long reduce_or_epi64(simde__m512i v) {
-  long long a[8];
-  to_array(v, a, 8);
-  long long s = 0;
-  for (int i = 0; i < 8; ++i) s |= a[i];
-  return s;
+  return fold<long long, 8>(v, 0LL, [](long long s, long long x) { return s | x; });
 }
 inline void mask_storeu_ps(void* p, simde__mmask16 k, simde__m512 v) {
   float a[16];
