@@ -60,7 +60,7 @@ class Tiles:
 _GEMV = Tiles(rows=16, tokens=1, warps=2)
 # M = 2..16 (batched decode): one wgmma 64 x 16 per half step, 2 stages (3 before; session 19, H100,
 # us at M = 16: V2-Lite q_proj 16.1 -> 15.5, shared gate/up 22.0 -> 20.8, V3 q_a 21.6 -> 19.4,
-# q_b 42.9 -> 40.9, o_proj 162.7 -> 156.4; kv_a, o_proj, shared down unchanged)
+# q_b 42.9 -> 40.9, o_proj 162.7 -> 156.4; V2-Lite kv_a, o_proj and shared down unchanged)
 _DECODE = Tiles(rows=64, tokens=16, warps=4, stages=2)
 _PREFILL = (  # (shared memory per block needed, tiles), best first
     (200 << 10, Tiles(rows=128, tokens=128, warps=8, stages=2)),  # H100/H200: ~180 KB
