@@ -171,9 +171,11 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
         host[p].run()
 
     phases: list[dict] = []
+    waits: list[dict] = []  # per call and phase: the first worker's wait for the last (its imbalance)
 
-    def after(phases=phases):
+    def after(phases=phases, waits=waits):
         phases.append(eng.last_phases())
+        waits.append({p: last - first for p, (first, last) in eng.last_phase_spread().items()})
 
     times = time_calls(run, calls, args.warmup, after=after, before=load)
     distinct = [len(torch.unique(ids)) for _, ids, _ in calls[args.warmup :]]
@@ -208,12 +210,14 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
         "pct_bound": 100 * t_bound / t_med,
         # when (ms after launch) the engine's phases ended, medians over the timed calls
         "phases": {p: statistics.median(ph[p] for ph in phases) for p in phases[0]},
+        "phase_waits": {p: statistics.median(wt[p] for wt in waits) for p in waits[0]},
     }
     rows.append(row)
     log(
         f"  T={T:5d}  {row['ms']:9.3f} ms  {gbs:6.1f} GB/s ({row['pct_bw']:5.1f}% bw)  "
         f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{row['path']}]  "
         + " ".join(f"{p}<{v:.2f}" for p, v in row["phases"].items())
+        + "  waits " + " ".join(f"{p} {v:.2f}" for p, v in row["phase_waits"].items())
     )
 
 

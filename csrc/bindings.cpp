@@ -288,6 +288,8 @@ NB_MODULE(_C, m) {
       .def("completed", &MoeEngine::completed, "The ticket of the last finished job.")
       .def("last_phases", &MoeEngine::last_phases,
            "ms after launch at which the last job's phases ended (prep x, gate/up, prep h, down, reduce).")
+      .def("last_phases_first", &MoeEngine::last_phases_first,
+           "ms after launch at which the first worker left each of the last job's phases.")
       .def("layer_info", &layer_info, "layer"_a)
       .def(
           "weight_slab",

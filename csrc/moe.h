@@ -79,6 +79,9 @@ class MoeEngine {
   // down, node reduce), the latest moment any worker left it, in ms after the launch.
   // Call after wait(); for tuning and benchmarks.
   std::vector<double> last_phases() const;
+  // ... and the earliest moment any worker left each phase: the gap to last_phases is how long the
+  // first one to run out of a phase's tasks waited at its barrier (the phase's imbalance).
+  std::vector<double> last_phases_first() const;
   // steady_clock ns of the last job's launch (after staging) and of its end (last worker done).
   int64_t last_launch_ns() const;
   int64_t last_done_ns() const { return done_ns_.load(std::memory_order_acquire); }

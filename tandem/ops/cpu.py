@@ -77,6 +77,9 @@ def amx_peak(dtype: str, threads: int, seconds: float = 0.2) -> float | None:
     return _ext().amx_peak(dtype == "bf16", threads, float(seconds))
 
 
+PHASES = ("prep_x", "gate_up", "prep_h", "down", "done")  # an engine job's phases (last_phases)
+
+
 class Engine:
     """Owns one C++ engine: a thread pool per NUMA node, the layers' weights, staging buffers."""
 
@@ -126,8 +129,12 @@ class Engine:
     def last_phases(self) -> dict[str, float]:
         """ms after launch at which the last finished job left each phase (any worker's latest):
         prep_x (activations), gate_up, prep_h, down, done. For tuning; call after wait()."""
-        names = ("prep_x", "gate_up", "prep_h", "down", "done")
-        return dict(zip(names, self._native.last_phases()))
+        return dict(zip(PHASES, self._native.last_phases()))
+
+    def last_phase_spread(self) -> dict[str, tuple[float, float]]:
+        """Per phase, (first, last) ms after launch at which a worker left it in the last finished
+        job: last - first is how long the earliest worker waited at that phase's barrier."""
+        return dict(zip(PHASES, zip(self._native.last_phases_first(), self._native.last_phases())))
 
     def layer_info(self, layer: int) -> dict:
         """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""

@@ -456,3 +456,27 @@ def test_pinned_reports_every_workers_attempt():
     for _ in range(50):
         assert cpu._ext().Engine([[9999]], [2], 0, "").pinned is False
     assert cpu.create_engine(1).pinned is True
+
+
+@pytest.mark.parametrize("isa", ["generic", pytest.param("amx", marks=pytest.mark.amx), "amx-emu"])
+def test_phase_spread_brackets_each_barrier(isa):
+    """last_phase_spread: per phase the first and the last worker to leave it; each worker's phases
+    end in order; the last ones are last_phases. Jobs with prefill (`big`) kernels meet at barriers,
+    so no worker leaves gate/up before the last one left prep_x, nor down before the last left
+    prep_h (decode's flow mode has no barriers: the generic kernels have no `big`)."""
+    if isa not in cpu.isa_info()["cpu"] or isa not in cpu.isa_info()["built"]:
+        pytest.skip(f"{isa} is not available here")
+    src, _ = _layer_sources(("INT8",) * 3, 5, 96, 72)
+    eng = cpu.create_engine(n_threads=2, isa=isa)
+    layer = cpu.add_layer(eng, ("INT8",) * 3, *src)
+    x = tokens(64, 72)
+    ids, w = routing(64, 5, 3)
+    cpu.wait(eng, cpu.submit(eng, layer, x, ids, w))
+    spread = eng.last_phase_spread()
+    assert list(spread) == list(cpu.PHASES)
+    assert {p: last for p, (_, last) in spread.items()} == eng.last_phases()
+    firsts, lasts = zip(*spread.values())
+    assert all(0 < f <= l for f, l in spread.values()), spread
+    assert list(firsts) == sorted(firsts) and list(lasts) == sorted(lasts), spread
+    if "big_path" in eng.kernel_info()["INT8"]:
+        assert spread["gate_up"][0] >= spread["prep_x"][1] and spread["down"][0] >= spread["prep_h"][1], spread

@@ -44,7 +44,8 @@ def test_benchmark_runs_and_writes_json(bench, tmp_path, capsys):
         assert r["types"] == ("Q4_K/Q4_K/Q6_K" if r["format"] == "q4_k_m" else "INT8/INT8/INT8")
         for key in ("ms", "gbs", "pct_bw", "tflops", "pct_bound"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-        assert set(r["phases"]) == {"prep_x", "gate_up", "prep_h", "down", "done"}
+        assert set(r["phases"]) == {"prep_x", "gate_up", "prep_h", "down", "done"} == set(r["phase_waits"])
+        assert all(0 <= v <= r["phases"]["done"] for v in r["phase_waits"].values()), r
     assert len(result["table"]) == 4
     # kt-kernel either ran or says why not, never silently absent
     kt = [r for r in result["rows"] if r["engine"] == "kt-kernel"]
