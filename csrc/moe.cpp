@@ -581,26 +581,18 @@ void MoeEngine::run_node(int node, int worker) {
   if (j.workers_left.v.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_job();
 }
 
-namespace {
-
-// Each phase's latest (or earliest) stamp over the workers of every node, in ms.
-template <class Nodes>
-std::vector<double> phase_ms(const Nodes& nodes, size_t n_nodes, bool latest) {
+std::vector<double> MoeEngine::phase_ms(bool latest) const {
   std::vector<double> ms(5, latest ? 0.0 : std::numeric_limits<double>::infinity());
-  for (size_t n = 0; n < n_nodes; ++n)
-    for (const auto& stamp : nodes[n].phase_ns)
-      for (size_t p = 0; p < 5; ++p) {
-        const double v = double(stamp[p]) * 1e-6;
-        ms[p] = latest ? std::max(ms[p], v) : std::min(ms[p], v);
-      }
+  for (size_t n = 0; n < pools_.size(); ++n)
+    for (const auto& stamp : nodes_[n].phase_ns)
+      for (size_t p = 0; p < 5; ++p)
+        ms[p] = latest ? std::max(ms[p], double(stamp[p]) * 1e-6) : std::min(ms[p], double(stamp[p]) * 1e-6);
   return ms;
 }
 
-}  // namespace
+std::vector<double> MoeEngine::last_phases() const { return phase_ms(true); }
 
-std::vector<double> MoeEngine::last_phases() const { return phase_ms(nodes_, pools_.size(), true); }
-
-std::vector<double> MoeEngine::last_phases_first() const { return phase_ms(nodes_, pools_.size(), false); }
+std::vector<double> MoeEngine::last_phases_first() const { return phase_ms(false); }
 
 // Token t's row of x as float32 (bfloat16 input converted into the worker's scratch).
 const float* MoeEngine::x_row(int node, int t, uint8_t* scratch) const {

@@ -90,6 +90,8 @@ class MoeEngine {
   struct NodeTask;
   struct NodeState;
   struct Job;
+  // Each phase's latest (or earliest) stamp over every worker, in ms (last_phases, last_phases_first).
+  std::vector<double> phase_ms(bool latest) const;
 
   void check_inputs(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
                     const TensorView& out) const;

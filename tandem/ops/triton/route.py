@@ -199,8 +199,7 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
     ids, weights = _outputs(n_tok, top_k, x.device)
     if n_tok:
         logits = torch.empty(n_tok, n_exp, dtype=torch.float32, device=x.device)
-        wide = triton.next_power_of_2(n_exp)
-        block_e = min(wide, max(_ROUTE_X_MIN_BLOCK_E, wide // _ROUTE_X_PROGRAMS))
+        block_e = max(1, triton.next_power_of_2(n_exp) // _ROUTE_X_PROGRAMS)
         with _on(x):
             _logits_route_kernel[(n_tok, triton.cdiv(n_exp, block_e))](
                 x, x.stride(0), weight, hidden, n_exp, logits, counters("route_x", x.device, n_tok),
@@ -211,12 +210,11 @@ def route_x(x: torch.Tensor, weight: torch.Tensor, **how) -> tuple[torch.Tensor,
 
 
 ROUTE_X_MAX_TOKENS = 4  # route_x's tokens each read the whole router weight; more go through a GEMM
-# Programs a token (its experts in blocks of >= 1) and the H read per step: enough programs to read
+# Programs a token (its experts in blocks of one or more) and the H read per step: enough programs to read
 # the weight in parallel, each in few long steps. Graph-replayed on an H100 (session 19, us a call,
 # 64 programs x >= 2 experts x 1024 -> this): V2-Lite 6.7 -> 5.7, V3 20.5 -> 13.7 (the GEMV + route
 # kernel pair: 8.5 / 13.5), Qwen3-30B-A3B 7.4 -> 7.0. (Session 18: 8 experts a program, 17 us.)
 _ROUTE_X_PROGRAMS = 128
-_ROUTE_X_MIN_BLOCK_E = 1
 _ROUTE_X_BLOCK_H = 2048
 
 
