@@ -7,8 +7,6 @@
 #include <array>
 #include <chrono>
 #include <climits>
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>

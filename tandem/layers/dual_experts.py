@@ -228,12 +228,11 @@ class DualExperts(nn.Module):
                 self.next_first = runs[:1]
             self.last_runs = runs
             handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
-            if staged is None:
+            if not ahead:
                 # The engine's job first: queueing the run's copies (one a projection and expert, ~1.5 ms
                 # of host time for V2-Lite's ~40) before it delayed the engine's start by as much; the
                 # copies wait only for its inputs' copy to the host (~2 MB, the link's other direction).
-                # Session 20, V2-Lite 512 tokens (H100 box, alternating): median prefill 1,727 -> 1,927
-                # tok/s; the engine's start 2.04 -> 1.19 ms after the host learned the counts.
+                # A/B: docs/benchmarks.md, section 5 (session 20).
                 staged = self._stage(runs[0], x.device)
             self._note_call(step, x)
             dev, b0 = None, 0
