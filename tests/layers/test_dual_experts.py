@@ -81,16 +81,17 @@ def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
     assert split([5, 0, 9, 1], 100, 1.0, rates, on_device=[1, 3]) == [1, 3, 2]
 
 
+@pytest.mark.parametrize("kind", ["random", "padded"])  # padded: a third of the slots -1 (no expert)
 @pytest.mark.parametrize("rates, what", [(ALL_TO_DEVICE, "device"), (ALL_TO_CPU, "cpu"), (DualRates(), "split")])
-def test_dual_layer_equals_each_path(layer, rates, what):
+def test_dual_layer_equals_each_path(layer, rates, what, kind):
     experts, (gate, up, down) = layer
     dual = DualExperts(experts, E, H, I, rates=rates, min_tokens=1, buffer_bytes=1)  # one expert at a time
     x = tokens(T, H, seed=3)
-    ids, w = routing(T, E, K, seed=4)
+    ids, w = routing(T, E, K, kind, seed=4)
     got = run(dual, x, ids, w)
     ref = reference(x, ids, w, gate, up, down).float()
     alone = run(experts, x, ids, w)
-    used = sorted(set(ids.flatten().tolist()))
+    used = sorted(set(ids.flatten().tolist()) - {-1})
     if what == "device":
         assert dual.last_split and sorted(dual.last_split) == used
         assert_matches(got, ref, 1e-4, "every expert on the device")
