@@ -181,8 +181,11 @@ class DualExperts(nn.Module):
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         if x.shape[0] < self.min_tokens or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self.cpu_experts.submit(x, ids, weights), None  # the split needs a host sync
-        flat = ids.reshape(-1).long()
-        counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts).tolist()  # one host sync
+        # Tokens per expert in one host sync, .tolist(): the -1 ids counted in slot 0 and dropped
+        # (a boolean mask, and bincount sizing its output on a GPU, would each sync once more).
+        slot = ids.reshape(-1).long() + 1
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+            0, slot, torch.ones_like(slot))[1:].tolist()
         self.learn()  # the sync above ran the stream past this layer's previous long step
         rates = self.rates_for(x.shape[0])
         ahead = self._take_ahead(counts, x)
@@ -365,11 +368,13 @@ class DualExperts(nn.Module):
         The hottest experts come first, so the first runs are padded the most and hold fewer."""
         runs: list[list[int]] = []
         run: list[int] = []
+        most = 0  # the run's busiest count so far
         for e in taken:
-            if run and self.batch_bytes(len(run) + 1, max(counts[i] for i in run + [e]), dtype) > self.buffer_bytes:
+            if run and self.batch_bytes(len(run) + 1, max(most, counts[e]), dtype) > self.buffer_bytes:
                 runs.append(run)
-                run = []
+                run, most = [], 0
             run.append(e)
+            most = max(most, counts[e])
         if run:
             runs.append(run)
         return runs
