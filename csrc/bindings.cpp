@@ -290,6 +290,8 @@ NB_MODULE(_C, m) {
            "ms after launch at which the last job's phases ended (prep x, gate/up, prep h, down, reduce).")
       .def("last_phases_first", &MoeEngine::last_phases_first,
            "ms after launch at which the first worker left each of the last job's phases.")
+      .def("last_tasks", &MoeEngine::last_tasks,
+           "Tasks each worker of each node took in the last job (node 0's last: a joined caller).")
       .def("layer_info", &layer_info, "layer"_a)
       .def(
           "weight_slab",

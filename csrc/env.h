@@ -1,5 +1,5 @@
 // Environment switches for A/B measurements: env_switch_on (TANDEM_FLOW, TANDEM_SPLIT_DOWN,
-// TANDEM_HUGEPAGES, TANDEM_AMX_PREFETCH) is on unless set to "0"; env_opt_in (TANDEM_AMX_OVERLAP,
+// TANDEM_HUGEPAGES, TANDEM_AMX_PREFETCH, TANDEM_JOIN) is on unless set to "0"; env_opt_in (TANDEM_AMX_OVERLAP,
 // measured slower) is off unless set to "1"; env_count (TANDEM_DECODE_ROWS) reads a count, 0 when
 // unset or not a positive number (TANDEM_PREFETCH, in the AVX-512 kernels, parses its own). Read
 // once per call site (keep the result in a function-local static).

@@ -1,5 +1,7 @@
 #include "host_call.h"
 
+#include "env.h"
+
 #include <chrono>
 #include <exception>
 #include <stdexcept>
@@ -22,19 +24,21 @@ void await_job(const HostCall& c) {
     else std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
 }
-}  // namespace
 
-void host_submit(void* ctx) {
-  auto* c = static_cast<HostCall*>(ctx);
+// Submit c's job; join: this thread works on it too (see MoeEngine::submit).
+void submit_call(HostCall* c, bool join) {
   ++c->calls;
   c->t_submit = now_ns();
   try {
-    c->ticket = c->engine->submit(c->layer, c->x, c->ids, c->w, c->out);
+    c->ticket = c->engine->submit(c->layer, c->x, c->ids, c->w, c->out, join);
   } catch (const std::exception& e) {
     c->ticket = 0;  // the output keeps its old contents; Python reads `error` and reports it
     c->error = e.what();
   }
 }
+}  // namespace
+
+void host_submit(void* ctx) { submit_call(static_cast<HostCall*>(ctx), false); }
 
 void host_wait(void* ctx) {
   auto* c = static_cast<HostCall*>(ctx);
@@ -52,8 +56,11 @@ void host_wait(void* ctx) {
 }
 
 void host_run(void* ctx) {
+  // This thread would only spin on the job: it joins the workers instead (one more core streaming
+  // the experts' rows). TANDEM_JOIN=0: it only submits and waits (an A/B switch).
+  static const bool join = env_switch_on("TANDEM_JOIN");
   auto* c = static_cast<HostCall*>(ctx);
-  host_submit(c);
+  submit_call(c, join);
   await_job(*c);
   host_wait(c);  // returns at once: records the job's times (or its error)
 }

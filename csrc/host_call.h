@@ -37,7 +37,8 @@ void host_wait(void* ctx);
 
 // Submit, wait for the job as a stream's doorbell does (spin for 1 ms, then poll every 20 us;
 // never on the engine's condition variable, whose wake-up of tens of us a stream does not pay),
-// then host_wait: the doorbell's sequence, on the caller's thread.
+// then host_wait: the doorbell's sequence, on the caller's thread. The caller joins the job as
+// one more worker (MoeEngine::submit's join) before it waits; TANDEM_JOIN=0 leaves it waiting.
 void host_run(void* ctx);
 
 // The one opaque thing that crosses into Python (in a capsule): the two functions and their context.

@@ -30,12 +30,13 @@ MoeEngine::MoeEngine(const std::vector<std::vector<int>>& node_cpus, const std::
   node_tasks_.resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (threads_per_node[i] < 1) throw std::invalid_argument("every NUMA node needs at least one thread");
-    nodes_[i].n_workers = threads_per_node[i];
-    nodes_[i].scratch = std::vector<GrowBuf>(size_t(threads_per_node[i]));
-    nodes_[i].phase_ns.assign(size_t(threads_per_node[i]), {0, 0, 0, 0, 0});
+    nodes_[i].pool_workers = nodes_[i].n_workers = threads_per_node[i];
+    const size_t slots = size_t(threads_per_node[i]) + (i == 0 ? 1 : 0);  // node 0: a joined caller too
+    nodes_[i].scratch = std::vector<GrowBuf>(slots);
+    nodes_[i].phase_ns.assign(slots, {0, 0, 0, 0, 0});
+    nodes_[i].tasks.assign(slots, 0);
     node_tasks_[i].engine = this;
     node_tasks_[i].node = int(i);
-    job_->total_workers += threads_per_node[i];
   }
   for (size_t i = 0; i < n; ++i)
     pools_.push_back(std::make_unique<ThreadPool>(node_cpus[i], threads_per_node[i], spin_us));
@@ -118,25 +119,34 @@ void MoeEngine::check_inputs(const Layer& L, const TensorView& x, const TensorVi
 }
 
 uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& ids, const TensorView& w,
-                           const TensorView& out) {
-  std::lock_guard<std::mutex> g(submit_mu_);
-  const Layer& L = layer(layer_id);
-  check_inputs(L, x, ids, w, out);
-  wait_idle();
-  stage(L, x, ids, w, out);
+                           const TensorView& out, bool join) {
   uint64_t ticket;
   {
-    std::lock_guard<std::mutex> lk(mu_);
-    ticket = ++launched_;
-    job_->ticket = ticket;
-    if (job_->T == 0) completed_.store(ticket, std::memory_order_release);
+    std::lock_guard<std::mutex> g(submit_mu_);
+    const Layer& L = layer(layer_id);
+    check_inputs(L, x, ids, w, out);
+    wait_idle();
+    job_->total_workers = 0;
+    for (size_t n = 0; n < pools_.size(); ++n) {
+      nodes_[n].n_workers = nodes_[n].pool_workers + (join && n == 0 ? 1 : 0);
+      job_->total_workers += nodes_[n].n_workers;
+    }
+    stage(L, x, ids, w, out);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ticket = ++launched_;
+      job_->ticket = ticket;
+      if (job_->T == 0) completed_.store(ticket, std::memory_order_release);
+    }
+    if (job_->T == 0) {
+      cv_.notify_all();
+      return ticket;
+    }
+    launched_at_ = std::chrono::steady_clock::now();
+    for (size_t n = 0; n < pools_.size(); ++n) pools_[n]->launch(&node_tasks_[n]);
   }
-  if (job_->T == 0) {
-    cv_.notify_all();
-    return ticket;
-  }
-  launched_at_ = std::chrono::steady_clock::now();
-  for (size_t n = 0; n < pools_.size(); ++n) pools_[n]->launch(&node_tasks_[n]);
+  // The job counts this thread among node 0's workers: it must run its share, whatever it finds.
+  if (join) run_node(0, nodes_[0].pool_workers);
   return ticket;
 }
 
@@ -397,13 +407,14 @@ void MoeEngine::run_node(int node, int worker) {
   uint8_t* scratch = ns.scratch[size_t(worker)].b.data();
   const int n_pos = ns.width > 0 ? j.n_pos : 0;
   auto& stamp = ns.phase_ns[size_t(worker)];
+  int took = 0;  // tasks this worker ran (last_tasks)
   const auto mark = [&](int phase) {
     stamp[size_t(phase)] =
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - launched_at_).count();
   };
   if (ns.flow) {  // see stage: per-expert readiness instead of the barriers below
     for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) {
-      prep_x_task(node, t, scratch);
+      prep_x_task(node, t, scratch), ++took;
       ns.px_done[size_t(j.pos_active[size_t(t)])].fetch_add(1, std::memory_order_release);
     }
     mark(0);
@@ -411,7 +422,7 @@ void MoeEngine::run_node(int node, int worker) {
       const int a = t / ns.blocks_per_expert;
       // Its positions' tasks are all claimed by running workers: the count gets there.
       spin_until(ns.px_done[size_t(a)], j.active_off[size_t(a) + 1] - j.active_off[size_t(a)]);
-      gate_up_task(node, t, -1, scratch);
+      gate_up_task(node, t, -1, scratch), ++took;
       // The worker ending the expert's last gate/up task: its h is whole.
       if (ns.up_done[size_t(a)].fetch_add(1, std::memory_order_acq_rel) == ns.blocks_per_expert - 1) {
         for (int p = j.active_off[size_t(a)]; p < j.active_off[size_t(a) + 1]; ++p) prep_h_task(node, p);
@@ -424,49 +435,59 @@ void MoeEngine::run_node(int node, int worker) {
   // Each phase reads what any worker of the node wrote in the one before: a barrier between.
   if (j.split_down) {
     for (int t; n_pos > 0 && (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < j.T;)
-      prep_token_task(node, t, scratch);
+      prep_token_task(node, t, scratch), ++took;
   } else {
-    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch);
+    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch), ++took;
   }
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
-  run_tasks(ns.next_up, ns.n_up, j.any_big && j.split_down, [&](int t, int next) { gate_up_task(node, t, next, scratch); });
+  run_tasks(ns.next_up, ns.n_up, j.any_big && j.split_down, [&](int t, int next) { gate_up_task(node, t, next, scratch), ++took; });
   mark(1);
   ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_up.v, ns.n_workers);
   for (int t; (t = ns.next_ph.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;)
-    if (!j.fused_h(size_t(j.pos_active[size_t(t)]))) prep_h_task(node, t);
+    if (!j.fused_h(size_t(j.pos_active[size_t(t)]))) prep_h_task(node, t), ++took;
   mark(2);
   ns.arrived_ph.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
   if (j.split_down) {
-    run_tasks(ns.next_down, ns.n_down, j.any_big, [&](int t, int next) { down_expert_task(node, t, next, scratch); });
+    run_tasks(ns.next_down, ns.n_down, j.any_big, [&](int t, int next) { down_expert_task(node, t, next, scratch), ++took; });
     ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(ns.arrived_down.v, ns.n_workers);
     const int sums = j.T * ((j.H + kSumCols - 1) / kSumCols);  // (token, columns): decode's one token too
-    for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < sums;) sum_token(node, t);
+    for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < sums;) sum_token(node, t), ++took;
   } else {
-    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch);
+    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch), ++took;
   }
   mark(3);
   if (pools_.size() > 1) {
     j.arrived_all.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(j.arrived_all.v, j.total_workers);
-    for (int t; (t = j.next_reduce.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) reduce_rows(t);
+    for (int t; (t = j.next_reduce.v.fetch_add(1, std::memory_order_relaxed)) < j.T;) reduce_rows(t), ++took;
   }
   mark(4);
+  ns.tasks[size_t(worker)] = took;
   if (j.workers_left.v.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_job();
 }
 
 std::vector<double> MoeEngine::phase_ms(bool latest) const {
   std::vector<double> ms(5, latest ? 0.0 : std::numeric_limits<double>::infinity());
   for (size_t n = 0; n < pools_.size(); ++n)
-    for (const auto& stamp : nodes_[n].phase_ns)
+    for (int i = 0; i < nodes_[n].n_workers; ++i) {
+      const auto& stamp = nodes_[n].phase_ns[size_t(i)];
       for (size_t p = 0; p < 5; ++p)
         ms[p] = latest ? std::max(ms[p], double(stamp[p]) * 1e-6) : std::min(ms[p], double(stamp[p]) * 1e-6);
+    }
   return ms;
+}
+
+std::vector<std::vector<int>> MoeEngine::last_tasks() const {
+  std::vector<std::vector<int>> t;
+  for (size_t n = 0; n < pools_.size(); ++n)
+    t.emplace_back(nodes_[n].tasks.begin(), nodes_[n].tasks.begin() + nodes_[n].n_workers);
+  return t;
 }
 
 std::vector<double> MoeEngine::last_phases() const { return phase_ms(true); }

@@ -54,7 +54,11 @@ class MoeEngine {
   // x [T, H] float32/bfloat16, ids [T, k] int32 (-1: no expert), w [T, k] float32,
   // out [T, H] float32/bfloat16 (written by the job; keep it alive until wait returns).
   // Returns a ticket for wait(). Throws DTypeError / std::invalid_argument on bad input.
-  uint64_t submit(int layer, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
+  // join: the calling thread works as one more worker of node 0 and returns once it ran out of
+  // tasks (the pools may still be finishing: wait as usual). For a caller that would otherwise
+  // spin on the job (a stream's doorbell): its core streams experts' rows too.
+  uint64_t submit(int layer, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out,
+                  bool join = false);
   void wait(uint64_t ticket);
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }
   // The owner of the last submitted job's `out` (the Python binding passes its array): kept until
@@ -84,6 +88,9 @@ class MoeEngine {
   std::vector<double> last_phases_first() const;
   // steady_clock ns of the last job's launch (after staging) and of its end (last worker done).
   int64_t last_launch_ns() const;
+  // Tasks each worker of each node took in the last finished job (a joined caller last on node
+  // 0): how the work spread, for tests and tuning. Call after wait().
+  std::vector<std::vector<int>> last_tasks() const;
   int64_t last_done_ns() const { return done_ns_.load(std::memory_order_acquire); }
 
  private:

@@ -42,7 +42,8 @@ constexpr int kTilePadRows = 32;
 // One node's share of the running job.
 struct MoeEngine::NodeState {
   PaddedCounter next_px, arrived_px, next_up, arrived_up, next_ph, arrived_ph, next_down, arrived_down, next_sum;
-  int n_workers = 0;
+  int pool_workers = 0;  // the node's pool
+  int n_workers = 0;     // this job's: the pool, plus a joined caller on node 0 (submit's join)
   int width = 0;  // this node's slice of I
   int rb_up = 0, rb_down = 0;  // rows per gate/up and per down task
   int blocks_per_expert = 0;   // gate/up tasks per active expert
@@ -61,6 +62,7 @@ struct MoeEngine::NodeState {
   std::vector<const uint8_t*> act_gate, act_up, act_down;  // [n_pos] rows the kernels read
   std::vector<GrowBuf> scratch;  // per worker: kernel scratch, fp32 row, then [max_count, rb] outputs
   std::vector<std::array<int64_t, 5>> phase_ns;  // per worker: when it left each phase (last_phases)
+  std::vector<int> tasks;                        // per worker: tasks it took (last_tasks)
   // Flow mode (jobs without `big` kernels: decode): per active expert instead of phase barriers.
   bool flow = false;
   size_t flow_cap = 0;

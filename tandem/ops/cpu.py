@@ -136,6 +136,12 @@ class Engine:
         job: last - first is how long the earliest worker waited at that phase's barrier."""
         return dict(zip(PHASES, zip(self._native.last_phases_first(), self._native.last_phases())))
 
+    def last_tasks(self) -> list[list[int]]:
+        """Tasks each worker took in the last finished job, per NUMA node; a caller that joined
+        the job (`HostCall.run`, a stream's doorbell) is node 0's last entry. For tests and tuning;
+        call after wait()."""
+        return [list(t) for t in self._native.last_tasks()]
+
     def layer_info(self, layer: int) -> dict:
         """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""
         return self._native.layer_info(_check_layer(self, layer))
@@ -320,8 +326,9 @@ class HostCall:
                                  f"({list(shape)} -> {list(t.shape)}): make a new host_call")
 
     def run(self) -> torch.Tensor:
-        """Submit and wait on this thread as a stream's doorbell does (spin for the job, then poll;
-        never a sleep on the engine's condition variable, whose wake-up a stream does not pay);
+        """Submit and wait on this thread as a stream's doorbell does (work on the job as one more
+        of the engine's workers, spin for the rest, then poll; never a sleep on the engine's
+        condition variable, whose wake-up a stream does not pay);
         returns out. (Stream calls keep a failure in `error` until it is cleared, so replayed graphs
         cannot lose it; a call run here reports its own.)"""
         self._check_buffers()

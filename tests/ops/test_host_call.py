@@ -4,6 +4,7 @@ thread answers rings written into its mailbox (here by Python, as a stream's mem
 and on a GPU (marked) the stream path of CpuExperts against the CPU path, through host functions and
 through the doorbell, with the CPU work overlapping the GPU work queued between submit and wait."""
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -47,6 +48,41 @@ def test_host_call_equals_submit_wait(engine):
     launch_ns, done_ns = call.engine_ns  # the engine's side of the same job, inside submit .. wait
     assert submit_ns <= launch_ns <= done_ns <= wait_end
     assert all(a > 0 for a in call.addresses)
+
+
+@pytest.mark.parametrize("isa", [None, pytest.param("amx", marks=pytest.mark.amx), "amx-emu"])
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_run_call_joins_the_engines_workers(isa, nodes):
+    """HostCall.run (a stream's doorbell) works on its job as one more worker of node 0: the same
+    outputs as submit/wait, at one token (the decode flow) and at many (the prefill barriers, the
+    matrix units' kernels on amx / amx-emu), on one node and on two; the joined caller takes tasks."""
+    if isa is not None and (isa not in cpu.isa_info()["cpu"] or isa not in cpu.isa_info()["built"]):
+        pytest.skip(f"{isa} is not available here")
+    cpus = sorted(os.sched_getaffinity(0))
+    if nodes == 2 and len(cpus) < 2:
+        pytest.skip("needs two cpus to inject a two-node topology")
+    topo = [cpus] if nodes == 1 else [cpus[:1], cpus[1:2]]
+    eng = cpu.create_engine(nodes, numa_nodes=topo, isa=isa)
+    g = torch.Generator().manual_seed(3)
+    e, h, i = 16, 256, 128
+    layer = cpu.add_layer(eng, "BF16", torch.randn(e, i, h, generator=g) / 8, torch.randn(e, i, h, generator=g) / 8,
+                          torch.randn(e, h, i, generator=g) / 8)
+    pool = eng.threads_per_node
+    joined = 0
+    for t in (1, 1, 1, 1, 200, 3, 1, 1, 1, 1):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(t, h, generator=g)
+        ids = torch.randint(0, e, (t, 4), generator=g, dtype=torch.int32)
+        ids[0, 0] = -1
+        w = torch.rand(t, 4, generator=g)
+        want = cpu.wait(eng, cpu.submit(eng, layer, x, ids, w))
+        assert [len(n) for n in eng.last_tasks()] == pool  # the pools alone
+        got = cpu.host_call(eng, layer, x, ids, w, torch.empty(t, h)).run()
+        assert torch.equal(got, want), f"T={t}"
+        tasks = eng.last_tasks()
+        assert [len(n) for n in tasks] == [pool[0] + 1] + pool[1:]  # the caller last on node 0
+        joined += tasks[0][-1]
+    assert joined > 0
 
 
 def test_host_call_failure_lands_in_error(engine):
