@@ -5,9 +5,10 @@ peak: tile dot products on registers), then times one MoE layer per (shape, form
 threads). Every timed call routes fresh random ids into one of >= --copies copies of the layer
 (>= --min-gb in all, capped by --max-gb), so caches cannot serve the weights. A call runs the way
 the runtime runs it next to a GPU: through a HostCall (submit and wait in C++ on fixed buffers, no
-Python between them, waiting as the stream's doorbell thread does: spinning, never asleep on a
-condition variable, whose wake-up cost the T = 1 rows ~25 us a call that decode never pays); its
-inputs are copied into those buffers untimed, as the stream's copies are.
+Python between them, as the stream's doorbell thread runs it: the calling thread works on the job
+as one more worker (so --threads N streams with N + 1 threads; TANDEM_JOIN=0: it only waits), then
+spins, never asleep on a condition variable, whose wake-up cost the T = 1 rows ~25 us a call that
+decode never pays); its inputs are copied into those buffers untimed, as the stream's copies are.
 Weights are random
 bytes written straight into each format's row layout (GGUF blocks, INT8/INT4/BF16 rows) with sane
 scales; values do not matter for speed.
