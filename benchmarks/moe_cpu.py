@@ -75,8 +75,12 @@ def routings(n: int, T: int, experts: int, k: int, seed: int):
 
 
 def machine(threads: list[int], bw_gb: float) -> dict:
+    """The probes at each thread count, and at one more where the calling thread joins the engine's
+    jobs (N + 1 threads stream; TANDEM_JOIN=0: it does not), up to the cpus this process may use."""
     info = {"bandwidth_gbs": {}, "amx_int8_tops": {}, "amx_bf16_tflops": {}}
-    for t in threads:
+    cores = len(os.sched_getaffinity(0))
+    joined = os.environ.get("TANDEM_JOIN") != "0"
+    for t in sorted(set(threads) | ({n + 1 for n in threads if n < cores} if joined else set())):
         info["bandwidth_gbs"][t] = cpu.stream_read_bandwidth(int(bw_gb * 1e9), t, rounds=5)
         log(f"DRAM read bandwidth, {t} threads: {info['bandwidth_gbs'][t]:.1f} GB/s")
         for dtype, key in (("int8", "amx_int8_tops"), ("bf16", "amx_bf16_tflops")):
