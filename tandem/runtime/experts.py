@@ -80,15 +80,17 @@ def spin_us(gpu: bool) -> int:
     return int(value)
 
 
-GPU_FREE_CORES = 2  # GPU runs leave these cores to the doorbell's thread and the thread driving the GPU
+# GPU runs leave these cores to the doorbell's thread (which spins between jobs and joins each job
+# as one more worker) and to the thread driving the GPU.
+GPU_FREE_CORES = 2
 
 
 def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
     """The runtime's CPU expert engine (worker threads pinned to this process's cores); `gpu`:
     a GPU runs the rest of the model (its workers spin longer; the stream reaches the engine through
     a doorbell where the driver has stream memory operations, else through host functions; by
-    default the workers leave GPU_FREE_CORES cores free, since the doorbell's thread spins while a
-    step runs and one spinning beside a worker on its core stalls every job at its barriers)."""
+    default the workers leave GPU_FREE_CORES cores free, since the doorbell's thread spins or works
+    while a step runs, and one running beside a worker on its core stalls every job it joins)."""
     from tandem.ops import cpu
 
     if threads is not None and threads < 1:
@@ -97,7 +99,8 @@ def create_cpu_engine(threads: int | None = None, gpu: bool = False) -> Any:
     if threads is None and gpu:
         threads = max(1, cores - GPU_FREE_CORES)
     elif gpu and cores > GPU_FREE_CORES and threads > cores - GPU_FREE_CORES:
-        # Measured (H100 box, 16 cores, V2-Lite): 16 threads decode at 15 tok/s where 14 do 97.
+        # Measured (H100 boxes, 16 cores, V2-Lite): 16 threads decode at 15 tok/s where 14 do 97;
+        # 15 (and the doorbell joining) at 37 where 14 do 85.
         log.warning("%d CPU expert threads on %d cores leave fewer than %d to the GPU's driving and doorbell "
                     "threads: decode may be several times slower; %d threads would leave them", threads, cores,
                     GPU_FREE_CORES, cores - GPU_FREE_CORES)
