@@ -437,12 +437,14 @@ void MoeEngine::run_node(int node, int worker) {
     for (int t; n_pos > 0 && (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < j.T;)
       prep_token_task(node, t, scratch), ++took;
   } else {
-    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;) prep_x_task(node, t, scratch), ++took;
+    for (int t; (t = ns.next_px.v.fetch_add(1, std::memory_order_relaxed)) < n_pos;)
+      prep_x_task(node, t, scratch), ++took;
   }
   mark(0);
   ns.arrived_px.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_px.v, ns.n_workers);
-  run_tasks(ns.next_up, ns.n_up, j.any_big && j.split_down, [&](int t, int next) { gate_up_task(node, t, next, scratch), ++took; });
+  run_tasks(ns.next_up, ns.n_up, j.any_big && j.split_down,
+            [&](int t, int next) { gate_up_task(node, t, next, scratch), ++took; });
   mark(1);
   ns.arrived_up.v.fetch_add(1, std::memory_order_acq_rel);
   spin_until(ns.arrived_up.v, ns.n_workers);
@@ -453,13 +455,15 @@ void MoeEngine::run_node(int node, int worker) {
   spin_until(ns.arrived_ph.v, ns.n_workers);
   }
   if (j.split_down) {
-    run_tasks(ns.next_down, ns.n_down, j.any_big, [&](int t, int next) { down_expert_task(node, t, next, scratch), ++took; });
+    run_tasks(ns.next_down, ns.n_down, j.any_big,
+              [&](int t, int next) { down_expert_task(node, t, next, scratch), ++took; });
     ns.arrived_down.v.fetch_add(1, std::memory_order_acq_rel);
     spin_until(ns.arrived_down.v, ns.n_workers);
     const int sums = j.T * ((j.H + kSumCols - 1) / kSumCols);  // (token, columns): decode's one token too
     for (int t; (t = ns.next_sum.v.fetch_add(1, std::memory_order_relaxed)) < sums;) sum_token(node, t), ++took;
   } else {
-    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;) down_task(node, t, scratch), ++took;
+    for (int t; (t = ns.next_down.v.fetch_add(1, std::memory_order_relaxed)) < ns.n_down;)
+      down_task(node, t, scratch), ++took;
   }
   mark(3);
   if (pools_.size() > 1) {

@@ -88,10 +88,10 @@ class MoeEngine {
   std::vector<double> last_phases_first() const;
   // steady_clock ns of the last job's launch (after staging) and of its end (last worker done).
   int64_t last_launch_ns() const;
+  int64_t last_done_ns() const { return done_ns_.load(std::memory_order_acquire); }
   // Tasks each worker of each node took in the last finished job (a joined caller last on node
   // 0): how the work spread, for tests and tuning. Call after wait().
   std::vector<std::vector<int>> last_tasks() const;
-  int64_t last_done_ns() const { return done_ns_.load(std::memory_order_acquire); }
 
  private:
   struct NodeTask;
