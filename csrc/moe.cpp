@@ -30,7 +30,7 @@ MoeEngine::MoeEngine(const std::vector<std::vector<int>>& node_cpus, const std::
   node_tasks_.resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (threads_per_node[i] < 1) throw std::invalid_argument("every NUMA node needs at least one thread");
-    nodes_[i].pool_workers = nodes_[i].n_workers = threads_per_node[i];
+    nodes_[i].n_workers = threads_per_node[i];
     const size_t slots = size_t(threads_per_node[i]) + (i == 0 ? 1 : 0);  // node 0: a joined caller too
     nodes_[i].scratch = std::vector<GrowBuf>(slots);
     nodes_[i].phase_ns.assign(slots, {0, 0, 0, 0, 0});
@@ -128,7 +128,7 @@ uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& 
     wait_idle();
     job_->total_workers = 0;
     for (size_t n = 0; n < pools_.size(); ++n) {
-      nodes_[n].n_workers = nodes_[n].pool_workers + (join && n == 0 ? 1 : 0);
+      nodes_[n].n_workers = pools_[n]->size() + (join && n == 0 ? 1 : 0);
       job_->total_workers += nodes_[n].n_workers;
     }
     stage(L, x, ids, w, out);
@@ -146,7 +146,7 @@ uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& 
     for (size_t n = 0; n < pools_.size(); ++n) pools_[n]->launch(&node_tasks_[n]);
   }
   // The job counts this thread among node 0's workers: it must run its share, whatever it finds.
-  if (join) run_node(0, nodes_[0].pool_workers);
+  if (join) run_node(0, pools_[0]->size());
   return ticket;
 }
 

@@ -42,8 +42,7 @@ constexpr int kTilePadRows = 32;
 // One node's share of the running job.
 struct MoeEngine::NodeState {
   PaddedCounter next_px, arrived_px, next_up, arrived_up, next_ph, arrived_ph, next_down, arrived_down, next_sum;
-  int pool_workers = 0;  // the node's pool
-  int n_workers = 0;     // this job's: the pool, plus a joined caller on node 0 (submit's join)
+  int n_workers = 0;  // this job's: the node's pool, plus a joined caller on node 0 (submit's join)
   int width = 0;  // this node's slice of I
   int rb_up = 0, rb_down = 0;  // rows per gate/up and per down task
   int blocks_per_expert = 0;   // gate/up tasks per active expert

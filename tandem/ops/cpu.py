@@ -140,7 +140,7 @@ class Engine:
         """Tasks each worker took in the last finished job, per NUMA node; a caller that joined
         the job (`HostCall.run`, a stream's doorbell) is node 0's last entry. For tests and tuning;
         call after wait()."""
-        return [list(t) for t in self._native.last_tasks()]
+        return self._native.last_tasks()
 
     def layer_info(self, layer: int) -> dict:
         """experts, hidden, intermediate, formats, bytes (weights held) and each node's I slice."""
