@@ -41,7 +41,7 @@ class BenchConfig:
     experts_format: str = "bf16"
     cuda_graph: bool = True
     look_ahead: bool = True  # queue each decode step before the last one's tokens reach the host
-    max_step_tokens: int | str = 512  # the protocol's chunk; "auto" as LLM chooses
+    max_step_tokens: int | str = "auto"  # as LLM chooses for chat and serve (a count: that many tokens a step)
     gpu_experts: int | str = 0  # hot experts per layer on the GPU (issue 11's curve); 0 in the protocol's runs
     dual_prefill: bool = True  # long prefill steps split each layer's experts with the GPU (issue 10)
     kv_cache: str = "auto"  # "int8": the int8 MLA cache

@@ -51,8 +51,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-dual-prefill", dest="dual_prefill", action="store_false",
                    help="prefill with the CPU engine alone (default with a GPU: each layer's experts split with it)")
     p.add_argument("--kv-cache", default="auto", choices=("auto", "int8"), help="KV cache format (default: auto)")
-    p.add_argument("--max-step-tokens", type=step_tokens, default=512, metavar="N|auto",
-                   help="tokens per step: prompts longer than this prefill in chunks (default 512)")
+    p.add_argument("--max-step-tokens", type=step_tokens, default="auto", metavar="N|auto",
+                   help="tokens per step: prompts longer than this prefill in chunks (default auto: as chat "
+                        "and serve choose, the largest step up to 8192 whose workspace fits)")
     p.add_argument("--gpu-experts", type=hot_count, default=0, metavar="N|auto",
                    help="hot experts per MoE layer on the GPU (default 0: all routed experts in CPU RAM)")
     p.add_argument("--bw-gb", type=float, default=4.0, help="DRAM probe buffer in GB (default 4; TARGETS uses 8)")

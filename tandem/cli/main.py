@@ -36,8 +36,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-step-tokens", type=step_tokens, default="auto", metavar="N|auto",
                    help="tokens one continuous-batching step feeds the model: a decode token per running "
                         "sequence, the rest on prompt chunks, so longer prompts prefill over several steps "
-                        "(auto, the default: the largest of 2048 / 1024 / 512 whose workspace fits the memory "
-                        "budget; smaller chunks delay other users' tokens less)")
+                        "(auto, the default: the largest of 8192 / 4096 / 2048 / 1024 / 512 whose workspace fits the "
+                        "memory budget; smaller chunks delay other users' tokens less, larger ones prefill "
+                        "long prompts faster)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run every decode step eagerly instead of replaying a CUDA graph per batch size")
     p.add_argument("--no-look-ahead", dest="look_ahead", action="store_false",

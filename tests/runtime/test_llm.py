@@ -119,7 +119,9 @@ def test_bf16_runs(tmp_path):
 def test_max_step_tokens_auto_takes_the_largest_chunk_that_fits():
     from tandem.runtime.llm import _step_tokens
 
-    assert _step_tokens("auto", 8192, lambda s: True) == 2048
+    assert _step_tokens("auto", 8192, lambda s: True) == 8192
+    assert _step_tokens("auto", 8192, lambda s: s <= 2048) == 2048
+    assert _step_tokens("auto", 5000, lambda s: True) == 4096  # no chunk longer than the context
     assert _step_tokens("auto", 8192, lambda s: s <= 1024) == 1024
     assert _step_tokens("auto", 8192, lambda s: False) == 512  # the plan's check then refuses with advice
     assert _step_tokens("auto", 1500, lambda s: True) == 1024  # no chunk longer than the context
