@@ -125,6 +125,24 @@ def _step_tokens(value: int | str, max_context: int, fits) -> int:
     return value
 
 
+def _dual_want(plan, dual_prefill: bool, experts: str) -> int:
+    """Device bytes the dual-path prefill's copy buffer asks for under `plan` (0: no dual path):
+    runtime.experts.DUAL_BUFFER_BYTES, at most a whole layer's experts, at least one expert's."""
+    if not (dual_prefill and plan.dual_expert_bytes and experts == "cpu"):
+        return 0
+    return max(min(DUAL_BUFFER_BYTES, plan.dual_layer_bytes), plan.dual_expert_bytes)
+
+
+def _choose_chunks(max_step_tokens: int | str, prefill_kv_chunk: int | str, max_context: int, plan,
+                   dual: int) -> tuple[int, int]:
+    """(tokens a step, MLA prefill's context chunk) by _step_tokens and _kv_chunks, each fitting
+    beside `dual` bytes of the dual path's buffer: a long step that left the buffer no room would
+    send every prefill back to the CPU engine alone. plan(hot, step, kv_chunk, dual) -> MemoryPlan."""
+    kv_chunks = _kv_chunks(prefill_kv_chunk)
+    step = _step_tokens(max_step_tokens, max_context, lambda s: any(_fits(plan(0, s, c, dual)) for c in kv_chunks))
+    return step, next((c for c in kv_chunks if _fits(plan(0, step, c, dual))), kv_chunks[-1])
+
+
 def _kv_chunks(value: int | str) -> tuple[int, ...]:
     """prefill_kv_chunk: a count >= 1, or "auto": KV_CHUNK_CHOICES, tried largest first."""
     if value == "auto":
@@ -242,19 +260,15 @@ class LLM:
                 )
 
             # Prompt chunks first (longer ones feed the experts more tokens each), then the context
-            # chunk of MLA prefill (smaller ones cost only more, shorter passes).
-            kv_chunks = _kv_chunks(prefill_kv_chunk)
-            self.max_step_tokens = _step_tokens(
-                max_step_tokens, self.max_context, lambda s: any(_fits(plan(0, s, c)) for c in kv_chunks)
-            )
-            self.prefill_kv_chunk = next((c for c in kv_chunks if _fits(plan(0, self.max_step_tokens, c))), kv_chunks[-1])
-            step, chunk = self.max_step_tokens, self.prefill_kv_chunk
+            # chunk of MLA prefill (smaller ones cost only more, shorter passes), both beside the
+            # dual path's buffer.
+            want = _dual_want(plan(0, min(STEP_TOKEN_CHOICES), _kv_chunks(prefill_kv_chunk)[-1]), dual_prefill, experts)
+            step, chunk = _choose_chunks(max_step_tokens, prefill_kv_chunk, self.max_context, plan, want)
+            self.max_step_tokens, self.prefill_kv_chunk = step, chunk
             self.plan = plan(0, step, chunk)
             dual = 0
-            if dual_prefill and self.plan.dual_expert_bytes and experts == "cpu":
-                one = self.plan.dual_expert_bytes
-                want = max(min(DUAL_BUFFER_BYTES, self.plan.dual_layer_bytes), one)
-                dual = next((b for b in (want, one) if _fits(plan(0, step, chunk, b))), 0)
+            if want:
+                dual = next((b for b in (want, self.plan.dual_expert_bytes) if _fits(plan(0, step, chunk, b))), 0)
                 if not dual:
                     print("note: prefill stays on the CPU engine: no VRAM left to copy experts to the GPU",
                           file=sys.stderr)

@@ -121,7 +121,7 @@ def test_v3_long_prompts_prefill_in_bounded_vram(v3):
     assert plans[131072].longest_prompt() == 131072
     # On a 24 GB card (22 GB budget) 128K fits with the context in chunks of 4096 (21.88 GB), not 8192;
     # LLM's prefill_kv_chunk="auto" takes the largest prompt chunk, then the largest context chunk
-    # that fit: 1024-token prompt chunks, context by 2048 (21.89 GB).
+    # that fit: without the dual path's buffer, 1024-token prompt chunks, context by 2048 (21.89 GB).
     with pytest.raises(DoesNotFit, match="needs 22.36 GB of VRAM"):
         check_fits(plan_of(v3, options, max_context=131072, vram=22))
     check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=4096))
@@ -188,3 +188,29 @@ def test_impossible_budgets_are_refused_with_advice(v3):
     assert on_cpu.vram == 0 and on_cpu.ram > 429 * GB
     with pytest.raises(DoesNotFit, match=r"smaller quant.*a GPU \(--device cuda\) takes the non-expert weights"):
         check_fits(on_cpu)
+
+
+def test_v3_auto_steps_leave_room_for_the_dual_paths_buffer(v3):
+    # --max-step-tokens auto, 8K context, a 16 GB budget: an 8192-token step fits alone (15.79 GB)
+    # but not beside the dual path's 1 GiB buffer (17.46 GB); LLM takes the largest step (and context
+    # chunk) that fits with the buffer, so long prompts keep both paths instead of prefilling on the
+    # CPU engine alone.
+    from tandem.runtime.llm import STEP_TOKEN_CHOICES, _choose_chunks, _dual_want
+
+    def plan(hot, step, kv_chunk, dual=0):
+        return plan_of(v3, PlacementOptions(device="cuda"), vram=16, step_tokens=step, kv_chunk=kv_chunk,
+                       dual_buffer=dual, hot_experts=hot)
+
+    probe = plan(0, 512, 1024)
+    want = _dual_want(probe, True, "cpu")
+    assert want == 1 << 30  # DUAL_BUFFER_BYTES: less than a layer's experts, more than one expert
+    assert _dual_want(probe, False, "cpu") == _dual_want(probe, True, "torch") == 0
+    assert _choose_chunks("auto", "auto", 8192, plan, 0)[0] == 8192  # the step alone
+    step, chunk = _choose_chunks("auto", "auto", 8192, plan, want)
+    print(f"step {step}, context chunk {chunk}: {plan(0, step, chunk, want).vram / GB:.2f} GB")
+    assert step < 8192
+    check_fits(plan(0, step, chunk, want))
+    larger = [s for s in STEP_TOKEN_CHOICES if s > step]
+    with pytest.raises(DoesNotFit):  # the next larger step does not fit beside the buffer at any context chunk
+        check_fits(plan(0, min(larger), 1024, want))
+    assert _choose_chunks(4096, "auto", 8192, plan, want)[0] == 4096  # a given count is kept
