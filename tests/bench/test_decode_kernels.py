@@ -46,6 +46,21 @@ def test_summary_refuses_steps_that_differ():
             bench.summarize([], 3)
 
 
+def test_busy_time_counts_overlapping_kernels_once():
+    with script_module(BENCH, "decode_kernels_bench") as bench:
+        k = bench.Kernel
+        # 0-10 and 5-12 overlap (12 us), 20-25 apart (5 us), 21-23 inside it
+        assert bench.busy_ms([k(20, 25, "c"), k(0, 10, "a"), k(21, 23, "d"), k(5, 12, "b")]) == pytest.approx(17e-3)
+        assert bench.busy_ms([]) == 0
+
+
+def test_bad_counts_are_refused_before_anything_loads():
+    with script_module(BENCH, "decode_kernels_bench") as bench:
+        for bad in (["--prefill", "-1"], ["--steps", "0"], ["--warmup", "-2"]):
+            with pytest.raises(SystemExit, match="must be >= 1"):
+                bench.main(["model.gguf", *bad])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_needs_a_gpu():
     with script_module(BENCH, "decode_kernels_bench") as bench, pytest.raises(SystemExit, match="needs a CUDA GPU"):
