@@ -71,17 +71,30 @@ def busy_ms(kernels: list[Kernel]) -> float:
     return total / 1e3
 
 
+def _engine(path: str, threads: int | None, max_context: int, **kw):
+    """The model on CUDA with CUDA graphs, one sequence at a time, without look-ahead (a queued next
+    step would run inside the one being recorded): its engine."""
+    from tandem.runtime.llm import LLM
+
+    return LLM(path, device="cuda", cpu_threads=threads, cuda_graph=True, max_batch=1, progress=False,
+               max_context=max_context, show_plan=False, look_ahead=False, **kw).engine
+
+
+def _device_kernels(prof) -> list[Kernel]:
+    """The kernels (and copies) a torch profiler recorded on the GPU."""
+    import torch
+
+    return [Kernel(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def measure(path: str, threads: int | None, context: int, warmup: int, steps: int, max_context: int) -> list[Kernel]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tandem.runtime.llm import LLM
     from tandem.runtime.sampling import SamplingParams
 
-    # No look-ahead: a queued next step would run inside the one being recorded.
-    llm = LLM(path, device="cuda", cpu_threads=threads, cuda_graph=True, max_batch=1, progress=False,
-              max_context=max(max_context, context + warmup + steps + 16), show_plan=False, look_ahead=False)
-    engine = llm.engine
+    engine = _engine(path, threads, max(max_context, context + warmup + steps + 16))
     vocab = engine.tokenizer.vocab_size
     prompt = [(100 + i) % vocab for i in range(context)]
     engine.add_request(prompt, SamplingParams(temperature=0.0, max_new_tokens=1 + warmup + steps, ignore_eos=True))
@@ -92,8 +105,7 @@ def measure(path: str, threads: int | None, context: int, warmup: int, steps: in
         for _ in range(steps):
             engine.step()
             torch.cuda.synchronize()
-    return [Kernel(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
+    return _device_kernels(prof)
 
 
 def measure_prefill(path: str, threads: int | None, tokens: int, warmup: int) -> dict:
@@ -101,12 +113,9 @@ def measure_prefill(path: str, threads: int | None, tokens: int, warmup: int) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tandem.runtime.llm import LLM
     from tandem.runtime.sampling import SamplingParams
 
-    llm = LLM(path, device="cuda", cpu_threads=threads, cuda_graph=True, max_batch=1, progress=False,
-              max_context=tokens + 16, max_step_tokens=tokens, show_plan=False, look_ahead=False)
-    engine = llm.engine
+    engine = _engine(path, threads, tokens + 16, max_step_tokens=tokens)
     vocab = engine.tokenizer.vocab_size
 
     def prefill(seed: int) -> float:
@@ -127,8 +136,7 @@ def measure_prefill(path: str, threads: int | None, tokens: int, warmup: int) ->
     wall = prefill(101)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         profiled = prefill(211)
-    kernels = [Kernel(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _device_kernels(prof)
     host = sorted((a for a in prof.key_averages() if a.self_cpu_time_total > 0), key=lambda a: -a.self_cpu_time_total)
     return {"tokens": tokens, "wall_ms": wall, "wall_ms_profiled": profiled, "kernels": kernels,
             "host": [{"name": a.key, "count": a.count, "self_ms": a.self_cpu_time_total / 1e3} for a in host]}

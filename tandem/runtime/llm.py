@@ -133,12 +133,12 @@ def _dual_want(plan, dual_prefill: bool, experts: str) -> int:
     return max(min(DUAL_BUFFER_BYTES, plan.dual_layer_bytes), plan.dual_expert_bytes)
 
 
-def _choose_chunks(max_step_tokens: int | str, prefill_kv_chunk: int | str, max_context: int, plan,
+def _choose_chunks(max_step_tokens: int | str, kv_chunks: tuple[int, ...], max_context: int, plan,
                    dual: int) -> tuple[int, int]:
-    """(tokens a step, MLA prefill's context chunk) by _step_tokens and _kv_chunks, each fitting
-    beside `dual` bytes of the dual path's buffer: a long step that left the buffer no room would
-    send every prefill back to the CPU engine alone. plan(hot, step, kv_chunk, dual) -> MemoryPlan."""
-    kv_chunks = _kv_chunks(prefill_kv_chunk)
+    """(tokens a step, MLA prefill's context chunk of `kv_chunks`, _kv_chunks' choices) by
+    _step_tokens, each fitting beside `dual` bytes of the dual path's buffer: a long step that left
+    the buffer no room would send every prefill back to the CPU engine alone.
+    plan(hot, step, kv_chunk, dual) -> MemoryPlan."""
     step = _step_tokens(max_step_tokens, max_context, lambda s: any(_fits(plan(0, s, c, dual)) for c in kv_chunks))
     return step, next((c for c in kv_chunks if _fits(plan(0, step, c, dual))), kv_chunks[-1])
 
@@ -262,8 +262,9 @@ class LLM:
             # Prompt chunks first (longer ones feed the experts more tokens each), then the context
             # chunk of MLA prefill (smaller ones cost only more, shorter passes), both beside the
             # dual path's buffer.
-            want = _dual_want(plan(0, min(STEP_TOKEN_CHOICES), _kv_chunks(prefill_kv_chunk)[-1]), dual_prefill, experts)
-            step, chunk = _choose_chunks(max_step_tokens, prefill_kv_chunk, self.max_context, plan, want)
+            kv_chunks = _kv_chunks(prefill_kv_chunk)
+            want = _dual_want(plan(0, min(STEP_TOKEN_CHOICES), kv_chunks[-1]), dual_prefill, experts)
+            step, chunk = _choose_chunks(max_step_tokens, kv_chunks, self.max_context, plan, want)
             self.max_step_tokens, self.prefill_kv_chunk = step, chunk
             self.plan = plan(0, step, chunk)
             dual = 0

@@ -195,7 +195,7 @@ def test_v3_auto_steps_leave_room_for_the_dual_paths_buffer(v3):
     # but not beside the dual path's 1 GiB buffer (17.46 GB); LLM takes the largest step (and context
     # chunk) that fits with the buffer, so long prompts keep both paths instead of prefilling on the
     # CPU engine alone.
-    from tandem.runtime.llm import STEP_TOKEN_CHOICES, _choose_chunks, _dual_want
+    from tandem.runtime.llm import KV_CHUNK_CHOICES, STEP_TOKEN_CHOICES, _choose_chunks, _dual_want
 
     def plan(hot, step, kv_chunk, dual=0):
         return plan_of(v3, PlacementOptions(device="cuda"), vram=16, step_tokens=step, kv_chunk=kv_chunk,
@@ -205,12 +205,12 @@ def test_v3_auto_steps_leave_room_for_the_dual_paths_buffer(v3):
     want = _dual_want(probe, True, "cpu")
     assert want == 1 << 30  # DUAL_BUFFER_BYTES: less than a layer's experts, more than one expert
     assert _dual_want(probe, False, "cpu") == _dual_want(probe, True, "torch") == 0
-    assert _choose_chunks("auto", "auto", 8192, plan, 0)[0] == 8192  # the step alone
-    step, chunk = _choose_chunks("auto", "auto", 8192, plan, want)
+    assert _choose_chunks("auto", KV_CHUNK_CHOICES, 8192, plan, 0)[0] == 8192  # the step alone
+    step, chunk = _choose_chunks("auto", KV_CHUNK_CHOICES, 8192, plan, want)
     print(f"step {step}, context chunk {chunk}: {plan(0, step, chunk, want).vram / GB:.2f} GB")
     assert step < 8192
     check_fits(plan(0, step, chunk, want))
     larger = [s for s in STEP_TOKEN_CHOICES if s > step]
     with pytest.raises(DoesNotFit):  # the next larger step does not fit beside the buffer at any context chunk
         check_fits(plan(0, min(larger), 1024, want))
-    assert _choose_chunks(4096, "auto", 8192, plan, want)[0] == 4096  # a given count is kept
+    assert _choose_chunks(4096, KV_CHUNK_CHOICES, 8192, plan, want)[0] == 4096  # a given count is kept
