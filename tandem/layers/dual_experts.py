@@ -22,8 +22,12 @@ shortens the layer, i.e. the later of the two finishes. Rates: `DualRates` (defa
 test machine's), then learned at run time: after each long step each side's measured time (the
 engine job's own timestamps; CUDA events around the device's share) against what the split
 predicted moves that side's rates halfway (in log scale) toward what it achieved, kept per
-power-of-two step length, so the split follows the machine, the format and the chunk length
-(a layer's first step of a length teaches nothing: it pays for first uses, e.g. compiling).
+power-of-two step length, so the split follows the machine, the format and the chunk length.
+A model's dual layers share what they learn (SharedRates): each layer's step is learned from as
+the next layer starts (its tokens-per-expert sync has run the stream past it), so a prompt's
+first step already splits its later layers at the rates its first layers measured. The first
+step of a length and format pays for first uses (Triton compiling the decoder) and teaches
+nothing; a length not yet seen starts from the nearest one learned.
 Shorter steps (decode) stay on the engine alone.
 """
 
@@ -95,26 +99,66 @@ def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: D
 LEARN_MIN_SECONDS = 1e-4  # shares measured shorter than this teach nothing (timer and launch noise)
 
 
-def learned(rates: DualRates, cpu: tuple[float, float] | None, device: tuple[float, float] | None) -> DualRates:
-    """`rates` moved halfway (geometric mean) toward what each side achieved in a step: cpu /
-    device = (predicted seconds, measured seconds) of that side's share, or None when it had none
-    or was not measured. A side measured under LEARN_MIN_SECONDS keeps its rates; one step moves
-    a rate by at most sqrt(10)x."""
+def learned(rates: DualRates, cpu: tuple[float, float] | None, device: tuple[float, float] | None,
+            now: DualRates | None = None) -> DualRates:
+    """The rates moved halfway (geometric mean) toward what each side achieved in a step predicted
+    at `rates`: cpu / device = (predicted seconds, measured seconds) of that side's share, or None
+    when it had none or was not measured. They move from `now` (the rates as they stand, where
+    other steps taught them since; default `rates`). A side measured under LEARN_MIN_SECONDS
+    keeps its rates; one step moves a rate by at most sqrt(10)x."""
+    now = now or rates
 
-    def factor(side):
+    def factor(side, was, stands):
         if side is None or not side[0] > 0 or not side[1] >= LEARN_MIN_SECONDS:
             return 1.0
-        return min(10.0, max(0.1, side[0] / side[1])) ** 0.5
+        achieved = was * side[0] / side[1]
+        return min(10.0, max(0.1, achieved / stands)) ** 0.5
 
-    fc, fd = factor(cpu), factor(device)
-    return replace(rates, cpu_bw=rates.cpu_bw * fc, cpu_flops=rates.cpu_flops * fc, h2d_bw=rates.h2d_bw * fd)
+    fc, fd = factor(cpu, rates.cpu_bw, now.cpu_bw), factor(device, rates.h2d_bw, now.h2d_bw)
+    return replace(now, cpu_bw=now.cpu_bw * fc, cpu_flops=now.cpu_flops * fc, h2d_bw=now.h2d_bw * fd)
+
+
+class SharedRates:
+    """Rates learned per step length (a power-of-two bucket of tokens), shared by a model's dual
+    layers (enable_dual_prefill hands them one; a layer built alone has its own). The engine's
+    speed depends on tokens per expert, so 512-token chunks do not teach 8192-token ones; a
+    bucket not yet learned starts from the nearest one that is (the same machine and link; the
+    defaults when none is).
+
+    Each long step waits in `pending` until the stream has run past it: the next long step of
+    any layer learns from every pending one (its tokens-per-expert sync ran the stream past them),
+    so layer L's split uses what layers 1..L-1 measured in the same prompt. The first step of a
+    (bucket, formats) pays for first uses (Triton compiling the decoder for those formats, the
+    engine's first job of that length), which would teach a machine many times slower than it
+    is: it is recorded, not learned from."""
+
+    def __init__(self):
+        self.by_bucket: dict[int, DualRates] = {}
+        self.seen: set[tuple] = set()  # (bucket, formats) whose first step was recorded
+        self.pending: list["DualExperts"] = []  # layers holding a step not yet learned from
+
+    def rates_for(self, tokens: int, default: DualRates) -> DualRates:
+        bucket = tokens.bit_length()
+        if bucket in self.by_bucket:
+            return self.by_bucket[bucket]
+        if not self.by_bucket:
+            return default
+        return self.by_bucket[min(self.by_bucket, key=lambda b: (abs(b - bucket), b))]
+
+    def learn_pending(self) -> None:
+        """Learn from every pending step, in the order they ran (see DualExperts.learn)."""
+        pending, self.pending = self.pending, []
+        for layer in pending:
+            layer.learn()
 
 
 class DualExperts(nn.Module):
     def __init__(self, cpu_experts: nn.Module, num_experts: int, hidden: int, inter: int,
-                 rates: DualRates | None = None, min_tokens: int = DUAL_MIN_TOKENS, buffer_bytes: int = 1 << 30):
+                 rates: DualRates | None = None, min_tokens: int = DUAL_MIN_TOKENS, buffer_bytes: int = 1 << 30,
+                 shared: SharedRates | None = None):
         """buffer_bytes: device memory the device's share may use at once (the plan's dual_buffer);
-        experts go through it in batches, at least one at a time."""
+        experts go through it in batches, at least one at a time. rates: where learning starts;
+        shared: the learned rates of the model's dual layers (a new SharedRates: this layer's own)."""
         super().__init__()
         self.cpu_experts, self.num_experts, self.hidden, self.inter = cpu_experts, num_experts, hidden, inter
         self.rates, self.min_tokens, self.buffer_bytes = rates or DualRates(), min_tokens, buffer_bytes
@@ -137,12 +181,9 @@ class DualExperts(nn.Module):
         self.prestaged = 0  # long steps whose first run the layer before had copied (tests, profiles)
         self._registered = False
         self._step: dict | None = None  # the last long step's predictions and timers, until learned from
-        # Learned rates per step length (a power-of-two bucket of tokens): the engine's speed
-        # depends on tokens per expert, so 512-token chunks must not teach 8192-token ones. A
-        # bucket enters with its first long step's rates unchanged: that step pays for first uses
-        # (Triton compiling the decoder on the device's side, the engine's first prefill job), which
-        # would teach a machine many times slower than it is (each later step undoes <= sqrt(10)x).
-        self.learned_rates: dict[int, DualRates] = {}
+        self.shared = shared if shared is not None else SharedRates()
+        self.formats = tuple(cpu_experts.formats)
+        self.pageable = False  # the driver refused to page-lock the slabs: copies at PAGEABLE_H2D
         # Each long step once learned from: its split and each side's bytes, FLOPs and measured
         # seconds (None where not measured), for `tandem bench`'s split per chunk (bench/dual_split.py).
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_STEPS)
@@ -164,7 +205,8 @@ class DualExperts(nn.Module):
         return self.__dict__.get("_next_layer")
 
     def rates_for(self, tokens: int) -> DualRates:
-        return self.learned_rates.get(tokens.bit_length(), self.rates)
+        rates = self.shared.rates_for(tokens, self.rates)
+        return replace(rates, h2d_bw=min(rates.h2d_bw, PAGEABLE_H2D)) if self.pageable else rates
 
     @staticmethod
     def supports(cpu_experts: nn.Module) -> str:
@@ -186,7 +228,7 @@ class DualExperts(nn.Module):
         slot = ids.reshape(-1).long() + 1
         counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
             0, slot, torch.ones_like(slot))[1:].tolist()
-        self.learn()  # the sync above ran the stream past this layer's previous long step
+        self.shared.learn_pending()  # the sync above ran the stream past every earlier long step
         rates = self.rates_for(x.shape[0])
         ahead = self._take_ahead(counts, x)
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
@@ -206,6 +248,7 @@ class DualExperts(nn.Module):
                                         * self.expert_bytes,
                                         "cpu_flops": sum(c for e, c in enumerate(counts) if e not in on_device)
                                         * self.flops_per_token}}
+        self.shared.pending.append(self)
         if not taken:
             handle = self.cpu_experts.submit(x, ids, weights)
             self._note_call(step, x)
@@ -325,10 +368,10 @@ class DualExperts(nn.Module):
         step["call"], step["calls"] = call, self.cpu_experts.last_stream_runs if call is not None else None
 
     def learn(self) -> None:
-        """Fold the last long step's measured times into the rates (see `learned`; not a layer's
-        first step of a length) and append its record to `history`; once per step. The next long
-        step calls it; so may anyone once the stream ran past the step (`tandem bench` does after
-        each timed prefill)."""
+        """Fold this layer's last long step's measured times into the shared rates (see `learned`
+        and SharedRates: not the first step of a length and format) and append its record to
+        `history`; once per step. The next long step of any layer calls it; so may anyone once
+        the stream ran past the step (`tandem bench` does after each timed prefill)."""
         step, self._step = self._step, None
         if step is None:
             return
@@ -341,12 +384,16 @@ class DualExperts(nn.Module):
         device_measured = None
         if step["events"] is not None and step.get("recorded") and step["events"][1].query():
             device_measured = step["events"][0].elapsed_time(step["events"][1]) / 1e3
-        if step["bucket"] in self.learned_rates:
-            self.learned_rates[step["bucket"]] = learned(
+        first = (step["bucket"], self.formats)
+        shared = self.shared
+        if first in shared.seen:
+            now = shared.rates_for(step["record"]["tokens"], self.rates)
+            shared.by_bucket[step["bucket"]] = learned(
                 step["rates"], (step["cpu"], cpu_measured) if cpu_measured else None,
-                (step["device"], device_measured) if device_measured else None)
-        else:  # a layer's first long step of a length: recorded, not learned from (see learned_rates)
-            self.learned_rates[step["bucket"]] = step["rates"]
+                # a layer whose copies the driver stages (pageable) would teach the link's rate wrong
+                (step["device"], device_measured) if device_measured and not self.pageable else None, now)
+        else:  # the first step of a length and format: recorded, not learned from (see SharedRates)
+            shared.seen.add(first)
         self.history.append(dict(step["record"], cpu_s=cpu_measured, device_s=device_measured,
                                  cpu_predicted_s=step["cpu"], device_predicted_s=step["device"]))
         self.steps_recorded += 1
@@ -465,7 +512,7 @@ class DualExperts(nn.Module):
         except RuntimeError as e:
             log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
             self.rates = replace(self.rates, h2d_bw=min(self.rates.h2d_bw, PAGEABLE_H2D))
-            self.learned_rates = {b: replace(r, h2d_bw=min(r.h2d_bw, PAGEABLE_H2D)) for b, r in self.learned_rates.items()}
+            self.pageable = True
         if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
             weakref.finalize(self, _unregister, done)
         return locked

@@ -166,10 +166,11 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = Tr
     `register` (a CUDA run), the engine's expert memory is page-locked now, as part of loading
     (seconds per 100 GB), not at the first long prompt."""
     from tandem.layers.cpu_experts import CpuExperts
-    from tandem.layers.dual_experts import DualExperts
+    from tandem.layers.dual_experts import DualExperts, SharedRates
     from tandem.layers.moe import MoE
 
     wrapped, kept, locked, seconds, last = 0, {}, 0, 0.0, None
+    shared = SharedRates()  # each layer's long steps teach the layers after it
     for name, module in model.named_modules():
         if not isinstance(module, MoE) or not isinstance(module.experts, CpuExperts):
             continue
@@ -179,7 +180,7 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = Tr
             continue
         c = module.cfg
         module.experts = DualExperts(module.experts, c.num_experts, c.hidden_size, c.intermediate_size,
-                                     buffer_bytes=buffer_bytes)
+                                     buffer_bytes=buffer_bytes, shared=shared)
         if last is not None:
             last.next_layer = module.experts  # layers run in module order (TANDEM_DUAL_PRESTAGE)
         last = module.experts

@@ -178,6 +178,12 @@ def test_rates_learn_toward_what_each_side_achieved():
     assert fast_device.h2d_bw == pytest.approx(50.0 * 2**0.5) and fast_device.cpu_bw == 100.0
     assert learned(r, (1.0, LEARN_MIN_SECONDS / 2), (0.01, 0.0)) == r  # too short to tell; not measured
     assert learned(r, (0.01, 100.0), None).cpu_bw == pytest.approx(100.0 * 0.1**0.5)  # at most 10x a step
+    # From the rates as they stand (other layers taught them since the step was predicted at r):
+    # halfway (geometric mean) from there toward what the step achieved (4x slower than r: 25 bytes/s).
+    now = DualRates(cpu_bw=200.0, cpu_flops=2000.0, h2d_bw=80.0)
+    moved = learned(r, (0.01, 0.04), None, now)
+    assert (moved.cpu_bw, moved.cpu_flops, moved.h2d_bw) == pytest.approx((200.0 / 8**0.5, 2000.0 / 8**0.5, 80.0))
+    assert learned(r, None, None, now) == now
 
 
 def test_a_slower_engine_than_predicted_hands_the_device_more(layer):
@@ -199,7 +205,37 @@ def test_a_slower_engine_than_predicted_hands_the_device_more(layer):
             break  # the device's share runs in Triton's interpreter here: slow
     learned_rates = dual.rates_for(T)
     assert learned_rates.cpu_flops < fast.cpu_flops / 5 and max(seen) > 0, (learned_rates, seen)
-    assert dual.rates == fast and dual.rates_for(4 * T) == fast  # other step lengths learn on their own
+    assert dual.rates == fast
+    # A length not seen yet starts from the nearest one learned (the same machine), then learns on its own.
+    assert dual.rates_for(4 * T) == learned_rates and dual.rates_for(T // 4) == learned_rates
+
+
+def test_a_layers_step_teaches_the_layers_after_it(layer):
+    """The model's dual layers share their learned rates: each step is learned from at the next
+    layer's step (whose sync ran the stream past it), so layer B's split already follows what
+    layer A measured, before B's own second step. Layers with rates of their own do not share."""
+    experts, _ = layer
+    from tandem.layers.dual_experts import SharedRates
+
+    fast = DualRates(cpu_bw=1e13, cpu_flops=1e14, h2d_bw=1e11)  # the engine ~1e3x faster than it is
+    shared = SharedRates()
+    a, b = (DualExperts(CpuExperts(experts.engine, experts.layer, FMTS), E, H, I, rates=fast, min_tokens=1,
+                        shared=shared) for _ in range(2))
+    alone = DualExperts(CpuExperts(experts.engine, experts.layer, FMTS), E, H, I, rates=fast, min_tokens=1)
+    x = tokens(T, H, seed=5)
+    ids, w = routing(T, E, K, seed=6)
+    run(a, x, ids, w)  # the first step of this length and format: recorded, teaches nothing
+    run(b, x, ids, w)
+    assert a.steps_recorded == 1 and b.rates_for(T) == fast and b.last_split == []
+    run(alone, x, ids, w)
+    run(alone, x, ids, w)
+    assert alone.rates_for(T) == fast  # its own first step taught nothing; A's and B's never reach it
+    run(a, x, ids, w)  # learns B's step (the engine ~1e3x slower than predicted): sqrt(10)x down
+    assert b.steps_recorded == 1 and a.steps_recorded == 1
+    assert b.rates_for(T).cpu_flops == pytest.approx(fast.cpu_flops * 0.1**0.5)
+    assert a.rates_for(T) == b.rates_for(T) and alone.rates_for(T) == fast
+    run(b, x, ids, w)  # learns A's second step: B's split at rates A measured, B's own second step not yet run
+    assert b.rates_for(T).cpu_flops == pytest.approx(fast.cpu_flops * 0.1)
 
 
 def test_double_buffered_runs_equal_one_run(layer):
@@ -253,7 +289,7 @@ def test_engine_times_of_a_call_that_ran_again_teach_nothing(layer):
     dual._step = dict(step, calls=7)  # the call's last run is this step's: its times count
     dual.learn()
     assert dual.rates_for(T).cpu_bw < dual.rates.cpu_bw
-    dual.learned_rates.clear()
+    dual.shared.by_bucket.clear()
     dual._step = dict(step, calls=7, recorded=False)  # an error before the end event: no device time
     dual.learn()
     assert dual.rates_for(T).h2d_bw == dual.rates.h2d_bw
