@@ -30,7 +30,8 @@ void submit_call(HostCall* c, bool join) {
   ++c->calls;
   c->t_submit = now_ns();
   try {
-    c->ticket = c->engine->submit(c->layer, c->x, c->ids, c->w, c->out, join);
+    // borrow_x: the call's x buffer is written again only by its stream, after waiting for this job
+    c->ticket = c->engine->submit(c->layer, c->x, c->ids, c->w, c->out, join, /*borrow_x=*/true);
   } catch (const std::exception& e) {
     c->ticket = 0;  // the output keeps its old contents; Python reads `error` and reports it
     c->error = e.what();

@@ -119,7 +119,7 @@ void MoeEngine::check_inputs(const Layer& L, const TensorView& x, const TensorVi
 }
 
 uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& ids, const TensorView& w,
-                           const TensorView& out, bool join) {
+                           const TensorView& out, bool join, bool borrow_x) {
   uint64_t ticket;
   {
     std::lock_guard<std::mutex> g(submit_mu_);
@@ -131,7 +131,7 @@ uint64_t MoeEngine::submit(int layer_id, const TensorView& x, const TensorView& 
       nodes_[n].n_workers = pools_[n]->size() + (join && n == 0 ? 1 : 0);
       job_->total_workers += nodes_[n].n_workers;
     }
-    stage(L, x, ids, w, out);
+    stage(L, x, ids, w, out, borrow_x);
     {
       std::lock_guard<std::mutex> lk(mu_);
       ticket = ++launched_;
@@ -235,7 +235,7 @@ void run_tasks(PaddedCounter& c, int n, bool ahead, F&& run) {
 }  // namespace
 
 void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
-                      const TensorView& out) {
+                      const TensorView& out, bool borrow_x) {
   Job& j = *job_;
   j.layer = &L;
   j.T = int(x.shape[0]);
@@ -246,11 +246,17 @@ void MoeEngine::stage(const Layer& L, const TensorView& x, const TensorView& ids
   j.direct = pools_.size() == 1 && out.dtype == DType::F32;
   const size_t TH = size_t(j.T) * size_t(j.H), TK = size_t(j.T) * size_t(j.k);
 
-  // A raw copy: the caller may reuse x at once; the workers convert it (phase 0).
+  // The workers convert x (phase 0), from the caller's memory (borrow_x) or else from a raw copy,
+  // so that the caller may reuse x at once.
   j.x_dtype = x.dtype;
   const size_t xb = TH * (x.dtype == DType::F32 ? 4 : 2);
-  grow(j.x, xb);
-  if (xb) std::memcpy(j.x.data(), x.data, xb);
+  if (borrow_x) {
+    j.xp = static_cast<const uint8_t*>(x.data);
+  } else {
+    grow(j.x, xb);
+    if (xb) std::memcpy(j.x.data(), x.data, xb);
+    j.xp = j.x.data();
+  }
 
   // Counting sort of the (token, expert) pairs by expert.
   const auto* id = static_cast<const int32_t*>(ids.data);

@@ -1,6 +1,6 @@
 // The CPU expert engine: routed-expert MoE for one layer at a time, run on per-NUMA-node pools.
 //
-//   submit: copy x/ids/w into staging, group tokens by expert, launch every node's pool
+//   submit: copy x (unless borrowed) / ids / w into staging, group tokens by expert, launch every node's pool
 //   node n: phase 0  tasks (tokens; decode flow: positions = (token, expert) pairs): x -> the
 //                    kernels' activation layout, once per call (e.g. Q8 blocks; kernels/act.h)
 //           phase 1  tasks (expert, rows of gate/up in n's slice): h = silu(gate x) * up x
@@ -57,8 +57,12 @@ class MoeEngine {
   // join: the calling thread works as one more worker of node 0 and returns once it ran out of
   // tasks (the pools may still be finishing: wait as usual). For a caller that would otherwise
   // spin on the job (a stream's doorbell): its core streams experts' rows too.
+  // borrow_x: the workers read x where it is instead of a copy, so x must stay as it is until the
+  // job is done (a HostCall's buffers: its stream writes them again only after waiting for the
+  // job). Without it x is copied before the launch (one thread: ~3.5 ms for an 8K-token V2-Lite
+  // layer's 32 MB), and the caller may reuse x at once.
   uint64_t submit(int layer, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out,
-                  bool join = false);
+                  bool join = false, bool borrow_x = false);
   void wait(uint64_t ticket);
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }
   // The owner of the last submitted job's `out` (the Python binding passes its array): kept until
@@ -103,7 +107,8 @@ class MoeEngine {
   void check_inputs(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w,
                     const TensorView& out) const;
   void wait_idle();
-  void stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out);
+  void stage(const Layer& L, const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& out,
+             bool borrow_x);
   void run_node(int node, int worker);
   const float* x_row(int node, int t, uint8_t* scratch) const;
   void prep_x_task(int node, int pos, uint8_t* scratch);

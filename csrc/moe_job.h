@@ -79,7 +79,8 @@ struct MoeEngine::Job {
   DType out_dtype = DType::F32;
   bool direct = false;  // one node and a float32 out: accumulate straight into out
 
-  std::vector<uint8_t> x;  // [T, H] copy of the input, as given (float32 or bfloat16)
+  std::vector<uint8_t> x;  // [T, H] copy of the input, as given (float32 or bfloat16), unless borrowed
+  const uint8_t* xp = nullptr;  // the rows the workers read: x's, or the caller's (submit's borrow_x)
   DType x_dtype = DType::F32;
   std::vector<int> count, start;  // [E] tokens per expert, fill cursor
   std::vector<int> active;        // experts with tokens, ascending

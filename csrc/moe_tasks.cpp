@@ -33,9 +33,9 @@ NextCall first_reads(const Matrix& m, int e, int r0, int nr, const uint8_t* act,
 // Token t's row of x as float32 (bfloat16 input converted into the worker's scratch).
 const float* MoeEngine::x_row(int node, int t, uint8_t* scratch) const {
   const Job& j = *job_;
-  if (j.x_dtype == DType::F32) return reinterpret_cast<const float*>(j.x.data()) + size_t(t) * size_t(j.H);
+  if (j.x_dtype == DType::F32) return reinterpret_cast<const float*>(j.xp) + size_t(t) * size_t(j.H);
   auto* f = reinterpret_cast<float*>(scratch + nodes_[size_t(node)].kernel_scratch);
-  const auto* b = reinterpret_cast<const uint16_t*>(j.x.data()) + size_t(t) * size_t(j.H);
+  const auto* b = reinterpret_cast<const uint16_t*>(j.xp) + size_t(t) * size_t(j.H);
   for (int i = 0; i < j.H; ++i) f[i] = bf16_to_f32(b[i]);
   return f;
 }
@@ -57,8 +57,9 @@ void MoeEngine::prep_x_task(int node, int p, uint8_t* scratch) {
 void MoeEngine::prep_token_task(int node, int t, uint8_t* scratch) {
   const Job& j = *job_;
   NodeState& ns = nodes_[size_t(node)];
-  const float* x = x_row(node, t, scratch);
   const int i0 = j.tok_off[size_t(t)], i1 = j.tok_off[size_t(t) + 1];
+  if (i0 == i1) return;  // no expert of this engine (a dual step's tokens of device experts only)
+  const float* x = x_row(node, t, scratch);
   const auto rows = [&](const std::vector<Route>& route, std::vector<const uint8_t*>& act) {
     for (int i = i0; i < i1; ++i) {
       const int p = j.tok_pos[size_t(i)];
