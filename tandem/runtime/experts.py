@@ -166,7 +166,8 @@ def enable_dual_prefill(model: nn.Module, buffer_bytes: int, register: bool = Tr
     `register` (a CUDA run), the engine's expert memory is page-locked now, as part of loading
     (seconds per 100 GB), not at the first long prompt."""
     from tandem.layers.cpu_experts import CpuExperts
-    from tandem.layers.dual_experts import DualExperts, SharedRates
+    from tandem.layers.dual_experts import DualExperts
+    from tandem.layers.dual_rates import SharedRates
     from tandem.layers.moe import MoE
 
     wrapped, kept, locked, seconds, last = 0, {}, 0, 0.0, None

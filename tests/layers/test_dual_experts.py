@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the tiled kernel is defined
 
 from tandem.layers.cpu_experts import CpuExperts
-from tandem.layers.dual_experts import DualExperts, DualRates, split
+from tandem.layers.dual_experts import DualExperts
+from tandem.layers.dual_rates import DualRates, split
 from tandem.ops import cpu
 from tests.ops.isa_cases import ISA_VS_GENERIC, usable_isas
 from tests.ops.moe_cases import assert_matches, gguf_blocks, reference, routing, tokens
@@ -169,7 +170,7 @@ def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeyp
 
 
 def test_rates_learn_toward_what_each_side_achieved():
-    from tandem.layers.dual_experts import LEARN_MIN_SECONDS, learned
+    from tandem.layers.dual_rates import LEARN_MIN_SECONDS, learned
 
     r = DualRates(cpu_bw=100.0, cpu_flops=1000.0, h2d_bw=50.0)
     slow_cpu = learned(r, (0.01, 0.04), None)  # the engine took 4x what the split predicted
@@ -215,7 +216,7 @@ def test_a_layers_step_teaches_the_layers_after_it(layer):
     layer's step (whose sync ran the stream past it), so layer B's split already follows what
     layer A measured, before B's own second step. Layers with rates of their own do not share."""
     experts, _ = layer
-    from tandem.layers.dual_experts import SharedRates
+    from tandem.layers.dual_rates import SharedRates
 
     fast = DualRates(cpu_bw=1e13, cpu_flops=1e14, h2d_bw=1e11)  # the engine ~1e3x faster than it is
     shared = SharedRates()
