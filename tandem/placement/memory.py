@@ -46,6 +46,11 @@ GPU_BLOCK_FORMATS = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 GPU_SPLIT_FORMATS = frozenset(SPLIT_FORMATS)
 PREFILL_TOKENS = 512  # default tokens per step (--max-step-tokens): longer prompts prefill in chunks
 SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
+# GPU prefill steps of at least DEQUANT_MIN_TOKENS tokens decode each block-format linear's weights
+# into the activations' dtype, at most DEQUANT_CHUNK_BYTES at a time, and multiply with cuBLAS
+# (tandem/ops/triton/quant.py's "dequant" path; tests hold these to its constants).
+DEQUANT_MIN_TOKENS = 256
+DEQUANT_CHUNK_BYTES = 32 << 20
 # Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
 # tandem.ops.triton.tiled, which tests hold this to); layers in other formats prefill on the engine.
 DUAL_FORMATS = frozenset({"Q8_0", "Q5_0", "Q4_K", "Q6_K", "BF16", "INT8", "INT4"})
@@ -89,6 +94,7 @@ class StepShape:
     kv_chunk: int = 0  # a prefill step attends at most this many context tokens at a time (0: all)
     chunk_state: int = 0  # bytes per new token of one chunk's partial output and log-sum-exp
     engine_per_token: int = 0  # CPU RAM the engine's buffers take per token of a step (engine_staging_bytes)
+    widest_weight: int = 0  # elements of the largest linear weight outside the experts (its dequantized chunk)
 
 
 def workspace_bytes(
@@ -102,8 +108,9 @@ def workspace_bytes(
     partial output merged into a running one (MLA: layers/attention.py), so only one chunk counts
     (decode steps attend all of it at once). The rest is
     a few live [tokens, widest] and [tokens, hidden] rows (an MLP's gate, up and product; the
-    residual stream) and the fp32 logits. Checked against measured peaks (tests/placement/
-    test_hybrid_gpu.py, `tandem bench`'s allocated-vs-plan row)."""
+    residual stream), the fp32 logits and, for a GPU prefill step of >= DEQUANT_MIN_TOKENS tokens,
+    one linear's dequantized weights (at most DEQUANT_CHUNK_BYTES). Checked against measured peaks
+    (tests/placement/test_hybrid_gpu.py, `tandem bench`'s allocated-vs-plan row)."""
     chunked = prefill and 0 < s.kv_chunk < context and attention != "kernel"
     if chunked:  # one chunk of the context at a time; the running output, a chunk's and their merge
         context = s.kv_chunk
@@ -112,7 +119,9 @@ def workspace_bytes(
     merge = 3 * tokens * s.chunk_state if chunked else 0
     rows = tokens * (3 * s.widest + 6 * s.hidden) * s.act_bytes
     logits = 2 * logits_rows * s.vocab * 4
-    return scores + expand + merge + rows + logits + SLACK
+    dequant = min(DEQUANT_CHUNK_BYTES, s.widest_weight * s.act_bytes) if prefill and attention == "fused" \
+        and tokens >= DEQUANT_MIN_TOKENS else 0
+    return scores + expand + merge + rows + logits + dequant + SLACK
 
 
 def engine_staging_bytes(hidden: int, inter: int, top_k: int) -> int:

@@ -125,9 +125,10 @@ def name_table(net: nn.Module, tensors: Iterable[StoredTensor], rename: Callable
 
 
 def step_shape(net: nn.Module) -> StepShape:
-    linears = [m.weight.shape[0] for name, m in net.named_modules()
+    weights = [m.weight.shape for name, m in net.named_modules()
                if name.startswith("layers.") and isinstance(getattr(m, "weight", None), torch.Tensor)
                and m.weight.dim() == 2 and ".experts" not in name]
+    linears = [shape[0] for shape in weights]
     heads = [layer.attn.cfg.num_heads for layer in net.layers]
     attns = [layer.attn for layer in net.layers if hasattr(layer.attn, "kv_chunk")]  # those that chunk their context
     act = net.embed.weight.element_size()
@@ -142,6 +143,7 @@ def step_shape(net: nn.Module) -> StepShape:
         kv_chunk=min((m.kv_chunk for m in attns), default=0),
         chunk_state=max((m.cfg.num_heads * (m.cfg.v_head_dim + 1) * 4 for m in attns), default=0),
         engine_per_token=max((engine_staging_bytes(c.hidden_size, c.intermediate_size, c.top_k) for c in moes), default=0),
+        widest_weight=max((shape[0] * shape[1] for shape in weights), default=0),
     )
 
 

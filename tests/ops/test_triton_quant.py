@@ -92,13 +92,42 @@ def assert_bf16(out, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("path", ["gemv", "tiled"])
+@pytest.mark.parametrize("path", ["gemv", "tiled", "dequant"])
 @pytest.mark.parametrize("m", [1, 3, 16, 37])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul(fmt, m, path, dtype, device):
     blocks, w = tensors(fmt, device)
     x = activations(m, K, dtype, device)
     assert_matmul(tq.quant_matmul(x, blocks, fmt, path=path), x, w)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_long_prompts_dequantize_once_in_chunks(fmt, dtype, device, monkeypatch):
+    """From DEQUANT_MIN_M tokens quant_matmul decodes W into x's dtype and multiplies with torch,
+    DEQUANT_CHUNK_BYTES of rows at a time: here 16 rows, so 4 chunks of N = 64 (and the bias's
+    matching slices); the same bound as the kernels."""
+    blocks, w = tensors(fmt, device)
+    m = tq.DEQUANT_MIN_M
+    x = activations(m, K, dtype, device)
+    bias = torch.randn(N).to(device=device, dtype=dtype)
+    chunks = []
+    rows = tq._rows
+    monkeypatch.setattr(tq, "_rows", lambda ids, b, *a: chunks.append(b.shape[0]) or rows(ids, b, *a))
+    monkeypatch.setattr(tq, "DEQUANT_CHUNK_BYTES", 16 * K * x.element_size())
+    assert_matmul(tq.quant_matmul(x, blocks, fmt, bias), x, w, bias)
+    assert chunks == [16] * 4
+    monkeypatch.undo()
+    chunks.clear()
+    monkeypatch.setattr(tq, "_rows", lambda ids, b, *a: chunks.append(b.shape[0]) or rows(ids, b, *a))
+    assert_matmul(tq.quant_matmul(x[: m - 1], blocks, fmt), x[: m - 1], w)  # fewer tokens: the tiled kernel
+    assert chunks == []
+
+
+def test_the_memory_plan_counts_the_dequant_paths_chunk():
+    from tandem.placement import memory
+
+    assert (memory.DEQUANT_MIN_TOKENS, memory.DEQUANT_CHUNK_BYTES) == (tq.DEQUANT_MIN_M, tq.DEQUANT_CHUNK_BYTES)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q8_0"])
@@ -199,6 +228,8 @@ def test_clear_errors(device):
         tq.quant_matmul(x[None], blocks, "Q4_K")
     with pytest.raises(TandemError, match="bias"):
         tq.quant_matmul(x, blocks, "Q4_K", torch.zeros(N + 1, device=device))
+    with pytest.raises(TandemError, match="'dequant'"):
+        tq.quant_matmul(x, blocks, "Q4_K", path="cublas")
     with pytest.raises(TandemError, match="multiple of 144"):
         tq.dequantize(blocks[:, :100], "Q4_K")
     with pytest.raises(TandemError, match="ids"):

@@ -73,6 +73,22 @@ def test_prefill_workspace_counts_one_chunk_of_a_long_context(tmp_path):
     assert plan_model_step(gqa).kv_chunk == 0  # GQA attends its gathered rows in one pass
 
 
+def test_long_gpu_prefill_steps_hold_one_dequantized_weight_chunk():
+    """GPU prefill steps of >= DEQUANT_MIN_TOKENS tokens decode a block-format linear's weights
+    (ops/triton/quant.py's "dequant" path): the largest weight, at most DEQUANT_CHUNK_BYTES."""
+    from tandem.placement.memory import DEQUANT_CHUNK_BYTES, DEQUANT_MIN_TOKENS
+
+    small = StepShape(hidden=64, vocab=100, heads=4, widest=64, act_bytes=2, widest_weight=64 * 96)
+    big = StepShape(hidden=64, vocab=100, heads=4, widest=64, act_bytes=2, widest_weight=18432 * 7168)
+    t = DEQUANT_MIN_TOKENS
+    for s, held in ((small, 64 * 96 * 2), (big, DEQUANT_CHUNK_BYTES)):
+        plain = StepShape(**{**s.__dict__, "widest_weight": 0})
+        assert workspace_bytes(s, t, t, 1, "fused") - workspace_bytes(plain, t, t, 1, "fused") == held
+        for args in ((t - 1, t, 1, "fused"), (t, t, 1, "reference"), (t, t, 1, "kernel")):
+            assert workspace_bytes(s, *args) == workspace_bytes(plain, *args)  # short steps, CPU, decode: none
+        assert workspace_bytes(s, t, t, 1, "fused", prefill=False) == workspace_bytes(plain, t, t, 1, "fused", prefill=False)
+
+
 def test_float_experts_in_the_engine_and_the_load_peak(tmp_path):
     net, plan = plan_file(write_tiny(tmp_path, "deepseek_v2_lite"))  # fp32 checkpoint, experts -> bf16
     experts = [p for n, p in net.named_parameters() if ".experts." in n]

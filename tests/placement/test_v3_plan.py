@@ -3,8 +3,8 @@ from its tensor list (no file: tandem.testing.full_size), with routed experts in
 
 What the plan says, one 8K sequence (max_batch 1), 14 GB budget: the GPU keeps the non-expert
 weights in the file's Q4_K / Q6_K blocks (the fused dequant-matmul kernels read them), DeepSeek's
-kv_b (derived from attn_k_b + attn_v_b) in bf16, fp32 routers, the 0.58 GB MLA cache and 1.14 GB
-of workspace (a 512-token prefill chunk over 8K of context) = 13.62 GB VRAM, inside 14 GB (all
+kv_b (derived from attn_k_b + attn_v_b) in bf16, fp32 routers, the 0.58 GB MLA cache and 1.17 GB
+of workspace (a 512-token prefill chunk over 8K of context) = 13.66 GB VRAM, inside 14 GB (all
 dequantized to bf16 it would be 36.2 GB).
 Routed experts: 393.98 GB of Q4_K / Q6_K blocks in CPU RAM.
 """
@@ -96,33 +96,33 @@ def test_v3_q4_k_m_plan_lists_the_expected_bytes(v3):
     assert "engine workspace (estimate)" in format_plan(plan)
 
     # GPU weights in their blocks (Q4_K / Q6_K kernels), kv_b in bf16, a 512-token prefill chunk at
-    # 8K of context (MLA expands keys and values: 1.14 GB of workspace): 13.62 GB, inside 14 GB.
+    # 8K of context (MLA expands keys and values: 1.17 GB of workspace): 13.66 GB, inside 14 GB.
     weights = sum(expected.values())
     assert plan.weights(True) == weights
     assert plan.vram == weights + plan.kv.bytes + plan.workspace
     assert 13.5 * GB < plan.vram < 13.7 * GB <= 14 * GB
     assert {r.format for r in plan.rows if r.on_gpu and r.backend == "blocks"} == {"Q4_K", "Q6_K"}
     table = format_plan(plan)
-    assert "VRAM  13.62 GB of 14.00 GB given by --vram-budget" in table
+    assert "VRAM  13.66 GB of 14.00 GB given by --vram-budget" in table
     check_fits(plan)
 
 
 def test_v3_long_prompts_prefill_in_bounded_vram(v3):
     # Issue 10: MLA prefill expands keys and values for 8192 context tokens at a time (the rest of a
-    # longer context merges through the log-sum-exp), so the workspace stops growing at 8K: 1.24 GB
+    # longer context merges through the log-sum-exp), so the workspace stops growing at 8K: 1.27 GB
     # at 32K and at 128K (it was 4.01 and 15.51 GB with the whole context expanded at once). VRAM at
-    # 128K: 11.90 GB of weights + 9.21 GB of bf16 latent cache + 1.24 GB = 22.36 GB (was 36.63 GB).
+    # 128K: 11.90 GB of weights + 9.21 GB of bf16 latent cache + 1.27 GB = 22.39 GB (was 36.63 GB).
     options = PlacementOptions(device="cuda")
     plans = {ctx: plan_of(v3, options, max_context=ctx, vram=40) for ctx in (8192, 32768, 131072)}
-    assert plans[32768].workspace == plans[131072].workspace < 1.25 * GB
+    assert plans[32768].workspace == plans[131072].workspace < 1.28 * GB
     assert plans[8192].workspace < plans[32768].workspace  # 8K: one chunk, no running output to merge
     assert plans[131072].kv.bytes == (512 + 64) * LAYERS * 131072 * BF16
     assert 22.3 * GB < plans[131072].vram < 22.4 * GB
     assert plans[131072].longest_prompt() == 131072
-    # On a 24 GB card (22 GB budget) 128K fits with the context in chunks of 4096 (21.88 GB), not 8192;
+    # On a 24 GB card (22 GB budget) 128K fits with the context in chunks of 4096 (21.91 GB), not 8192;
     # LLM's prefill_kv_chunk="auto" takes the largest prompt chunk, then the largest context chunk
-    # that fit: without the dual path's buffer, 1024-token prompt chunks, context by 2048 (21.89 GB).
-    with pytest.raises(DoesNotFit, match="needs 22.36 GB of VRAM"):
+    # that fit: without the dual path's buffer, 1024-token prompt chunks, context by 2048 (21.92 GB).
+    with pytest.raises(DoesNotFit, match="needs 22.39 GB of VRAM"):
         check_fits(plan_of(v3, options, max_context=131072, vram=22))
     check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=4096))
     check_fits(plan_of(v3, options, max_context=131072, vram=22, kv_chunk=2048, step_tokens=1024))
@@ -150,7 +150,7 @@ def test_v3_dual_path_prefill_buffer_on_a_24_gb_card(v3):
 
 def test_v3_int8_kv_cache_halves_the_cache(v3):
     # --kv-cache int8: 612-byte rows (int8 latent + rope key, 9 fp32 scales) instead of 1152 bf16 bytes.
-    # The model's whole 160K context in 19.27 GB, four 32K sequences in 18.05 GB: a 24 GB card (was
+    # The model's whole 160K context in 19.30 GB, four 32K sequences in 18.08 GB: a 24 GB card (was
     # 24.66 and 22.36 GB with the bf16 cache).
     net = v3[0]
     try:
@@ -161,14 +161,14 @@ def test_v3_int8_kv_cache_halves_the_cache(v3):
         for layer in net.layers:
             layer.attn.kv_int8 = False
     assert long.kv.bytes == 612 * LAYERS * 163840
-    assert 19.2 * GB < long.vram < 19.3 * GB and 18.0 * GB < four.vram < 18.1 * GB
+    assert 19.25 * GB < long.vram < 19.35 * GB and 18.0 * GB < four.vram < 18.1 * GB
     check_fits(long)
     check_fits(four)
 
 
 def test_v3_over_budget_is_refused_with_advice(v3):
     plan = plan_of(v3, PlacementOptions(device="cuda"), vram=12)
-    with pytest.raises(DoesNotFit, match=r"needs 13.62 GB of VRAM but 12.00 GB is given by --vram-budget"):
+    with pytest.raises(DoesNotFit, match=r"needs 13.66 GB of VRAM but 12.00 GB is given by --vram-budget"):
         check_fits(plan)
     # Eight 8K sequences (the default --max-batch) add 4.03 GB of cache: the advice names the knobs.
     eight = plan_of(v3, PlacementOptions(device="cuda"), max_batch=8, vram=14)
@@ -191,8 +191,8 @@ def test_impossible_budgets_are_refused_with_advice(v3):
 
 
 def test_v3_auto_steps_leave_room_for_the_dual_paths_buffer(v3):
-    # --max-step-tokens auto, 8K context, a 16 GB budget: an 8192-token step fits alone (15.79 GB)
-    # but not beside the dual path's 1 GiB buffer (17.46 GB); LLM takes the largest step (and context
+    # --max-step-tokens auto, 8K context, a 16 GB budget: an 8192-token step fits alone (15.83 GB)
+    # but not beside the dual path's 1 GiB buffer (17.49 GB); LLM takes the largest step (and context
     # chunk) that fits with the buffer, so long prompts keep both paths instead of prefilling on the
     # CPU engine alone.
     from tandem.runtime.llm import KV_CHUNK_CHOICES, STEP_TOKEN_CHOICES, _choose_chunks, _dual_want

@@ -8,7 +8,11 @@ matrix is ever made. Data path of `quant_matmul(x [M, K], blocks)`:
     M <= 16    _mma_kernel, 16-token tiles: tl.dot(W tile [rows, 128], x^T [128, 16]) (swap-AB: the
                weights fill the MMA's 64-row side; tokens pad only its narrow side, which costs
                tensor-core cycles that a memory-bound GEMV has to spare, and W is read once)
-    M > 16     _mma_kernel, 64/128-token tiles (prefill), W tiles re-read from L2 per token tile
+    M > 16     _mma_kernel, 64/128-token tiles, W tiles re-read from L2 per token tile
+    M >= 256   (prefill) W dequantized once into x's dtype, DEQUANT_CHUNK_BYTES of rows at a time, and
+               multiplied by torch (cuBLAS on a GPU): the _mma_kernel decodes every W tile once per
+               token tile, which at 8K tokens ran V2-Lite's GPU-resident projections at ~140 TFLOP/s
+               (96 ms of an 8K prompt's 552 ms on an H100, session 24)
     split-K    decode grids too small to fill the GPU split K; partial sums [S, M, N] fp32 are added
                (+ bias) in split order by the last split of each row tile to arrive (ops/triton/
                arrive.py), in the same launch: deterministic. quant_matmul's launches on a device
@@ -69,6 +73,8 @@ _PREFILL = (  # (shared memory per block needed, tiles), best first
 )
 _FP32 = Tiles(rows=64, tokens=16, warps=4)  # fp32 x, M > 1: the ieee dot runs on CUDA cores; big tiles spill
 _GEMV_MAX_M = 16
+DEQUANT_MIN_M = 256  # from this many tokens quant_matmul takes the "dequant" path (module docstring)
+DEQUANT_CHUNK_BYTES = 32 << 20  # dequantized rows the "dequant" path holds at once (the memory plan counts them)
 _PROGRAMS_PER_SM = 4  # split K until about this many programs per SM stream weights
 _MIN_SPLIT_STEPS = 2  # ... giving each split at least this many steps
 _MAX_SPLIT = 32
@@ -281,8 +287,9 @@ def quant_matmul(
     """y = x W^T (+ bias): x [M, K] bf16/fp16/fp32, W as blocks uint8 [N, row_bytes] -> y [M, N] in x's dtype.
 
     Accumulates in fp32 (bf16/fp16 x: the tensor-core paths round decoded weights to x's dtype).
-    `path` ("gemv" or "tiled"), `split_k` and `tiles` override the choices made from M, the grid
-    and the GPU; they are for tests and tuning."""
+    `path` ("gemv", "tiled" or "dequant"), `split_k` and `tiles` override the choices made from M,
+    the grid and the GPU; they are for tests and tuning. On the "dequant" path a bias is added in
+    x's dtype (cuBLAS's epilogue)."""
     fmt = format_of(qtype)
     _check_device(x, blocks)
     if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -291,17 +298,19 @@ def quant_matmul(
     n = _check_blocks(blocks, fmt, k)
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.device != x.device):
         raise TandemError(f"bias must be a float tensor [{n}] on {x.device}, got {bias.dtype} {tuple(bias.shape)}")
-    if path not in (None, "gemv", "tiled"):
-        raise TandemError(f"quant_matmul path must be 'gemv' or 'tiled', not {path!r}")
+    if path not in (None, "gemv", "tiled", "dequant"):
+        raise TandemError(f"quant_matmul path must be 'gemv', 'tiled' or 'dequant', not {path!r}")
     if split_k is not None and split_k < 1:
         raise TandemError(f"split_k must be >= 1, got {split_k}")
     if x.stride(1) != 1:
         x = x.contiguous()
+    path = path or ("gemv" if m <= _GEMV_MAX_M else "tiled" if m < DEQUANT_MIN_M else "dequant")
+    if path == "dequant" and m and n:
+        return _dequant_matmul(x, blocks, fmt, bias, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
 
-    path = path or ("gemv" if m <= _GEMV_MAX_M else "tiled")
     tiles = tiles or _tiles_for(m, path, x)
     grid_m, grid_n, n_steps = triton.cdiv(m, tiles.tokens), triton.cdiv(n, tiles.rows), triton.cdiv(k, STEP)
     splits = split_k or (_pick_split(grid_m * grid_n, n_steps, x.device) if path == "gemv" else 1)
@@ -323,6 +332,22 @@ def quant_matmul(
     else:
         _mma_kernel[(grid_m, grid_n, splits)](*args, **meta, BLOCK_M=tiles.tokens, IEEE=x.dtype == torch.float32,
                                               UPCAST=_INTERPRETED)  # fmt: skip
+    return y
+
+
+def _dequant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: Format, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """quant_matmul's "dequant" path: W's rows decoded into x's dtype (the rounding the tensor-core
+    kernel gives each weight) a chunk at a time, each chunk multiplied by torch."""
+    b = bias.to(x.dtype) if bias is not None else None
+    rows = max(16, DEQUANT_CHUNK_BYTES // (x.shape[1] * x.element_size()) // 16 * 16)  # 16: the blocks' alignment
+    if rows >= n:
+        return torch.nn.functional.linear(x, _rows(None, blocks, fmt, x.dtype, n, "dequantize"), b)
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = _rows(None, blocks[r0:r1], fmt, x.dtype, r1 - r0, "dequantize")
+        y[:, r0:r1] = torch.nn.functional.linear(x, w, b[r0:r1] if b is not None else None)
+        del w  # one chunk held at a time
     return y
 
 
