@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -49,6 +50,18 @@ def prestage_enabled() -> bool:
     (the experts that layer's device took first in its last long step), so the link keeps working
     through the next layer's attention and routing. Off by default until measured."""
     return os.environ.get("TANDEM_DUAL_PRESTAGE", "0") == "1"
+
+
+def stretches(experts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(index, first expert, count) of each stretch of consecutive ids in `experts`: the slabs hold
+    the experts in id order, so a stretch is one contiguous copy."""
+    out: list[tuple[int, int, int]] = []
+    for j, e in enumerate(experts):
+        if out and e == out[-1][1] + out[-1][2]:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((j, e, 1))
+    return out
 
 
 class DualExperts(nn.Module):
@@ -151,6 +164,12 @@ class DualExperts(nn.Module):
             handle = self.cpu_experts.submit(x, ids, weights)
             self._note_call(step, x)
             return handle, None
+        if ahead:  # the first run is the one the layer before copied
+            runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
+        else:
+            runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+        # The runs' order (each run by expert id, so neighbours copy at once), which local ids count in.
+        taken = self.last_split = [e for run in runs for e in run]
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
         lookup[torch.tensor(taken, device=ids.device)] = torch.arange(len(taken), device=ids.device)
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
@@ -160,15 +179,13 @@ class DualExperts(nn.Module):
             step["events"][0].record(stream)
         staged = following = None
         try:
-            if ahead:  # the first run is the one the layer before copied
+            if ahead:
                 staged = ahead[1]
-                runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
                 self.prestaged += 1
                 # what to stage ahead next time: this step's own first choice, not the staged run again
                 self.next_first = self.batches(split(counts, self.expert_bytes, self.flops_per_token, rates),
                                                counts, x.dtype)[:1]
             else:
-                runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
                 self.next_first = runs[:1]
             self.last_runs = runs
             handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
@@ -309,8 +326,9 @@ class DualExperts(nn.Module):
         return n * (per_expert + most_tokens * per_token)
 
     def batches(self, taken: list[int], counts: list[int], dtype: torch.dtype) -> list[list[int]]:
-        """`taken` in consecutive runs that fit buffer_bytes (batch_bytes), at least one expert each.
-        The hottest experts come first, so the first runs are padded the most and hold fewer."""
+        """`taken` in consecutive runs that fit buffer_bytes (batch_bytes), at least one expert each,
+        each run by expert id (neighbouring experts' slabs copy at once: _stage). The hottest experts
+        come first, so the first runs are padded the most and hold fewer."""
         runs: list[list[int]] = []
         run: list[int] = []
         most = 0  # the run's busiest count so far
@@ -322,7 +340,7 @@ class DualExperts(nn.Module):
             most = max(most, counts[e])
         if run:
             runs.append(run)
-        return runs
+        return [sorted(r) for r in runs]
 
     def _copy_stream(self, device: torch.device):
         """The device's stream for the slabs' copies (one per device, shared by the layers), or None
@@ -353,8 +371,8 @@ class DualExperts(nn.Module):
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for n, node in enumerate(self.slabs):
                 for proj, (slab, _) in node.items():
-                    for j, e in enumerate(experts):
-                        staged[(n, proj)][j].copy_(slab[e], non_blocking=True)
+                    for j, e, count in stretches(experts):  # one copy a stretch of neighbouring experts
+                        staged[(n, proj)][j : j + count].copy_(slab[e : e + count], non_blocking=True)
             done = stream.record_event() if stream is not None else None
         return staged, done
 

@@ -433,6 +433,26 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     assert b._ahead is None  # off: nothing staged
 
 
+def test_runs_go_by_expert_id_and_neighbours_copy_at_once(layer):
+    """Each run holds its experts by id, and the copies take stretches of neighbouring experts at
+    once (their slabs lie in id order): the staged blocks are those of per-expert copies."""
+    from tandem.layers.dual_experts import stretches
+
+    assert stretches([2, 3, 4, 7, 0, 1, 5]) == [(0, 2, 3), (3, 7, 1), (4, 0, 2), (6, 5, 1)]
+    assert stretches([]) == [] and stretches([6, 5]) == [(0, 6, 1), (1, 5, 1)]
+    experts, _ = layer
+    counts = [9, 1, 7, 3, 8, 2, 6, 4]
+    dual = DualExperts(experts, E, H, I)
+    dual.buffer_bytes = dual.batch_bytes(3, max(counts), torch.float32)  # three experts a run
+    runs = dual.batches([0, 4, 2, 6, 7, 3, 5, 1], counts, torch.float32)  # hottest first
+    assert runs == [[0, 2, 4], [3, 6, 7], [1, 5]]
+    chosen = [1, 2, 3, 6, 0]
+    staged, _ = dual._stage(chosen, torch.device(DEVICE))
+    for (n, proj), blocks in staged.items():
+        slab = dual.slabs[n][proj][0]
+        assert torch.equal(blocks.cpu(), slab[chosen]), proj
+
+
 def test_device_weights_are_the_file_weights_of_those_experts(layer):
     """Hot experts take their float copies from the engine's memory (DualExperts.device_weights):
     the file's weights of exactly those experts, in their order, in the asked dtype."""
