@@ -9,8 +9,10 @@ Data path of one long step:
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
     -> per batch of S: copy the experts' slabs host -> device on a copy stream (the next batch's
        copies start before this one computes: double buffering), decode them straight into the
-       model's dtype (ops/triton/tiled.py), run them on their tokens
-       (ops.reference.moe_experts_padded: batched matmuls over the batch's experts, S's local ids)
+       model's dtype (ops/triton/tiled.py), run them on their tokens: grouped matmuls over the
+       step's rows sorted once by expert, each run's outputs summed into one fp32 sum
+       (ops.reference.moe_experts_grouped; where torch's grouped matmul does not take the dtype:
+       batched matmuls padded to each run's busiest expert, moe_experts_padded)
     -> wait for the engine; out = engine's part + device's part
     -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's first run of its last long step, so
        the link works through that layer's attention and routing; it takes that run first
@@ -50,6 +52,12 @@ def prestage_enabled() -> bool:
     (the experts that layer's device took first in its last long step), so the link keeps working
     through the next layer's attention and routing. Off by default until measured."""
     return os.environ.get("TANDEM_DUAL_PRESTAGE", "0") == "1"
+
+
+def run_rows(run: Sequence[int], counts: Sequence[int], grouped: bool) -> int:
+    """Token rows a run's matmuls take: each expert's own tokens (grouped matmuls), or the run's
+    busiest expert's count for every expert (padded batched matmuls)."""
+    return sum(counts[e] for e in run) if grouped else len(run) * max((counts[e] for e in run), default=0)
 
 
 def stretches(experts: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -92,6 +100,7 @@ class DualExperts(nn.Module):
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
         self.prestaged = 0  # long steps whose first run the layer before had copied (tests, profiles)
         self._registered = False
+        self._locked: set[int] = set()  # the slabs register_slabs page-locked (their addresses)
         self._step: dict | None = None  # the last long step's predictions and timers, until learned from
         self.shared = shared if shared is not None else SharedRates()
         self.pageable = False  # the driver refused to page-lock the slabs: copies at PAGEABLE_H2D
@@ -164,10 +173,12 @@ class DualExperts(nn.Module):
             handle = self.cpu_experts.submit(x, ids, weights)
             self._note_call(step, x)
             return handle, None
+        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
         if ahead:  # the first run is the one the layer before copied
-            runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype) if len(taken) > len(ahead[0]) else [])
+            runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype, grouped)
+                                 if len(taken) > len(ahead[0]) else [])
         else:
-            runs = self.batches(taken, counts, x.dtype)  # bounded device memory per batch
+            runs = self.batches(taken, counts, x.dtype, grouped)  # bounded device memory per batch
         # The runs' order (each run by expert id, so neighbours copy at once), which local ids count in.
         taken = self.last_split = [e for run in runs for e in run]
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
@@ -184,7 +195,7 @@ class DualExperts(nn.Module):
                 self.prestaged += 1
                 # what to stage ahead next time: this step's own first choice, not the staged run again
                 self.next_first = self.batches(split(counts, self.expert_bytes, self.flops_per_token, rates),
-                                               counts, x.dtype)[:1]
+                                               counts, x.dtype, grouped)[:1]
             else:
                 self.next_first = runs[:1]
             self.last_runs = runs
@@ -197,20 +208,32 @@ class DualExperts(nn.Module):
                 staged = self._stage(runs[0], x.device)
             self._note_call(step, x)
             dev, b0 = None, 0
+            if grouped:  # the device's rows sorted by local id once: each run's rows follow one another
+                flat = local.reshape(-1)
+                rows = flat.argsort(stable=True)[flat.numel() - sum(counts[e] for e in taken):]  # -1 sorts first
+                row_tokens, row_weights = rows // ids.shape[1], weights.reshape(-1)[rows].float()
+                summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                r0 = 0
             for i, chunk in enumerate(runs):
                 # Double buffering: the next run's copies start before this run computes, when both
                 # fit the buffer (batch_bytes counts a run's worth of blocks for it).
                 nxt = runs[i + 1] if i + 1 < len(runs) else None
-                early = nxt is not None and (self.batch_bytes(len(chunk), max(counts[e] for e in chunk), x.dtype)
+                early = nxt is not None and (self.batch_bytes(len(chunk), run_rows(chunk, counts, grouped), x.dtype)
                                              - len(chunk) * self.expert_bytes + len(nxt) * self.expert_bytes
                                              <= self.buffer_bytes)
                 following = self._stage(nxt, x.device) if early else None
                 self.prefetched += early
-                in_chunk = (local >= b0) & (local < b0 + len(chunk))
-                part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights,
-                                              *self._decode(len(chunk), staged, x.device, x.dtype),
-                                              [counts[e] for e in chunk])
-                dev = part if dev is None else dev + part
+                mats = self._decode(len(chunk), staged, x.device, x.dtype)
+                if grouped:
+                    r1 = r0 + sum(counts[e] for e in chunk)
+                    ops.moe_experts_grouped(x, row_tokens[r0:r1], row_weights[r0:r1], *mats,
+                                            [counts[e] for e in chunk], summed)
+                    r0 = r1
+                else:
+                    in_chunk = (local >= b0) & (local < b0 + len(chunk))
+                    part = ops.moe_experts_padded(x, torch.where(in_chunk, local - b0, -1), weights, *mats,
+                                                  [counts[e] for e in chunk])
+                    dev = part if dev is None else dev + part
                 b0 += len(chunk)
                 # This run's blocks go back to the compute stream's pool (in its order) before the
                 # next run is staged, so at most two runs of blocks are held at once.
@@ -224,6 +247,8 @@ class DualExperts(nn.Module):
                 # A run staged but never decoded (an error): its copies may still be writing
                 # blocks the pool would hand out again; queue the compute stream after them.
                 stream.wait_stream(self._copy_stream(x.device))
+        if grouped:
+            dev = summed.to(x.dtype)
         if step["events"]:
             step["events"][1].record(stream)
             step["recorded"] = True
@@ -257,7 +282,8 @@ class DualExperts(nn.Module):
         if ahead is None:
             return None
         run = ahead[0]
-        if len(run) > 1 and self.batch_bytes(len(run), max(counts[e] for e in run), x.dtype) > self.buffer_bytes:
+        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)
+        if len(run) > 1 and self.batch_bytes(len(run), run_rows(run, counts, grouped), x.dtype) > self.buffer_bytes:
             self._let_go(ahead)
             return None
         return ahead
@@ -313,31 +339,31 @@ class DualExperts(nn.Module):
                                  cpu_predicted_s=step["cpu"], device_predicted_s=step["device"]))
         self.steps_recorded += 1
 
-    def batch_bytes(self, n: int, most_tokens: int, dtype: torch.dtype) -> int:
-        """Device bytes of a batch of n experts whose busiest has most_tokens: each expert holds its
-        blocks, its weights in `dtype` (decoded in place) and as many blocks again for the next
-        batch's copies (double buffering) - what MemoryPlan.dual_expert_bytes counts - and the
-        padded matmuls give every expert the busiest one's token count of rows (x, gate, up, h, y
-        in `dtype`; fp32 copies of x and y). What a step holds whatever its runs (the padded input,
-        the fp32 sum, the parts) is MemoryPlan.dual_step, outside the buffer."""
+    def batch_bytes(self, n: int, rows: int, dtype: torch.dtype) -> int:
+        """Device bytes of a batch of n experts whose matmuls take `rows` token rows (run_rows):
+        each expert holds its blocks, its weights in `dtype` (decoded in place) and as many blocks
+        again for the next batch's copies (double buffering) - what MemoryPlan.dual_expert_bytes
+        counts - and each row x, gate, up, h, y in `dtype` and fp32 copies of x and y. What a step
+        holds whatever its runs (the fp32 sum, the padded input) is MemoryPlan.dual_step, outside
+        the buffer."""
         numel = self.hidden * self.inter
         per_expert = 2 * self.expert_bytes + 3 * numel * dtype.itemsize
         per_token = (2 * self.hidden + 3 * self.inter) * dtype.itemsize + 12 * self.hidden
-        return n * (per_expert + most_tokens * per_token)
+        return n * per_expert + rows * per_token
 
-    def batches(self, taken: list[int], counts: list[int], dtype: torch.dtype) -> list[list[int]]:
+    def batches(self, taken: list[int], counts: list[int], dtype: torch.dtype,
+                grouped: bool = False) -> list[list[int]]:
         """`taken` in consecutive runs that fit buffer_bytes (batch_bytes), at least one expert each,
-        each run by expert id (neighbouring experts' slabs copy at once: _stage). The hottest experts
-        come first, so the first runs are padded the most and hold fewer."""
+        each run by expert id (neighbouring experts' slabs copy at once: _stage). grouped: the runs'
+        matmuls take each expert's own tokens (run_rows), else every expert is padded to the run's
+        busiest, and as the hottest experts come first, the first runs hold fewer."""
         runs: list[list[int]] = []
         run: list[int] = []
-        most = 0  # the run's busiest count so far
         for e in taken:
-            if run and self.batch_bytes(len(run) + 1, max(most, counts[e]), dtype) > self.buffer_bytes:
+            if run and self.batch_bytes(len(run) + 1, run_rows(run + [e], counts, grouped), dtype) > self.buffer_bytes:
                 runs.append(run)
-                run, most = [], 0
+                run = []
             run.append(e)
-            most = max(most, counts[e])
         if run:
             runs.append(run)
         return [sorted(r) for r in runs]
@@ -369,10 +395,19 @@ class DualExperts(nn.Module):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            raw = []  # (destination, source, bytes) of the page-locked slabs' copies: one driver call
             for n, node in enumerate(self.slabs):
                 for proj, (slab, _) in node.items():
+                    into, size = staged[(n, proj)], slab[0].numel()
                     for j, e, count in stretches(experts):  # one copy a stretch of neighbouring experts
-                        staged[(n, proj)][j : j + count].copy_(slab[e : e + count], non_blocking=True)
+                        if stream is not None and slab.data_ptr() in self._locked and slab.is_contiguous():
+                            raw.append((into.data_ptr() + j * size, slab.data_ptr() + e * size, count * size))
+                        else:
+                            into[j : j + count].copy_(slab[e : e + count], non_blocking=True)
+            if raw:
+                from tandem.ops.cuda_host import copy_batch
+
+                copy_batch(raw, stream)
             done = stream.record_event() if stream is not None else None
         return staged, done
 
@@ -431,6 +466,7 @@ class DualExperts(nn.Module):
             self.pageable = True
         if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
             weakref.finalize(self, _unregister, done)
+            self._locked = set(done)
         return locked
 
     def extra_repr(self) -> str:

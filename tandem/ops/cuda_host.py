@@ -7,6 +7,8 @@ of which a CUDA graph captures:
   that the engine's own thread watches, and later waits until another word holds the answer
   (cuStreamWaitValue32). Nothing blocks on a driver thread; `stream_memops()` says whether the
   driver does this.
+Also: page-locking memory the caller owns (register_host) and many copies in one driver call
+(copy_batch: the dual path's expert copies).
 
 The driver library is loaded on first use, never at import.
 """
@@ -134,3 +136,66 @@ def unregister_host(host_address: int) -> None:
     err = lib.cuMemHostUnregister(ctypes.c_void_p(host_address))
     if err not in (0, 4, 713):  # 4: CUDA_ERROR_DEINITIALIZED, 713: CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
         raise RuntimeError(f"cuMemHostUnregister failed with CUDA error {err}")
+
+
+class _MemLocation(ctypes.Structure):  # CUmemLocation
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _CopyAttributes(ctypes.Structure):  # CUmemcpyAttributes (CUDA >= 12.8)
+    _fields_ = [("src_access_order", ctypes.c_int), ("src_loc_hint", _MemLocation),
+                ("dst_loc_hint", _MemLocation), ("flags", ctypes.c_uint)]
+
+
+CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+CU_MEM_LOCATION_TYPE_DEVICE, CU_MEM_LOCATION_TYPE_HOST = 1, 2
+_BATCH = {"refused": 0}  # the batched call's CUDA error once it failed (0: not tried or worked)
+
+
+@functools.cache
+def _copy_functions():
+    """(cuMemcpyBatchAsync and whether it takes the 12.x failIdx argument, or None; cuMemcpyAsync)."""
+    lib = _driver()
+    lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemcpyAsync.restype = ctypes.c_int
+    batch = None
+    arrays = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.POINTER(_CopyAttributes), ctypes.c_void_p, ctypes.c_size_t]
+    if hasattr(lib, "cuMemcpyBatchAsync_v2"):  # CUDA 13: no failIdx
+        batch = (lib.cuMemcpyBatchAsync_v2, False)
+        batch[0].argtypes = arrays + [ctypes.c_void_p]
+    elif hasattr(lib, "cuMemcpyBatchAsync"):  # CUDA 12.8-12.9
+        batch = (lib.cuMemcpyBatchAsync, True)
+        batch[0].argtypes = arrays + [ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p]
+    if batch is not None:
+        batch[0].restype = ctypes.c_int
+    return batch, lib.cuMemcpyAsync
+
+
+def copy_batch(copies: list[tuple[int, int, int]], stream: torch.cuda.Stream) -> str:
+    """Enqueue copies (destination, source, bytes) from page-locked host memory to `stream`'s
+    device, in stream order, with one driver call (cuMemcpyBatchAsync, CUDA >= 12.8) where the
+    driver has it, else one cuMemcpyAsync each: either way without torch's per-copy overhead
+    (~20-40 us a copy_ through the dispatcher against a few us here). The source memory must stay
+    until the copies ran. Returns how they were issued ("batch" or "each")."""
+    if not copies:
+        return "batch"
+    batch, each = _copy_functions()
+    handle = ctypes.c_void_p(stream.cuda_stream)
+    if batch is not None and not _BATCH["refused"]:
+        n = len(copies)
+        dsts, srcs, sizes = ((ctypes.c_uint64 * n)(*c) for c in zip(*copies))
+        attrs = _CopyAttributes(CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, _MemLocation(CU_MEM_LOCATION_TYPE_HOST, 0),
+                                _MemLocation(CU_MEM_LOCATION_TYPE_DEVICE, stream.device.index or 0), 0)
+        first = (ctypes.c_size_t * 1)(0)
+        args = [dsts, srcs, sizes, n, ctypes.byref(attrs), first, 1]
+        if batch[1]:
+            args.append(ctypes.byref(ctypes.c_size_t(0)))
+        err = batch[0](*args, handle)
+        if err == 0:
+            return "batch"
+        _BATCH["refused"] = err  # e.g. an older driver's CUDA_ERROR_NOT_SUPPORTED: each copy on its own from now on
+    for dst, src, size in copies:
+        err = each(dst, src, size, handle)
+        if err != 0:
+            raise RuntimeError(f"cuMemcpyAsync failed with CUDA error {err}")
+    return "each"

@@ -208,6 +208,43 @@ def moe_experts_padded(
     return summed[:n_tok].to(x.dtype)
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *dims: int) -> bool:
+    """Whether torch's grouped matmul (moe_experts_grouped) takes matrices of `dtype` on `device`
+    whose rows are `dims` long: a torch that has it; bf16 on CUDA (its kernels' type), fp32 or bf16
+    on the CPU; every row a multiple of 16 bytes (the kernels' alignment)."""
+    if _GROUPED_MM is None:
+        return False
+    if device.type == "cuda":
+        ok = dtype == torch.bfloat16
+    else:
+        ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    return ok and all(d * dtype.itemsize % 16 == 0 for d in dims)
+
+
+def moe_experts_grouped(
+    x: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+    w_down: torch.Tensor, counts: list[int], out: torch.Tensor,
+) -> torch.Tensor:
+    """moe_experts over rows sorted by expert, in three grouped matmuls (no padding rows): the
+    first counts[0] rows are expert 0's (of w_gate, w_up [E, I, H], w_down [E, H, I]), the next
+    counts[1] expert 1's, ...; row r is token tokens[r] of x [T, H] with routing weight
+    weights[r] (fp32). Adds the weighted outputs into out [T, H] (fp32) and returns it. Same
+    roundings as moe_experts (x.dtype matmuls, fp32 weighted sum); counts is known on the host."""
+    if tokens.numel() == 0:
+        return out
+    # Each expert's last row, from the host: through pinned memory on a GPU, so the copy queues
+    # like the kernels around it.
+    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, pin_memory=x.is_cuda)
+    offs = offs.to(x.device, non_blocking=True)
+    xs = x[tokens]
+    h = silu_mul(_GROUPED_MM(xs, w_gate.transpose(1, 2), offs=offs), _GROUPED_MM(xs, w_up.transpose(1, 2), offs=offs))
+    y = _GROUPED_MM(h, w_down.transpose(1, 2), offs=offs)
+    return out.index_add_(0, tokens, y.float() * weights.unsqueeze(-1))
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention-temperature correction for a context stretched by `factor`."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

@@ -21,9 +21,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the tiled kernel is defined
 
 from tandem.layers.cpu_experts import CpuExperts
-from tandem.layers.dual_experts import DualExperts
+from tandem.layers.dual_experts import DualExperts, run_rows
 from tandem.layers.dual_rates import DualRates, split
 from tandem.ops import cpu
+from tandem.ops.reference import grouped_mm_supported
 from tests.ops.isa_cases import ISA_VS_GENERIC, usable_isas
 from tests.ops.moe_cases import assert_matches, gguf_blocks, reference, routing, tokens
 
@@ -71,6 +72,38 @@ def test_padded_batched_experts_equal_the_per_expert_loop(dtype):
     assert float((got - want).abs().max()) <= (1e-6 if dtype == torch.float32 else 2**-7) * float(want.abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_per_expert_loop(dtype):
+    """ops.reference.moe_experts_grouped (rows sorted by expert, three grouped matmuls, summed into
+    an fp32 output) against moe_experts, on the test's device where torch's grouped matmul takes
+    the dtype: fp32 to 1e-6 of max |ref|; bf16 within one rounding step (2^-7). An expert with no
+    rows (a repeated offset) and a second call adding into the same sum included."""
+    from tandem.ops import reference as ref
+
+    device = torch.device(DEVICE)
+    if not ref.grouped_mm_supported(dtype, device, 64, 48):
+        pytest.skip(f"torch's grouped matmul does not take {dtype} on {DEVICE}")
+    g = torch.Generator().manual_seed(8)
+    n_tok, n_exp = 37, 6
+    x = torch.randn(n_tok, 64, generator=g).to(dtype)
+    ids = torch.randint(-1, n_exp - 1, (n_tok, 3), generator=g, dtype=torch.int32)  # expert 5 gets no row
+    w = torch.rand(n_tok, 3, generator=g)
+    mats = [(torch.randn(n_exp, a, b, generator=g) / 8).to(dtype) for a, b in ((48, 64), (48, 64), (64, 48))]
+    flat = ids.flatten().long()
+    counts = torch.bincount(flat[flat >= 0], minlength=n_exp).tolist()
+    assert counts[-1] == 0
+    rows = flat.argsort(stable=True)[flat.numel() - sum(counts):]
+    tok, rw = (rows // 3).to(device), w.flatten()[rows].to(device)
+    out = torch.zeros(n_tok, 64, device=device)
+    on = [t.to(device) for t in (x, *mats)]
+    split_at = counts[0] + counts[1]  # experts 0-1, then 2-5, into one sum
+    ref.moe_experts_grouped(on[0], tok[:split_at], rw[:split_at], *[m[:2] for m in on[1:]], counts[:2], out)
+    ref.moe_experts_grouped(on[0], tok[split_at:], rw[split_at:], *[m[2:] for m in on[1:]], counts[2:], out)
+    got = out.to(dtype).float().cpu()
+    want = ref.moe_experts(x, ids, w, *mats).float()
+    assert float((got - want).abs().max()) <= (1e-6 if dtype == torch.float32 else 2**-7) * float(want.abs().max())
+
+
 def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
     rates = DualRates(cpu_bw=100.0, cpu_flops=1e12, h2d_bw=100.0)  # copying an expert costs what streaming it does
     assert split([5, 0, 9, 1], 100, 1.0, rates) == [2]  # engine keeps 2 of 3 seconds; device 1
@@ -105,25 +138,57 @@ def test_dual_layer_equals_each_path(layer, rates, what, kind):
     assert_matches(alone, ref, ISA_VS_GENERIC["Q8_K"], "the engine alone")
 
 
-def test_batches_hold_padding_within_the_buffer(layer):
-    """Runs of the device's experts fit the buffer with the padded matmuls' rows counted: each run
-    within buffer_bytes (or a single expert), each as long as it can be, all experts in order."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_and_padded_device_shares_agree(layer, monkeypatch, dtype):
+    """Every expert on the device in runs of two: grouped matmuls (where torch's grouped matmul
+    takes the dtype) and batched matmuls padded to each run's busiest expert give the same layer
+    output, to fp32's summation order (bf16: one rounding step of max |out|)."""
+    from tandem.ops import reference as ref
+
+    experts, _ = layer
+    x = tokens(T, H, seed=12).to(dtype)
+    ids, w = routing(T, E, K, seed=13)
+    if not ref.grouped_mm_supported(dtype, torch.device(DEVICE), H, I):
+        pytest.skip(f"torch's grouped matmul does not take {dtype} on {DEVICE}")
+    probe = DualExperts(experts, E, H, I)
+    flat = ids.flatten().long()
+    most = int(torch.bincount(flat[flat >= 0]).max())
+    outs = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(ref, "grouped_mm_supported", lambda *a, grouped=grouped: grouped)
+        dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1,
+                           buffer_bytes=probe.batch_bytes(2, 2 * most, dtype))
+        outs[grouped] = run(dual, x, ids, w).float()
+        assert len(dual.last_runs) >= 3, dual.last_runs
+    bound = 1e-5 if dtype == torch.float32 else 2**-7
+    assert float((outs[True] - outs[False]).abs().max()) <= bound * float(outs[False].abs().max())
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batches_hold_their_rows_within_the_buffer(layer, grouped):
+    """Runs of the device's experts fit the buffer with their matmuls' rows counted (padded: every
+    expert as many as the run's busiest; grouped: each its own): each run within buffer_bytes (or a
+    single expert), each as long as it can be, all experts in order."""
     experts, _ = layer
     probe = DualExperts(experts, E, H, I, buffer_bytes=1)
     one, row = probe.batch_bytes(1, 0, torch.bfloat16), probe.batch_bytes(1, 1, torch.bfloat16) - probe.batch_bytes(1, 0, torch.bfloat16)
+    assert probe.batch_bytes(3, 70, torch.bfloat16) == 3 * one + 70 * row
     dual = DualExperts(experts, E, H, I, buffer_bytes=4 * (one + 40 * row))  # four experts of 40 tokens
     counts = [4000, 300, 40, 40, 40, 40, 3, 0]
     taken = [0, 1, 2, 3, 4, 5, 6]
-    runs = dual.batches(taken, counts, torch.bfloat16)
+    runs = dual.batches(taken, counts, torch.bfloat16, grouped)
     assert [e for r in runs for e in r] == taken
-    assert runs[0] == [0], runs  # the hottest expert's padding leaves no room for a second
-    assert max(len(r) for r in runs) == 4, runs  # lightly loaded experts fill the weights' budget
+    assert runs[0] == [0], runs  # the hottest expert leaves no room for a second
+    # padded: the 300-token expert runs alone (a 40-token one beside it would take 300 rows too)
+    # and 40-token experts fill the buffer four at a time; grouped: each takes only its own rows
+    assert [len(r) for r in runs] == ([1, 1, 4, 1] if not grouped else [1, 2, 4]), runs
+    assert run_rows([1, 2, 6], counts, grouped) == (343 if grouped else 900)
     for r, nxt in zip(runs, runs[1:] + [[]]):
-        fits = dual.batch_bytes(len(r), max(counts[e] for e in r), torch.bfloat16) <= dual.buffer_bytes
+        fits = dual.batch_bytes(len(r), run_rows(r, counts, grouped), torch.bfloat16) <= dual.buffer_bytes
         assert fits or len(r) == 1
         if nxt:  # the next expert would not have fit
             more = r + nxt[:1]
-            assert dual.batch_bytes(len(more), max(counts[e] for e in more), torch.bfloat16) > dual.buffer_bytes
+            assert dual.batch_bytes(len(more), run_rows(more, counts, grouped), torch.bfloat16) > dual.buffer_bytes
 
 
 def test_short_steps_stay_on_the_engine(layer):
@@ -251,7 +316,7 @@ def test_double_buffered_runs_equal_one_run(layer):
     whole = run(probe, x, ids, w)
     assert probe.prefetched == 0  # one run: nothing to prefetch
     dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1,
-                       buffer_bytes=probe.batch_bytes(3, most, torch.float32))
+                       buffer_bytes=probe.batch_bytes(3, 3 * most, torch.float32))
     got = run(dual, x, ids, w)
     assert dual.prefetched >= 2, dual.prefetched
     assert_matches(got, whole, 1e-6, "double-buffered runs")
@@ -385,6 +450,7 @@ def test_an_error_in_the_device_share_fails_the_step_only(layer, monkeypatch):
         raise RuntimeError("device share failed")
 
     monkeypatch.setattr("tandem.ops.reference.moe_experts_padded", broken)
+    monkeypatch.setattr("tandem.ops.reference.moe_experts_grouped", broken)
     with pytest.raises(RuntimeError, match="device share failed"):
         run(dual, x, ids, w)
     monkeypatch.undo()
@@ -418,10 +484,11 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     flat = ids2.flatten().long()
     counts2 = torch.bincount(flat[flat >= 0], minlength=E).tolist()
     own = split(counts2, b.expert_bytes, b.flops_per_token, b.rates_for(T))
-    assert b.next_first == b.batches(own, counts2, torch.float32)[:1]
+    grouped = grouped_mm_supported(torch.float32, torch.device(DEVICE), H, I)
+    assert b.next_first == b.batches(own, counts2, torch.float32, grouped)[:1]
     assert_matches(got, reference(x, ids2, w2, *held).float(), ISA_VS_GENERIC["Q8_K"], "prestaged run")
     # A staged run that no longer fits the buffer with the new counts is let go, not used.
-    b.buffer_bytes = b.batch_bytes(3, T, torch.float32)
+    b.buffer_bytes = b.batch_bytes(3, 3 * T, torch.float32)
     run(b, x, ids, w)
     assert len(b.last_runs[0]) > 1
     run(a, x, ids, w)
@@ -443,7 +510,7 @@ def test_runs_go_by_expert_id_and_neighbours_copy_at_once(layer):
     experts, _ = layer
     counts = [9, 1, 7, 3, 8, 2, 6, 4]
     dual = DualExperts(experts, E, H, I)
-    dual.buffer_bytes = dual.batch_bytes(3, max(counts), torch.float32)  # three experts a run
+    dual.buffer_bytes = dual.batch_bytes(3, 3 * max(counts), torch.float32)  # three padded experts a run
     runs = dual.batches([0, 4, 2, 6, 7, 3, 5, 1], counts, torch.float32)  # hottest first
     assert runs == [[0, 2, 4], [3, 6, 7], [1, 5]]
     chosen = [1, 2, 3, 6, 0]
@@ -451,6 +518,33 @@ def test_runs_go_by_expert_id_and_neighbours_copy_at_once(layer):
     for (n, proj), blocks in staged.items():
         slab = dual.slabs[n][proj][0]
         assert torch.equal(blocks.cpu(), slab[chosen]), proj
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="copies from page-locked slabs: CUDA only")
+def test_page_locked_slabs_copy_in_one_driver_call(layer):
+    """Slabs register_slabs page-locked go through ops.cuda_host.copy_batch (raw addresses, one
+    driver call a run): the staged blocks are those experts' rows, stretches of neighbours
+    included (here the slabs are copied into page-locked memory, as the engine's large ones are
+    registered in place)."""
+    from tandem.ops import cuda_host
+
+    experts, _ = layer
+    dual = DualExperts(experts, E, H, I)
+    dual._registered = True  # the test's slabs are small: pinned copies stand in for registered ones
+    dual.slabs = [{p: (slab.pin_memory(), info) for p, (slab, info) in node.items()} for node in dual.slabs]
+    dual._locked = {slab.data_ptr() for node in dual.slabs for slab, _ in node.values()}
+    issued = []
+    real = cuda_host.copy_batch
+    chosen = [1, 2, 3, 6, 0]
+    try:
+        cuda_host.copy_batch = lambda copies, stream: issued.append(len(copies)) or real(copies, stream)
+        staged, done = dual._stage(chosen, torch.device("cuda"))
+    finally:
+        cuda_host.copy_batch = real
+    torch.cuda.current_stream().wait_event(done)
+    assert issued == [3 * 3 * len(dual.slabs)]  # one call: projections (per node) x stretches [1, 2, 3], [6], [0]
+    for (n, proj), blocks in staged.items():
+        assert torch.equal(blocks.cpu(), dual.slabs[n][proj][0][chosen]), proj
 
 
 def test_device_weights_are_the_file_weights_of_those_experts(layer):
