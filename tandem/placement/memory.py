@@ -49,7 +49,7 @@ SLACK = 32 * 2**20  # cuBLAS workspace, allocator rounding, small temporaries
 # GPU prefill steps of at least DEQUANT_MIN_TOKENS tokens decode each block-format linear's weights
 # into the activations' dtype, at most DEQUANT_CHUNK_BYTES at a time, and multiply with cuBLAS
 # (tandem/ops/triton/quant.py's "dequant" path; tests hold these to its constants).
-DEQUANT_MIN_TOKENS = 256
+DEQUANT_MIN_TOKENS = 512
 DEQUANT_CHUNK_BYTES = 32 << 20
 # Engine formats the GPU reads in the engine's layout for the dual-path prefill (the formats of
 # tandem.ops.triton.tiled, which tests hold this to); layers in other formats prefill on the engine.

@@ -9,10 +9,12 @@ matrix is ever made. Data path of `quant_matmul(x [M, K], blocks)`:
                weights fill the MMA's 64-row side; tokens pad only its narrow side, which costs
                tensor-core cycles that a memory-bound GEMV has to spare, and W is read once)
     M > 16     _mma_kernel, 64/128-token tiles, W tiles re-read from L2 per token tile
-    M >= 256   (prefill) W dequantized once into x's dtype, DEQUANT_CHUNK_BYTES of rows at a time, and
+    M >= 512   (prefill) W dequantized once into x's dtype, DEQUANT_CHUNK_BYTES of rows at a time, and
                multiplied by torch (cuBLAS on a GPU): the _mma_kernel decodes every W tile once per
                token tile, which at 8K tokens ran V2-Lite's GPU-resident projections at ~140 TFLOP/s
-               (96 ms of an 8K prompt's 552 ms on an H100, session 24)
+               (96 ms of an 8K prompt's 552 ms on an H100, session 24). H100, Q4_K, ms tiled /
+               dequant (session 25): M 256 tiled on every shape tried (V3 q_b 0.13 / 0.39); M 512
+               mixed (q_b 0.25 / 0.40, V3 o_proj 0.93 / 0.60); M 2048 dequant 2.4-3.8x faster
     split-K    decode grids too small to fill the GPU split K; partial sums [S, M, N] fp32 are added
                (+ bias) in split order by the last split of each row tile to arrive (ops/triton/
                arrive.py), in the same launch: deterministic. quant_matmul's launches on a device
@@ -73,7 +75,7 @@ _PREFILL = (  # (shared memory per block needed, tiles), best first
 )
 _FP32 = Tiles(rows=64, tokens=16, warps=4)  # fp32 x, M > 1: the ieee dot runs on CUDA cores; big tiles spill
 _GEMV_MAX_M = 16
-DEQUANT_MIN_M = 256  # from this many tokens quant_matmul takes the "dequant" path (module docstring)
+DEQUANT_MIN_M = 512  # from this many tokens quant_matmul takes the "dequant" path (module docstring)
 DEQUANT_CHUNK_BYTES = 32 << 20  # dequantized rows the "dequant" path holds at once (the memory plan counts them)
 _PROGRAMS_PER_SM = 4  # split K until about this many programs per SM stream weights
 _MIN_SPLIT_STEPS = 2  # ... giving each split at least this many steps
