@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture
 def locked():
     """8 MiB of page-locked host memory the test owns (registered like the engine's slabs)."""
+    torch.zeros(1, device="cuda")  # the driver calls need torch's CUDA context current (else error 201)
     host = np.random.default_rng(0).integers(0, 256, size=8 << 20, dtype=np.uint8)
     cuda_host.register_host(host.ctypes.data, host.nbytes)
     yield host
