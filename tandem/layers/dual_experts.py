@@ -359,11 +359,15 @@ class DualExperts(nn.Module):
         busiest, and as the hottest experts come first, the first runs hold fewer."""
         runs: list[list[int]] = []
         run: list[int] = []
+        total = most = 0  # the run's tokens and its busiest expert's (run_rows, kept as the run grows)
         for e in taken:
-            if run and self.batch_bytes(len(run) + 1, run_rows(run + [e], counts, grouped), dtype) > self.buffer_bytes:
+            c = counts[e]
+            rows = total + c if grouped else (len(run) + 1) * max(most, c)
+            if run and self.batch_bytes(len(run) + 1, rows, dtype) > self.buffer_bytes:
                 runs.append(run)
-                run = []
+                run, total, most = [], 0, 0
             run.append(e)
+            total, most = total + c, max(most, c)
         if run:
             runs.append(run)
         return [sorted(r) for r in runs]
