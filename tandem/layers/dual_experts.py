@@ -11,8 +11,8 @@ Data path of one long step:
        copies start before this one computes: double buffering), decode them straight into the
        model's dtype (ops/triton/tiled.py), run them on their tokens: grouped matmuls over the
        step's rows sorted once by expert, each run's outputs summed into one fp32 sum
-       (ops.reference.moe_experts_grouped; where torch's grouped matmul does not take the dtype:
-       batched matmuls padded to each run's busiest expert, moe_experts_padded)
+       (ops.reference.moe_experts_grouped; where torch has no grouped kernels for the device or
+       dtype: batched matmuls padded to each run's busiest expert, moe_experts_padded)
     -> wait for the engine; out = engine's part + device's part
     -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's first run of its last long step, so
        the link works through that layer's attention and routing; it takes that run first

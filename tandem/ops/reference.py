@@ -212,13 +212,15 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *dims: int) -> bool:
-    """Whether torch's grouped matmul (moe_experts_grouped) takes matrices of `dtype` on `device`
-    whose rows are `dims` long: a torch that has it; bf16 on CUDA (its kernels' type), fp32 or bf16
-    on the CPU; every row a multiple of 16 bytes (the kernels' alignment)."""
+    """Whether torch's grouped matmul (moe_experts_grouped) runs matrices of `dtype` on `device`
+    whose rows are `dims` long without a host sync: a torch that has it; on CUDA bf16 on compute
+    capability 9.x / 10.x, where torch has grouped kernels (elsewhere it loops over the groups
+    after copying the offsets to the host: a sync a call, so the padded batched matmuls serve
+    better); fp32 or bf16 on the CPU; every row a multiple of 16 bytes (the kernels' alignment)."""
     if _GROUPED_MM is None:
         return False
     if device.type == "cuda":
-        ok = dtype == torch.bfloat16
+        ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
     else:
         ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     return ok and all(d * dtype.itemsize % 16 == 0 for d in dims)

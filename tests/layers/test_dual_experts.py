@@ -72,6 +72,22 @@ def test_padded_batched_experts_equal_the_per_expert_loop(dtype):
     assert float((got - want).abs().max()) <= (1e-6 if dtype == torch.float32 else 2**-7) * float(want.abs().max())
 
 
+def test_grouped_matmuls_only_where_torch_has_grouped_kernels(monkeypatch):
+    """CUDA: bf16 on compute capability 9.x / 10.x only (elsewhere torch's grouped matmul loops
+    with a host sync a call: the padded path instead); CPU: fp32 / bf16; rows of 16-byte multiples."""
+    from tandem.ops import reference as ref
+
+    cuda, cpu_dev = torch.device("cuda", 0), torch.device("cpu")
+    for cap, want in (((9, 0), True), ((10, 0), True), ((8, 9), False), ((8, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert ref.grouped_mm_supported(torch.bfloat16, cuda, 2048, 1408) is want, cap
+        assert not ref.grouped_mm_supported(torch.float32, cuda, 2048, 1408)
+    assert ref.grouped_mm_supported(torch.float32, cpu_dev, 64, 48)
+    assert ref.grouped_mm_supported(torch.bfloat16, cpu_dev, 64, 48)
+    assert not ref.grouped_mm_supported(torch.float16, cpu_dev, 64, 48)
+    assert not ref.grouped_mm_supported(torch.bfloat16, cpu_dev, 64, 44)  # 88-byte rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_experts_equal_the_per_expert_loop(dtype):
     """ops.reference.moe_experts_grouped (rows sorted by expert, three grouped matmuls, summed into
