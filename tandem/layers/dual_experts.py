@@ -150,7 +150,8 @@ class DualExperts(nn.Module):
             0, slot, torch.ones_like(slot))[1:].tolist()
         self.shared.learn_pending()  # the sync above ran the stream past every earlier long step
         rates = self.rates_for(x.shape[0])
-        ahead = self._take_ahead(counts, x)
+        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
+        ahead = self._take_ahead(counts, x.dtype, grouped)
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
@@ -173,7 +174,6 @@ class DualExperts(nn.Module):
             handle = self.cpu_experts.submit(x, ids, weights)
             self._note_call(step, x)
             return handle, None
-        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
         if ahead:  # the first run is the one the layer before copied
             runs = [ahead[0]] + (self.batches(taken[len(ahead[0]):], counts, x.dtype, grouped)
                                  if len(taken) > len(ahead[0]) else [])
@@ -275,15 +275,14 @@ class DualExperts(nn.Module):
         if ahead is not None and ahead[1][1] is not None:
             torch.cuda.current_stream(ahead[2]).wait_event(ahead[1][1])
 
-    def _take_ahead(self, counts: list[int], x: torch.Tensor):
+    def _take_ahead(self, counts: list[int], dtype: torch.dtype, grouped: bool):
         """The run staged ahead for this step, if it still fits the buffer with these counts (as
         batches() allows, one expert always does)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
         run = ahead[0]
-        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)
-        if len(run) > 1 and self.batch_bytes(len(run), run_rows(run, counts, grouped), x.dtype) > self.buffer_bytes:
+        if len(run) > 1 and self.batch_bytes(len(run), run_rows(run, counts, grouped), dtype) > self.buffer_bytes:
             self._let_go(ahead)
             return None
         return ahead
@@ -400,13 +399,15 @@ class DualExperts(nn.Module):
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             raw = []  # (destination, source, bytes) of the page-locked slabs' copies: one driver call
+            spans = stretches(experts)  # one copy a stretch of neighbouring experts
             for n, node in enumerate(self.slabs):
                 for proj, (slab, _) in node.items():
                     into, size = staged[(n, proj)], slab[0].numel()
-                    for j, e, count in stretches(experts):  # one copy a stretch of neighbouring experts
-                        if stream is not None and slab.data_ptr() in self._locked and slab.is_contiguous():
-                            raw.append((into.data_ptr() + j * size, slab.data_ptr() + e * size, count * size))
-                        else:
+                    if stream is not None and slab.data_ptr() in self._locked and slab.is_contiguous():
+                        raw += [(into.data_ptr() + j * size, slab.data_ptr() + e * size, count * size)
+                                for j, e, count in spans]
+                    else:
+                        for j, e, count in spans:
                             into[j : j + count].copy_(slab[e : e + count], non_blocking=True)
             if raw:
                 from tandem.ops.cuda_host import copy_batch
