@@ -199,14 +199,21 @@ class DualExperts(nn.Module):
             else:
                 self.next_first = runs[:1]
             self.last_runs = runs
-            handle = self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+            # Every routed slot on the device (long steps once the link outruns the engine): no
+            # engine call, so no trip of x to the host and of a zero output back over the link.
+            on_engine = sum(counts) - sum(counts[e] for e in taken)
+            handle = (self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+                      if on_engine else None)
             if not ahead:
                 # The engine's job first: queueing the run's copies (one a projection and expert, ~1.5 ms
                 # of host time for V2-Lite's ~40) before it delayed the engine's start by as much; the
                 # copies wait only for its inputs' copy to the host (~2 MB, the link's other direction).
                 # A/B: docs/benchmarks.md, section 5 (session 20).
                 staged = self._stage(runs[0], x.device)
-            self._note_call(step, x)
+            if handle is not None:
+                self._note_call(step, x)
+            else:
+                step["call"], step["cpu_measured"] = None, 0.0  # nothing ran on the engine: nothing to learn
             dev, b0 = None, 0
             if grouped:  # the device's rows sorted by local id once: each run's rows follow one another
                 flat = local.reshape(-1)
@@ -290,6 +297,8 @@ class DualExperts(nn.Module):
     def wait(self, pending, add: torch.Tensor | None = None) -> torch.Tensor:
         """The routed experts' output (+ add): the engine's part (+ the device's part) (+ add)."""
         handle, dev = pending
+        if handle is None:  # the device took every routed slot
+            return dev if add is None else dev + add
         out = self.cpu_experts.wait(handle, add if dev is None else None)  # the engine alone may fuse the add
         step = self._step
         if step is not None and step.get("call") is None and step["cpu_measured"] is None:

@@ -207,6 +207,24 @@ def test_batches_hold_their_rows_within_the_buffer(layer, grouped):
             assert dual.batch_bytes(len(more), run_rows(more, counts, grouped), torch.bfloat16) > dual.buffer_bytes
 
 
+def test_a_step_whose_slots_all_go_to_the_device_leaves_the_engine_out(layer, monkeypatch):
+    """Every routed slot on the device: no engine call (no trip of x to the host, no zero output
+    back), the output the device's share (+ add), and the step teaches the engine's rate nothing."""
+    experts, held = layer
+    dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=1)
+    x = tokens(T, H, seed=14)
+    ids, w = routing(T, E, K, "padded", seed=15)
+    calls = []
+    monkeypatch.setattr(experts, "submit", lambda *a: calls.append(a) or pytest.fail("the engine was called"))
+    add = torch.full((T, H), 0.5)
+    pending = dual.submit(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE))
+    got = dual.wait(pending, add.to(DEVICE)).cpu()
+    assert pending[0] is None and not calls
+    assert_matches(got - add, reference(x, ids, w, *held).float(), 1e-4, "every slot on the device")
+    dual.learn()
+    assert dual.history[-1]["cpu_s"] == 0.0 and dual.history[-1]["cpu_bytes"] == 0
+
+
 def test_short_steps_stay_on_the_engine(layer):
     experts, _ = layer
     dual = DualExperts(experts, E, H, I, rates=ALL_TO_DEVICE, min_tokens=T + 1)
