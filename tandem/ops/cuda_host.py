@@ -15,10 +15,12 @@ The driver library is loaded on first use, never at import.
 
 import ctypes
 import functools
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
 
 @functools.cache
 def _driver() -> ctypes.CDLL:
@@ -194,6 +196,7 @@ def copy_batch(copies: list[tuple[int, int, int]], stream: torch.cuda.Stream) ->
         if err == 0:
             return "batch"
         _BATCH["refused"] = err  # e.g. an older driver's CUDA_ERROR_NOT_SUPPORTED: each copy on its own from now on
+        log.warning("cuMemcpyBatchAsync failed with CUDA error %d: copies go out one call each from now on", err)
     for dst, src, size in copies:
         err = each(dst, src, size, handle)
         if err != 0:
