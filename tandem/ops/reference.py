@@ -244,7 +244,9 @@ def moe_experts_grouped(
     xs = x[tokens]
     h = silu_mul(_GROUPED_MM(xs, w_gate.transpose(1, 2), offs=offs), _GROUPED_MM(xs, w_up.transpose(1, 2), offs=offs))
     y = _GROUPED_MM(h, w_down.transpose(1, 2), offs=offs)
-    return out.index_add_(0, tokens, y.float() * weights.unsqueeze(-1))
+    # y in x's dtype times fp32 weights promotes to fp32 in one kernel: y.float() * w, rounded the
+    # same, without the fp32 copy of y (8K V2-Lite steps: ~100 MB a run)
+    return out.index_add_(0, tokens, y * weights.float().unsqueeze(-1))
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
