@@ -60,6 +60,8 @@ def by_chunk(per_layer: list[list[dict]]) -> list[dict]:
         c = {"tokens": recs[0]["tokens"], "layers": len(recs)}
         for key in ("active", "device_experts", "cpu_bytes", "cpu_flops", "device_bytes"):
             c[key] = sum(r[key] for r in recs)
+        for key in ("runs", "overlapped_runs"):  # the device share's runs; those copied while the one before computed
+            c[key] = sum(r.get(key, 0) for r in recs)
         for side in ("cpu", "device"):
             timed = [r for r in recs if r[f"{side}_s"] is not None]
             c[f"{side}_s"] = sum(r[f"{side}_s"] for r in timed) if timed else None

@@ -75,8 +75,10 @@ def split_lines(splits: dict) -> list[str]:
                 pct = c.get(f"{side}_pct_of_bound")
                 sides.append(f"{name} {1e3 * c[f'{side}_s']:.1f} ms at {c[f'{side}_gbs']:.1f} GB/s = {pct:.0f}% of its bound"
                              if pct is not None else f"{name} -")
+            runs = (f" in {c['runs']} runs, {c['overlapped_runs']} of them copied while the run before computed"
+                    if c.get("runs") else "")
             out.append(f"prefill {int(p)} split, chunk {i + 1}/{len(cs)} ({c['tokens']} tokens, {c['layers']} layers): "
-                       f"GPU took {share:.0f}% of the active experts; " + "; ".join(sides))
+                       f"GPU took {share:.0f}% of the active experts{runs}; " + "; ".join(sides))
     return out
 
 

@@ -164,6 +164,7 @@ class DualExperts(nn.Module):
                              "events": None,
                              "bucket": x.shape[0].bit_length(), "rates": rates,
                              "record": {"tokens": x.shape[0], "active": sum(c > 0 for c in counts),
+                                        "runs": 0, "overlapped_runs": 0,
                                         "device_experts": len(taken), "device_bytes": copied,
                                         "cpu_bytes": sum(c > 0 and e not in on_device for e, c in enumerate(counts))
                                         * self.expert_bytes,
@@ -199,6 +200,7 @@ class DualExperts(nn.Module):
             else:
                 self.next_first = runs[:1]
             self.last_runs = runs
+            step["record"]["runs"] = len(runs)
             # Every routed slot on the device (long steps once the link outruns the engine): no
             # engine call, so no trip of x to the host and of a zero output back over the link.
             on_engine = sum(counts) - sum(counts[e] for e in taken)
@@ -230,6 +232,7 @@ class DualExperts(nn.Module):
                                              <= self.buffer_bytes)
                 following = self._stage(nxt, x.device) if early else None
                 self.prefetched += early
+                step["record"]["overlapped_runs"] += early
                 mats = self._decode(len(chunk), staged, x.device, x.dtype)
                 if grouped:
                     r1 = r0 + sum(counts[e] for e in chunk)

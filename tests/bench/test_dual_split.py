@@ -23,6 +23,12 @@ def test_chunks_sum_their_layers_and_each_side_only_where_timed():
     assert first["device_s"] == pytest.approx(0.008) and first["device_timed_layers"] == 1
     assert first["device_timed_bytes"] == 4e8  # the bytes of the layer that timed it, not both
     assert (second["layers"], second["device_s"], second["device_timed_layers"]) == (1, None, 0)
+    assert (first["runs"], first["overlapped_runs"]) == (0, 0)  # records without run counts
+    runs = dual_split.by_chunk([[dict(rec(512, 10, 4, 0.006, 0.008), runs=3, overlapped_runs=2)],
+                                [dict(rec(512, 10, 4, 0.006, 0.008), runs=1, overlapped_runs=0)]])[0]
+    assert (runs["runs"], runs["overlapped_runs"]) == (4, 2)
+    line = report.split_lines({"512": [runs]})[0]
+    assert "GPU took 40% of the active experts in 4 runs, 2 of them copied while the run before computed;" in line
     assert dual_split.by_chunk([[], []]) == []
 
 

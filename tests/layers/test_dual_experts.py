@@ -354,6 +354,8 @@ def test_double_buffered_runs_equal_one_run(layer):
     got = run(dual, x, ids, w)
     assert dual.prefetched >= 2, dual.prefetched
     assert_matches(got, whole, 1e-6, "double-buffered runs")
+    dual.learn()  # the step's record counts its runs and those copied while the one before computed
+    assert (dual.history[-1]["runs"], dual.history[-1]["overlapped_runs"]) == (len(dual.last_runs), dual.prefetched)
 
 
 def test_engine_times_of_a_call_that_ran_again_teach_nothing(layer):
