@@ -95,6 +95,7 @@ class DualExperts(nn.Module):
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
         self.last_runs: list[list[int]] = []  # ... in their runs
         self.next_first: list[list[int]] = []  # the run stage_ahead copies (the last step's own first choice)
+        self.next_first_tokens = 0  # ... and the length of the step it was chosen for
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
         self.next_layer = None  # the model's next dual layer (enable_dual_prefill): a link, see __setattr__
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
@@ -199,6 +200,7 @@ class DualExperts(nn.Module):
                                                counts, x.dtype, grouped)[:1]
             else:
                 self.next_first = runs[:1]
+            self.next_first_tokens = x.shape[0]
             self.last_runs = runs
             step["record"]["runs"] = len(runs)
             # Every routed slot on the device (long steps once the link outruns the engine): no
@@ -270,7 +272,11 @@ class DualExperts(nn.Module):
         """Start copying this layer's likely first run of a step like x's: the first run of its
         last long step (none yet: nothing). Its copies queue behind the device work queued so far."""
         self.drop_ahead()
-        if self.next_first and x.shape[0] >= self.min_tokens:
+        # Only for a step as long as the one the run was chosen for: after a step of another length
+        # (a 2K prompt before an 8K one) the run's counts differ, and a run that no longer fits
+        # the buffer is let go after its copy (session 25: prestaging lost ~100 ms an 8K prompt
+        # in a bench whose prompt lengths alternate).
+        if self.next_first and x.shape[0] >= self.min_tokens and x.shape[0] == self.next_first_tokens:
             self._ahead = (list(self.next_first[0]), self._stage(self.next_first[0], x.device), x.device)
 
     def drop_ahead(self) -> None:

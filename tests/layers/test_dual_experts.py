@@ -531,6 +531,14 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     b.buffer_bytes = 1
     run(b, x, ids2, w2)
     assert b.prestaged == 1 and b._ahead is None
+    # A step of another length than B's last one stages nothing: the run was chosen for other counts.
+    run(b, x, ids, w)
+    short = T - 8
+    run(a, x[:short], ids[:short], w[:short])
+    assert b.next_first and b._ahead is None
+    run(a, x, ids, w)
+    assert b._ahead is not None  # the same length again: staged
+    b.drop_ahead()
     monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "0")
     run(a, x, ids, w)
     assert b._ahead is None  # off: nothing staged
