@@ -14,8 +14,10 @@ Data path of one long step:
        (ops.reference.moe_experts_grouped; where torch has no grouped kernels for the device or
        dtype: batched matmuls padded to each run's busiest expert, moe_experts_padded)
     -> wait for the engine; out = engine's part + device's part
-    -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's first run of its last long step, so
-       the link works through that layer's attention and routing; it takes that run first
+    -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's likely first run (its experts
+       hottest in its last long step, as many as its first run would hold were its tokens spread
+       like this step's), so the link works through that layer's attention and routing; that
+       layer takes the run first
 
 The split and the rates it learns from measured times: layers/dual_rates.py.
 Shorter steps (decode) stay on the engine alone.
@@ -47,10 +49,13 @@ _REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on 
 _COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the slabs' copy stream
 
 
+PRESTAGE_MARGIN = 1.25  # a run staged ahead is sized for this many times the tokens expected
+
+
 def prestage_enabled() -> bool:
-    """TANDEM_DUAL_PRESTAGE=1: a layer's long step also starts copying the next layer's first run
-    (the experts that layer's device took first in its last long step), so the link keeps working
-    through the next layer's attention and routing. Off by default until measured."""
+    """TANDEM_DUAL_PRESTAGE=1: a layer's long step also starts copying the next layer's likely
+    first run (stage_ahead), so the link keeps working through the next layer's attention and
+    routing. Off by default until measured."""
     return os.environ.get("TANDEM_DUAL_PRESTAGE", "0") == "1"
 
 
@@ -94,8 +99,7 @@ class DualExperts(nn.Module):
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
         self.last_runs: list[list[int]] = []  # ... in their runs
-        self.next_first: list[list[int]] = []  # the run stage_ahead copies (the last step's own first choice)
-        self.next_first_tokens = 0  # ... and the length of the step it was chosen for
+        self.rank: list[int] = []  # experts by tokens in the last long step, most first (stage_ahead)
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
         self.next_layer = None  # the model's next dual layer (enable_dual_prefill): a link, see __setattr__
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
@@ -154,6 +158,7 @@ class DualExperts(nn.Module):
         grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
         ahead = self._take_ahead(counts, x.dtype, grouped)
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
+        self.rank = sorted(range(self.num_experts), key=lambda e: -counts[e])
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
         # the bytes of the experts whose copies this step times (not a run the layer before staged)
@@ -195,12 +200,6 @@ class DualExperts(nn.Module):
             if ahead:
                 staged = ahead[1]
                 self.prestaged += 1
-                # what to stage ahead next time: this step's own first choice, not the staged run again
-                self.next_first = self.batches(split(counts, self.expert_bytes, self.flops_per_token, rates),
-                                               counts, x.dtype, grouped)[:1]
-            else:
-                self.next_first = runs[:1]
-            self.next_first_tokens = x.shape[0]
             self.last_runs = runs
             step["record"]["runs"] = len(runs)
             # Every routed slot on the device (long steps once the link outruns the engine): no
@@ -265,19 +264,28 @@ class DualExperts(nn.Module):
             step["events"][1].record(stream)
             step["recorded"] = True
         if prestage_enabled() and self.next_layer is not None:
-            self.next_layer.stage_ahead(x)
+            self.next_layer.stage_ahead(x, counts)
         return handle, dev
 
-    def stage_ahead(self, x: torch.Tensor) -> None:
-        """Start copying this layer's likely first run of a step like x's: the first run of its
-        last long step (none yet: nothing). Its copies queue behind the device work queued so far."""
+    def stage_ahead(self, x: torch.Tensor, counts: Sequence[int]) -> None:
+        """Start copying this layer's likely first run of a step like x's, whose tokens per expert
+        the layer before counted (`counts`): its own experts as hot as in its last long step (none
+        yet: nothing), given those counts in that order, split and batched as submit would, each
+        count PRESTAGE_MARGIN times larger so that the run still fits the buffer with its real
+        counts (_take_ahead). Its copies queue behind the device work queued so far."""
         self.drop_ahead()
-        # Only for a step as long as the one the run was chosen for: after a step of another length
-        # (a 2K prompt before an 8K one) the run's counts differ, and a run that no longer fits
-        # the buffer is let go after its copy (session 25: prestaging lost ~100 ms an 8K prompt
-        # in a bench whose prompt lengths alternate).
-        if self.next_first and x.shape[0] >= self.min_tokens and x.shape[0] == self.next_first_tokens:
-            self._ahead = (list(self.next_first[0]), self._stage(self.next_first[0], x.device), x.device)
+        if not self.rank or x.shape[0] < self.min_tokens or len(counts) != self.num_experts:
+            return
+        likely = [0] * self.num_experts
+        for e, c in zip(self.rank, sorted(counts, reverse=True)):
+            likely[e] = c
+        taken = split(likely, self.expert_bytes, self.flops_per_token, self.rates_for(x.shape[0]))
+        if not taken:
+            return
+        grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)
+        roomy = [int(c * PRESTAGE_MARGIN) + 1 for c in likely]
+        run = self.batches(taken, roomy, x.dtype, grouped)[0]
+        self._ahead = (run, self._stage(run, x.device), x.device)
 
     def drop_ahead(self) -> None:
         """Let go of blocks staged ahead and not used (see _let_go)."""

@@ -495,9 +495,13 @@ def test_an_error_in_the_device_share_fails_the_step_only(layer, monkeypatch):
 
 
 def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
-    # TANDEM_DUAL_PRESTAGE=1: a long step through layer A starts the copies of layer B's first run
-    # of its last long step; B's next long step takes that run first (whatever its counts say) and
-    # copies only the rest. The output stays within the engine's bound; the run is used once.
+    # TANDEM_DUAL_PRESTAGE=1: a long step through layer A starts the copies of layer B's likely
+    # first run: B's experts hottest in its last long step, as many as B's first run would hold
+    # with A's counts in that order (PRESTAGE_MARGIN times larger). B's next long step takes that
+    # run first (whatever its counts say) and copies only the rest. The output stays within the
+    # engine's bound; the run is used once.
+    from tandem.layers.dual_experts import PRESTAGE_MARGIN
+
     experts, held = layer
     monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "1")
     a = DualExperts(experts, E, H, I, rates=DualRates(), min_tokens=1, buffer_bytes=1)
@@ -508,37 +512,43 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     x = tokens(T, H, seed=12)
     ids, w = routing(T, E, K, seed=13)
     ids2, w2 = routing(T, E, K, seed=14)
+    grouped = grouped_mm_supported(torch.float32, torch.device(DEVICE), H, I)
+
+    def counted(ids_):
+        flat = ids_.flatten().long()
+        return torch.bincount(flat[flat >= 0], minlength=E).tolist()
+
     run(a, x, ids, w)
     assert b._ahead is None  # B has no long step yet: nothing to predict
-    run(b, x, ids, w)
-    first = list(b.last_runs[0])
+    run(b, x, ids2, w2)
+    assert b.rank[0] == max(range(E), key=lambda e: counted(ids2)[e])
     run(a, x, ids, w)
+    # What A staged for B, worked out by hand: A's counts laid on B's ranking, then B's split.
+    likely = [0] * E
+    for e, c in zip(b.rank, sorted(counted(ids), reverse=True)):
+        likely[e] = c
+    taken = split(likely, b.expert_bytes, b.flops_per_token, b.rates_for(T))
+    assert taken and min(likely[e] for e in taken) >= max(likely[e] for e in range(E) if e not in taken)  # B's hottest
+    first = b.batches(taken, [int(c * PRESTAGE_MARGIN) + 1 for c in likely], torch.float32, grouped)[0]
     assert b._ahead is not None and b._ahead[0] == first
-    got = run(b, x, ids2, w2)  # other routing: the staged run is still taken first
+    got = run(b, x, ids, w)  # other routing than B's last step: the staged run is still taken first
     assert b.prestaged == 1 and b.last_split[: len(first)] == first and b._ahead is None
-    # What B stages next is its own first choice for this step's counts, not the staged run again.
-    flat = ids2.flatten().long()
-    counts2 = torch.bincount(flat[flat >= 0], minlength=E).tolist()
-    own = split(counts2, b.expert_bytes, b.flops_per_token, b.rates_for(T))
-    grouped = grouped_mm_supported(torch.float32, torch.device(DEVICE), H, I)
-    assert b.next_first == b.batches(own, counts2, torch.float32, grouped)[:1]
-    assert_matches(got, reference(x, ids2, w2, *held).float(), ISA_VS_GENERIC["Q8_K"], "prestaged run")
+    assert_matches(got, reference(x, ids, w, *held).float(), ISA_VS_GENERIC["Q8_K"], "prestaged run")
     # A staged run that no longer fits the buffer with the new counts is let go, not used.
     b.buffer_bytes = b.batch_bytes(3, 3 * T, torch.float32)
-    run(b, x, ids, w)
-    assert len(b.last_runs[0]) > 1
     run(a, x, ids, w)
+    assert b._ahead is not None and len(b._ahead[0]) > 1
     b.buffer_bytes = 1
     run(b, x, ids2, w2)
     assert b.prestaged == 1 and b._ahead is None
-    # A step of another length than B's last one stages nothing: the run was chosen for other counts.
-    run(b, x, ids, w)
-    short = T - 8
+    # A step of another length stages a run sized for its own counts.
+    short = T // 2
     run(a, x[:short], ids[:short], w[:short])
-    assert b.next_first and b._ahead is None
-    run(a, x, ids, w)
-    assert b._ahead is not None  # the same length again: staged
-    b.drop_ahead()
+    assert b._ahead is not None
+    got = run(b, x[:short], ids2[:short], w2[:short])
+    assert b.prestaged == 2
+    assert_matches(got, reference(x[:short], ids2[:short], w2[:short], *held).float(), ISA_VS_GENERIC["Q8_K"],
+                   "prestaged run, shorter step")
     monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "0")
     run(a, x, ids, w)
     assert b._ahead is None  # off: nothing staged
