@@ -9,7 +9,7 @@ seq_of_token), which the attention kernels read. A step captured in a CUDA graph
 the tensors: their contents change between replays, the lists are those of the captured batch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class ForwardMeta:
     seq_of_token: torch.Tensor | None = None  # [T] int32, the block_table row of each new token
     max_query_len: int = 0  # most new tokens of one sequence (decode kernels serve short ones)
     max_context: int = 0  # no sequence's context exceeds this (the kernels' split count; fixed per CUDA graph)
+    # context_slots' rows per sequence, made once a step (every attention layer reads them)
+    _slots: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -39,8 +41,15 @@ class ForwardMeta:
         return self.block_table is not None
 
     def context_slots(self, seq: int) -> torch.Tensor:
-        """Cache rows holding sequence `seq`'s tokens 0..context_len-1, in position order."""
-        n = self.context_lens[seq]
-        blocks = torch.tensor(self.block_tables[seq], dtype=torch.int64, device=self.slot_mapping.device)
-        rows = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)).reshape(-1)
-        return rows[:n]
+        """Cache rows holding sequence `seq`'s tokens 0..context_len-1, in position order: made on
+        the first call of a step, from pinned memory on a GPU. A copy from pageable memory waits
+        for the stream: each attention layer of a long step waited there for the layer before's
+        routed experts (the CPU engine's answer), so it could not queue its kernels under them."""
+        rows = self._slots.get(seq)
+        if rows is None:
+            dev = self.slot_mapping.device
+            blocks = torch.tensor(self.block_tables[seq], dtype=torch.int64, pin_memory=dev.type == "cuda")
+            blocks = blocks.to(dev, non_blocking=True)
+            rows = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=dev)).reshape(-1)
+            rows = self._slots[seq] = rows[: self.context_lens[seq]]
+        return rows
