@@ -10,6 +10,7 @@ likely alternatives (`Generation.logprobs`; runtime/logprobs.py says which distr
 """
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -125,12 +126,24 @@ def _step_tokens(value: int | str, max_context: int, fits) -> int:
     return value
 
 
+def dual_buffer_bytes() -> int:
+    """The dual path's copy buffer a plan asks for: runtime.experts.DUAL_BUFFER_BYTES, or
+    TANDEM_DUAL_BUFFER_MB MiB (to measure bigger runs: fewer of them a layer, each with its host
+    work; the plan still has to fit the VRAM budget)."""
+    raw = os.environ.get("TANDEM_DUAL_BUFFER_MB", "").strip()
+    if not raw:
+        return DUAL_BUFFER_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise TandemError(f"TANDEM_DUAL_BUFFER_MB must be a whole number of MiB >= 1, got {raw!r}")
+    return int(raw) << 20
+
+
 def _dual_want(plan, dual_prefill: bool, experts: str) -> int:
     """Device bytes the dual-path prefill's copy buffer asks for under `plan` (0: no dual path):
-    runtime.experts.DUAL_BUFFER_BYTES, at most a whole layer's experts, at least one expert's."""
+    dual_buffer_bytes(), at most a whole layer's experts, at least one expert's."""
     if not (dual_prefill and plan.dual_expert_bytes and experts == "cpu"):
         return 0
-    return max(min(DUAL_BUFFER_BYTES, plan.dual_layer_bytes), plan.dual_expert_bytes)
+    return max(min(dual_buffer_bytes(), plan.dual_layer_bytes), plan.dual_expert_bytes)
 
 
 def _choose_chunks(max_step_tokens: int | str, kv_chunks: tuple[int, ...], max_context: int, plan,
@@ -216,8 +229,8 @@ class LLM:
         dual_prefill: on a CUDA device with routed experts in the CPU engine, prefill steps of at
         least layers.dual_experts.DUAL_MIN_TOKENS tokens split each layer's experts between the
         engine and the GPU, which copies its share from the engine's memory; the plan reserves
-        runtime.experts.DUAL_BUFFER_BYTES for it (at most a whole layer's experts; one expert's worth
-        when less fits, none when not even that does).
+        runtime.experts.DUAL_BUFFER_BYTES for it (TANDEM_DUAL_BUFFER_MB: another size; at most a
+        whole layer's experts; one expert's worth when less fits, none when not even that does).
         kv_cache: "auto" (the model's dtype) or "int8" (MLA models: int8 codes with a scale per 64
         values, about half of bf16's bytes; --kv-cache int8)."""
         if kv_cache not in ("auto", "int8"):

@@ -214,3 +214,22 @@ def test_v3_auto_steps_leave_room_for_the_dual_paths_buffer(v3):
     with pytest.raises(DoesNotFit):  # the next larger step does not fit beside the buffer at any context chunk
         check_fits(plan(0, min(larger), 1024, want))
     assert _choose_chunks(4096, KV_CHUNK_CHOICES, 8192, plan, want)[0] == 4096  # a given count is kept
+
+
+def test_the_dual_buffer_size_can_be_asked_for(v3, monkeypatch):
+    # TANDEM_DUAL_BUFFER_MB asks for another buffer (bigger runs, fewer a layer), within a layer's
+    # experts and at least one expert's; a bad value is refused with the variable's name.
+    from tandem.errors import TandemError
+    from tandem.runtime.llm import _dual_want
+
+    probe = plan_of(v3, PlacementOptions(device="cuda"), vram=24, step_tokens=512, kv_chunk=1024)
+    monkeypatch.setenv("TANDEM_DUAL_BUFFER_MB", "3072")
+    assert _dual_want(probe, True, "cpu") == 3 << 30
+    monkeypatch.setenv("TANDEM_DUAL_BUFFER_MB", "1")
+    assert _dual_want(probe, True, "cpu") == probe.dual_expert_bytes  # one expert's at least
+    monkeypatch.setenv("TANDEM_DUAL_BUFFER_MB", str(10**7))
+    assert _dual_want(probe, True, "cpu") == probe.dual_layer_bytes  # a whole layer's at most
+    for bad in ("0", "1.5", "big", "-4"):
+        monkeypatch.setenv("TANDEM_DUAL_BUFFER_MB", bad)
+        with pytest.raises(TandemError, match="TANDEM_DUAL_BUFFER_MB"):
+            _dual_want(probe, True, "cpu")
