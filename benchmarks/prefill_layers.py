@@ -89,6 +89,8 @@ def measure(path: str, tokens: int, threads: int | None, prompts: int) -> tuple[
     def stamped_submit(self, x, ids, w):
         enter = time.monotonic_ns()
         out = submit(self, x, ids, w)
+        if x.shape[0] < self.min_tokens:  # a short step (decode) stays on the engine alone: not stamped
+            return out
         step = self._step or {}
         stamps.append({"layer": self.cpu_experts.layer, "enter": enter, "sync": synced.pop("t", None),
                        "exit": time.monotonic_ns(), "call": step.get("call"), "ndev": len(self.last_split),
@@ -101,7 +103,7 @@ def measure(path: str, tokens: int, threads: int | None, prompts: int) -> tuple[
 
     def stamped_wait(self, pending, add=None):
         out = wait(self, pending, add)
-        if stamps:
+        if stamps and "w_exit" not in stamps[-1]:
             stamps[-1]["w_exit"] = time.monotonic_ns()
         return out
 
