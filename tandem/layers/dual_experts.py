@@ -39,6 +39,7 @@ from torch import nn
 
 from tandem.layers.dual_rates import DualRates, SharedRates, cpu_seconds, learned, split
 from tandem.ops import reference as ops
+from tandem.ops.staging import to_device
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ class DualExperts(nn.Module):
         # The runs' order (each run by expert id, so neighbours copy at once), which local ids count in.
         taken = self.last_split = [e for run in runs for e in run]
         lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
-        chosen = torch.tensor(taken, pin_memory=ids.is_cuda).to(ids.device, non_blocking=True)  # no stream sync
-        lookup[chosen] = torch.arange(len(taken), device=ids.device)
+        lookup[to_device(taken, torch.long, ids.device)] = torch.arange(len(taken), device=ids.device)
         local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         if stream is not None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.ops.staging import to_device
+
 
 @dataclass
 class ForwardMeta:
@@ -48,8 +50,7 @@ class ForwardMeta:
         rows = self._slots.get(seq)
         if rows is None:
             dev = self.slot_mapping.device
-            blocks = torch.tensor(self.block_tables[seq], dtype=torch.int64, pin_memory=dev.type == "cuda")
-            blocks = blocks.to(dev, non_blocking=True)
+            blocks = to_device(self.block_tables[seq], torch.int64, dev)
             rows = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=dev)).reshape(-1)
             rows = self._slots[seq] = rows[: self.context_lens[seq]]
         return rows

@@ -22,6 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 @functools.cache
 def _driver() -> ctypes.CDLL:
     try:

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tandem.ops.staging import to_device
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalize in fp32 whatever the storage dtype, as every reference implementation does.
@@ -192,8 +194,7 @@ def moe_experts_padded(
     expert = flat[valid]
     # Each expert's first row, from the host's counts: through pinned memory on a GPU, so the
     # copy is queued like the kernels around it (a pageable source would make the host wait).
-    start = torch.tensor(list(itertools.accumulate([0] + counts[:-1])), pin_memory=x.is_cuda)
-    start = start.to(x.device, non_blocking=True)
+    start = to_device(list(itertools.accumulate([0] + counts[:-1])), torch.int64, x.device)
     rank = torch.arange(valid.numel(), device=x.device) - start[expert]
     slot = torch.full((n_exp, rows), n_tok * k, dtype=torch.long, device=x.device)  # n_tok * k: a zero row
     slot[expert, rank] = valid
@@ -239,8 +240,7 @@ def moe_experts_grouped(
         return out
     # Each expert's last row, from the host: through pinned memory on a GPU, so the copy queues
     # like the kernels around it.
-    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, pin_memory=x.is_cuda)
-    offs = offs.to(x.device, non_blocking=True)
+    offs = to_device(list(itertools.accumulate(counts)), torch.int32, x.device)
     xs = x[tokens]
     h = silu_mul(_GROUPED_MM(xs, w_gate.transpose(1, 2), offs=offs), _GROUPED_MM(xs, w_up.transpose(1, 2), offs=offs))
     y = _GROUPED_MM(h, w_down.transpose(1, 2), offs=offs)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tandem.errors import TandemError
-from tandem.runtime.staging import to_device
+from tandem.ops.staging import to_device
 
 
 

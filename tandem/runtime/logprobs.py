@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from tandem.runtime.staging import to_device
+from tandem.ops.staging import to_device
 
 MAX_LOGPROBS = 20  # top alternatives a request may ask for (OpenAI's top_logprobs limit)
 

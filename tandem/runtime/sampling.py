@@ -29,7 +29,7 @@ import torch
 from tandem.errors import TandemError
 from tandem.runtime.grammar import apply_masks, check_grammar
 from tandem.runtime.logprobs import MAX_LOGPROBS, LogprobsPlan, TokenLogprobs
-from tandem.runtime.staging import to_device
+from tandem.ops.staging import to_device
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Small host lists (row indices, token ids, biases) onto the logits' device inside a step.
+"""Small host lists onto a device inside a step: row indices, token ids, biases (runtime), a
+sequence's cache rows (layers/meta.py), expert offsets and lookups (the MoE paths).
 
 A tensor made from a Python list on a GPU is a pageable copy, which waits for everything queued on
 the stream (the whole forward pass) before the host can go on; staged through pinned memory the
