@@ -100,7 +100,7 @@ class DualExperts(nn.Module):
         self.flops_per_token = 6.0 * hidden * inter  # gate, up, down: 2 FLOPs per weight
         self.last_split: list[int] = []  # the device's experts in the last long step (tests, profiles)
         self.last_runs: list[list[int]] = []  # ... in their runs
-        self.rank: list[int] = []  # experts by tokens in the last long step, most first (stage_ahead)
+        self.last_counts: list[int] = []  # tokens per expert in the last long step (rank, stage_ahead)
         self.prefetched = 0  # runs whose copies started while the run before computed (tests, profiles)
         self.next_layer = None  # the model's next dual layer (enable_dual_prefill): a link, see __setattr__
         self._ahead: tuple | None = None  # (experts, staged, device): a first run the layer before staged
@@ -129,6 +129,13 @@ class DualExperts(nn.Module):
     @property
     def next_layer(self) -> "DualExperts | None":
         return self.__dict__.get("_next_layer")
+
+    @property
+    def rank(self) -> list[int]:
+        """The experts by tokens in the last long step, most first ([] before one): sorted only when
+        prestaging asks (stage_ahead), not on every step."""
+        counts = self.last_counts
+        return sorted(range(self.num_experts), key=lambda e: -counts[e]) if counts else []
 
     def rates_for(self, tokens: int) -> DualRates:
         rates = self.shared.rates_for(tokens, self.rates)
@@ -159,7 +166,7 @@ class DualExperts(nn.Module):
         grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
         ahead = self._take_ahead(counts, x.dtype, grouped)
         taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
-        self.rank = sorted(range(self.num_experts), key=lambda e: -counts[e])
+        self.last_counts = counts
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
         # the bytes of the experts whose copies this step times (not a run the layer before staged)
@@ -275,7 +282,7 @@ class DualExperts(nn.Module):
         count PRESTAGE_MARGIN times larger so that the run still fits the buffer with its real
         counts (_take_ahead). Its copies queue behind the device work queued so far."""
         self.drop_ahead()
-        if not self.rank or x.shape[0] < self.min_tokens or len(counts) != self.num_experts:
+        if not self.last_counts or x.shape[0] < self.min_tokens or len(counts) != self.num_experts:
             return
         likely = [0] * self.num_experts
         for e, c in zip(self.rank, sorted(counts, reverse=True)):
