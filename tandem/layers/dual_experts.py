@@ -8,7 +8,7 @@ Data path of one long step:
     ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
     -> per batch of S: copy the experts' slabs host -> device on a copy stream (the next batch's
-       copies start before this one computes: double buffering), decode them straight into the
+       copies start before this one computes: double buffering; layers/dual_copies.py), decode them straight into the
        model's dtype (ops/triton/tiled.py), run them on their tokens: grouped matmuls over the
        step's rows sorted once by expert, each run's outputs summed into one fp32 sum
        (ops.reference.moe_experts_grouped; where torch has no grouped kernels for the device or
@@ -19,14 +19,14 @@ Data path of one long step:
        like this step's), so the link works through that layer's attention and routing; that
        layer takes the run first
 
-The split and the rates it learns from measured times: layers/dual_rates.py.
+The split and the rates it learns from measured times: layers/dual_rates.py. The slabs'
+page-locking and copies: layers/dual_copies.py.
 Shorter steps (decode) stay on the engine alone.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import time
@@ -37,6 +37,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from tandem.layers.dual_copies import copy_stream, register, stage, unregister
 from tandem.layers.dual_rates import DualRates, SharedRates, cpu_seconds, learned, split
 from tandem.ops import reference as ops
 from tandem.ops.staging import to_device
@@ -46,8 +47,6 @@ log = logging.getLogger(__name__)
 DUAL_MIN_TOKENS = 128  # shorter steps leave every expert to the engine
 HISTORY_STEPS = 4096  # long steps a layer remembers (DualExperts.history)
 PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-lock (staged by the driver)
-_REGISTER_MIN_BYTES = 2 << 20  # the engine's allocations from here up start on a 2 MiB page of their own
-_COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # device index -> the slabs' copy stream
 
 
 PRESTAGE_MARGIN = 1.25  # a run staged ahead is sized for this many times the tokens expected
@@ -64,18 +63,6 @@ def run_rows(run: Sequence[int], counts: Sequence[int], grouped: bool) -> int:
     """Token rows a run's matmuls take: each expert's own tokens (grouped matmuls), or the run's
     busiest expert's count for every expert (padded batched matmuls)."""
     return sum(counts[e] for e in run) if grouped else len(run) * max((counts[e] for e in run), default=0)
-
-
-def stretches(experts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(index, first expert, count) of each stretch of consecutive ids in `experts`: the slabs hold
-    the experts in id order, so a stretch is one contiguous copy."""
-    out: list[tuple[int, int, int]] = []
-    for j, e in enumerate(experts):
-        if out and e == out[-1][1] + out[-1][2]:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((j, e, 1))
-    return out
 
 
 class DualExperts(nn.Module):
@@ -265,7 +252,7 @@ class DualExperts(nn.Module):
             if stream is not None and (staged is not None or following is not None):
                 # A run staged but never decoded (an error): its copies may still be writing
                 # blocks the pool would hand out again; queue the compute stream after them.
-                stream.wait_stream(self._copy_stream(x.device))
+                stream.wait_stream(copy_stream(x.device))
         if grouped:
             dev = summed.to(x.dtype)
         if step["events"]:
@@ -405,50 +392,13 @@ class DualExperts(nn.Module):
             runs.append(run)
         return [sorted(r) for r in runs]
 
-    def _copy_stream(self, device: torch.device):
-        """The device's stream for the slabs' copies (one per device, shared by the layers), or None
-        off CUDA."""
-        if device.type != "cuda":
-            return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = _COPY_STREAMS.get(index)
-        if stream is None:
-            stream = _COPY_STREAMS[index] = torch.cuda.Stream(device=index)
-        return stream
-
     def _stage(self, experts: list[int], device: torch.device):
-        """Start copying these experts' blocks to `device` (on the copy stream, so the copies run
-        while the compute stream works): {(node, proj): uint8 [n, groups, group_bytes]} and the
-        event that marks them copied (None off CUDA)."""
+        """Start copying these experts' blocks to `device` (dual_copies.stage; the slabs page-locked
+        first on CUDA): {(node, proj): uint8 [n, groups, group_bytes]} and the event that marks
+        them copied (None off CUDA)."""
         if device.type == "cuda" and not self._registered:
             self.register_slabs()
-        stream = self._copy_stream(device)
-        # The blocks come from the compute stream's pool, which hands memory out again in that
-        # stream's order (bounded like the buffer: a copy stream's own pool would hold a third run
-        # while events drain); the copies wait for the work queued on it so far, which may still
-        # read that memory, and the compute stream waits for the copies in _decode.
-        staged = {(n, proj): torch.empty((len(experts),) + tuple(slab.shape[1:]), dtype=torch.uint8, device=device)
-                  for n, node in enumerate(self.slabs) for proj, (slab, _) in node.items()}
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            raw = []  # (destination, source, bytes) of the page-locked slabs' copies: one driver call
-            spans = stretches(experts)  # one copy a stretch of neighbouring experts
-            for n, node in enumerate(self.slabs):
-                for proj, (slab, _) in node.items():
-                    into, size = staged[(n, proj)], slab[0].numel()
-                    if stream is not None and slab.data_ptr() in self._locked and slab.is_contiguous():
-                        raw += [(into.data_ptr() + j * size, slab.data_ptr() + e * size, count * size)
-                                for j, e, count in spans]
-                    else:
-                        for j, e, count in spans:
-                            into[j : j + count].copy_(slab[e : e + count], non_blocking=True)
-            if raw:
-                from tandem.ops.cuda_host import copy_batch
-
-                copy_batch(raw, stream)
-            done = stream.record_event() if stream is not None else None
-        return staged, done
+        return stage(self.slabs, self._locked, experts, device)
 
     def _decode(self, n: int, staged, device: torch.device, dtype: torch.dtype):
         """w_gate, w_up [n, I, H] and w_down [n, H, I] in `dtype` from staged blocks (_stage): each
@@ -482,50 +432,19 @@ class DualExperts(nn.Module):
         first long step), so the copies run at the link's speed, asynchronously; returns the bytes
         locked. Where the driver refuses, copies still work, staged through the driver's own
         pinned buffers, and the split counts the slower rate (PAGEABLE_H2D)."""
-        from tandem.ops.cuda_host import register_host
-
         if self._registered:
             return 0
         self._registered = True
-        if _PENDING:
-            _unregister([])
-        done: list[int] = []
-        locked = 0
-        try:
-            for node in self.slabs:
-                for slab, _ in node.values():
-                    if slab.numel() < _REGISTER_MIN_BYTES or slab.data_ptr() % _REGISTER_MIN_BYTES:
-                        continue  # it may share pages with other allocations (small, or TANDEM_HUGEPAGES=0)
-                    register_host(slab.data_ptr(), slab.numel())
-                    done.append(slab.data_ptr())
-                    locked += slab.numel()
-        except RuntimeError as e:
-            log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, e)
+        done, refused = register(self.slabs)
+        if refused is not None:
+            log.warning("engine layer %d: %s; its copies to the GPU will be slower", self.cpu_experts.layer, refused)
             self.rates = replace(self.rates, h2d_bw=min(self.rates.h2d_bw, PAGEABLE_H2D))
             self.pageable = True
         if done:  # undone before the slabs (this object's, keeping the engine alive) are let go
-            weakref.finalize(self, _unregister, done)
+            weakref.finalize(self, unregister, done)
             self._locked = set(done)
-        return locked
+        return sum(s.numel() for node in self.slabs for s, _ in node.values() if s.data_ptr() in self._locked)
 
     def extra_repr(self) -> str:
         return f"steps of >= {self.min_tokens} tokens split with the device; {self.rates}"
 
-
-_PENDING: list[int] = []  # slabs to unregister once no capture is under way
-
-
-def _unregister(addresses: list[int]) -> None:
-    """A DualExperts' finalizer (it may run in any garbage collection, even during a CUDA graph
-    capture, when neither a sync nor cuMemHostUnregister is allowed: then the next registration does it)."""
-    from tandem.ops.cuda_host import unregister_host
-
-    _PENDING.extend(addresses)
-    try:
-        if torch.cuda.is_current_stream_capturing():
-            return
-        torch.cuda.synchronize()  # no copy may still read them
-        while _PENDING:
-            unregister_host(_PENDING.pop())
-    except RuntimeError as e:  # interpreter shutdown: the driver may be gone
-        log.debug("unregistering engine slabs: %s", e)

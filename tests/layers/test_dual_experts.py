@@ -240,6 +240,7 @@ def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeyp
     the driver refuses, the split counts copies at the pageable rate."""
     import gc
 
+    from tandem.layers import dual_copies
     from tandem.layers import dual_experts as de
     from tandem.ops import cuda_host
 
@@ -249,7 +250,7 @@ def test_page_locks_are_undone_and_a_refusal_lowers_the_copy_rate(layer, monkeyp
     monkeypatch.setattr(cuda_host, "unregister_host", lambda addr: unlocked.append(addr))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(de, "_REGISTER_MIN_BYTES", 1)  # the tiny test slabs count as large and aligned
+    monkeypatch.setattr(dual_copies, "REGISTER_MIN_BYTES", 1)  # the tiny test slabs count as large and aligned
     dual = DualExperts(experts, E, H, I)
     slabs = {s.data_ptr() for node in dual.slabs for s, _ in node.values()}
     assert dual.register_slabs() == sum(s.numel() for node in dual.slabs for s, _ in node.values())
@@ -557,7 +558,7 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
 def test_runs_go_by_expert_id_and_neighbours_copy_at_once(layer):
     """Each run holds its experts by id, and the copies take stretches of neighbouring experts at
     once (their slabs lie in id order): the staged blocks are those of per-expert copies."""
-    from tandem.layers.dual_experts import stretches
+    from tandem.layers.dual_copies import stretches
 
     assert stretches([2, 3, 4, 7, 0, 1, 5]) == [(0, 2, 3), (3, 7, 1), (4, 0, 2), (6, 5, 1)]
     assert stretches([]) == [] and stretches([6, 5]) == [(0, 6, 1), (1, 5, 1)]
