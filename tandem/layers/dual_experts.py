@@ -8,7 +8,7 @@ Data path of one long step:
     ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
     -> per batch of S: copy the experts' slabs host -> device on a copy stream (the next batch's
-       copies start before this one computes: double buffering; layers/dual_copies.py), decode them straight into the
+       copies start before this one computes: double buffering), decode them straight into the
        model's dtype (ops/triton/tiled.py), run them on their tokens: grouped matmuls over the
        step's rows sorted once by expert, each run's outputs summed into one fp32 sum
        (ops.reference.moe_experts_grouped; where torch has no grouped kernels for the device or
