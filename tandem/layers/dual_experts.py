@@ -152,7 +152,11 @@ class DualExperts(nn.Module):
         rates = self.rates_for(x.shape[0])
         grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches
         ahead = self._take_ahead(counts, x.dtype, grouped)
-        taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else ())
+        # A staged run whose copies have not finished delays the device by what is left of them:
+        # at most all of it (the copy stream is FIFO; its event says only done or not).
+        busy = (len(ahead[0]) * self.expert_bytes / rates.h2d_bw
+                if ahead and ahead[1][1] is not None and not ahead[1][1].query() else 0.0)
+        taken = split(counts, self.expert_bytes, self.flops_per_token, rates, ahead[0] if ahead else (), busy)
         self.last_counts = counts
         self.last_split = taken
         cpu_s = cpu_seconds(counts, self.expert_bytes, self.flops_per_token, rates)
@@ -161,7 +165,7 @@ class DualExperts(nn.Module):
         on_device = set(taken)
         step = self._step = {"cpu": sum(cpu_s) - sum(cpu_s[e] for e in taken), "cpu_measured": None,
                              "t0": time.monotonic_ns(),  # steady_clock, as the engine's timestamps
-                             "device": copied / rates.h2d_bw,
+                             "device": busy + copied / rates.h2d_bw,
                              "events": None,
                              "bucket": x.shape[0].bit_length(), "rates": rates,
                              "record": {"tokens": x.shape[0], "active": sum(c > 0 for c in counts),

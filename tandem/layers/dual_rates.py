@@ -39,19 +39,20 @@ def cpu_seconds(counts: list[int], expert_bytes: int, flops_per_token: float, ra
 
 
 def split(counts: list[int], expert_bytes: int, flops_per_token: float, rates: DualRates,
-          on_device: Sequence[int] = ()) -> list[int]:
-    """The experts the device takes (ids), given tokens per expert: those already copied to it
+          on_device: Sequence[int] = (), busy_s: float = 0.0) -> list[int]:
+    """The experts the device takes (ids), given tokens per expert: those copied to it ahead
     (`on_device`, first and in their order, whatever their tokens), then most tokens first while
-    each one taken shortens the layer (the later of the engine's and the device's finish)."""
+    each one taken shortens the layer (the later of the engine's and the device's finish). The
+    device starts `busy_s` seconds late: the part of the copies made ahead still under way."""
     cpu = cpu_seconds(counts, expert_bytes, flops_per_token, rates)
     copy = expert_bytes / rates.h2d_bw
     taken = list(on_device)
     left = sum(cpu) - sum(cpu[e] for e in taken)
-    copies = 0  # the device's copies so far (the ones already made cost nothing)
+    copies = 0  # the device's own copies so far (those made ahead count in busy_s)
     ahead = set(taken)
     order = sorted((e for e, c in enumerate(counts) if c and e not in ahead), key=lambda e: -counts[e])
     for e in order:
-        if max(copy * (copies + 1), left - cpu[e]) >= max(copy * copies, left):
+        if max(busy_s + copy * (copies + 1), left - cpu[e]) >= max(busy_s + copy * copies, left):
             break
         taken.append(e)
         copies += 1

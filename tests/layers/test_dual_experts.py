@@ -129,6 +129,10 @@ def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
     # Experts already copied to the device (staged ahead) come first, whatever their tokens, and
     # cost no copy: here the device then takes the busiest other expert as if it had none yet.
     assert split([5, 0, 9, 1], 100, 1.0, rates, on_device=[1, 3]) == [1, 3, 2]
+    # ... unless their copies are still under way: the device starts that much later (busy_s),
+    # and the busiest other expert no longer shortens the layer.
+    assert split([5, 0, 9, 1], 100, 1.0, rates, on_device=[1, 3], busy_s=1.5) == [1, 3]
+    assert split([5, 0, 9, 1], 100, 1.0, rates, on_device=[1, 3], busy_s=0.5) == [1, 3, 2]
 
 
 @pytest.mark.parametrize("kind", ["random", "padded"])  # padded: a third of the slots -1 (no expert)
