@@ -187,9 +187,14 @@ class DualExperts(nn.Module):
             runs = self.batches(taken, counts, x.dtype, grouped)  # bounded device memory per batch
         # The runs' order (each run by expert id, so neighbours copy at once), which local ids count in.
         taken = self.last_split = [e for run in runs for e in run]
-        lookup = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=ids.device)  # last: id -1
-        lookup[to_device(taken, torch.long, ids.device)] = torch.arange(len(taken), device=ids.device)
-        local = lookup[torch.where(ids < 0, self.num_experts, ids.long())]
+        # Two maps of a routed id, made on the host and copied once (to_device: no stream sync):
+        # its local id on the device (-1: not there) and its id for the engine (-1: not there);
+        # index E stands for id -1, which indexing reaches as the last entry.
+        on_dev, on_cpu = [-1] * (self.num_experts + 1), list(range(self.num_experts)) + [-1]
+        for j, e in enumerate(taken):
+            on_dev[e], on_cpu[e] = j, -1
+        maps = to_device(on_dev + on_cpu, torch.long, ids.device).view(2, -1)
+        local, engine_ids = maps[:, ids.long()].unbind(0)
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
         if stream is not None:
             step["events"] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -204,7 +209,7 @@ class DualExperts(nn.Module):
             # Every routed slot on the device (long steps once the link outruns the engine): no
             # engine call, so no trip of x to the host and of a zero output back over the link.
             on_engine = sum(counts) - sum(counts[e] for e in taken)
-            handle = (self.cpu_experts.submit(x, torch.where(local >= 0, -1, ids.long()).to(torch.int32), weights)
+            handle = (self.cpu_experts.submit(x, engine_ids.to(torch.int32), weights)
                       if on_engine else None)
             if not ahead:
                 # The engine's job first: queueing the run's copies (one a projection and expert, ~1.5 ms
