@@ -417,8 +417,9 @@ class DualExperts(nn.Module):
         blocks, done = staged
         if done is not None:
             torch.cuda.current_stream(device).wait_event(done)
-        full = {"gate": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
-                "up": torch.empty(n, self.inter, self.hidden, dtype=dtype, device=device),
+        # gate and up as the halves of one [n, 2I, H] tensor: the grouped matmuls take both at once
+        gate_up = torch.empty(n, 2 * self.inter, self.hidden, dtype=dtype, device=device)
+        full = {"gate": gate_up[:, : self.inter], "up": gate_up[:, self.inter :],
                 "down": torch.empty(n, self.hidden, self.inter, dtype=dtype, device=device)}
         for node_index, node in enumerate(self.slabs):
             for proj, (_, info) in node.items():

@@ -24,7 +24,7 @@ from tandem.layers.cpu_experts import CpuExperts
 from tandem.layers.dual_experts import DualExperts, run_rows
 from tandem.layers.dual_rates import DualRates, split
 from tandem.ops import cpu
-from tandem.ops.reference import grouped_mm_supported
+from tandem.ops.reference import grouped_mm_supported, joined_halves
 from tests.ops.isa_cases import ISA_VS_GENERIC, usable_isas
 from tests.ops.moe_cases import assert_matches, gguf_blocks, reference, routing, tokens
 
@@ -88,13 +88,20 @@ def test_grouped_matmuls_only_where_torch_has_grouped_kernels(monkeypatch):
     assert not ref.grouped_mm_supported(torch.bfloat16, cpu_dev, 64, 44)  # 88-byte rows
 
 
+@pytest.mark.parametrize("joined", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_the_per_expert_loop(dtype):
+def test_grouped_experts_equal_the_per_expert_loop(dtype, joined, monkeypatch):
     """ops.reference.moe_experts_grouped (rows sorted by expert, three grouped matmuls, summed into
     an fp32 output) against moe_experts, on the test's device where torch's grouped matmul takes
     the dtype: fp32 to 1e-6 of max |ref|; bf16 within one rounding step (2^-7). An expert with no
-    rows (a repeated offset) and a second call adding into the same sum included."""
+    rows (a repeated offset) and a second call adding into the same sum included. joined: gate and
+    up are the halves of one [E, 2I, H] tensor (as DualExperts decodes them): two grouped matmuls
+    a call instead of three."""
     from tandem.ops import reference as ref
+
+    calls = []
+    real = ref._GROUPED_MM
+    monkeypatch.setattr(ref, "_GROUPED_MM", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     device = torch.device(DEVICE)
     if not ref.grouped_mm_supported(dtype, device, 64, 48):
@@ -112,12 +119,27 @@ def test_grouped_experts_equal_the_per_expert_loop(dtype):
     tok, rw = (rows // 3).to(device), w.flatten()[rows].to(device)
     out = torch.zeros(n_tok, 64, device=device)
     on = [t.to(device) for t in (x, *mats)]
+    if joined:
+        gate_up = torch.cat(on[1:3], dim=1)
+        on[1:3] = gate_up[:, :48], gate_up[:, 48:]
     split_at = counts[0] + counts[1]  # experts 0-1, then 2-5, into one sum
     ref.moe_experts_grouped(on[0], tok[:split_at], rw[:split_at], *[m[:2] for m in on[1:]], counts[:2], out)
     ref.moe_experts_grouped(on[0], tok[split_at:], rw[split_at:], *[m[2:] for m in on[1:]], counts[2:], out)
+    assert len(calls) == (4 if joined else 6)
     got = out.to(dtype).float().cpu()
     want = ref.moe_experts(x, ids, w, *mats).float()
     assert float((got - want).abs().max()) <= (1e-6 if dtype == torch.float32 else 2**-7) * float(want.abs().max())
+
+
+def test_joined_halves_only_takes_the_two_halves_of_one_tensor():
+    both = torch.randn(3, 10, 4)
+    gate, up = both[:, :5], both[:, 5:]
+    assert torch.equal(joined_halves(gate, up), both)
+    assert joined_halves(up, gate) is None  # up's rows first
+    assert joined_halves(gate, gate) is None
+    assert joined_halves(gate.clone(), up.clone()) is None  # two tensors
+    assert joined_halves(both[:, :4], both[:, 4:8]) is None  # not halves: each expert's rows 8 apart, not 10
+    assert joined_halves(gate, up.to(torch.float64)) is None
 
 
 def test_split_takes_most_routed_experts_while_the_copy_beats_the_engine():
@@ -613,6 +635,7 @@ def test_device_weights_are_the_file_weights_of_those_experts(layer):
     dual = DualExperts(experts, E, H, I)
     ids = [5, 0, 3]
     got = dual.device_weights(ids, torch.float32, DEVICE)
+    assert joined_halves(got[0], got[1]) is not None  # one tensor: a run's grouped matmuls take both at once
     for proj, g, want in zip(("gate", "up", "down"), got, held):
         want = want[ids].float()
         assert g.shape == want.shape and g.device.type == DEVICE, proj
