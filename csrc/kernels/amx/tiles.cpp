@@ -13,7 +13,9 @@
 // software tiles (emulate.h) as the "amx-emu" ISA, for tests on CPUs without AMX.
 #include <immintrin.h>
 
+#include <array>
 #include <cstdlib>
+#include <cstring>
 #include <string_view>
 
 #ifdef TANDEM_AMX_EMULATE
@@ -546,15 +548,33 @@ const KernelTable& amx_kernels() {
 }
 
 uint64_t amx_spin(bool bf16, long iters) {
+  // The operand tiles hold data as a kernel's would (random int8 codes; bf16 values of both signs
+  // and magnitudes near 1), not zeros: a tile unit multiplying zeros may draw less power and let
+  // the cores clock higher than any kernel's operands do (the lent boxes' readings of the zeroed
+  // peak fell in two groups, ~28-42 and ~56-84 TOP/s INT8).
+  alignas(64) static const auto operands = [] {
+    std::array<std::array<uint8_t, 4096>, 2> t{};  // [int8, bf16]: tiles 4..7, 1 KB each
+    uint32_t x = 2463534242u;
+    for (size_t i = 0; i < 4096; ++i) {
+      x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+      t[0][i] = uint8_t(x);
+      if (i % 2 == 0) {
+        const uint16_t v = uint16_t(0x3f00 + (x >> 8) % 0x100) ^ uint16_t((x & 1) << 15);  // +-[0.5, 2)
+        std::memcpy(&t[1][i], &v, 2);
+      }
+    }
+    return t;
+  }();
+  const uint8_t* data = operands[bf16 ? 1 : 0].data();
   amx::configure_tiles();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  _tile_zero(4);
-  _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
+  _tile_loadd(4, data, 64);
+  _tile_loadd(5, data + 1024, 64);
+  _tile_loadd(6, data + 2048, 64);
+  _tile_loadd(7, data + 3072, 64);
   for (long i = 0; i < iters; ++i) {
     if (bf16) {
       _tile_dpbf16ps(0, 4, 6);
