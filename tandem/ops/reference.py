@@ -258,6 +258,7 @@ def moe_experts_grouped(
     if gate_up is not None:  # one matmul for both, their outputs side by side
         gu = _GROUPED_MM(xs, gate_up.transpose(1, 2), offs=offs)
         h = silu_mul(gu[:, : w_gate.shape[1]], gu[:, w_gate.shape[1] :])
+        del gu  # freed before down's output, as the two separate outputs are
     else:
         h = silu_mul(_GROUPED_MM(xs, w_gate.transpose(1, 2), offs=offs), _GROUPED_MM(xs, w_up.transpose(1, 2), offs=offs))
     y = _GROUPED_MM(h, w_down.transpose(1, 2), offs=offs)
