@@ -14,10 +14,10 @@ Data path of one long step:
        (ops.reference.moe_experts_grouped; where torch has no grouped kernels for the device or
        dtype: batched matmuls padded to each run's busiest expert, moe_experts_padded)
     -> wait for the engine; out = engine's part + device's part
-    -> (TANDEM_DUAL_PRESTAGE=1) start copying the next layer's likely first run (its experts
-       hottest in its last long step, as many as its first run would hold were its tokens spread
-       like this step's), so the link works through that layer's attention and routing; that
-       layer takes the run first
+    -> (steps of >= PRESTAGE_MIN_TOKENS tokens; TANDEM_DUAL_PRESTAGE=1: every long step, 0: none)
+       start copying the next layer's likely first run (its experts hottest in its last long
+       step, as many as its first run would hold were its tokens spread like this step's), so
+       the link works through that layer's attention and routing; that layer takes the run first
 
 The split and the rates it learns from measured times: layers/dual_rates.py. The slabs'
 page-locking and copies: layers/dual_copies.py.
@@ -50,13 +50,22 @@ PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-l
 
 
 PRESTAGE_MARGIN = 1.25  # a run staged ahead is sized for this many times the tokens expected
+# Steps at least this long stage ahead by default. At 8K the link is what a step waits for, and
+# staging gained in all six A/B rounds (sessions 26 and 28: V2-Lite +5, +26, +5, +10%, V3's
+# 6-layer file +0.2, +6%); at 512 it moved V2-Lite -10, +6, -15, -11% (there the host is what a
+# step waits for, and staging adds host time to every layer) and V3's file +20, +35%.
+PRESTAGE_MIN_TOKENS = 4096
 
 
-def prestage_enabled() -> bool:
-    """TANDEM_DUAL_PRESTAGE=1: a layer's long step also starts copying the next layer's likely
+def prestage_enabled(tokens: int) -> bool:
+    """Whether a layer's long step of `tokens` tokens also starts copying the next layer's likely
     first run (stage_ahead), so the link keeps working through the next layer's attention and
-    routing. Off by default until measured."""
-    return os.environ.get("TANDEM_DUAL_PRESTAGE", "0") == "1"
+    routing. TANDEM_DUAL_PRESTAGE=1: every long step; 0: none; unset (or another value): steps of
+    at least PRESTAGE_MIN_TOKENS."""
+    switch = os.environ.get("TANDEM_DUAL_PRESTAGE")
+    if switch in ("0", "1"):
+        return switch == "1"
+    return tokens >= PRESTAGE_MIN_TOKENS
 
 
 def run_rows(run: Sequence[int], counts: Sequence[int], grouped: bool) -> int:
@@ -267,7 +276,7 @@ class DualExperts(nn.Module):
         if step["events"]:
             step["events"][1].record(stream)
             step["recorded"] = True
-        if prestage_enabled() and self.next_layer is not None:
+        if prestage_enabled(x.shape[0]) and self.next_layer is not None:
             self.next_layer.stage_ahead(x, counts)
         return handle, dev
 

@@ -579,6 +579,14 @@ def test_a_layer_stages_the_next_layers_first_run_ahead(layer, monkeypatch):
     monkeypatch.setenv("TANDEM_DUAL_PRESTAGE", "0")
     run(a, x, ids, w)
     assert b._ahead is None  # off: nothing staged
+    # Unset: only steps of at least PRESTAGE_MIN_TOKENS stage ahead.
+    monkeypatch.delenv("TANDEM_DUAL_PRESTAGE")
+    monkeypatch.setattr("tandem.layers.dual_experts.PRESTAGE_MIN_TOKENS", T)
+    run(a, x[:short], ids[:short], w[:short])
+    assert b._ahead is None
+    run(a, x, ids, w)
+    assert b._ahead is not None
+    b.drop_ahead()
 
 
 def test_runs_go_by_expert_id_and_neighbours_copy_at_once(layer):
