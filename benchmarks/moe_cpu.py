@@ -6,12 +6,12 @@ threads). Every timed call routes fresh random ids into one of >= --copies copie
 (>= --min-gb in all, capped by --max-gb), so caches cannot serve the weights. A call runs the way
 the runtime runs it next to a GPU: through a HostCall (submit and wait in C++ on fixed buffers, no
 Python between them, as the stream's doorbell thread runs it: the calling thread works on the job
-as one more worker (so --threads N streams with N + 1 threads; TANDEM_JOIN=0: it only waits), then
-spins, never asleep on a condition variable, whose wake-up cost the T = 1 rows ~25 us a call that
-decode never pays); its inputs are copied into those buffers untimed, as the stream's copies are.
-Weights are random
-bytes written straight into each format's row layout (GGUF blocks, INT8/INT4/BF16 rows) with sane
-scales; values do not matter for speed.
+as one more worker (so --threads N streams with N + 1 threads, `workers` in the rows and N+1 in the
+table; TANDEM_JOIN=0: it only waits), then spins, never asleep on a condition variable, whose
+wake-up cost the T = 1 rows ~25 us a call that decode never pays); its inputs are copied into those
+buffers untimed, as the stream's copies are. Weights are random bytes written straight into each
+format's row layout (GGUF blocks, INT8/INT4/BF16 rows) with sane scales; values do not matter for
+speed.
 
 Per row: median time of --repeats calls (after --warmup), GB/s of distinct expert bytes read, % of
 the measured bandwidth (the best reading over the --threads counts: the machine's figure), TFLOP/s
@@ -74,13 +74,17 @@ def routings(n: int, T: int, experts: int, k: int, seed: int):
     return out
 
 
+def joined() -> bool:
+    """Whether the calling thread works on the engine's jobs (TANDEM_JOIN, on unless 0)."""
+    return os.environ.get("TANDEM_JOIN") != "0"
+
+
 def machine(threads: list[int], bw_gb: float) -> dict:
     """The probes at each thread count, and at one more where the calling thread joins the engine's
     jobs (N + 1 threads stream; TANDEM_JOIN=0: it does not), up to the cpus this process may use."""
     info = {"bandwidth_gbs": {}, "amx_int8_tops": {}, "amx_bf16_tflops": {}}
     cores = len(os.sched_getaffinity(0))
-    joined = os.environ.get("TANDEM_JOIN") != "0"
-    for t in sorted(set(threads) | ({n + 1 for n in threads if n < cores} if joined else set())):
+    for t in sorted(set(threads) | ({n + 1 for n in threads if n < cores} if joined() else set())):
         info["bandwidth_gbs"][t] = cpu.stream_read_bandwidth(int(bw_gb * 1e9), t, rounds=5)
         log(f"DRAM read bandwidth, {t} threads: {info['bandwidth_gbs'][t]:.1f} GB/s")
         for dtype, key in (("int8", "amx_int8_tops"), ("bf16", "amx_bf16_tflops")):
@@ -204,6 +208,7 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
         "types": "/".join(types),
         "tokens": T,
         "threads": threads,
+        "workers": threads + joined(),  # the engine's threads and the calling thread, if it joins
         "copies": n_copies,
         "path": path + (f" rows={eng.prefill_rows or 'auto'}" if counts_big else ""),
         "prefill_rows": eng.prefill_rows,
@@ -220,7 +225,7 @@ def bench_tokens(eng, layers, shape, fmt, types, T, counts_big, args, mach, thre
     rows.append(row)
     log(
         f"  T={T:5d}  {row['ms']:9.3f} ms  {gbs:6.1f} GB/s ({row['pct_bw']:5.1f}% bw)  "
-        f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{row['path']}]  "
+        f"{row['tflops']:6.2f} TFLOP/s  {row['pct_bound']:5.1f}% of {bound_kind} bound  [{row['path']}, {row['workers']} workers]  "
         + " ".join(f"{p}<{v:.2f}" for p, v in row["phases"].items())
         + "  waits " + " ".join(f"{p} {v:.2f}" for p, v in row["phase_waits"].items())
     )
@@ -359,6 +364,12 @@ def best_rows(rows: list) -> list:
     return out
 
 
+def workers_label(row: dict) -> str:
+    """"14+1" where the calling thread joined the engine's 14 threads, else "14"."""
+    extra = row["workers"] - row["threads"]
+    return f"{row['threads']}+{extra}" if extra else str(row["threads"])
+
+
 def print_table(rows: list, mach: dict) -> None:
     print()
     bw = ", ".join(f"{t} thr {v:.1f}" for t, v in mach["bandwidth_gbs"].items())
@@ -371,14 +382,14 @@ def print_table(rows: list, mach: dict) -> None:
                 + ", ".join(f"{t} thr {v:.1f}" for t, v in vals.items())
                 + f"; bounds use the best, {max(vals.values()):.1f}"
             )
-    head = f"{'shape':18} {'format':7} {'T':>5} {'thr':>3} {'ms':>9} {'GB/s':>7} {'%bw':>6} {'TFLOP/s':>8} {'%bound':>7} {'bound':10} {'kt ms':>9} {'vs kt':>6}  path"
+    head = f"{'shape':18} {'format':7} {'T':>5} {'thr':>5} {'ms':>9} {'GB/s':>7} {'%bw':>6} {'TFLOP/s':>8} {'%bound':>7} {'bound':10} {'kt ms':>9} {'vs kt':>6}  path"
     print(head)
     print("-" * len(head))
     for r in best_rows(rows):
         kt_ms = f"{r['kt_ms']:9.3f}" if "kt_ms" in r else f"{'-':>9}"
         vs = f"{r['vs_kt']:5.2f}x" if "vs_kt" in r else f"{'-':>6}"
         print(
-            f"{r['shape']:18} {r['format']:7} {r['tokens']:5d} {r['threads']:3d} {r['ms']:9.3f} {r['gbs']:7.1f} "
+            f"{r['shape']:18} {r['format']:7} {r['tokens']:5d} {workers_label(r):>5} {r['ms']:9.3f} {r['gbs']:7.1f} "
             f"{r['pct_bw']:5.1f}% {r['tflops']:8.2f} {r['pct_bound']:6.1f}% {r['bound']:10} {kt_ms} {vs}  {r['path']}"
         )
     for r in rows:

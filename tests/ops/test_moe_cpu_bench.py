@@ -3,6 +3,7 @@ machine, times rows and writes valid JSON; and its random rows load as prequanti
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,10 @@ def test_benchmark_runs_and_writes_json(bench, tmp_path, capsys):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert set(r["phases"]) == {"prep_x", "gate_up", "prep_h", "down", "done"} == set(r["phase_waits"])
         assert all(0 <= v <= r["phases"]["done"] for v in r["phase_waits"].values()), r
+        # the calling thread joins the engine's 2 threads unless TANDEM_JOIN=0: 3 workers
+        assert r["threads"] == 2 and r["workers"] == (2 if os.environ.get("TANDEM_JOIN") == "0" else 3), r
     assert len(result["table"]) == 4
+    assert (" 2+1 " if os.environ.get("TANDEM_JOIN") != "0" else " 2 ") in printed.split("path")[-1]
     # kt-kernel either ran or says why not, never silently absent
     kt = [r for r in result["rows"] if r["engine"] == "kt-kernel"]
     assert kt and all("skipped" in r or "ms" in r for r in kt)
