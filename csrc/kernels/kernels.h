@@ -99,8 +99,8 @@ FormatKernels tiled_layout(Format f, int R);
 
 const KernelTable& generic_kernels();
 // Runs `iters` rounds of 4 tile dot products on tiles held in registers (no memory traffic; the
-// operands random data, as a kernel's) on the calling thread; returns the operations done (2 per multiply-add). AMX builds only, after
-// dispatch.cpp found AMX usable.
+// operands random data, as a kernel's) on the calling thread; returns the operations done (2 per
+// multiply-add). AMX builds only, after dispatch.cpp found AMX usable.
 uint64_t amx_spin(bool bf16, long iters);
 // Defined only in builds that compile the ISA (TANDEM_BUILD_*); call only after dispatch.cpp
 // checked the CPU: their code uses the ISA's instructions.

@@ -51,7 +51,7 @@ PAGEABLE_H2D = 10e9  # bytes/s of copies from memory the driver would not page-l
 
 PRESTAGE_MARGIN = 1.25  # a run staged ahead is sized for this many times the tokens expected
 # Steps at least this long stage ahead by default. At 8K the link is what a step waits for, and
-# staging gained in all six A/B rounds (sessions 26 and 28: V2-Lite +5, +26, +5, +10%, V3's
+# staging gained in all seven A/B rounds (sessions 26 and 28: V2-Lite +5, +26, +5, +10, +10%, V3's
 # 6-layer file +0.2, +6%); at 512 it moved V2-Lite -10, +6, -15, -11% (there the host is what a
 # step waits for, and staging adds host time to every layer) and V3's file +20, +35%.
 PRESTAGE_MIN_TOKENS = 4096
