@@ -68,6 +68,23 @@ def prestage_enabled(tokens: int) -> bool:
     return tokens >= PRESTAGE_MIN_TOKENS
 
 
+# Long steps at least this long queue the MoE block's shared experts before the routed ones' host
+# sync (DualExperts.prepare): session 29's 8K timeline (V2-Lite, the device taking every expert)
+# had the GPU idle ~0.5 ms a layer from the counts' sync until the host queued the first run, about
+# the shared experts' work at 8K. Shorter steps keep them after submit, which starts the engine
+# sooner (its job is launched from the stream, behind whatever is queued before it).
+SHARED_FIRST_MIN_TOKENS = 4096
+
+
+def shared_first_enabled(tokens: int, min_tokens: int = DUAL_MIN_TOKENS) -> bool:
+    """Whether a dual step of `tokens` tokens runs the shared experts first (prepare).
+    TANDEM_SHARED_FIRST=1: every long step (>= min_tokens); 0: none; unset: >= SHARED_FIRST_MIN_TOKENS."""
+    switch = os.environ.get("TANDEM_SHARED_FIRST")
+    if switch in ("0", "1"):
+        return switch == "1" and tokens >= min_tokens
+    return tokens >= max(SHARED_FIRST_MIN_TOKENS, min_tokens)
+
+
 def run_rows(run: Sequence[int], counts: Sequence[int], grouped: bool) -> int:
     """Token rows a run's matmuls take: each expert's own tokens (grouped matmuls), or the run's
     busiest expert's count for every expert (padded batched matmuls)."""
@@ -110,6 +127,8 @@ class DualExperts(nn.Module):
         # seconds (None where not measured), for `tandem bench`'s split per chunk (bench/dual_split.py).
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_STEPS)
         self.steps_recorded = 0  # long steps appended to history so far (a mark survives the deque's turnover)
+        self._prepared: tuple | None = None  # (ids, event): prepare's copy of the counts, for the next submit
+        self._counts_host: torch.Tensor | None = None  # pinned, what prepare copies the counts into
 
     def __setattr__(self, name: str, value) -> None:
         # next_layer is a link, not a submodule: registered, every layer would nest all those after
@@ -149,14 +168,42 @@ class DualExperts(nn.Module):
         unknown = [f for f in info["formats"] if f not in FORMATS]
         return f"no device decoder for {', '.join(unknown)}" if unknown else ""
 
+    def _counts_on_device(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert, on ids' device, slot 0 counting the -1 ids (a boolean mask, and
+        bincount sizing its output on a GPU, would each sync the host once more)."""
+        slot = ids.reshape(-1).long() + 1
+        return torch.zeros(self.num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+            0, slot, torch.ones_like(slot))
+
+    def prepare(self, x: torch.Tensor, ids: torch.Tensor) -> bool:
+        """Before submit, for steps the device would otherwise idle through: queue the token counts'
+        copy to the host and an event after it, and return True, so that the caller may queue other
+        device work (the MoE block's shared experts) that runs while submit waits on that event
+        alone and splits, instead of the stream draining at submit's sync. False (nothing queued):
+        not a CUDA step of at least SHARED_FIRST_MIN_TOKENS tokens (TANDEM_SHARED_FIRST=1: every
+        long step, 0: none), or a graph capture."""
+        self._prepared = None
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing() or not shared_first_enabled(
+                x.shape[0], self.min_tokens):
+            return False
+        counts = self._counts_on_device(ids)
+        if self._counts_host is None or self._counts_host.numel() != counts.numel():
+            self._counts_host = torch.empty(counts.numel(), dtype=torch.long, pin_memory=True)
+        self._counts_host.copy_(counts, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(x.device))
+        self._prepared = (ids, done)
+        return True
+
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        prepared, self._prepared = self._prepared, None
         if x.shape[0] < self.min_tokens or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self.cpu_experts.submit(x, ids, weights), None  # the split needs a host sync
-        # Tokens per expert in one host sync, .tolist(): the -1 ids counted in slot 0 and dropped
-        # (a boolean mask, and bincount sizing its output on a GPU, would each sync once more).
-        slot = ids.reshape(-1).long() + 1
-        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
-            0, slot, torch.ones_like(slot))[1:].tolist()
+        if prepared is not None and prepared[0] is ids:  # prepare queued the copy: wait for it alone
+            prepared[1].synchronize()
+            counts = self._counts_host[1:].tolist()
+        else:  # tokens per expert in one host sync, .tolist(): the -1 ids' slot dropped
+            counts = self._counts_on_device(ids)[1:].tolist()
         self.shared.learn_pending()  # the sync above ran the stream past every earlier long step
         rates = self.rates_for(x.shape[0])
         grouped = ops.grouped_mm_supported(x.dtype, x.device, self.hidden, self.inter)  # else padded batches

@@ -117,10 +117,18 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        handle = self.experts.submit(x, ids, weights)
         out = None
-        if self.shared is not None:  # overlaps the routed experts when the backend is asynchronous
-            out = self.shared(x)
-            if self.shared_gate is not None:
-                out = out * torch.sigmoid(self.shared_gate(x))
+        # A backend whose submit waits on the host for the routing (dual_experts' long steps) may
+        # queue that wait's copy first (prepare): the shared experts then keep the device busy
+        # through the wait. Otherwise they follow submit, overlapping an asynchronous backend.
+        prepare = getattr(self.experts, "prepare", None)
+        if self.shared is not None and prepare is not None and prepare(x, ids):
+            out = self._shared(x)
+        handle = self.experts.submit(x, ids, weights)
+        if self.shared is not None and out is None:
+            out = self._shared(x)
         return self.experts.wait(handle, add=out)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared(x)
+        return out if self.shared_gate is None else out * torch.sigmoid(self.shared_gate(x))

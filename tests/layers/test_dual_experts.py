@@ -652,3 +652,27 @@ def test_device_weights_are_the_file_weights_of_those_experts(layer):
     bf = dual.device_weights([2], torch.bfloat16, DEVICE)
     assert all(t.dtype == torch.bfloat16 for t in bf)
     assert torch.equal(bf[0].cpu(), held[0][[2]].float().to(torch.bfloat16)) or DEVICE == "cuda"
+
+
+def test_prepared_counts_give_the_same_split_and_output(layer, monkeypatch):
+    """prepare (the MoE block's shared experts queued before submit's routing sync) copies the token
+    counts ahead on a GPU and submit waits for that copy alone: the same split and output as a
+    submit unprepared. Off a GPU, or with the switch off, prepare queues nothing."""
+    experts, _ = layer
+    monkeypatch.setenv("TANDEM_SHARED_FIRST", "1")
+    x = tokens(T, H, seed=21).to(DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(T, E, K, "padded", seed=22))
+    outs, splits = [], []
+    for prepared in (False, True):
+        dual = DualExperts(experts, E, H, I, rates=DualRates(), min_tokens=1)
+        if prepared:
+            assert dual.prepare(x, ids) == (DEVICE == "cuda")
+            y = x * 1.0  # other work queued between prepare and submit (the shared experts' place)
+        outs.append(dual.wait(dual.submit(x, ids, w)).cpu())
+        splits.append(list(dual.last_split))
+        assert dual._prepared is None  # consumed by submit
+    assert splits[0] == splits[1] and 0 < len(splits[0]), splits
+    assert_matches(outs[1], outs[0], 1e-5, "prepared against unprepared")  # the device's sums use atomics
+    del y
+    monkeypatch.setenv("TANDEM_SHARED_FIRST", "0")
+    assert not DualExperts(experts, E, H, I, min_tokens=1).prepare(x, ids)
