@@ -5,6 +5,8 @@ layout: no second copy of the experts anywhere) and computes them while the engi
 rest.
 
 Data path of one long step:
+    (prepare, steps of >= SHARED_FIRST_MIN_TOKENS: the counts' copy to the host queued ahead, so
+     the MoE block can queue its shared experts before submit, which waits on that copy alone)
     ids [T, k] -> tokens per expert (one host sync) -> split(counts): the device's experts S
     -> the CPU engine gets ids with S masked (-1): submit, returns at once
     -> per batch of S: copy the experts' slabs host -> device on a copy stream (the next batch's
@@ -82,10 +84,10 @@ SHARED_FIRST_MIN_TOKENS = 4096
 def shared_first_enabled(tokens: int, min_tokens: int = DUAL_MIN_TOKENS) -> bool:
     """Whether a dual step of `tokens` tokens runs the shared experts first (prepare).
     TANDEM_SHARED_FIRST=1: every long step (>= min_tokens); 0: none; unset: >= SHARED_FIRST_MIN_TOKENS."""
+    if tokens < min_tokens:  # decode steps: no environment lookup
+        return False
     switch = os.environ.get("TANDEM_SHARED_FIRST")
-    if switch in ("0", "1"):
-        return switch == "1" and tokens >= min_tokens
-    return tokens >= max(SHARED_FIRST_MIN_TOKENS, min_tokens)
+    return switch == "1" if switch in ("0", "1") else tokens >= SHARED_FIRST_MIN_TOKENS
 
 
 def run_rows(run: Sequence[int], counts: Sequence[int], grouped: bool) -> int:
@@ -186,13 +188,13 @@ class DualExperts(nn.Module):
         not a CUDA step of at least SHARED_FIRST_MIN_TOKENS tokens (TANDEM_SHARED_FIRST=1: every
         long step, 0: none), or a graph capture."""
         self._prepared = None
-        if not x.is_cuda or torch.cuda.is_current_stream_capturing() or not shared_first_enabled(
-                x.shape[0], self.min_tokens):
+        # the token count first: every MoE block asks, decode steps included (eager ones each layer)
+        if (not shared_first_enabled(x.shape[0], self.min_tokens) or not x.is_cuda
+                or torch.cuda.is_current_stream_capturing()):
             return False
-        counts = self._counts_on_device(ids)
-        if self._counts_host is None or self._counts_host.numel() != counts.numel():
-            self._counts_host = torch.empty(counts.numel(), dtype=torch.long, pin_memory=True)
-        self._counts_host.copy_(counts, non_blocking=True)
+        if self._counts_host is None:  # slot 0 counts the -1 ids, as _counts_on_device's
+            self._counts_host = torch.empty(self.num_experts + 1, dtype=torch.long, pin_memory=True)
+        self._counts_host.copy_(self._counts_on_device(ids), non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(x.device))
         self._prepared = (ids, done)
